@@ -1,0 +1,292 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+	"github.com/fwdproxy/fwdproxy/pkg/daemon"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/identity"
+)
+
+func init() {
+	register("run", "run the daemon: discovery, identity, xDS server and data plane", runCmd)
+	register("render", "print the Envoy resources the daemon would serve, as JSON (--static: a complete static Envoy config)", renderCmd)
+	register("bootstrap", "print an Envoy bootstrap that points at the daemon's xDS server", bootstrapCmd)
+	register("validate", "check a config, its catalog files and its identity; exit 0 or print every problem", validateCmd)
+}
+
+func configFlag(fs *flag.FlagSet) *string {
+	return fs.String("config", "/etc/fwdproxy/config.yaml", "daemon config file")
+}
+
+func runCmd(args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	path := configFlag(fs)
+	logFormat := fs.String("log-format", "json", "log format: json or text")
+	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	log, err := newLogger(*logFormat, *logLevel)
+	if err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return daemon.New(cfg, log).Run(ctx)
+}
+
+// staticInputs loads what render and validate need without running the daemon: the catalog
+// files, the identity and the gateways' current addresses. A gateway name that does not resolve
+// here is a warning (the daemon keeps retrying), not an error.
+func staticInputs(cfg *config.Config) (*catalog.Catalog, controlplane.Options, *identity.Bundle, error) {
+	var cats []*catalog.Catalog
+	var errs []error
+	for _, f := range cfg.Discovery.Files {
+		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cats = append(cats, c)
+	}
+	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
+	errs = append(errs, conflicts...)
+	var bundle *identity.Bundle
+	if f := cfg.Identity.Files; f != nil {
+		b, err := identity.Files{SPIFFEID: cfg.Identity.SPIFFEID, CertChain: cfg.Path(f.CertChain), PrivateKey: cfg.Path(f.PrivateKey), Roots: cfg.Path(f.Roots)}.Load()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("identity: %w", err))
+		}
+		bundle = b
+	}
+	var gws []controlplane.Gateway
+	for _, g := range cfg.Gateways {
+		addrs, err := resolveNow(g.Address, uint16(g.Port))
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "warning: gateway %s left out: %v\n", g.Name, err)
+			continue
+		}
+		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
+	}
+	return merged, daemon.TranslateOptions(cfg, gws), bundle, errors.Join(errs...)
+}
+
+func resolveNow(host string, port uint16) ([]netip.AddrPort, error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return []netip.AddrPort{netip.AddrPortFrom(ip, port)}, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.AddrPort
+	for _, ip := range ips {
+		out = append(out, netip.AddrPortFrom(ip.Unmap(), port))
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out, nil
+}
+
+func validateCmd(args []string) error {
+	fs := flag.NewFlagSet("validate", flag.ContinueOnError)
+	path := configFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	cat, opts, bundle, err := staticInputs(cfg)
+	if err != nil {
+		return err
+	}
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil {
+		return err
+	}
+	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
+		return err
+	}
+	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services), len(res.Listeners), len(res.Clusters), bundle)
+	return nil
+}
+
+func renderCmd(args []string) error {
+	fs := flag.NewFlagSet("render", flag.ContinueOnError)
+	path := configFlag(fs)
+	static := fs.Bool("static", false, "print one complete static Envoy config (no control plane) with file-based SDS")
+	sdsDir := fs.String("sds-dir", "/etc/fwdproxy/sds", "with --static: directory of the SDS files default.json and ROOTCA.json")
+	writeSDS := fs.Bool("write-sds", false, "with --static: also write the SDS files into --sds-dir (they reference the PEM files; no key is copied)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	if *static {
+		return renderStatic(cfg, *sdsDir, *writeSDS)
+	}
+	cat, opts, bundle, err := staticInputs(cfg)
+	if err != nil {
+		return err
+	}
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil {
+		return err
+	}
+	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
+		return err
+	}
+	out, err := controlplane.RenderJSON(res, controlplane.Secrets(bundle))
+	if err != nil {
+		return err
+	}
+	fmt.Println(string(out))
+	return nil
+}
+
+func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
+	var cats []*catalog.Catalog
+	for _, f := range cfg.Discovery.Files {
+		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
+		if err != nil {
+			return err
+		}
+		cats = append(cats, c)
+	}
+	cat, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
+	if err := errors.Join(conflicts...); err != nil {
+		return err
+	}
+	// Translation needs addresses; a static config keeps the gateways' names for Envoy to resolve.
+	var gws []controlplane.Gateway
+	var sgws []controlplane.StaticGateway
+	for i, g := range cfg.Gateways {
+		placeholder := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i + 1)}), uint16(g.Port))
+		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: []netip.AddrPort{placeholder}})
+		sgws = append(sgws, controlplane.StaticGateway{Name: g.Name, Address: g.Address, Port: g.Port})
+	}
+	res, err := controlplane.Translate(cat, daemon.TranslateOptions(cfg, gws))
+	if err != nil {
+		return err
+	}
+	dir, err := filepath.Abs(sdsDir)
+	if err != nil {
+		return err
+	}
+	b, err := controlplane.StaticBootstrap(res, controlplane.StaticOptions{AdminAddress: cfg.Envoy.AdminAddress, Gateways: sgws, SDSDir: dir}, cfg.Node.ID, cfg.Node.Cluster)
+	if err != nil {
+		return err
+	}
+	if write {
+		f := cfg.Identity.Files
+		if f == nil {
+			return errors.New("--write-sds needs identity.files in the config")
+		}
+		abs := func(p string) string { a, _ := filepath.Abs(cfg.Path(p)); return a }
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		for name, secret := range controlplane.StaticSecrets(abs(f.CertChain), abs(f.PrivateKey), abs(f.Roots)) {
+			a, err := anypb.New(secret)
+			if err != nil {
+				return err
+			}
+			doc, err := controlplane.MarshalJSON(&discoverypb.DiscoveryResponse{Resources: []*anypb.Any{a}})
+			if err != nil {
+				return err
+			}
+			if err := writeFileAtomic(filepath.Join(dir, name+".json"), doc, 0o644); err != nil {
+				return err
+			}
+		}
+		slog.Info("wrote SDS files", "dir", dir)
+	}
+	return printJSON(b)
+}
+
+func bootstrapCmd(args []string) error {
+	fs := flag.NewFlagSet("bootstrap", flag.ContinueOnError)
+	path := configFlag(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
+		NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSAddress: cfg.XDS.Address, AdminAddress: cfg.Envoy.AdminAddress,
+	})
+	if err != nil {
+		return err
+	}
+	return printJSON(b)
+}
+
+// printJSON prints a proto message as indented Envoy proto-JSON.
+func printJSON(m proto.Message) error {
+	j, err := controlplane.MarshalJSON(m)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, j, "", "  "); err != nil {
+		return err
+	}
+	buf.WriteByte('\n')
+	_, err = os.Stdout.Write(buf.Bytes())
+	return err
+}
+
+// writeFileAtomic replaces path with data, so a reader (Envoy watching SDS files) never sees a
+// half-written file.
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(mode); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

@@ -1,0 +1,300 @@
+// Package catalog is the normalized list of mesh services the fleet forwards to. Every source
+// (static files, Kubernetes, operators' entries replicated by gossip) produces a Catalog; the
+// control plane translates one merged Catalog into Envoy configuration. No Envoy types here.
+package catalog
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/fwdproxy/fwdproxy/internal/strictyaml"
+)
+
+// Protocol is how a service port speaks, following Istio's protocol names.
+type Protocol string
+
+const (
+	HTTP  Protocol = "http"
+	HTTP2 Protocol = "http2"
+	GRPC  Protocol = "grpc"
+	TCP   Protocol = "tcp"
+)
+
+// IsHTTP reports whether the port is routed by Host on an HTTP listener.
+func (p Protocol) IsHTTP() bool { return p == HTTP || p == HTTP2 || p == GRPC }
+
+// UsesHTTP2Upstream reports whether the upstream speaks HTTP/2 (prior knowledge over mTLS).
+func (p Protocol) UsesHTTP2Upstream() bool { return p == HTTP2 || p == GRPC }
+
+// Catalog is a set of services, sorted by host once normalized.
+type Catalog struct {
+	Services []Service `yaml:"services" json:"services"`
+}
+
+// Service is one mesh service reachable through the east-west gateway.
+type Service struct {
+	// Host is the service's FQDN in the mesh, e.g. reviews.default.svc.cluster.local.
+	Host string `yaml:"host" json:"host"`
+	// Aliases are extra Host names (for HTTP ports) that legacy clients may use.
+	Aliases []string `yaml:"aliases,omitempty" json:"aliases,omitempty"`
+	Ports   []Port   `yaml:"ports" json:"ports"`
+	// Identities are the SPIFFE IDs allowed to serve this service; the upstream certificate's URI
+	// SAN must equal one of them.
+	Identities []string `yaml:"identities" json:"identities"`
+	// Subsets are named versions (Istio DestinationRule subsets) reached by their own Host names.
+	Subsets []Subset `yaml:"subsets,omitempty" json:"subsets,omitempty"`
+	// AllowedClients restricts which client addresses may use this service; empty allows all.
+	AllowedClients []string `yaml:"allowedClients,omitempty" json:"allowedClients,omitempty"`
+	// Gateways names the east-west gateways that reach the service; empty means all of them.
+	Gateways []string `yaml:"gateways,omitempty" json:"gateways,omitempty"`
+}
+
+// Port is one service port.
+type Port struct {
+	Number   uint32   `yaml:"number" json:"number"`
+	Protocol Protocol `yaml:"protocol" json:"protocol"`
+	Name     string   `yaml:"name,omitempty" json:"name,omitempty"`
+}
+
+// Subset is a named subset of a service's workloads, selected by Host on HTTP ports.
+type Subset struct {
+	Name  string   `yaml:"name" json:"name"`
+	Hosts []string `yaml:"hosts" json:"hosts"`
+}
+
+// Options carries what validation needs to know beyond the catalog itself.
+type Options struct {
+	// Gateways are the names of the configured east-west gateways; nil skips the check.
+	Gateways []string
+}
+
+// Load reads, parses, normalizes and validates a catalog file.
+func Load(path string, opts Options) (*Catalog, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read catalog: %w", err)
+	}
+	return Parse(path, data, opts)
+}
+
+// Parse parses a catalog document; errors name the file, line and field.
+func Parse(file string, data []byte, opts Options) (*Catalog, error) {
+	var c Catalog
+	doc, err := strictyaml.Decode(file, data, &c)
+	if err != nil {
+		return nil, err
+	}
+	// Validate before normalizing so field paths match the file's own order.
+	if err := c.Problems(opts).In(doc); err != nil {
+		return nil, err
+	}
+	c.Normalize()
+	return &c, nil
+}
+
+// Normalize lower-cases names, removes trailing dots and sorts everything, so that equal catalogs
+// are equal values and translate to identical configuration on every peer.
+func (c *Catalog) Normalize() {
+	for i := range c.Services {
+		s := &c.Services[i]
+		s.Host = normHost(s.Host)
+		for j := range s.Aliases {
+			s.Aliases[j] = normHost(s.Aliases[j])
+		}
+		slices.Sort(s.Aliases)
+		slices.SortFunc(s.Ports, func(a, b Port) int { return int(a.Number) - int(b.Number) })
+		for j := range s.Ports {
+			s.Ports[j].Protocol = Protocol(strings.ToLower(string(s.Ports[j].Protocol)))
+		}
+		slices.Sort(s.Identities)
+		s.Identities = slices.Compact(s.Identities)
+		for j := range s.Subsets {
+			for k := range s.Subsets[j].Hosts {
+				s.Subsets[j].Hosts[k] = normHost(s.Subsets[j].Hosts[k])
+			}
+			slices.Sort(s.Subsets[j].Hosts)
+		}
+		slices.SortFunc(s.Subsets, func(a, b Subset) int { return strings.Compare(a.Name, b.Name) })
+		for j, cidr := range s.AllowedClients {
+			if p, err := netip.ParsePrefix(cidr); err == nil {
+				s.AllowedClients[j] = p.Masked().String()
+			}
+		}
+		slices.Sort(s.AllowedClients)
+		s.AllowedClients = slices.Compact(s.AllowedClients)
+		slices.Sort(s.Gateways)
+		s.Gateways = slices.Compact(s.Gateways)
+	}
+	slices.SortFunc(c.Services, func(a, b Service) int { return strings.Compare(a.Host, b.Host) })
+}
+
+func normHost(h string) string { return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(h)), ".") }
+
+// Validate returns every problem in the catalog as one error (nil when valid).
+func (c *Catalog) Validate(opts Options) error { return c.Problems(opts).Err() }
+
+// Problems lists every problem in the catalog with its field path. Hosts must be unique across
+// services (aliases and subset hosts included), and a TCP port belongs to exactly one service and
+// cannot also be an HTTP port, since the listener on that port can route only one way.
+func (c *Catalog) Problems(opts Options) strictyaml.Problems {
+	var p strictyaml.Problems
+	hostOwner := map[string]string{} // host name -> field that claimed it
+	type portUse struct {
+		field, host string
+		proto       Protocol
+	}
+	portOwner := map[uint32]portUse{}
+	claim := func(field, name string) {
+		n := normHost(name)
+		if prev, ok := hostOwner[n]; ok {
+			p.Addf(field, "host %q is already used by %s; each host name may appear once in the catalog", n, prev)
+			return
+		}
+		hostOwner[n] = field
+	}
+	for i, s := range c.Services {
+		f := fmt.Sprintf("services[%d]", i)
+		if s.Host == "" {
+			p.Addf(f+".host", "required: the service's FQDN, e.g. reviews.default.svc.cluster.local")
+		} else if err := checkHost(s.Host); err != nil {
+			p.Addf(f+".host", "%v", err)
+		} else {
+			claim(f+".host", s.Host)
+		}
+		for j, a := range s.Aliases {
+			af := fmt.Sprintf("%s.aliases[%d]", f, j)
+			if err := checkHost(a); err != nil {
+				p.Addf(af, "%v", err)
+			} else {
+				claim(af, a)
+			}
+		}
+		if len(s.Ports) == 0 {
+			p.Addf(f+".ports", "at least one port is required, e.g. {number: 9080, protocol: http}")
+		}
+		seen := map[uint32]bool{}
+		hasHTTP := false
+		for j, port := range s.Ports {
+			pf := fmt.Sprintf("%s.ports[%d]", f, j)
+			if port.Number < 1 || port.Number > 65535 {
+				p.Addf(pf+".number", "%d is not a valid port; use 1-65535", port.Number)
+				continue
+			}
+			if seen[port.Number] {
+				p.Addf(pf+".number", "port %d is listed twice for %s", port.Number, s.Host)
+				continue
+			}
+			seen[port.Number] = true
+			proto := Protocol(strings.ToLower(string(port.Protocol)))
+			switch proto {
+			case HTTP, HTTP2, GRPC, TCP:
+			case "":
+				p.Addf(pf+".protocol", "required: one of http, http2, grpc, tcp")
+				continue
+			default:
+				p.Addf(pf+".protocol", "%q is not supported; use one of http, http2, grpc, tcp", port.Protocol)
+				continue
+			}
+			hasHTTP = hasHTTP || proto.IsHTTP()
+			if prev, ok := portOwner[port.Number]; ok {
+				switch {
+				case proto == TCP || prev.proto == TCP:
+					p.Addf(pf+".number", "port %d (%s) collides with %s (%s, %s): a TCP port can serve only one service and cannot share a port with HTTP; give one of them another port",
+						port.Number, proto, prev.host, prev.proto, prev.field)
+				}
+				continue
+			}
+			portOwner[port.Number] = portUse{field: pf, host: s.Host, proto: proto}
+		}
+		if len(s.Aliases) > 0 && !hasHTTP {
+			p.Addf(f+".aliases", "aliases select a service by Host and need an http, http2 or grpc port")
+		}
+		if len(s.Identities) == 0 {
+			p.Addf(f+".identities", "at least one SPIFFE ID is required (the identity the service's workloads present), e.g. spiffe://cluster.local/ns/default/sa/reviews")
+		}
+		for j, id := range s.Identities {
+			if err := CheckSPIFFEID(id); err != nil {
+				p.Addf(fmt.Sprintf("%s.identities[%d]", f, j), "%v", err)
+			}
+		}
+		subsetNames := map[string]bool{}
+		for j, sub := range s.Subsets {
+			sf := fmt.Sprintf("%s.subsets[%d]", f, j)
+			if errs := validation.IsDNS1123Label(sub.Name); len(errs) > 0 {
+				p.Addf(sf+".name", "%q is not a valid subset name (%s)", sub.Name, strings.Join(errs, "; "))
+			} else if subsetNames[sub.Name] {
+				p.Addf(sf+".name", "subset %q is listed twice", sub.Name)
+			}
+			subsetNames[sub.Name] = true
+			if len(sub.Hosts) == 0 {
+				p.Addf(sf+".hosts", "at least one Host name is required to select subset %q", sub.Name)
+			}
+			if !hasHTTP {
+				p.Addf(sf, "subsets are selected by Host and need an http, http2 or grpc port")
+			}
+			for k, h := range sub.Hosts {
+				hf := fmt.Sprintf("%s.hosts[%d]", sf, k)
+				if err := checkHost(h); err != nil {
+					p.Addf(hf, "%v", err)
+				} else {
+					claim(hf, h)
+				}
+			}
+		}
+		for j, cidr := range s.AllowedClients {
+			if _, err := netip.ParsePrefix(cidr); err != nil {
+				hint := ""
+				if a, err2 := netip.ParseAddr(cidr); err2 == nil {
+					hint = fmt.Sprintf("; for one address write %s/%d", cidr, a.BitLen())
+				}
+				p.Addf(fmt.Sprintf("%s.allowedClients[%d]", f, j), "%q is not a CIDR such as 10.0.0.0/8%s", cidr, hint)
+			}
+		}
+		for j, g := range s.Gateways {
+			if opts.Gateways != nil && !slices.Contains(opts.Gateways, g) {
+				p.Addf(fmt.Sprintf("%s.gateways[%d]", f, j), "unknown gateway %q; configured gateways: %s", g, strings.Join(opts.Gateways, ", "))
+			}
+		}
+	}
+	return p
+}
+
+func checkHost(h string) error {
+	n := normHost(h)
+	if errs := validation.IsDNS1123Subdomain(n); len(errs) > 0 {
+		return fmt.Errorf("%q is not a valid DNS name: %s", h, strings.Join(errs, "; "))
+	}
+	if !strings.Contains(n, ".") {
+		return fmt.Errorf("%q is not fully qualified; write the FQDN, e.g. %s.default.svc.cluster.local", h, n)
+	}
+	return nil
+}
+
+// CheckSPIFFEID returns an error explaining why id is not a SPIFFE ID usable as a workload identity.
+func CheckSPIFFEID(id string) error {
+	sid, err := spiffeid.FromString(id)
+	if err != nil {
+		return fmt.Errorf("%q is not a valid SPIFFE ID (%v); use spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>", id, err)
+	}
+	if sid.Path() == "" {
+		return fmt.Errorf("%q names only a trust domain; a workload identity needs a path such as /ns/default/sa/reviews", id)
+	}
+	return nil
+}
+
+// Lookup returns the service with host (after normalization), or nil.
+func (c *Catalog) Lookup(host string) *Service {
+	h := normHost(host)
+	for i := range c.Services {
+		if c.Services[i].Host == h {
+			return &c.Services[i]
+		}
+	}
+	return nil
+}

@@ -1,0 +1,325 @@
+// Package config is the daemon's configuration file: strict parsing, defaults and validation with
+// errors that name the file, line and field.
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/fwdproxy/fwdproxy/internal/strictyaml"
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+// Config is the whole daemon configuration. Relative paths are relative to the config file.
+type Config struct {
+	Node      Node      `yaml:"node"`
+	Mesh      Mesh      `yaml:"mesh"`
+	Gateways  []Gateway `yaml:"gateways"`
+	Identity  Identity  `yaml:"identity"`
+	Discovery Discovery `yaml:"discovery"`
+	Listen    Listen    `yaml:"listen"`
+	XDS       Server    `yaml:"xds"`
+	Metrics   Server    `yaml:"metrics"`
+	Admin     Server    `yaml:"admin"`
+	Peers     Peers     `yaml:"peers"`
+	Upstream  Upstream  `yaml:"upstream"`
+	// Dataplane selects what moves the bytes: "builtin" (the daemon's own data plane) or "envoy"
+	// (the daemon supervises an Envoy process). Default: envoy when envoy.binary is set, else builtin.
+	Dataplane string `yaml:"dataplane"`
+	Envoy     Envoy  `yaml:"envoy"`
+
+	// Dir is the directory of the config file, for resolving relative paths.
+	Dir string `yaml:"-"`
+}
+
+// Node names this instance.
+type Node struct {
+	// ID is unique per instance; default: the host name.
+	ID string `yaml:"id"`
+	// Cluster is the Envoy node cluster, the same on every instance; default "fwdproxy".
+	Cluster string `yaml:"cluster"`
+}
+
+// Mesh describes the Istio mesh the fleet forwards into.
+type Mesh struct {
+	// TrustDomain of the mesh's SPIFFE IDs; default "cluster.local".
+	TrustDomain string `yaml:"trustDomain"`
+}
+
+// Gateway is one east-west gateway in AUTO_PASSTHROUGH mode.
+type Gateway struct {
+	Name string `yaml:"name"`
+	// Address is an IP address or a DNS name (re-resolved periodically).
+	Address string `yaml:"address"`
+	// Port is the gateway's TLS passthrough port; default 15443.
+	Port    uint32 `yaml:"port"`
+	Network string `yaml:"network"`
+}
+
+// Identity is the fleet's one workload identity.
+type Identity struct {
+	// SPIFFEID the fleet presents, e.g. spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy.
+	SPIFFEID string         `yaml:"spiffeID"`
+	Files    *IdentityFiles `yaml:"files"`
+}
+
+// IdentityFiles holds PEM files, reloaded when they change.
+type IdentityFiles struct {
+	// CertChain is the leaf followed by its intermediate(s).
+	CertChain string `yaml:"certChain"`
+	// PrivateKey is the leaf's key (PKCS#8, PKCS#1 or EC); keep it 0600.
+	PrivateKey string `yaml:"privateKey"`
+	// Roots is the mesh's root CA bundle, used to verify the services' certificates.
+	Roots string `yaml:"roots"`
+}
+
+// Discovery lists the sources of mesh services.
+type Discovery struct {
+	// Files are static catalog files, reloaded on change.
+	Files []string `yaml:"files"`
+}
+
+// Listen describes the plain listeners legacy VMs connect to.
+type Listen struct {
+	// Address the service ports bind on; default "0.0.0.0".
+	Address string `yaml:"address"`
+	// AccessLog enables access logs on stdout; default true.
+	AccessLog *bool `yaml:"accessLog"`
+}
+
+// Server is an address the daemon serves on.
+type Server struct {
+	Address string `yaml:"address"`
+}
+
+// Peers configures the fleet's gossip.
+type Peers struct {
+	// Bind is the gossip address; empty disables gossip (a fleet of one).
+	Bind string `yaml:"bind"`
+	// Seeds are peers to join at start.
+	Seeds []string `yaml:"seeds"`
+	// Keyring is a file of base64 gossip keys, the first one used to encrypt.
+	Keyring string `yaml:"keyring"`
+}
+
+// Upstream tunes the clusters toward the gateways.
+type Upstream struct {
+	// ConnectTimeout for a TCP+TLS connection to a gateway; default 5s.
+	ConnectTimeout time.Duration `yaml:"connectTimeout"`
+	Outlier        Outlier       `yaml:"outlierDetection"`
+}
+
+// Outlier is the passive health checking of gateway endpoints.
+type Outlier struct {
+	// ConsecutiveErrors ejects an endpoint after this many consecutive failures; default 5.
+	ConsecutiveErrors uint32 `yaml:"consecutiveErrors"`
+	// Interval between ejection sweeps; default 10s.
+	Interval time.Duration `yaml:"interval"`
+	// BaseEjectionTime, multiplied by the number of ejections; default 30s.
+	BaseEjectionTime time.Duration `yaml:"baseEjectionTime"`
+	// MaxEjectionPercent of a cluster's endpoints that may be ejected at once; default 50.
+	MaxEjectionPercent uint32 `yaml:"maxEjectionPercent"`
+}
+
+// Envoy configures a supervised Envoy process (dataplane: envoy).
+type Envoy struct {
+	// Binary is the envoy executable.
+	Binary string `yaml:"binary"`
+	// AdminAddress is Envoy's admin listener; default 127.0.0.1:15000.
+	AdminAddress string `yaml:"adminAddress"`
+}
+
+// Load reads, defaults and validates a config file.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse parses a config document named file.
+func Parse(file string, data []byte) (*Config, error) {
+	var c Config
+	doc, err := strictyaml.Decode(file, data, &c)
+	if err != nil {
+		return nil, err
+	}
+	c.Dir = filepath.Dir(file)
+	c.applyDefaults()
+	if err := c.Problems().In(doc); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.Node.ID == "" {
+		c.Node.ID, _ = os.Hostname()
+	}
+	if c.Node.Cluster == "" {
+		c.Node.Cluster = "fwdproxy"
+	}
+	if c.Mesh.TrustDomain == "" {
+		c.Mesh.TrustDomain = "cluster.local"
+	}
+	for i := range c.Gateways {
+		if c.Gateways[i].Port == 0 {
+			c.Gateways[i].Port = 15443
+		}
+	}
+	if c.Listen.Address == "" {
+		c.Listen.Address = "0.0.0.0"
+	}
+	if c.Listen.AccessLog == nil {
+		t := true
+		c.Listen.AccessLog = &t
+	}
+	if c.XDS.Address == "" {
+		c.XDS.Address = "127.0.0.1:18000"
+	}
+	if c.Metrics.Address == "" {
+		c.Metrics.Address = ":9102"
+	}
+	if c.Admin.Address == "" {
+		c.Admin.Address = "127.0.0.1:9180"
+	}
+	u := &c.Upstream
+	if u.ConnectTimeout == 0 {
+		u.ConnectTimeout = 5 * time.Second
+	}
+	if u.Outlier.ConsecutiveErrors == 0 {
+		u.Outlier.ConsecutiveErrors = 5
+	}
+	if u.Outlier.Interval == 0 {
+		u.Outlier.Interval = 10 * time.Second
+	}
+	if u.Outlier.BaseEjectionTime == 0 {
+		u.Outlier.BaseEjectionTime = 30 * time.Second
+	}
+	if u.Outlier.MaxEjectionPercent == 0 {
+		u.Outlier.MaxEjectionPercent = 50
+	}
+	if c.Envoy.AdminAddress == "" {
+		c.Envoy.AdminAddress = "127.0.0.1:15000"
+	}
+	if c.Dataplane == "" {
+		c.Dataplane = "builtin"
+		if c.Envoy.Binary != "" {
+			c.Dataplane = "envoy"
+		}
+	}
+}
+
+// Problems lists every problem in a defaulted config, by field path.
+func (c *Config) Problems() strictyaml.Problems {
+	var p strictyaml.Problems
+	if td, err := spiffeid.TrustDomainFromString(c.Mesh.TrustDomain); err != nil || td.String() != c.Mesh.TrustDomain {
+		p.Addf("mesh.trustDomain", "%q is not a valid trust domain; use a lower-case DNS-like name such as cluster.local", c.Mesh.TrustDomain)
+	}
+	if len(c.Gateways) == 0 {
+		p.Addf("gateways", "at least one east-west gateway is required, e.g. {name: eastwest, address: 10.0.0.10, port: 15443}")
+	}
+	names := map[string]bool{}
+	for i, g := range c.Gateways {
+		f := fmt.Sprintf("gateways[%d]", i)
+		if errs := validation.IsDNS1123Label(g.Name); len(errs) > 0 {
+			p.Addf(f+".name", "%q is not a valid gateway name (lower-case letters, digits and '-')", g.Name)
+		} else if names[g.Name] {
+			p.Addf(f+".name", "gateway %q is listed twice", g.Name)
+		}
+		names[g.Name] = true
+		if g.Address == "" {
+			p.Addf(f+".address", "required: the east-west gateway's IP address or DNS name")
+		} else if _, err := netip.ParseAddr(g.Address); err != nil && len(validation.IsDNS1123Subdomain(g.Address)) > 0 {
+			p.Addf(f+".address", "%q is neither an IP address nor a DNS name", g.Address)
+		}
+		if g.Port > 65535 {
+			p.Addf(f+".port", "%d is not a valid port; use 1-65535 (Istio's AUTO_PASSTHROUGH port is 15443)", g.Port)
+		}
+	}
+	id := c.Identity
+	if id.SPIFFEID == "" {
+		p.Addf("identity.spiffeID", "required: the fleet's identity, e.g. spiffe://%s/ns/fwdproxy/sa/fwdproxy", c.Mesh.TrustDomain)
+	} else if err := catalog.CheckSPIFFEID(id.SPIFFEID); err != nil {
+		p.Addf("identity.spiffeID", "%v", err)
+	} else if sid := spiffeid.RequireFromString(id.SPIFFEID); sid.TrustDomain().String() != c.Mesh.TrustDomain {
+		p.Addf("identity.spiffeID", "trust domain %q differs from mesh.trustDomain %q; the mesh would not accept this identity", sid.TrustDomain(), c.Mesh.TrustDomain)
+	}
+	if id.Files == nil {
+		p.Addf("identity", "an identity source is required: files: {certChain, privateKey, roots}")
+	} else {
+		for _, f := range []struct{ field, path string }{{"certChain", id.Files.CertChain}, {"privateKey", id.Files.PrivateKey}, {"roots", id.Files.Roots}} {
+			if f.path == "" {
+				p.Addf("identity.files."+f.field, "required: path to a PEM file")
+			}
+		}
+	}
+	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}, {"admin.address", c.Admin.Address}, {"envoy.adminAddress", c.Envoy.AdminAddress}} {
+		if err := checkHostPort(s.addr); err != nil {
+			p.Addf(s.field, "%v", err)
+		}
+	}
+	if c.Peers.Bind != "" {
+		if err := checkHostPort(c.Peers.Bind); err != nil {
+			p.Addf("peers.bind", "%v", err)
+		}
+	}
+	if _, err := netip.ParseAddr(c.Listen.Address); err != nil {
+		p.Addf("listen.address", "%q is not an IP address; use 0.0.0.0 to listen on all IPv4 addresses", c.Listen.Address)
+	}
+	if c.Upstream.Outlier.MaxEjectionPercent > 100 {
+		p.Addf("upstream.outlierDetection.maxEjectionPercent", "%d is over 100", c.Upstream.Outlier.MaxEjectionPercent)
+	}
+	switch c.Dataplane {
+	case "builtin":
+	case "envoy":
+		if c.Envoy.Binary == "" {
+			p.Addf("envoy.binary", "required with dataplane: envoy: the path of the envoy executable")
+		}
+	default:
+		p.Addf("dataplane", "%q is not a data plane; use builtin or envoy", c.Dataplane)
+	}
+	return p
+}
+
+func checkHostPort(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port (%v)", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("%q has an invalid port", addr)
+	}
+	return nil
+}
+
+// Path resolves p relative to the config file's directory.
+func (c *Config) Path(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(c.Dir, p)
+}
+
+// GatewayNames lists the configured gateways' names.
+func (c *Config) GatewayNames() []string {
+	names := make([]string, 0, len(c.Gateways))
+	for _, g := range c.Gateways {
+		names = append(names, g.Name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// CatalogOptions is what catalog validation needs from the config.
+func (c *Config) CatalogOptions() catalog.Options { return catalog.Options{Gateways: c.GatewayNames()} }

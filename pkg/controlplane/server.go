@@ -1,0 +1,265 @@
+package controlplane
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretservice "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+)
+
+// fleetKey is the one snapshot key: every data plane that connects, whatever its node ID, is
+// served the fleet's configuration.
+const fleetKey = "fleet"
+
+type fleetHash struct{}
+
+func (fleetHash) ID(*core.Node) string { return fleetKey }
+
+// Server serves the current snapshot over ADS (state-of-the-world and delta) and SDS, and keeps
+// track of what its clients acknowledged.
+type Server struct {
+	cache   cache.SnapshotCache
+	xds     serverv3.Server
+	log     *slog.Logger
+	metrics *xdsMetrics
+
+	mu      sync.Mutex
+	current *Snapshot
+	streams map[int64]*stream
+	// nonces maps a delta response nonce to the version it carried, to recognise delta ACKs.
+	nonces map[string]string
+}
+
+type stream struct {
+	node  string
+	acked map[string]string // type URL -> version acknowledged
+}
+
+// NewServer makes a server; reg receives its metrics (nil for none).
+func NewServer(log *slog.Logger, reg prometheus.Registerer) *Server {
+	s := &Server{
+		cache:   cache.NewSnapshotCache(true, fleetHash{}, nil),
+		log:     log,
+		metrics: newXDSMetrics(reg),
+		streams: map[int64]*stream{},
+		nonces:  map[string]string{},
+	}
+	s.xds = serverv3.NewServer(context.Background(), s.cache, s.callbacks())
+	return s
+}
+
+// Set serves snap to every client, now and on connect.
+func (s *Server) Set(ctx context.Context, snap *Snapshot) error {
+	if err := s.cache.SetSnapshot(ctx, fleetKey, snap.Cache); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.current = snap
+	s.mu.Unlock()
+	s.metrics.setSnapshot(snap)
+	return nil
+}
+
+// Current is the snapshot being served, or nil.
+func (s *Server) Current() *Snapshot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.current
+}
+
+// Register adds the ADS and SDS services to g.
+func (s *Server) Register(g *grpc.Server) {
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
+}
+
+// Serve listens on addr until ctx is done.
+func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+	g := grpc.NewServer(
+		grpc.MaxConcurrentStreams(1000),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	s.Register(g)
+	go func() {
+		<-ctx.Done()
+		g.GracefulStop()
+	}()
+	return g.Serve(lis)
+}
+
+// Status describes the clients and what they acknowledged.
+type Status struct {
+	Clients int
+	// AckedCurrent counts clients that acknowledged the current listeners and clusters.
+	AckedCurrent int
+}
+
+// Status reports the server's clients.
+func (s *Server) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{Clients: len(s.streams)}
+	if s.current == nil {
+		return st
+	}
+	lv := s.current.Cache.GetVersion(resource.ListenerType)
+	cv := s.current.Cache.GetVersion(resource.ClusterType)
+	for _, str := range s.streams {
+		if str.acked[resource.ListenerType] == lv && str.acked[resource.ClusterType] == cv {
+			st.AckedCurrent++
+		}
+	}
+	return st
+}
+
+func (s *Server) open(id int64) {
+	s.mu.Lock()
+	s.streams[id] = &stream{acked: map[string]string{}}
+	n := len(s.streams)
+	s.mu.Unlock()
+	s.metrics.clients.Set(float64(n))
+}
+
+func (s *Server) closed(id int64) {
+	s.mu.Lock()
+	delete(s.streams, id)
+	n := len(s.streams)
+	s.mu.Unlock()
+	s.metrics.clients.Set(float64(n))
+}
+
+// request records an ACK or a NACK. A NACK keeps the client on its last good configuration
+// (Envoy's behaviour); we log it loudly and count it, since it means translation emitted
+// something a client could not apply.
+func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce string, status interface{ GetMessage() string }, isErr bool) {
+	s.mu.Lock()
+	st := s.streams[id]
+	if st != nil && node != nil && node.GetId() != "" {
+		st.node = node.GetId()
+	}
+	nodeID := ""
+	if st != nil {
+		nodeID = st.node
+	}
+	if !isErr && st != nil && version != "" {
+		st.acked[typeURL] = version
+	}
+	s.mu.Unlock()
+	if isErr {
+		s.metrics.nacks.WithLabelValues(typeName(typeURL)).Inc()
+		s.log.Error("xDS client rejected configuration; it keeps its last good one",
+			"node", nodeID, "type", typeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+	}
+}
+
+func (s *Server) callbacks() serverv3.CallbackFuncs {
+	return serverv3.CallbackFuncs{
+		StreamOpenFunc:      func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		StreamClosedFunc:    func(id int64, _ *core.Node) { s.closed(id) },
+		DeltaStreamOpenFunc: func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		DeltaStreamClosedFunc: func(id int64, _ *core.Node) {
+			s.closed(id)
+		},
+		StreamRequestFunc: func(id int64, r *discovery.DiscoveryRequest) error {
+			s.request(id, r.GetNode(), r.GetTypeUrl(), r.GetVersionInfo(), r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			return nil
+		},
+		StreamResponseFunc: func(_ context.Context, _ int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
+			s.metrics.pushes.WithLabelValues(typeName(r.GetTypeUrl())).Inc()
+		},
+		StreamDeltaRequestFunc: func(id int64, r *discovery.DeltaDiscoveryRequest) error {
+			version := ""
+			if r.GetResponseNonce() != "" {
+				s.mu.Lock()
+				version = s.nonces[r.GetResponseNonce()]
+				delete(s.nonces, r.GetResponseNonce())
+				s.mu.Unlock()
+			}
+			s.request(id, r.GetNode(), r.GetTypeUrl(), version, r.GetResponseNonce(), r.GetErrorDetail(), r.GetErrorDetail() != nil)
+			return nil
+		},
+		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
+			s.metrics.pushes.WithLabelValues(typeName(r.GetTypeUrl())).Inc()
+			s.mu.Lock()
+			if len(s.nonces) > 10000 { // a client that never answers must not grow this forever
+				clear(s.nonces)
+			}
+			s.nonces[r.GetNonce()] = s.versionOf(r.GetTypeUrl())
+			s.mu.Unlock()
+		},
+	}
+}
+
+// versionOf is the current version of a type; callers hold s.mu.
+func (s *Server) versionOf(typeURL string) string {
+	if s.current == nil {
+		return ""
+	}
+	return s.current.Cache.GetVersion(typeURL)
+}
+
+// typeName shortens a type URL for logs and metric labels: "cluster", "listener", ...
+func typeName(typeURL string) string {
+	switch typeURL {
+	case resource.ListenerType:
+		return "listener"
+	case resource.RouteType:
+		return "route"
+	case resource.ClusterType:
+		return "cluster"
+	case resource.EndpointType:
+		return "endpoint"
+	case resource.SecretType:
+		return "secret"
+	}
+	return typeURL[strings.LastIndex(typeURL, ".")+1:]
+}
+
+type xdsMetrics struct {
+	clients  prometheus.Gauge
+	pushes   *prometheus.CounterVec
+	nacks    *prometheus.CounterVec
+	info     *prometheus.GaugeVec
+	updates  prometheus.Counter
+	snapTime prometheus.Gauge
+}
+
+func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
+	m := &xdsMetrics{
+		clients: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_xds_connected_clients", Help: "xDS streams currently open."}),
+		pushes:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_pushes_total", Help: "xDS responses sent, by resource type."}, []string{"type"}),
+		nacks:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_nacks_total", Help: "xDS responses rejected by clients, by resource type."}, []string{"type"}),
+		info: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fwdproxy_snapshot_info",
+			Help: "The snapshot being served (value 1); config_version is identical on converged peers."}, []string{"config_version", "secrets_version"}),
+		updates:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fwdproxy_snapshot_updates_total", Help: "Snapshots published to the xDS cache."}),
+		snapTime: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_snapshot_last_update_timestamp_seconds", Help: "When the served snapshot was last replaced."}),
+	}
+	for _, t := range []string{"listener", "route", "cluster", "endpoint", "secret"} {
+		m.pushes.WithLabelValues(t)
+		m.nacks.WithLabelValues(t)
+	}
+	if reg != nil {
+		reg.MustRegister(m.clients, m.pushes, m.nacks, m.info, m.updates, m.snapTime)
+	}
+	return m
+}
+
+func (m *xdsMetrics) setSnapshot(s *Snapshot) {
+	m.info.Reset()
+	m.info.WithLabelValues(s.ConfigVersion, s.SecretsVersion).Set(1)
+	m.updates.Inc()
+	m.snapTime.SetToCurrentTime()
+}

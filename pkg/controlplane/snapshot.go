@@ -1,0 +1,183 @@
+package controlplane
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/fwdproxy/fwdproxy/pkg/identity"
+)
+
+// Secrets are the two SDS secrets Istio's agent serves, under the same names: "default" (the
+// fleet's chain and key) and "ROOTCA" (the mesh's trust bundle).
+func Secrets(b *identity.Bundle) []*tlsv3.Secret {
+	return []*tlsv3.Secret{
+		{Name: SecretCertificate, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
+			CertificateChain: inlineBytes(b.CertChainPEM),
+			PrivateKey:       inlineBytes(b.KeyPEM),
+		}}},
+		{Name: SecretRoots, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+			TrustedCa: inlineBytes(b.RootsPEM),
+		}}},
+	}
+}
+
+func inlineBytes(b []byte) *core.DataSource {
+	return &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: b}}
+}
+
+// Snapshot is a validated, versioned set of resources ready to serve.
+type Snapshot struct {
+	Cache *cache.Snapshot
+	// ConfigVersion is the hash of listeners, routes, clusters and endpoints: identical on every
+	// peer that has the same catalog and gateways. Secrets are versioned apart because each node
+	// may hold its own key (e.g. issued on the node), and their version hashes only the public
+	// certificates, never the key.
+	ConfigVersion  string
+	SecretsVersion string
+}
+
+// NewSnapshot validates every resource (including the typed configs inside them) and the
+// references between them, and versions each type by a hash of its content.
+func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
+	byType := map[resource.Type][]types.Resource{}
+	for _, l := range res.Listeners {
+		byType[resource.ListenerType] = append(byType[resource.ListenerType], l)
+	}
+	for _, r := range res.Routes {
+		byType[resource.RouteType] = append(byType[resource.RouteType], r)
+	}
+	for _, c := range res.Clusters {
+		byType[resource.ClusterType] = append(byType[resource.ClusterType], c)
+	}
+	for _, e := range res.Endpoints {
+		byType[resource.EndpointType] = append(byType[resource.EndpointType], e)
+	}
+	var secrets []types.Resource
+	if bundle != nil {
+		for _, s := range Secrets(bundle) {
+			secrets = append(secrets, s)
+		}
+	}
+	for typ, list := range byType {
+		for _, r := range list {
+			if err := ValidateDeep(r); err != nil {
+				return nil, fmt.Errorf("invalid %s %q: %w", shortType(typ), cache.GetResourceName(r), err)
+			}
+		}
+	}
+	for _, s := range secrets {
+		if err := ValidateDeep(s); err != nil {
+			return nil, fmt.Errorf("invalid secret %q: %w", cache.GetResourceName(s), err)
+		}
+	}
+	snap := &cache.Snapshot{}
+	configHash := sha256.New()
+	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
+		v, err := hashResources(byType[typ])
+		if err != nil {
+			return nil, err
+		}
+		configHash.Write([]byte(typ + "=" + v + ";"))
+		snap.Resources[cache.GetResponseType(typ)] = cache.NewResources(v, byType[typ])
+	}
+	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16]}
+	if bundle != nil {
+		sum := sha256.Sum256(append(append([]byte{}, bundle.CertChainPEM...), bundle.RootsPEM...))
+		out.SecretsVersion = hex.EncodeToString(sum[:])[:16]
+	}
+	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
+	if err := snap.Consistent(); err != nil {
+		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
+	}
+	return out, nil
+}
+
+func shortType(t resource.Type) string {
+	switch t {
+	case resource.ListenerType:
+		return "listener"
+	case resource.RouteType:
+		return "route"
+	case resource.ClusterType:
+		return "cluster"
+	case resource.EndpointType:
+		return "endpoints"
+	}
+	return t
+}
+
+func hashResources(list []types.Resource) (string, error) {
+	h := sha256.New()
+	opts := proto.MarshalOptions{Deterministic: true}
+	for _, r := range list {
+		b, err := opts.Marshal(r)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "%d:", len(b))
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// ValidateDeep runs the generated ValidateAll on m and on every message inside it, unpacking
+// google.protobuf.Any typed configs, which ValidateAll alone does not look into.
+func ValidateDeep(m proto.Message) error {
+	return validateMessage(m.ProtoReflect(), "")
+}
+
+func validateMessage(m protoreflect.Message, path string) error {
+	if a, ok := m.Interface().(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return fmt.Errorf("%s: cannot decode %s: %v", path, a.GetTypeUrl(), err)
+		}
+		return validateMessage(inner.ProtoReflect(), path)
+	}
+	if v, ok := m.Interface().(interface{ ValidateAll() error }); ok {
+		if err := v.ValidateAll(); err != nil {
+			if path == "" {
+				return err
+			}
+			return fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Message() == nil {
+			return true
+		}
+		p := string(fd.Name())
+		if path != "" {
+			p = path + "." + p
+		}
+		switch {
+		case fd.IsList():
+			l := v.List()
+			for i := 0; i < l.Len() && err == nil; i++ {
+				err = validateMessage(l.Get(i).Message(), fmt.Sprintf("%s[%d]", p, i))
+			}
+		case fd.IsMap():
+			if fd.MapValue().Message() != nil {
+				v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+					err = validateMessage(mv.Message(), fmt.Sprintf("%s[%v]", p, k.Interface()))
+					return err == nil
+				})
+			}
+		default:
+			err = validateMessage(v.Message(), p)
+		}
+		return err == nil
+	})
+	return err
+}

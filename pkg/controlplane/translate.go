@@ -1,0 +1,482 @@
+// Package controlplane turns the catalog and the fleet identity into Envoy configuration and
+// serves it over ADS. Translate is a pure function: the same input gives byte-identical resources
+// on every peer, so snapshot versions (hashes of content) can be compared across the fleet.
+package controlplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+// Istio's wire conventions (see pilot/pkg/networking and pilot/pkg/model in Istio).
+const (
+	// SecretCertificate and SecretRoots are the SDS names Istio's agent serves.
+	SecretCertificate = "default"
+	SecretRoots       = "ROOTCA"
+)
+
+var (
+	// ALPNTCP is what an Istio sidecar offers for TCP over mTLS (mtlsTCPWithMxcALPNs).
+	ALPNTCP = []string{"istio-peer-exchange", "istio"}
+	// ALPNHTTP11 selects the sidecar's HTTP-over-mTLS filter chain for HTTP/1.1.
+	ALPNHTTP11 = []string{"istio-http/1.1"}
+	// ALPNH2 is offered for HTTP/2 and gRPC ports; the upstream then speaks h2 by prior knowledge.
+	ALPNH2 = []string{"istio-h2"}
+)
+
+// ClusterName is Istio's outbound cluster name, outbound|PORT|SUBSET|FQDN (BuildSubsetKey).
+func ClusterName(port uint32, subset, host string) string {
+	return "outbound|" + strconv.Itoa(int(port)) + "|" + subset + "|" + host
+}
+
+// SNI is the name the east-west gateway routes on, outbound_.PORT_.SUBSET_.FQDN
+// (BuildDNSSrvSubsetKey); an empty subset is written "_".
+func SNI(port uint32, subset, host string) string {
+	if subset == "" {
+		subset = "_"
+	}
+	return "outbound_." + strconv.Itoa(int(port)) + "_." + subset + "_." + host
+}
+
+// ALPN returns the protocols offered upstream for a port's protocol.
+func ALPN(p catalog.Protocol) []string {
+	switch {
+	case p.UsesHTTP2Upstream():
+		return ALPNH2
+	case p == catalog.HTTP:
+		return ALPNHTTP11
+	default:
+		return ALPNTCP
+	}
+}
+
+// Gateway is an east-west gateway with its resolved addresses.
+type Gateway struct {
+	Name      string
+	Network   string
+	Addresses []netip.AddrPort
+}
+
+// Options are the fleet-wide settings translation needs besides the catalog.
+type Options struct {
+	// ListenAddress is where the plain listeners bind, e.g. 0.0.0.0.
+	ListenAddress string
+	Gateways      []Gateway
+	// ConnectTimeout to a gateway.
+	ConnectTimeout time.Duration
+	Outlier        Outlier
+	AccessLog      bool
+}
+
+// Outlier is passive health checking of gateway endpoints.
+type Outlier struct {
+	ConsecutiveErrors  uint32
+	Interval           time.Duration
+	BaseEjectionTime   time.Duration
+	MaxEjectionPercent uint32
+}
+
+// Resources are the xDS resources for one catalog, each list sorted by name.
+type Resources struct {
+	Listeners []*listener.Listener
+	Routes    []*route.RouteConfiguration
+	Clusters  []*cluster.Cluster
+	Endpoints []*endpoint.ClusterLoadAssignment
+}
+
+// ListenerName is the plain listener for a port, Istio style: ADDRESS_PORT.
+func ListenerName(addr string, port uint32) string { return addr + "_" + strconv.Itoa(int(port)) }
+
+// RouteName is the route configuration of an HTTP port: the port number, as in Istio.
+func RouteName(port uint32) string { return strconv.Itoa(int(port)) }
+
+// Translate builds the listeners, routes, clusters and endpoints for cat. It expects a catalog
+// that passed catalog validation; it still returns an error rather than emit a conflicting
+// listener, since the config served is only as good as this check.
+func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
+	if _, err := netip.ParseAddr(opts.ListenAddress); err != nil {
+		return nil, fmt.Errorf("listen address %q: %v", opts.ListenAddress, err)
+	}
+	if err := cat.Validate(catalog.Options{}); err != nil {
+		return nil, err
+	}
+	gateways := map[string]Gateway{}
+	for _, g := range opts.Gateways {
+		gateways[g.Name] = g
+	}
+	res := &Resources{}
+	type httpPort struct {
+		port  uint32
+		hosts []*route.VirtualHost
+		rbac  bool
+	}
+	httpPorts := map[uint32]*httpPort{}
+	tcpPorts := map[uint32]*listener.Listener{}
+	for i := range cat.Services {
+		svc := &cat.Services[i]
+		eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range svc.Ports {
+			subsets := []string{""}
+			if p.Protocol.IsHTTP() {
+				for _, s := range svc.Subsets {
+					subsets = append(subsets, s.Name)
+				}
+			}
+			for _, subset := range subsets {
+				name := ClusterName(p.Number, subset, svc.Host)
+				res.Clusters = append(res.Clusters, buildCluster(name, svc, p, subset, opts))
+				res.Endpoints = append(res.Endpoints, &endpoint.ClusterLoadAssignment{
+					ClusterName: name,
+					Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: eps}},
+				})
+			}
+			if !p.Protocol.IsHTTP() {
+				if _, taken := httpPorts[p.Number]; taken {
+					return nil, fmt.Errorf("port %d of %s is TCP but another service uses it for HTTP", p.Number, svc.Host)
+				}
+				if _, taken := tcpPorts[p.Number]; taken {
+					return nil, fmt.Errorf("TCP port %d of %s is already served by another service", p.Number, svc.Host)
+				}
+				l, err := tcpListener(svc, p, opts)
+				if err != nil {
+					return nil, err
+				}
+				tcpPorts[p.Number] = l
+				continue
+			}
+			if _, taken := tcpPorts[p.Number]; taken {
+				return nil, fmt.Errorf("HTTP port %d of %s is already a TCP port of another service", p.Number, svc.Host)
+			}
+			hp := httpPorts[p.Number]
+			if hp == nil {
+				hp = &httpPort{port: p.Number}
+				httpPorts[p.Number] = hp
+			}
+			vhs, err := virtualHosts(svc, p)
+			if err != nil {
+				return nil, err
+			}
+			hp.hosts = append(hp.hosts, vhs...)
+			hp.rbac = hp.rbac || len(svc.AllowedClients) > 0
+		}
+	}
+	for _, hp := range httpPorts {
+		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
+		res.Routes = append(res.Routes, &route.RouteConfiguration{
+			Name:             RouteName(hp.port),
+			VirtualHosts:     hp.hosts,
+			ValidateClusters: wrapperspb.Bool(false),
+		})
+		l, err := httpListener(hp.port, hp.rbac, opts)
+		if err != nil {
+			return nil, err
+		}
+		res.Listeners = append(res.Listeners, l)
+	}
+	for _, l := range tcpPorts {
+		res.Listeners = append(res.Listeners, l)
+	}
+	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
+	return res, nil
+}
+
+// serviceEndpoints lists the gateway endpoints that reach svc: its named gateways, or all.
+func serviceEndpoints(svc *catalog.Service, all []Gateway, byName map[string]Gateway) ([]*endpoint.LbEndpoint, error) {
+	var gws []Gateway
+	if len(svc.Gateways) == 0 {
+		gws = all
+	} else {
+		for _, name := range svc.Gateways {
+			g, ok := byName[name]
+			if !ok {
+				return nil, fmt.Errorf("service %s names gateway %q, which is not configured", svc.Host, name)
+			}
+			gws = append(gws, g)
+		}
+	}
+	var eps []*endpoint.LbEndpoint
+	for _, g := range gws {
+		for _, ap := range g.Addresses {
+			eps = append(eps, &endpoint.LbEndpoint{
+				HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+					Address:  socketAddress(ap.Addr().String(), uint32(ap.Port())),
+					Hostname: g.Name,
+				}},
+			})
+		}
+	}
+	if len(eps) == 0 {
+		return nil, fmt.Errorf("service %s: no gateway address is known yet", svc.Host)
+	}
+	slices.SortFunc(eps, func(a, b *endpoint.LbEndpoint) int {
+		sa, sb := a.GetEndpoint().GetAddress().GetSocketAddress(), b.GetEndpoint().GetAddress().GetSocketAddress()
+		if c := strings.Compare(sa.GetAddress(), sb.GetAddress()); c != 0 {
+			return c
+		}
+		return int(sa.GetPortValue()) - int(sb.GetPortValue())
+	})
+	return eps, nil
+}
+
+func socketAddress(addr string, port uint32) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Address: addr, PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// ADSConfigSource points a resource at the ADS stream.
+func ADSConfigSource() *core.ConfigSource {
+	return &core.ConfigSource{
+		ResourceApiVersion:    core.ApiVersion_V3,
+		ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},
+	}
+}
+
+func mustAny(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(err) // only for messages of linked-in types, which always marshal
+	}
+	return a
+}
+
+// maxCircuit lifts Envoy's default circuit-breaker limits (1024), which a shared appliance would
+// hit under normal load; Istio's sidecars do the same.
+const maxCircuit = 4294967295
+
+func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, opts Options) *cluster.Cluster {
+	sans := make([]*tlsv3.SubjectAltNameMatcher, 0, len(svc.Identities))
+	for _, id := range svc.Identities {
+		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
+			SanType: tlsv3.SubjectAltNameMatcher_URI,
+			Matcher: &matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Exact{Exact: id}},
+		})
+	}
+	tlsCtx := &tlsv3.UpstreamTlsContext{
+		Sni: SNI(p.Number, subset, svc.Host),
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			TlsParams:     &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
+			AlpnProtocols: ALPN(p.Protocol),
+			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{
+				Name: SecretCertificate, SdsConfig: ADSConfigSource(),
+			}},
+			ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{
+				CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+					DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: sans},
+					ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: SecretRoots, SdsConfig: ADSConfigSource()},
+				},
+			},
+		},
+	}
+	c := &cluster.Cluster{
+		Name:                 name,
+		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
+		EdsClusterConfig:     &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()},
+		ConnectTimeout:       durationpb.New(opts.ConnectTimeout),
+		LbPolicy:             cluster.Cluster_ROUND_ROBIN,
+		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
+			MaxConnections:     wrapperspb.UInt32(maxCircuit),
+			MaxPendingRequests: wrapperspb.UInt32(maxCircuit),
+			MaxRequests:        wrapperspb.UInt32(maxCircuit),
+			MaxRetries:         wrapperspb.UInt32(maxCircuit),
+		}}},
+		OutlierDetection: &cluster.OutlierDetection{
+			Consecutive_5Xx:                    wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			ConsecutiveGatewayFailure:          wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
+			Interval:                           durationpb.New(opts.Outlier.Interval),
+			BaseEjectionTime:                   durationpb.New(opts.Outlier.BaseEjectionTime),
+			MaxEjectionPercent:                 wrapperspb.UInt32(opts.Outlier.MaxEjectionPercent),
+		},
+		TransportSocket: &core.TransportSocket{
+			Name:       wellknown.TransportSocketTLS,
+			ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)},
+		},
+	}
+	if p.Protocol.IsHTTP() {
+		hpo := &upstreamhttp.HttpProtocolOptions{}
+		if p.Protocol.UsesHTTP2Upstream() {
+			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+			}}
+		} else {
+			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
+			}}
+		}
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: mustAny(hpo)}
+	}
+	return c
+}
+
+// HTTPProtocolOptionsKey is the extension name Envoy reads upstream HTTP options from.
+const HTTPProtocolOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+// RBAC filter names.
+const (
+	HTTPRBACFilter    = "envoy.filters.http.rbac"
+	NetworkRBACFilter = "envoy.filters.network.rbac"
+)
+
+// allowClients is an RBAC policy that allows only connections whose peer address (not a header
+// the client could forge) is in cidrs.
+func allowClients(cidrs []string) *rbacconfig.RBAC {
+	principals := make([]*rbacconfig.Principal, 0, len(cidrs))
+	for _, c := range cidrs {
+		pfx := netip.MustParsePrefix(c)
+		principals = append(principals, &rbacconfig.Principal{Identifier: &rbacconfig.Principal_DirectRemoteIp{
+			DirectRemoteIp: &core.CidrRange{AddressPrefix: pfx.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(pfx.Bits()))},
+		}})
+	}
+	return &rbacconfig.RBAC{
+		Action: rbacconfig.RBAC_ALLOW,
+		Policies: map[string]*rbacconfig.Policy{"allowed-clients": {
+			Permissions: []*rbacconfig.Permission{{Rule: &rbacconfig.Permission_Any{Any: true}}},
+			Principals:  principals,
+		}},
+	}
+}
+
+func accessLogs(enabled bool) []*accesslog.AccessLog {
+	if !enabled {
+		return nil
+	}
+	return []*accesslog.AccessLog{{
+		Name:       "envoy.access_loggers.stdout",
+		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(&streamlog.StdoutAccessLog{})},
+	}}
+}
+
+func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) (*listener.Listener, error) {
+	name := ListenerName(opts.ListenAddress, p.Number)
+	var filters []*listener.Filter
+	if len(svc.AllowedClients) > 0 {
+		filters = append(filters, &listener.Filter{
+			Name: NetworkRBACFilter,
+			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&rbacnet.RBAC{
+				StatPrefix: "outbound_" + name + ".",
+				Rules:      allowClients(svc.AllowedClients),
+			})},
+		})
+	}
+	filters = append(filters, &listener.Filter{
+		Name: wellknown.TCPProxy,
+		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&tcpproxy.TcpProxy{
+			StatPrefix:       "outbound_" + name,
+			ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: ClusterName(p.Number, "", svc.Host)},
+			AccessLog:        accessLogs(opts.AccessLog),
+		})},
+	})
+	return &listener.Listener{
+		Name:         name,
+		Address:      socketAddress(opts.ListenAddress, p.Number),
+		FilterChains: []*listener.FilterChain{{Filters: filters}},
+	}, nil
+}
+
+func httpListener(port uint32, rbac bool, opts Options) (*listener.Listener, error) {
+	name := ListenerName(opts.ListenAddress, port)
+	var httpFilters []*hcm.HttpFilter
+	if rbac {
+		// An empty RBAC config enforces nothing; each virtual host with allowed clients
+		// overrides it (RBACPerRoute), since one port serves services with different policies.
+		httpFilters = append(httpFilters, &hcm.HttpFilter{
+			Name:       HTTPRBACFilter,
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttp.RBAC{})},
+		})
+	}
+	httpFilters = append(httpFilters, &hcm.HttpFilter{
+		Name:       wellknown.Router,
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&router.Router{})},
+	})
+	manager := &hcm.HttpConnectionManager{
+		CodecType:  hcm.HttpConnectionManager_AUTO,
+		StatPrefix: "outbound_" + name,
+		RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
+			ConfigSource: ADSConfigSource(), RouteConfigName: RouteName(port),
+		}},
+		HttpFilters: httpFilters,
+		// The client's address goes to the service in X-Forwarded-For; what the client sent there
+		// is not trusted.
+		UseRemoteAddress: wrapperspb.Bool(true),
+		AccessLog:        accessLogs(opts.AccessLog),
+	}
+	return &listener.Listener{
+		Name:    name,
+		Address: socketAddress(opts.ListenAddress, port),
+		FilterChains: []*listener.FilterChain{{Filters: []*listener.Filter{{
+			Name:       wellknown.HTTPConnectionManager,
+			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(manager)},
+		}}}},
+	}, nil
+}
+
+// virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
+// subset (its hosts), each routing everything to its cluster.
+func virtualHosts(svc *catalog.Service, p catalog.Port) ([]*route.VirtualHost, error) {
+	vh := func(name, subset string, hosts []string) *route.VirtualHost {
+		var domains []string
+		for _, h := range hosts {
+			domains = append(domains, h, h+":"+strconv.Itoa(int(p.Number)))
+		}
+		v := &route.VirtualHost{
+			Name:    name,
+			Domains: domains,
+			Routes: []*route.Route{{
+				Name:  "default",
+				Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &route.Route_Route{Route: &route.RouteAction{
+					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(p.Number, subset, svc.Host)},
+					// No overall deadline, as in Istio: long polls and gRPC streams are normal.
+					Timeout: durationpb.New(0),
+				}},
+			}},
+		}
+		if len(svc.AllowedClients) > 0 {
+			v.TypedPerFilterConfig = map[string]*anypb.Any{
+				HTTPRBACFilter: mustAny(&rbachttp.RBACPerRoute{Rbac: &rbachttp.RBAC{Rules: allowClients(svc.AllowedClients)}}),
+			}
+		}
+		return v
+	}
+	port := ":" + strconv.Itoa(int(p.Number))
+	out := []*route.VirtualHost{vh(svc.Host+port, "", append([]string{svc.Host}, svc.Aliases...))}
+	for _, s := range svc.Subsets {
+		out = append(out, vh(s.Name+"."+svc.Host+port, s.Name, s.Hosts))
+	}
+	return out, nil
+}

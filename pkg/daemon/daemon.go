@@ -1,0 +1,362 @@
+// Package daemon wires the pipeline together: sources -> catalog -> translation -> snapshot ->
+// xDS server (and the data plane). It owns no logic of its own beyond ordering and readiness.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/fwdproxy/fwdproxy/internal/filewatch"
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/identity"
+)
+
+// Daemon is one running fwdproxy instance.
+type Daemon struct {
+	cfg      *config.Config
+	log      *slog.Logger
+	Registry *prometheus.Registry
+	XDS      *controlplane.Server
+	sources  []discovery.Source
+
+	changed chan struct{}
+	mu      sync.Mutex
+	// catalogs holds each source's latest catalog, by source name, in source order.
+	catalogs map[string]*catalog.Catalog
+	bundle   *identity.Bundle
+	gateways []controlplane.Gateway
+	lastErr  error
+
+	metrics *daemonMetrics
+}
+
+// New builds a daemon from a validated config.
+func New(cfg *config.Config, log *slog.Logger) *Daemon {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	d := &Daemon{
+		cfg:      cfg,
+		log:      log,
+		Registry: reg,
+		XDS:      controlplane.NewServer(log.With("component", "xds"), reg),
+		changed:  make(chan struct{}, 1),
+		catalogs: map[string]*catalog.Catalog{},
+		metrics:  newDaemonMetrics(reg),
+	}
+	for _, f := range cfg.Discovery.Files {
+		d.sources = append(d.sources, &discovery.File{Path: cfg.Path(f), Options: cfg.CatalogOptions(), Log: log.With("component", "discovery")})
+	}
+	return d
+}
+
+// Run serves until ctx is done or a component fails.
+func (d *Daemon) Run(ctx context.Context) error {
+	xdsLis, err := net.Listen("tcp", d.cfg.XDS.Address)
+	if err != nil {
+		return fmt.Errorf("xds.address: %w", err)
+	}
+	metricsLis, err := net.Listen("tcp", d.cfg.Metrics.Address)
+	if err != nil {
+		xdsLis.Close()
+		return fmt.Errorf("metrics.address: %w", err)
+	}
+	files := identity.Files{
+		SPIFFEID:   d.cfg.Identity.SPIFFEID,
+		CertChain:  d.cfg.Path(d.cfg.Identity.Files.CertChain),
+		PrivateKey: d.cfg.Path(d.cfg.Identity.Files.PrivateKey),
+		Roots:      d.cfg.Path(d.cfg.Identity.Files.Roots),
+	}
+	bundle, err := files.Load()
+	if err != nil {
+		xdsLis.Close()
+		metricsLis.Close()
+		return fmt.Errorf("identity: %w", err)
+	}
+	d.SetIdentity(bundle)
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return d.XDS.Serve(ctx, xdsLis) })
+	g.Go(func() error { return d.serveHTTP(ctx, metricsLis) })
+	g.Go(func() error {
+		return filewatch.Watch(ctx, files.Paths(), filewatch.Options{}, func() {
+			b, err := files.Load()
+			if err != nil {
+				d.log.Error("identity files rejected; still serving the last good identity", "error", err)
+				return
+			}
+			d.SetIdentity(b)
+		})
+	})
+	g.Go(func() error { return d.resolveGateways(ctx) })
+	for _, src := range d.sources {
+		g.Go(func() error {
+			err := src.Run(ctx, func(c *catalog.Catalog) { d.SetCatalog(src.Name(), c) })
+			if err != nil && ctx.Err() == nil {
+				return fmt.Errorf("discovery %s: %w", src.Name(), err)
+			}
+			return nil
+		})
+	}
+	g.Go(func() error { return d.rebuildLoop(ctx) })
+	d.log.Info("fwdproxy started", "node", d.cfg.Node.ID, "xds", xdsLis.Addr().String(), "metrics", metricsLis.Addr().String())
+	return g.Wait()
+}
+
+// SetCatalog records a source's latest catalog.
+func (d *Daemon) SetCatalog(source string, c *catalog.Catalog) {
+	d.mu.Lock()
+	d.catalogs[source] = c
+	d.mu.Unlock()
+	d.poke()
+}
+
+// SetIdentity records a new identity bundle.
+func (d *Daemon) SetIdentity(b *identity.Bundle) {
+	d.mu.Lock()
+	prev := d.bundle
+	d.bundle = b
+	d.mu.Unlock()
+	if prev == nil || prev.Fingerprint() != b.Fingerprint() {
+		d.log.Info("identity loaded", "identity", b.String())
+	}
+	d.metrics.identityExpiry.Set(float64(b.NotAfter().Unix()))
+	d.poke()
+}
+
+func (d *Daemon) poke() {
+	select {
+	case d.changed <- struct{}{}:
+	default:
+	}
+}
+
+// rebuildLoop translates whenever an input changes, coalescing bursts.
+func (d *Daemon) rebuildLoop(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.changed:
+		}
+		select { // let a burst of changes settle
+		case <-ctx.Done():
+			return nil
+		case <-time.After(50 * time.Millisecond):
+		}
+		if err := d.rebuild(ctx); err != nil {
+			d.metrics.buildErrors.Inc()
+			d.log.Error("configuration not updated; still serving the last good one", "error", err)
+		}
+	}
+}
+
+// Inputs returns the merged catalog and the translation options from the current inputs.
+func (d *Daemon) Inputs() (*catalog.Catalog, controlplane.Options, *identity.Bundle, []error) {
+	d.mu.Lock()
+	var cats []*catalog.Catalog
+	for _, s := range d.sources {
+		cats = append(cats, d.catalogs[s.Name()])
+	}
+	gws := slices.Clone(d.gateways)
+	bundle := d.bundle
+	d.mu.Unlock()
+	merged, conflicts := discovery.Merge(d.cfg.CatalogOptions(), cats...)
+	return merged, TranslateOptions(d.cfg, gws), bundle, conflicts
+}
+
+// TranslateOptions derives translation options from the config and resolved gateways.
+func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlplane.Options {
+	o := cfg.Upstream.Outlier
+	return controlplane.Options{
+		ListenAddress:  cfg.Listen.Address,
+		Gateways:       gws,
+		ConnectTimeout: cfg.Upstream.ConnectTimeout,
+		Outlier: controlplane.Outlier{
+			ConsecutiveErrors: o.ConsecutiveErrors, Interval: o.Interval,
+			BaseEjectionTime: o.BaseEjectionTime, MaxEjectionPercent: o.MaxEjectionPercent,
+		},
+		AccessLog: *cfg.Listen.AccessLog,
+	}
+}
+
+func (d *Daemon) rebuild(ctx context.Context) error {
+	cat, opts, bundle, conflicts := d.Inputs()
+	for _, c := range conflicts {
+		d.log.Warn("catalog conflict", "error", c)
+	}
+	d.metrics.catalogServices.Set(float64(len(cat.Services)))
+	ports := 0
+	for _, s := range cat.Services {
+		ports += len(s.Ports)
+	}
+	d.metrics.catalogPorts.Set(float64(ports))
+	if len(opts.Gateways) == 0 {
+		return d.setErr(errors.New("no east-west gateway address resolved yet"))
+	}
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil {
+		return d.setErr(fmt.Errorf("translate: %w", err))
+	}
+	snap, err := controlplane.NewSnapshot(res, bundle)
+	if err != nil {
+		return d.setErr(fmt.Errorf("snapshot: %w", err))
+	}
+	if cur := d.XDS.Current(); cur != nil && cur.ConfigVersion == snap.ConfigVersion && cur.SecretsVersion == snap.SecretsVersion {
+		return d.setErr(nil)
+	}
+	if err := d.XDS.Set(ctx, snap); err != nil {
+		return d.setErr(err)
+	}
+	d.log.Info("serving configuration", "config_version", snap.ConfigVersion, "secrets_version", snap.SecretsVersion,
+		"services", len(cat.Services), "listeners", len(res.Listeners), "clusters", len(res.Clusters))
+	return d.setErr(nil)
+}
+
+func (d *Daemon) setErr(err error) error {
+	d.mu.Lock()
+	d.lastErr = err
+	d.mu.Unlock()
+	return err
+}
+
+// resolveGateways turns gateway addresses into IPs now and every 30s; a failed lookup keeps the
+// last known addresses.
+func (d *Daemon) resolveGateways(ctx context.Context) error {
+	known := map[string][]netip.AddrPort{}
+	for {
+		for _, g := range d.cfg.Gateways {
+			addrs, err := resolve(ctx, g.Address, uint16(g.Port))
+			if err != nil {
+				d.log.Warn("cannot resolve gateway; keeping its last known addresses", "gateway", g.Name, "address", g.Address, "error", err)
+				continue
+			}
+			known[g.Name] = addrs
+		}
+		var gws []controlplane.Gateway
+		for _, g := range d.cfg.Gateways {
+			if addrs := known[g.Name]; len(addrs) > 0 {
+				gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
+			}
+		}
+		d.mu.Lock()
+		changed := !slices.EqualFunc(gws, d.gateways, func(a, b controlplane.Gateway) bool {
+			return a.Name == b.Name && slices.Equal(a.Addresses, b.Addresses)
+		})
+		d.gateways = gws
+		d.mu.Unlock()
+		if changed {
+			d.poke()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(30 * time.Second):
+		}
+	}
+}
+
+func resolve(ctx context.Context, host string, port uint16) ([]netip.AddrPort, error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return []netip.AddrPort{netip.AddrPortFrom(ip, port)}, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.AddrPort, 0, len(ips))
+	for _, ip := range ips {
+		out = append(out, netip.AddrPortFrom(ip.Unmap(), port))
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out, nil
+}
+
+// Ready reports whether this instance can carry traffic: it has an identity, every catalog
+// source has reported, a snapshot is served, and a data plane acknowledged it.
+func (d *Daemon) Ready() (bool, string) {
+	d.mu.Lock()
+	bundle, lastErr := d.bundle, d.lastErr
+	missing := ""
+	for _, s := range d.sources {
+		if d.catalogs[s.Name()] == nil {
+			missing = s.Name()
+		}
+	}
+	d.mu.Unlock()
+	switch {
+	case bundle == nil:
+		return false, "no identity yet"
+	case bundle.Expired(time.Now()):
+		return false, "identity expired at " + bundle.NotAfter().UTC().Format(time.RFC3339)
+	case missing != "":
+		return false, "catalog source " + missing + " has not reported yet"
+	case d.XDS.Current() == nil:
+		if lastErr != nil {
+			return false, "no configuration built: " + lastErr.Error()
+		}
+		return false, "no configuration built yet"
+	case d.XDS.Status().AckedCurrent == 0:
+		return false, "no data plane has acknowledged the current configuration"
+	}
+	return true, "ready"
+}
+
+func (d *Daemon) serveHTTP(ctx context.Context, lis net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/ready", func(w http.ResponseWriter, _ *http.Request) {
+		ok, why := d.Ready()
+		if !ok {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		fmt.Fprintln(w, why)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shut)
+	}()
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+type daemonMetrics struct {
+	catalogServices prometheus.Gauge
+	catalogPorts    prometheus.Gauge
+	buildErrors     prometheus.Counter
+	identityExpiry  prometheus.Gauge
+}
+
+func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
+	m := &daemonMetrics{
+		catalogServices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_catalog_services", Help: "Services in the merged catalog."}),
+		catalogPorts:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_catalog_ports", Help: "Service ports in the merged catalog."}),
+		buildErrors:     prometheus.NewCounter(prometheus.CounterOpts{Name: "fwdproxy_config_build_errors_total", Help: "Catalog changes that could not be turned into a valid snapshot."}),
+		identityExpiry:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_identity_expiry_timestamp_seconds", Help: "When the fleet identity certificate expires."}),
+	}
+	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry)
+	return m
+}
