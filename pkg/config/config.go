@@ -29,7 +29,7 @@ type Config struct {
 	Listen    Listen    `yaml:"listen"`
 	XDS       Server    `yaml:"xds"`
 	Metrics   Server    `yaml:"metrics"`
-	Admin     Server    `yaml:"admin"`
+	Admin     Admin     `yaml:"admin"`
 	Peers     Peers     `yaml:"peers"`
 	Upstream  Upstream  `yaml:"upstream"`
 	// Dataplane selects what moves the bytes: "builtin" (the daemon's own data plane) or "envoy"
@@ -70,6 +70,8 @@ type Identity struct {
 	// SPIFFEID the fleet presents, e.g. spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy.
 	SPIFFEID string         `yaml:"spiffeID"`
 	Files    *IdentityFiles `yaml:"files"`
+	// ACMPCA issues the identity from AWS Private CA (see acmpca.go); exactly one source is set.
+	ACMPCA *ACMPCAIdentity `yaml:"acmpca"`
 }
 
 // IdentityFiles holds PEM files, reloaded when they change.
@@ -86,6 +88,8 @@ type IdentityFiles struct {
 type Discovery struct {
 	// Files are static catalog files, reloaded on change.
 	Files []string `yaml:"files"`
+	// Kubernetes clusters to discover services in (see kubernetes.go).
+	Kubernetes []KubernetesCluster `yaml:"kubernetes"`
 }
 
 // Listen describes the plain listeners legacy VMs connect to.
@@ -99,16 +103,6 @@ type Listen struct {
 // Server is an address the daemon serves on.
 type Server struct {
 	Address string `yaml:"address"`
-}
-
-// Peers configures the fleet's gossip.
-type Peers struct {
-	// Bind is the gossip address; empty disables gossip (a fleet of one).
-	Bind string `yaml:"bind"`
-	// Seeds are peers to join at start.
-	Seeds []string `yaml:"seeds"`
-	// Keyring is a file of base64 gossip keys, the first one used to encrypt.
-	Keyring string `yaml:"keyring"`
 }
 
 // Upstream tunes the clusters toward the gateways.
@@ -128,14 +122,6 @@ type Outlier struct {
 	BaseEjectionTime time.Duration `yaml:"baseEjectionTime"`
 	// MaxEjectionPercent of a cluster's endpoints that may be ejected at once; default 50.
 	MaxEjectionPercent uint32 `yaml:"maxEjectionPercent"`
-}
-
-// Envoy configures a supervised Envoy process (dataplane: envoy).
-type Envoy struct {
-	// Binary is the envoy executable.
-	Binary string `yaml:"binary"`
-	// AdminAddress is Envoy's admin listener; default 127.0.0.1:15000.
-	AdminAddress string `yaml:"adminAddress"`
 }
 
 // Load reads, defaults and validates a config file.
@@ -190,9 +176,6 @@ func (c *Config) applyDefaults() {
 	if c.Metrics.Address == "" {
 		c.Metrics.Address = ":9102"
 	}
-	if c.Admin.Address == "" {
-		c.Admin.Address = "127.0.0.1:9180"
-	}
 	u := &c.Upstream
 	if u.ConnectTimeout == 0 {
 		u.ConnectTimeout = 5 * time.Second
@@ -209,15 +192,10 @@ func (c *Config) applyDefaults() {
 	if u.Outlier.MaxEjectionPercent == 0 {
 		u.Outlier.MaxEjectionPercent = 50
 	}
-	if c.Envoy.AdminAddress == "" {
-		c.Envoy.AdminAddress = "127.0.0.1:15000"
-	}
-	if c.Dataplane == "" {
-		c.Dataplane = "builtin"
-		if c.Envoy.Binary != "" {
-			c.Dataplane = "envoy"
-		}
-	}
+	c.peersDefaults()
+	c.dataplaneDefaults()
+	c.kubernetesDefaults()
+	c.acmpcaDefaults()
 }
 
 // Problems lists every problem in a defaulted config, by field path.
@@ -255,23 +233,25 @@ func (c *Config) Problems() strictyaml.Problems {
 	} else if sid := spiffeid.RequireFromString(id.SPIFFEID); sid.TrustDomain().String() != c.Mesh.TrustDomain {
 		p.Addf("identity.spiffeID", "trust domain %q differs from mesh.trustDomain %q; the mesh would not accept this identity", sid.TrustDomain(), c.Mesh.TrustDomain)
 	}
-	if id.Files == nil {
-		p.Addf("identity", "an identity source is required: files: {certChain, privateKey, roots}")
-	} else {
+	switch {
+	case id.Files == nil && id.ACMPCA == nil:
+		p.Addf("identity", "an identity source is required: files: {certChain, privateKey, roots} or acmpca: {...}")
+	case id.Files != nil && id.ACMPCA != nil:
+		p.Addf("identity", "set exactly one identity source: files or acmpca, not both")
+	case id.Files != nil:
 		for _, f := range []struct{ field, path string }{{"certChain", id.Files.CertChain}, {"privateKey", id.Files.PrivateKey}, {"roots", id.Files.Roots}} {
 			if f.path == "" {
 				p.Addf("identity.files."+f.field, "required: path to a PEM file")
 			}
 		}
 	}
-	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}, {"admin.address", c.Admin.Address}, {"envoy.adminAddress", c.Envoy.AdminAddress}} {
+	c.acmpcaProblems(&p)
+	c.kubernetesProblems(&p)
+	c.peersProblems(&p)
+	c.dataplaneProblems(&p)
+	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}} {
 		if err := checkHostPort(s.addr); err != nil {
 			p.Addf(s.field, "%v", err)
-		}
-	}
-	if c.Peers.Bind != "" {
-		if err := checkHostPort(c.Peers.Bind); err != nil {
-			p.Addf("peers.bind", "%v", err)
 		}
 	}
 	if _, err := netip.ParseAddr(c.Listen.Address); err != nil {
@@ -279,15 +259,6 @@ func (c *Config) Problems() strictyaml.Problems {
 	}
 	if c.Upstream.Outlier.MaxEjectionPercent > 100 {
 		p.Addf("upstream.outlierDetection.maxEjectionPercent", "%d is over 100", c.Upstream.Outlier.MaxEjectionPercent)
-	}
-	switch c.Dataplane {
-	case "builtin":
-	case "envoy":
-		if c.Envoy.Binary == "" {
-			p.Addf("envoy.binary", "required with dataplane: envoy: the path of the envoy executable")
-		}
-	default:
-		p.Addf("dataplane", "%q is not a data plane; use builtin or envoy", c.Dataplane)
 	}
 	return p
 }
@@ -323,3 +294,7 @@ func (c *Config) GatewayNames() []string {
 
 // CatalogOptions is what catalog validation needs from the config.
 func (c *Config) CatalogOptions() catalog.Options { return catalog.Options{Gateways: c.GatewayNames()} }
+
+type problems = strictyaml.Problems
+
+func fieldf(format string, args ...any) string { return fmt.Sprintf(format, args...) }

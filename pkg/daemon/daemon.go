@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/fwdproxy/fwdproxy/internal/filewatch"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -62,6 +61,7 @@ func New(cfg *config.Config, log *slog.Logger) *Daemon {
 	for _, f := range cfg.Discovery.Files {
 		d.sources = append(d.sources, &discovery.File{Path: cfg.Path(f), Options: cfg.CatalogOptions(), Log: log.With("component", "discovery")})
 	}
+	d.sources = append(d.sources, d.kubernetesSources()...)
 	return d
 }
 
@@ -76,13 +76,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		xdsLis.Close()
 		return fmt.Errorf("metrics.address: %w", err)
 	}
-	files := identity.Files{
-		SPIFFEID:   d.cfg.Identity.SPIFFEID,
-		CertChain:  d.cfg.Path(d.cfg.Identity.Files.CertChain),
-		PrivateKey: d.cfg.Path(d.cfg.Identity.Files.PrivateKey),
-		Roots:      d.cfg.Path(d.cfg.Identity.Files.Roots),
-	}
-	bundle, err := files.Load()
+	bundle, watchIdentity, err := d.identitySource()
 	if err != nil {
 		xdsLis.Close()
 		metricsLis.Close()
@@ -93,27 +87,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.XDS.Serve(ctx, xdsLis) })
 	g.Go(func() error { return d.serveHTTP(ctx, metricsLis) })
-	g.Go(func() error {
-		return filewatch.Watch(ctx, files.Paths(), filewatch.Options{}, func() {
-			b, err := files.Load()
-			if err != nil {
-				d.log.Error("identity files rejected; still serving the last good identity", "error", err)
-				return
-			}
-			d.SetIdentity(b)
-		})
-	})
+	g.Go(func() error { return watchIdentity(ctx) })
 	g.Go(func() error { return d.resolveGateways(ctx) })
-	for _, src := range d.sources {
-		g.Go(func() error {
-			err := src.Run(ctx, func(c *catalog.Catalog) { d.SetCatalog(src.Name(), c) })
-			if err != nil && ctx.Err() == nil {
-				return fmt.Errorf("discovery %s: %w", src.Name(), err)
-			}
-			return nil
-		})
-	}
+	d.startSources(ctx, g)
 	g.Go(func() error { return d.rebuildLoop(ctx) })
+	if err := d.startDataplane(ctx, g); err != nil {
+		return err
+	}
 	d.log.Info("fwdproxy started", "node", d.cfg.Node.ID, "xds", xdsLis.Addr().String(), "metrics", metricsLis.Addr().String())
 	return g.Wait()
 }
