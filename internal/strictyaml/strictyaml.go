@@ -27,7 +27,7 @@ func Decode(file string, data []byte, out any) (*Doc, error) {
 	doc := &Doc{File: file}
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, fmt.Errorf("%s: %s", file, cleanYAMLError(err.Error()))
+		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
 	}
 	if len(root.Content) > 0 {
 		doc.root = root.Content[0]
@@ -39,11 +39,11 @@ func Decode(file string, data []byte, out any) (*Doc, error) {
 		if errors.As(err, &te) {
 			var errs []error
 			for _, e := range te.Errors {
-				errs = append(errs, fmt.Errorf("%s: %s", file, explainTypeError(e)))
+				errs = append(errs, fmt.Errorf("%s:%s", file, explainTypeError(e)))
 			}
 			return nil, errors.Join(errs...)
 		}
-		return nil, fmt.Errorf("%s: %s", file, cleanYAMLError(err.Error()))
+		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
 	}
 	return doc, nil
 }
@@ -53,15 +53,13 @@ var (
 	lineMsg      = regexp.MustCompile(`^line (\d+): (.*)$`)
 )
 
-// explainTypeError rewrites yaml's messages into "LINE: what is wrong; how to fix".
+// explainTypeError rewrites yaml's messages into "LINE: what is wrong; how to fix" (the leading
+// space stands where no line is known, so callers can write "file:" before it).
 func explainTypeError(msg string) string {
 	if m := unknownField.FindStringSubmatch(msg); m != nil {
 		return fmt.Sprintf("%s: unknown field %q (in %s); check its spelling and indentation against the documented fields", m[1], m[2], m[3])
 	}
-	if m := lineMsg.FindStringSubmatch(msg); m != nil {
-		return m[1] + ": " + m[2]
-	}
-	return msg
+	return cleanYAMLError(msg)
 }
 
 func cleanYAMLError(msg string) string {
@@ -69,7 +67,7 @@ func cleanYAMLError(msg string) string {
 	if m := lineMsg.FindStringSubmatch(msg); m != nil {
 		return m[1] + ": " + m[2]
 	}
-	return msg
+	return " " + msg
 }
 
 var pathToken = regexp.MustCompile(`([^.\[\]]+)|\[(\d+)\]`)

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -102,8 +103,10 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 
 // Status describes the clients and what they acknowledged.
 type Status struct {
+	// Clients counts open xDS streams.
 	Clients int
-	// AckedCurrent counts clients that acknowledged the current listeners and clusters.
+	// AckedCurrent counts data planes (by node ID, over all their streams) that acknowledged the
+	// current listeners and clusters.
 	AckedCurrent int
 }
 
@@ -117,8 +120,24 @@ func (s *Server) Status() Status {
 	}
 	lv := s.current.Cache.GetVersion(resource.ListenerType)
 	cv := s.current.Cache.GetVersion(resource.ClusterType)
-	for _, str := range s.streams {
-		if str.acked[resource.ListenerType] == lv && str.acked[resource.ClusterType] == cv {
+	// Envoy uses one ADS stream for every type; other clients may open one stream per type.
+	type acks struct{ listeners, clusters bool }
+	nodes := map[string]*acks{}
+	for id, str := range s.streams {
+		key := str.node
+		if key == "" {
+			key = fmt.Sprintf("stream-%d", id)
+		}
+		a := nodes[key]
+		if a == nil {
+			a = &acks{}
+			nodes[key] = a
+		}
+		a.listeners = a.listeners || str.acked[resource.ListenerType] == lv
+		a.clusters = a.clusters || str.acked[resource.ClusterType] == cv
+	}
+	for _, a := range nodes {
+		if a.listeners && a.clusters {
 			st.AckedCurrent++
 		}
 	}

@@ -57,12 +57,9 @@ func ClusterName(port uint32, subset, host string) string {
 	return "outbound|" + strconv.Itoa(int(port)) + "|" + subset + "|" + host
 }
 
-// SNI is the name the east-west gateway routes on, outbound_.PORT_.SUBSET_.FQDN
-// (BuildDNSSrvSubsetKey); an empty subset is written "_".
+// SNI is the name the east-west gateway routes on: Istio's BuildDNSSrvSubsetKey,
+// "outbound_.PORT_.SUBSET_.FQDN", so no subset gives "outbound_.9080_._.FQDN".
 func SNI(port uint32, subset, host string) string {
-	if subset == "" {
-		subset = "_"
-	}
 	return "outbound_." + strconv.Itoa(int(port)) + "_." + subset + "_." + host
 }
 
