@@ -204,8 +204,8 @@ func (c *Config) Problems() strictyaml.Problems {
 	if td, err := spiffeid.TrustDomainFromString(c.Mesh.TrustDomain); err != nil || td.String() != c.Mesh.TrustDomain {
 		p.Addf("mesh.trustDomain", "%q is not a valid trust domain; use a lower-case DNS-like name such as cluster.local", c.Mesh.TrustDomain)
 	}
-	if len(c.Gateways) == 0 {
-		p.Addf("gateways", "at least one east-west gateway is required, e.g. {name: eastwest, address: 10.0.0.10, port: 15443}")
+	if len(c.Gateways) == 0 && len(c.DiscoveredGatewayNames()) == 0 { // kubernetes.go may discover them
+		p.Addf("gateways", "at least one east-west gateway is required, e.g. {name: eastwest, address: 10.0.0.10, port: 15443}, or a discovery.kubernetes cluster with gateway discovery")
 	}
 	names := map[string]bool{}
 	for i, g := range c.Gateways {
@@ -293,7 +293,9 @@ func (c *Config) GatewayNames() []string {
 }
 
 // CatalogOptions is what catalog validation needs from the config.
-func (c *Config) CatalogOptions() catalog.Options { return catalog.Options{Gateways: c.GatewayNames()} }
+func (c *Config) CatalogOptions() catalog.Options {
+	return catalog.Options{Gateways: slices.Sorted(slices.Values(append(c.GatewayNames(), c.DiscoveredGatewayNames()...)))}
+}
 
 type problems = strictyaml.Problems
 
