@@ -1,0 +1,289 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	status "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+)
+
+const readyCatalog = `services:
+  - host: reviews.bookinfo.svc.cluster.local
+    ports: [{number: 9080, protocol: http}]
+    identities: [spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews]
+`
+
+const readyCatalogChanged = readyCatalog + `  - host: mysql.bookinfo.svc.cluster.local
+    ports: [{number: 3306, protocol: tcp}]
+    identities: [spiffe://cluster.local/ns/bookinfo/sa/mysql]
+`
+
+// freeAddr returns a loopback address that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// readyFixture writes an identity issued by an Istio-like CA, a catalog and a daemon config.
+func readyFixture(t *testing.T) (cfg *config.Config, catalogPath string) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, key, root, err := leaf.WriteFiles(dir, ca.RootPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	catalogPath = filepath.Join(dir, "catalog.yaml")
+	if err := os.WriteFile(catalogPath, []byte(readyCatalog), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	doc := fmt.Sprintf(`node: {id: ready-test}
+gateways:
+  - {name: eastwest, address: 127.0.0.1, port: 15443}
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: %q, privateKey: %q, roots: %q}
+discovery:
+  files: [catalog.yaml]
+listen: {address: 127.0.0.1, accessLog: false}
+xds: {address: %q}
+metrics: {address: %q}
+admin: {address: %q}
+`, chain, key, root, freeAddr(t), freeAddr(t), freeAddr(t))
+	path := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err = config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg, catalogPath
+}
+
+// getReady fetches /ready once.
+func getReady(addr string) (int, string, error) {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/ready")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b)), err
+}
+
+// waitReady polls /ready until it answers code with a reason containing want, for at most 10s.
+func waitReady(t *testing.T, addr string, code int, want string) {
+	t.Helper()
+	var got string
+	var gotCode int
+	for range 200 {
+		c, body, err := getReady(addr)
+		gotCode, got = c, body
+		if err == nil && c == code && strings.Contains(body, want) {
+			return
+		}
+		if err != nil {
+			got = err.Error()
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("/ready: want %d %q, last answer %d %q", code, want, gotCode, got)
+}
+
+// adsClient is a minimal data plane: one SotW ADS stream asking for clusters and listeners, the
+// two types readiness looks at, and answering every response with an ACK or a NACK.
+type adsClient struct {
+	stream discoverypb.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	node   *core.Node
+	acked  map[string]string // type URL -> last ACKed version
+}
+
+func dialADS(t *testing.T, ctx context.Context, addr string) *adsClient {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	var stream discoverypb.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	for range 100 { // the xDS listener may still be coming up
+		stream, err = discoverypb.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+		if err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &adsClient{stream: stream, node: &core.Node{Id: "envoy-test", Cluster: "fwdproxy"}, acked: map[string]string{}}
+	for _, typ := range []string{resource.ClusterType, resource.ListenerType} {
+		if err := stream.Send(&discoverypb.DiscoveryRequest{Node: c.node, TypeUrl: typ}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+// answer receives one response and ACKs it (nack empty) or NACKs it with the given message.
+func (c *adsClient) answer(nack string) (*discoverypb.DiscoveryResponse, error) {
+	resp, err := c.stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	req := &discoverypb.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce(), VersionInfo: c.acked[resp.GetTypeUrl()]}
+	if nack != "" {
+		req.ErrorDetail = &status.Status{Code: 3, Message: nack}
+	} else {
+		req.VersionInfo = resp.GetVersionInfo()
+		c.acked[resp.GetTypeUrl()] = resp.GetVersionInfo()
+	}
+	return resp, c.stream.Send(req)
+}
+
+// answerBoth answers responses until both clusters and listeners were seen once.
+func (c *adsClient) answerBoth(t *testing.T, nack string) {
+	t.Helper()
+	seen := map[string]bool{}
+	for range 10 {
+		resp, err := c.answer(nack)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[resp.GetTypeUrl()] = true
+		if seen[resource.ClusterType] && seen[resource.ListenerType] {
+			return
+		}
+	}
+	t.Fatalf("no cluster and listener responses in 10 messages: %v", seen)
+}
+
+func TestReadyBeforeRun(t *testing.T) {
+	cfg, _ := readyFixture(t)
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	if ok, why := d.Ready(); ok || why != "no identity yet" {
+		t.Fatalf("fresh daemon: Ready() = %v %q, want not ready: no identity yet", ok, why)
+	}
+	bundle, _, err := d.identitySource()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.SetIdentity(bundle)
+	if ok, why := d.Ready(); ok || !strings.Contains(why, "catalog source file:") || !strings.Contains(why, "has not reported") {
+		t.Fatalf("with identity only: Ready() = %v %q, want a catalog source that has not reported", ok, why)
+	}
+}
+
+func TestReadyTransitions(t *testing.T) {
+	cfg, catalogPath := readyFixture(t)
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil && !errors.Is(err, context.Canceled) {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("daemon did not stop within 10s")
+		}
+	})
+
+	// Identity, catalog and snapshot are there, but nothing has taken the configuration.
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+	if code, body, err := getHealthz(cfg.Metrics.Address); err != nil || code != http.StatusOK {
+		t.Fatalf("/healthz while not ready: %d %q %v; liveness must not follow readiness", code, body, err)
+	}
+
+	// A data plane that rejects the configuration does not make the instance ready.
+	sctx, stop := context.WithCancel(ctx)
+	nacker := dialADS(t, sctx, cfg.XDS.Address)
+	nacker.answerBoth(t, "listener rejected by test")
+	time.Sleep(200 * time.Millisecond)
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+	stop()
+
+	// A data plane that ACKs clusters and listeners makes it ready.
+	client := dialADS(t, ctx, cfg.XDS.Address)
+	client.answerBoth(t, "")
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
+	if st := d.XDS.Status(); st.AckedCurrent != 1 {
+		t.Fatalf("xDS status %+v: want exactly one client on the current configuration", st)
+	}
+
+	// A catalog change publishes a new snapshot; once the data plane ACKs it, ready again on the
+	// new version.
+	before := d.XDS.Current().ConfigVersion
+	if err := os.WriteFile(catalogPath, []byte(readyCatalogChanged), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	client.answerBoth(t, "")
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
+	if after := d.XDS.Current().ConfigVersion; after == before {
+		t.Fatalf("config version still %s after a catalog change", after)
+	}
+
+	// A bad catalog edit is rejected; the last good configuration keeps serving and stays ready.
+	if err := os.WriteFile(catalogPath, []byte("services: [{host: \"\"}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
+
+	// The data plane goes away: not ready.
+	if err := client.stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	for range 100 {
+		if _, err := client.stream.Recv(); err != nil {
+			break
+		}
+	}
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+}
+
+func getHealthz(addr string) (int, string, error) {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/healthz")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
