@@ -1,0 +1,315 @@
+package meshtest
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// IstioALPN is every ALPN protocol an Istio sidecar accepts as mesh mTLS (allIstioMtlsALPNs).
+var IstioALPN = []string{"istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"}
+
+// Protocol of a sidecar's application.
+const (
+	// HTTP answers HTTP/1.1 and HTTP/2 with prior knowledge, with a Report line as the body.
+	HTTP = "http"
+	// TCP writes a Report line, then echoes what it receives.
+	TCP = "tcp"
+)
+
+// SidecarOptions configure a sidecar stand-in.
+type SidecarOptions struct {
+	// Name is reported as service=.
+	Name string
+	// SPIFFEID the sidecar's certificate carries.
+	SPIFFEID string
+	// CA issues the sidecar's certificate and is the only trust anchor for clients: a client must
+	// send its intermediate.
+	CA *CA
+	// Protocol is HTTP or TCP.
+	Protocol string
+	// Addr to listen on; default 127.0.0.1:0.
+	Addr string
+	// AllowedCallers, when set, are the only SPIFFE IDs served (an AuthorizationPolicy): others get
+	// HTTP 403 or a closed TCP connection after the handshake.
+	AllowedCallers []string
+}
+
+// SidecarStats counts what a sidecar did.
+type SidecarStats struct {
+	Handshakes int64 // mTLS handshakes completed
+	Rejected   int64 // handshakes refused: no client chain to the root, or no Istio ALPN
+	Served     int64 // HTTP requests answered or TCP connections echoed
+	Denied     int64 // callers refused by AllowedCallers
+}
+
+// Sidecar terminates Istio mTLS like a workload's sidecar and answers for the application.
+type Sidecar struct {
+	opts   SidecarOptions
+	ln     net.Listener
+	cert   tls.Certificate
+	roots  *x509.CertPool
+	httpCh chan net.Conn
+	srv    *http.Server
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+
+	handshakes, rejected, served, denied atomic.Int64
+	lastErr                              atomic.Value // string
+}
+
+// StartSidecar issues the sidecar's certificate and starts serving.
+func StartSidecar(o SidecarOptions) (*Sidecar, error) {
+	if o.CA == nil || o.SPIFFEID == "" {
+		return nil, errors.New("meshtest: sidecar needs a CA and a SPIFFE ID")
+	}
+	if o.Protocol != HTTP && o.Protocol != TCP {
+		return nil, fmt.Errorf("meshtest: sidecar protocol %q: use http or tcp", o.Protocol)
+	}
+	if o.Addr == "" {
+		o.Addr = "127.0.0.1:0"
+	}
+	leaf, err := o.CA.IssueFor(o.SPIFFEID, 24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.X509KeyPair(leaf.ChainPEM, leaf.KeyPEM)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", o.Addr)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(o.CA.Root)
+	s := &Sidecar{opts: o, ln: ln, cert: cert, roots: roots, conns: map[net.Conn]struct{}{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if o.Protocol == HTTP {
+		s.httpCh = make(chan net.Conn)
+		var protos http.Protocols
+		protos.SetHTTP1(true)
+		protos.SetUnencryptedHTTP2(true) // TLS is terminated here; h2 arrives by prior knowledge
+		s.srv = &http.Server{
+			Handler:           http.HandlerFunc(s.serveHTTP),
+			Protocols:         &protos,
+			ReadHeaderTimeout: 10 * time.Second,
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				if mc, ok := c.(*meshConn); ok {
+					return context.WithValue(ctx, meshConnKey{}, mc)
+				}
+				return ctx
+			},
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			_ = s.srv.Serve(&chanListener{ch: s.httpCh, addr: ln.Addr(), ctx: s.ctx})
+		}()
+	}
+	s.wg.Add(1)
+	go s.serve()
+	return s, nil
+}
+
+// Addr is the sidecar's listening address.
+func (s *Sidecar) Addr() string { return s.ln.Addr().String() }
+
+// SPIFFEID is the identity the sidecar presents.
+func (s *Sidecar) SPIFFEID() string { return s.opts.SPIFFEID }
+
+// Stats returns the sidecar's counters.
+func (s *Sidecar) Stats() SidecarStats {
+	return SidecarStats{Handshakes: s.handshakes.Load(), Rejected: s.rejected.Load(), Served: s.served.Load(), Denied: s.denied.Load()}
+}
+
+// LastError is the last handshake failure, "" if none.
+func (s *Sidecar) LastError() string {
+	e, _ := s.lastErr.Load().(string)
+	return e
+}
+
+// Close stops the sidecar and cuts its connections.
+func (s *Sidecar) Close() error {
+	s.cancel()
+	err := s.ln.Close()
+	if s.srv != nil {
+		_ = s.srv.Close()
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+func (s *Sidecar) serve() {
+	defer s.wg.Done()
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		s.conns[c] = struct{}{}
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if !s.handle(c) {
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+				c.Close()
+			}
+		}()
+	}
+}
+
+// meshConn is a terminated mTLS connection with what the handshake told.
+type meshConn struct {
+	net.Conn
+	caller, sni, serial string
+	alpn                []string
+	onClose             func()
+	closeOnce           sync.Once
+}
+
+func (m *meshConn) Close() error {
+	err := m.Conn.Close()
+	m.closeOnce.Do(m.onClose)
+	return err
+}
+
+type meshConnKey struct{}
+
+func (m *meshConn) report(service string) string {
+	alpn := strings.Join(m.alpn, ",")
+	if alpn == "" {
+		alpn = "-"
+	}
+	return fmt.Sprintf("service=%s verify=SUCCESS caller=%s serial=%s sni=%s alpn=%s", service, m.caller, m.serial, m.sni, alpn)
+}
+
+// handle terminates TLS; it returns false if the connection is done and may be closed.
+func (s *Sidecar) handle(raw net.Conn) bool {
+	mc := &meshConn{}
+	conf := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			mc.sni = h.ServerName
+			mc.alpn = slices.Clone(h.SupportedProtos)
+			if !slices.ContainsFunc(h.SupportedProtos, func(p string) bool { return slices.Contains(IstioALPN, p) }) {
+				return nil, fmt.Errorf("no Istio ALPN offered (got %q): not mesh mTLS", h.SupportedProtos)
+			}
+			return &tls.Config{
+				MinVersion:   tls.VersionTLS12,
+				Certificates: []tls.Certificate{s.cert},
+				ClientAuth:   tls.RequireAndVerifyClientCert,
+				ClientCAs:    s.roots,
+			}, nil
+		},
+	}
+	tc := tls.Server(raw, conf)
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		s.rejected.Add(1)
+		s.lastErr.Store(err.Error())
+		return false
+	}
+	s.handshakes.Add(1)
+	st := tc.ConnectionState()
+	leaf := st.PeerCertificates[0]
+	mc.Conn, mc.caller, mc.serial = tc, SPIFFEID(leaf), leaf.SerialNumber.Text(16)
+	mc.onClose = func() {
+		s.mu.Lock()
+		delete(s.conns, raw)
+		s.mu.Unlock()
+	}
+	if mc.caller == "" {
+		mc.caller = "-"
+	}
+	allowed := len(s.opts.AllowedCallers) == 0 || slices.Contains(s.opts.AllowedCallers, mc.caller)
+	if s.opts.Protocol == TCP {
+		if !allowed {
+			s.denied.Add(1)
+			return false
+		}
+		s.served.Add(1)
+		if _, err := io.WriteString(tc, mc.report(s.opts.Name)+"\n"); err != nil {
+			return false
+		}
+		_, _ = io.Copy(tc, tc)
+		_ = tc.CloseWrite()
+		return false
+	}
+	select {
+	case s.httpCh <- mc:
+		return true
+	case <-s.ctx.Done():
+		return false
+	}
+}
+
+func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	mc, _ := r.Context().Value(meshConnKey{}).(*meshConn)
+	if mc == nil {
+		http.Error(w, "no mesh connection", http.StatusInternalServerError)
+		return
+	}
+	if len(s.opts.AllowedCallers) > 0 && !slices.Contains(s.opts.AllowedCallers, mc.caller) {
+		s.denied.Add(1)
+		http.Error(w, "RBAC: access denied", http.StatusForbidden)
+		return
+	}
+	s.served.Add(1)
+	_, _ = io.Copy(io.Discard, r.Body)
+	w.Header().Set("Content-Type", "text/plain")
+	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path)
+}
+
+// chanListener hands already-terminated connections to an http.Server.
+type chanListener struct {
+	ch   chan net.Conn
+	addr net.Addr
+	ctx  context.Context
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.ctx.Done():
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error   { return nil }
+func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// ReadReportLine reads the first line a TCP sidecar sends.
+func ReadReportLine(r *bufio.Reader) (Report, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return Report{}, fmt.Errorf("reading report line: %w (got %q)", err, line)
+	}
+	return ParseReport(line)
+}
