@@ -1,0 +1,65 @@
+package config
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestExampleConfig(t *testing.T) {
+	c, err := Load("../../examples/config.yaml")
+	if err != nil {
+		t.Fatalf("example config rejected: %v", err)
+	}
+	if c.Gateways[1].Port != 15443 {
+		t.Errorf("gateway port default = %d", c.Gateways[1].Port)
+	}
+	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Address != "127.0.0.1:18000" {
+		t.Errorf("defaults: %+v", c)
+	}
+	if got := c.Path("catalog.yaml"); !strings.HasSuffix(got, "examples/catalog.yaml") {
+		t.Errorf("relative path resolved to %q", got)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	base := `
+mesh: {trustDomain: cluster.local}
+gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+`
+	if _, err := Parse("c.yaml", []byte(base)); err != nil {
+		t.Fatalf("base config rejected: %v", err)
+	}
+	cases := []struct{ name, doc, want string }{
+		{"no gateways", strings.Replace(base, "gateways: [{name: gw, address: 10.0.0.1}]", "", 1), "gateways: at least one east-west gateway is required"},
+		{"bad gateway address", strings.Replace(base, "10.0.0.1", "not_a host", 1), `c.yaml:3: gateways[0].address: "not_a host" is neither an IP address nor a DNS name`},
+		{"bad gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 70000}", 1), "gateways[0].port: 70000 is not a valid port"},
+		{"trust domain mismatch", strings.Replace(base, "spiffe://cluster.local/ns", "spiffe://other.org/ns", 1), `identity.spiffeID: trust domain "other.org" differs from mesh.trustDomain "cluster.local"`},
+		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
+		{"unknown field", base + "xds: {adress: 1}\n", `c.yaml:7: unknown field "adress"`},
+		{"bad duration", base + "upstream: {connectTimeout: fast}\n", "c.yaml:7:"},
+		{"bad xds address", base + "xds: {address: localhost}\n", `xds.address: "localhost" is not host:port`},
+		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},
+		{"envoy without binary", base + "dataplane: envoy\n", "envoy.binary: required with dataplane: envoy"},
+		{"bad listen", base + "listen: {address: any}\n", `listen.address: "any" is not an IP address`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestMissingFile(t *testing.T) {
+	_, err := Load(os.DevNull + "/nope.yaml")
+	if err == nil || !strings.Contains(err.Error(), "read config") {
+		t.Fatalf("err = %v", err)
+	}
+}
