@@ -1,0 +1,30 @@
+# fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
+GO ?= go
+
+.PHONY: build test check bench bench-dataplane demo golden clean
+
+build:
+	$(GO) build -o bin/fwdproxy ./cmd/fwdproxy
+
+# The whole test suite: formatting, vet, then every package's tests (end-to-end included).
+test: check
+	$(GO) test -count=1 -timeout 40m ./...
+
+check:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+# Go benchmarks (translation, propagation, gossip, data plane).
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+demo:
+	$(GO) run ./cmd/fwdproxy demo
+
+# Rewrite the translation golden files; review the diff before committing.
+golden:
+	$(GO) test ./pkg/controlplane -run TestGolden -update
+
+clean:
+	rm -rf bin
