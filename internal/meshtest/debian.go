@@ -1,0 +1,293 @@
+package meshtest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// The same mesh roles played by independent TLS stacks from Debian: HAProxy routes raw TLS by
+// req.ssl_sni as the east-west gateway or terminates mTLS as an HTTP sidecar; nginx's stream
+// module terminates mTLS as a TCP sidecar (its http module refuses Istio's ALPN names).
+
+// NginxStreamModule is where Debian's libnginx-mod-stream installs the stream module.
+var NginxStreamModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+// LookPath finds a system binary, or says how to install it.
+func LookPath(binary, aptPackage string) (string, error) {
+	p, err := exec.LookPath(binary)
+	if err != nil {
+		for _, dir := range []string{"/usr/sbin", "/sbin"} { // not on every user's PATH
+			if c := filepath.Join(dir, binary); isExecutable(c) {
+				return c, nil
+			}
+		}
+		return "", fmt.Errorf("%s not found on PATH: install it with `apt-get install -y %s`", binary, aptPackage)
+	}
+	return p, nil
+}
+
+func isExecutable(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago, for processes that need a
+// port number in their config file.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// FreeAddr is "127.0.0.1:PORT" for a free port.
+func FreeAddr() (string, error) {
+	p, err := FreePort()
+	if err != nil {
+		return "", err
+	}
+	return "127.0.0.1:" + strconv.Itoa(p), nil
+}
+
+// Process is a system daemon started in the foreground with its files in Dir.
+type Process struct {
+	Name string
+	Dir  string
+	Addr string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+	err  error
+}
+
+// startProcess runs bin with args, logging to dir/name.log, and waits until addr accepts.
+func startProcess(name, dir, addr, bin string, args ...string) (*Process, error) {
+	logPath := filepath.Join(dir, name+".log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &Process{Name: name, Dir: dir, Addr: addr, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		logf.Close()
+		close(p.done)
+	}()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return p, nil
+		}
+		select {
+		case <-p.done:
+			return nil, fmt.Errorf("%s exited before accepting on %s (%v): %s", name, addr, p.err, p.Output())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			p.Stop()
+			return nil, fmt.Errorf("%s does not accept on %s after 15s: %s", name, addr, p.Output())
+		}
+	}
+}
+
+// Output is what the process logged so far.
+func (p *Process) Output() string {
+	b, _ := os.ReadFile(p.log)
+	return strings.TrimSpace(string(b))
+}
+
+// Stop terminates the process (SIGTERM, then SIGKILL after 5s) and waits for it.
+func (p *Process) Stop() error {
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+	return nil
+}
+
+// StartHAProxyGateway runs HAProxy as an AUTO_PASSTHROUGH east-west gateway on addr: a TCP
+// frontend that waits for the ClientHello and picks the backend by req.ssl_sni; an unknown SNI
+// matches no backend and the connection is closed.
+func StartHAProxyGateway(dir, addr string, routes map[Target]string) (*Process, error) {
+	bin, err := LookPath("haproxy", "haproxy")
+	if err != nil {
+		return nil, err
+	}
+	targets := make([]Target, 0, len(routes))
+	for t := range routes {
+		targets = append(targets, t)
+	}
+	slices.SortFunc(targets, func(a, b Target) int { return strings.Compare(a.SNI(), b.SNI()) })
+	var b strings.Builder
+	fmt.Fprintf(&b, `global
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 5m
+  timeout server 5m
+frontend eastwest
+  bind %s
+  tcp-request inspect-delay 5s
+  tcp-request content accept if { req.ssl_hello_type 1 }
+`, addr)
+	for i, t := range targets {
+		fmt.Fprintf(&b, "  use_backend sidecar%d if { req.ssl_sni -m str %s }\n", i, t.SNI())
+	}
+	for i, t := range targets {
+		fmt.Fprintf(&b, "backend sidecar%d\n  server s %s\n", i, routes[t])
+	}
+	name := "haproxy-gateway-" + strings.ReplaceAll(addr, ":", "-")
+	cfg := filepath.Join(dir, name+".cfg")
+	if err := os.WriteFile(cfg, []byte(b.String()), 0o644); err != nil {
+		return nil, err
+	}
+	return startProcess(name, dir, addr, bin, "-db", "-f", cfg)
+}
+
+// writeIdentity issues a leaf for spiffeID and writes name.pem (chain + key, HAProxy's format,
+// 0600), name-chain.pem, name-key.pem (0600) and root.pem into dir.
+func writeIdentity(dir, name string, ca *CA, spiffeID string) error {
+	leaf, err := ca.IssueFor(spiffeID, 24*time.Hour)
+	if err != nil {
+		return err
+	}
+	files := []struct {
+		name string
+		data []byte
+		mode os.FileMode
+	}{
+		{name + ".pem", slices.Concat(leaf.ChainPEM, leaf.KeyPEM), 0o600},
+		{name + "-chain.pem", leaf.ChainPEM, 0o644},
+		{name + "-key.pem", leaf.KeyPEM, 0o600},
+		{"root.pem", ca.RootPEM, 0o644},
+	}
+	for _, f := range files {
+		if err := os.WriteFile(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// StartHAProxySidecar runs HAProxy as an HTTP sidecar on o.Addr (required): it terminates TLS
+// with an Istio-style leaf for o.SPIFFEID, requires a client chain to the root only (verify
+// required, ca-file root), negotiates only Istio's ALPN names and answers every request with a
+// Report line built from its own view of the connection (ssl_c_verify, ssl_c_der, ssl_fc_sni,
+// ssl_fc_alpn). HTTP/2 with prior knowledge is detected from the connection preface.
+func StartHAProxySidecar(dir string, o SidecarOptions) (*Process, error) {
+	bin, err := LookPath("haproxy", "haproxy")
+	if err != nil {
+		return nil, err
+	}
+	if o.Protocol != HTTP || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
+		return nil, errors.New("meshtest: the HAProxy sidecar is HTTP only, needs Addr and CA, and has no AllowedCallers")
+	}
+	name := "haproxy-sidecar-" + o.Name
+	if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
+		return nil, err
+	}
+	cfg := fmt.Sprintf(`global
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 5m
+  timeout server 5m
+  timeout http-request 10s
+frontend sidecar
+  bind %s ssl crt %s ca-file %s verify required alpn %s
+  http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path]"
+`, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), o.Name)
+	path := filepath.Join(dir, name+".cfg")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	return startProcess(name, dir, o.Addr, bin, "-db", "-f", path)
+}
+
+// StartNginxSidecar runs nginx's stream module as a TCP sidecar on o.Addr (required):
+// ssl_verify_client on against the root only, ssl_alpn limited to Istio's names, and a Report
+// line (return) built from nginx's view: $ssl_client_verify, $ssl_client_escaped_cert,
+// $ssl_server_name, $ssl_alpn_protocol. It then closes the connection.
+func StartNginxSidecar(dir string, o SidecarOptions) (*Process, error) {
+	bin, err := LookPath("nginx", "nginx")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(NginxStreamModule); err != nil {
+		return nil, fmt.Errorf("nginx stream module %s missing: install it with `apt-get install -y libnginx-mod-stream`", NginxStreamModule)
+	}
+	if o.Protocol != TCP || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
+		return nil, errors.New("meshtest: the nginx sidecar is TCP only, needs Addr and CA, and has no AllowedCallers")
+	}
+	name := "nginx-sidecar-" + o.Name
+	if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
+		return nil, err
+	}
+	prefix := filepath.Join(dir, name)
+	if err := os.MkdirAll(prefix, 0o755); err != nil {
+		return nil, err
+	}
+	user := ""
+	if os.Geteuid() == 0 {
+		user = "user root;" // workers read nothing after start, but keep them able to
+	}
+	cfg := fmt.Sprintf(`load_module %s;
+%s
+daemon off;
+master_process on;
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/error.log info;
+events { worker_connections 4096; }
+stream {
+  server {
+    listen %s ssl;
+    ssl_certificate %s;
+    ssl_certificate_key %s;
+    ssl_client_certificate %s;
+    ssl_verify_client on;
+    ssl_verify_depth 3;
+    ssl_alpn %s;
+    return "service=%s verify=$ssl_client_verify certpem=$ssl_client_escaped_cert serial=$ssl_client_serial sni=$ssl_server_name alpn=$ssl_alpn_protocol\n";
+  }
+}
+`, NginxStreamModule, user, prefix, prefix, o.Addr,
+		filepath.Join(dir, name+"-chain.pem"), filepath.Join(dir, name+"-key.pem"), filepath.Join(dir, "root.pem"),
+		strings.Join(IstioALPN, " "), o.Name)
+	path := filepath.Join(dir, name+".conf")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	return startProcess(name, dir, o.Addr, bin, "-e", filepath.Join(prefix, "startup.log"), "-p", prefix, "-c", path)
+}
