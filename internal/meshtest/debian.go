@@ -71,8 +71,8 @@ type Process struct {
 	err  error
 }
 
-// startProcess runs bin with args, logging to dir/name.log, and waits until addr accepts.
-func startProcess(name, dir, addr, bin string, args ...string) (*Process, error) {
+// startProcess runs bin with args, logging to dir/name.log, and waits until every addr accepts.
+func startProcess(name, dir string, addrs []string, bin string, args ...string) (*Process, error) {
 	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
@@ -86,18 +86,20 @@ func startProcess(name, dir, addr, bin string, args ...string) (*Process, error)
 		logf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &Process{Name: name, Dir: dir, Addr: addr, cmd: cmd, log: logPath, done: make(chan struct{})}
+	p := &Process{Name: name, Dir: dir, Addr: addrs[0], cmd: cmd, log: logPath, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		logf.Close()
 		close(p.done)
 	}()
 	deadline := time.Now().Add(15 * time.Second)
-	for {
+	for len(addrs) > 0 {
+		addr := addrs[0]
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
-			return p, nil
+			addrs = addrs[1:]
+			continue
 		}
 		select {
 		case <-p.done:
@@ -109,6 +111,7 @@ func startProcess(name, dir, addr, bin string, args ...string) (*Process, error)
 			return nil, fmt.Errorf("%s does not accept on %s after 15s: %s", name, addr, p.Output())
 		}
 	}
+	return p, nil
 }
 
 // Output is what the process logged so far.
@@ -171,7 +174,7 @@ frontend eastwest
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o644); err != nil {
 		return nil, err
 	}
-	return startProcess(name, dir, addr, bin, "-db", "-f", cfg)
+	return startProcess(name, dir, []string{addr}, bin, "-db", "-f", cfg)
 }
 
 // writeIdentity issues a leaf for spiffeID and writes name.pem (chain + key, HAProxy's format,
@@ -199,24 +202,19 @@ func writeIdentity(dir, name string, ca *CA, spiffeID string) error {
 	return nil
 }
 
-// StartHAProxySidecar runs HAProxy as an HTTP sidecar on o.Addr (required): it terminates TLS
-// with an Istio-style leaf for o.SPIFFEID, requires a client chain to the root only (verify
-// required, ca-file root), negotiates only Istio's ALPN names and answers every request with a
-// Report line built from its own view of the connection (ssl_c_verify, ssl_c_der, ssl_fc_sni,
-// ssl_fc_alpn). HTTP/2 with prior knowledge is detected from the connection preface.
-func StartHAProxySidecar(dir string, o SidecarOptions) (*Process, error) {
+// StartHAProxySidecars runs one HAProxy with an HTTP sidecar per option, each on its o.Addr
+// (required): it terminates TLS with an Istio-style leaf for o.SPIFFEID, requires a client chain
+// to the root only (verify required, ca-file root), negotiates only Istio's ALPN names and
+// answers every request with a Report line built from its own view of the connection
+// (ssl_c_verify, ssl_c_der, ssl_fc_sni, ssl_fc_alpn). HTTP/2 with prior knowledge is detected
+// from the connection preface.
+func StartHAProxySidecars(dir string, opts ...SidecarOptions) (*Process, error) {
 	bin, err := LookPath("haproxy", "haproxy")
 	if err != nil {
 		return nil, err
 	}
-	if o.Protocol != HTTP || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
-		return nil, errors.New("meshtest: the HAProxy sidecar is HTTP only, needs Addr and CA, and has no AllowedCallers")
-	}
-	name := "haproxy-sidecar-" + o.Name
-	if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
-		return nil, err
-	}
-	cfg := fmt.Sprintf(`global
+	var b strings.Builder
+	b.WriteString(`global
   maxconn 4000
 defaults
   mode http
@@ -224,15 +222,31 @@ defaults
   timeout client 5m
   timeout server 5m
   timeout http-request 10s
-frontend sidecar
+`)
+	var addrs []string
+	for _, o := range opts {
+		if o.Protocol != HTTP || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
+			return nil, errors.New("meshtest: an HAProxy sidecar is HTTP only, needs Addr and CA, and has no AllowedCallers")
+		}
+		name := "haproxy-sidecar-" + o.Name
+		if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(&b, `frontend %s
   bind %s ssl crt %s ca-file %s verify required alpn %s
   http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path]"
-`, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), o.Name)
+`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), o.Name)
+		addrs = append(addrs, o.Addr)
+	}
+	if len(addrs) == 0 {
+		return nil, errors.New("meshtest: no sidecars")
+	}
+	name := "haproxy-sidecars-" + strings.ReplaceAll(addrs[0], ":", "-")
 	path := filepath.Join(dir, name+".cfg")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		return nil, err
 	}
-	return startProcess(name, dir, o.Addr, bin, "-db", "-f", path)
+	return startProcess(name, dir, addrs, bin, "-db", "-f", path)
 }
 
 // StartNginxSidecar runs nginx's stream module as a TCP sidecar on o.Addr (required):
@@ -289,5 +303,5 @@ stream {
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		return nil, err
 	}
-	return startProcess(name, dir, o.Addr, bin, "-e", filepath.Join(prefix, "startup.log"), "-p", prefix, "-c", path)
+	return startProcess(name, dir, []string{o.Addr}, bin, "-e", filepath.Join(prefix, "startup.log"), "-p", prefix, "-c", path)
 }

@@ -31,7 +31,7 @@ func debianMesh(t *testing.T) (f *fixture, gw string, httpT, tcpT Target) {
 	}
 	httpT = Target{Host: "productpage.bookinfo.svc.cluster.local", Port: 9080}
 	tcpT = Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
-	hs, err := StartHAProxySidecar(dir, SidecarOptions{Name: "productpage", SPIFFEID: productpageID, CA: ca, Protocol: HTTP, Addr: addrs[0]})
+	hs, err := StartHAProxySidecars(dir, SidecarOptions{Name: "productpage", SPIFFEID: productpageID, CA: ca, Protocol: HTTP, Addr: addrs[0]})
 	if err != nil {
 		t.Fatal(err)
 	}
