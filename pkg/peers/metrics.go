@@ -1,0 +1,82 @@
+package peers
+
+import (
+	"bytes"
+	"context"
+	"log"
+	"log/slog"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	rejected   *prometheus.CounterVec
+	stateBytes prometheus.Histogram
+}
+
+func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fwdproxy_gossip_messages_rejected_total",
+			Help: "Gossip messages or entries rejected, by reason (malformed, oversized, version, invalid_entry, clock_skew, encryption).",
+		}, []string{"reason"}),
+		stateBytes: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "fwdproxy_gossip_state_bytes",
+			Help:    "Size of the full state this peer sends in a push/pull exchange.",
+			Buckets: prometheus.ExponentialBuckets(1024, 4, 9),
+		}),
+	}
+	for _, r := range []string{"malformed", "oversized", "version", "invalid_entry", "clock_skew", "encryption"} {
+		m.rejected.WithLabelValues(r)
+	}
+	if reg == nil {
+		return m
+	}
+	boolf := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	reg.MustRegister(m.rejected, m.stateBytes,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_members", Help: "Alive members of the fleet, this peer included."},
+			func() float64 { return float64(n.ml.NumMembers()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_health_score", Help: "memberlist awareness score: 0 is healthy, higher means slow or lossy."},
+			func() float64 { return float64(n.ml.GetHealthScore()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_converged", Help: "1 when every member advertises this peer's configuration digest."},
+			func() float64 { return boolf(n.Converged()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_store_entries", Help: "Live entries in the replicated fleet store."},
+			func() float64 { _, k := n.store.Digest(); return float64(k) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_fleet_leader", Help: "1 on the peer that runs discovery for the fleet."},
+			func() float64 { return boolf(n.Leader()) }),
+	)
+	return m
+}
+
+// memberlistLog turns memberlist's "[LEVEL] memberlist: text" lines into structured logs, and
+// counts messages that could not be decrypted: a peer with another gossip key.
+type memberlistLog struct{ n *Node }
+
+func newMemberlistLogger(n *Node) *log.Logger { return log.New(memberlistLog{n}, "", 0) }
+
+func (w memberlistLog) Write(p []byte) (int, error) {
+	line := string(bytes.TrimSpace(p))
+	level := slog.LevelInfo
+	for tag, lv := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError} {
+		if strings.HasPrefix(line, tag) {
+			level = lv
+			line = strings.TrimSpace(strings.TrimPrefix(line, tag))
+		}
+	}
+	line = strings.TrimPrefix(line, "memberlist: ")
+	lower := strings.ToLower(line)
+	if strings.Contains(lower, "decrypt") || strings.Contains(lower, "no installed keys") ||
+		strings.Contains(lower, "encryption is configured") || strings.Contains(lower, "encryption is not configured") {
+		w.n.metrics.rejected.WithLabelValues("encryption").Inc()
+		w.n.log.Error("gossip from a peer rejected: it is not encrypted with this fleet's key; check that peers.keyring is the same file on every instance", "detail", line)
+		return len(p), nil
+	}
+	w.n.log.Log(context.Background(), level, line, "component", "memberlist")
+	return len(p), nil
+}

@@ -1,0 +1,692 @@
+// Package peers keeps the fleet's configuration identical on every instance: membership and
+// failure detection by gossip (hashicorp/memberlist, SWIM), and a replicated last-writer-wins
+// store of catalog entries. Changes spread as broadcasts piggybacked on gossip; the full state is
+// exchanged by periodic push/pull (anti-entropy) and on join, so a new or returning peer receives
+// everything. Each peer advertises a digest of its store in its member metadata, which makes
+// convergence visible from any peer.
+package peers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+// Config configures a Node.
+type Config struct {
+	// Name is this peer's unique name (the daemon's node.id).
+	Name string
+	// Bind is the gossip address, host:port (UDP and TCP).
+	Bind string
+	// Advertise is the address peers use to reach this one; default: derived from Bind.
+	Advertise string
+	// Seeds are peers (host:port) to join; Discover, when set, finds more (e.g. AWS).
+	Seeds    []string
+	Discover func(ctx context.Context) ([]string, error)
+	// Keys is the gossip keyring, the first key used to encrypt; empty disables encryption.
+	Keys [][]byte
+	// Profile picks memberlist's timings: "lan" (default), "wan" or "local".
+	Profile string
+	// Tune adjusts memberlist's config after the profile (tests, benchmarks).
+	Tune func(*memberlist.Config)
+	// Transport replaces memberlist's UDP/TCP transport (tests).
+	Transport memberlist.Transport
+	// CatalogOptions validates services received from peers.
+	CatalogOptions catalog.Options
+	// Store tunes tombstones and clock skew.
+	Store StoreOptions
+	// RejoinInterval is how often a peer that sees fewer members than it has seeds tries its
+	// seeds again (heals partitions longer than memberlist's gossip-to-the-dead time); default 30s.
+	RejoinInterval time.Duration
+	Log            *slog.Logger
+	// Registerer receives the fwdproxy_gossip_* metrics; nil skips them.
+	Registerer prometheus.Registerer
+}
+
+// Node is one peer of the fleet.
+type Node struct {
+	cfg     Config
+	log     *slog.Logger
+	store   *Store
+	ml      *memberlist.Memberlist
+	queue   *memberlist.TransmitLimitedQueue
+	maxCast int // largest delta that fits in a gossip packet
+	metrics *metrics
+
+	kick   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu          sync.Mutex
+	leader      bool
+	leaderKnown bool
+	leaderCh    chan bool
+	advertised  string // digest in our current metadata
+	closed      atomic.Bool
+}
+
+// Member is what a peer knows about one member of the fleet.
+type Member struct {
+	Name   string `json:"name"`
+	Addr   string `json:"addr"`
+	State  string `json:"state"`
+	Digest string `json:"digest"`
+	Leader bool   `json:"leader"`
+}
+
+// Start creates the local peer, joins the seeds in the background (retrying with backoff) and
+// returns. Close leaves the fleet.
+func Start(cfg Config) (*Node, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.RejoinInterval == 0 {
+		cfg.RejoinInterval = 30 * time.Second
+	}
+	var mc *memberlist.Config
+	switch cfg.Profile {
+	case "", "lan":
+		mc = memberlist.DefaultLANConfig()
+	case "wan":
+		mc = memberlist.DefaultWANConfig()
+	case "local":
+		mc = memberlist.DefaultLocalConfig()
+	default:
+		return nil, fmt.Errorf("timing profile %q: use lan, wan or local", cfg.Profile)
+	}
+	if cfg.Name == "" {
+		return nil, errors.New("a peer needs a name")
+	}
+	mc.Name = cfg.Name
+	host, port, err := splitHostPort(cfg.Bind)
+	if err != nil {
+		return nil, fmt.Errorf("bind: %w", err)
+	}
+	mc.BindAddr, mc.BindPort = host, port
+	mc.AdvertisePort = port
+	if cfg.Advertise != "" {
+		if mc.AdvertiseAddr, mc.AdvertisePort, err = splitHostPort(cfg.Advertise); err != nil {
+			return nil, fmt.Errorf("advertise: %w", err)
+		}
+	}
+	if len(cfg.Keys) > 0 {
+		kr, err := memberlist.NewKeyring(cfg.Keys, cfg.Keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("keyring: %w", err)
+		}
+		mc.Keyring = kr
+	}
+	if cfg.Tune != nil {
+		cfg.Tune(mc)
+	}
+	if cfg.Transport != nil {
+		mc.Transport = cfg.Transport
+	}
+	n := &Node{
+		cfg:      cfg,
+		log:      cfg.Log,
+		store:    NewStore(cfg.Name, CatalogValidator(cfg.CatalogOptions), cfg.Store),
+		kick:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+		leaderCh: make(chan bool, 1),
+	}
+	n.metrics = newMetrics(n, cfg.Registerer)
+	mc.Delegate = (*delegate)(n)
+	mc.Events = (*events)(n)
+	mc.Logger = newMemberlistLogger(n)
+	// Room for a delta in one packet: memberlist's compound/label/encryption overheads included.
+	n.maxCast = mc.UDPBufferSize - 200
+	n.queue = &memberlist.TransmitLimitedQueue{NumNodes: n.numMembers, RetransmitMult: mc.RetransmitMult}
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("start gossip on %s: %w", cfg.Bind, err)
+	}
+	n.ml = ml
+	n.advertised, _ = n.store.Digest()
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	go n.loop(ctx)
+	return n, nil
+}
+
+func splitHostPort(addr string) (string, int, error) {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("%q has an invalid port", addr)
+	}
+	if h == "" {
+		h = "0.0.0.0"
+	}
+	return h, port, nil
+}
+
+func (n *Node) numMembers() int {
+	if n.ml == nil {
+		return 1
+	}
+	return n.ml.NumMembers()
+}
+
+// Name is this peer's name.
+func (n *Node) Name() string { return n.cfg.Name }
+
+// Addr is the address peers reach this one at.
+func (n *Node) Addr() string { return n.ml.LocalNode().Address() }
+
+// Store is the replicated store (read it; write through the Node so changes are sent).
+func (n *Node) Store() *Store { return n.store }
+
+// Close leaves the fleet gracefully (peers learn at once, not by failure detection) and stops.
+func (n *Node) Close() error {
+	if n.closed.Swap(true) {
+		return nil
+	}
+	n.cancel()
+	<-n.done
+	err := n.ml.Leave(2 * time.Second)
+	return errors.Join(err, n.ml.Shutdown())
+}
+
+// Join contacts the given peers now; it returns how many answered.
+func (n *Node) Join(addrs []string) (int, error) { return n.ml.Join(addrs) }
+
+// loop keeps the advertised digest and leadership current and collects tombstones.
+func (n *Node) loop(ctx context.Context) {
+	defer close(n.done)
+	var joins sync.WaitGroup
+	joins.Add(1)
+	go func() { defer joins.Done(); n.joinLoop(ctx) }()
+	defer joins.Wait()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	gc := time.NewTicker(time.Minute)
+	defer gc.Stop()
+	for {
+		n.refresh()
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.kick:
+			// Let a burst of changes settle into one metadata update.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		case <-tick.C:
+		case <-gc.C:
+			if k := n.store.GC(); k > 0 {
+				n.log.Debug("forgot expired deletes", "count", k)
+			}
+		}
+	}
+}
+
+// joinLoop joins the seeds at start, retrying with backoff until one answers, then checks every
+// RejoinInterval for seeds that are not members (a healed partition, a restarted fleet).
+func (n *Node) joinLoop(ctx context.Context) {
+	wait, joined := time.Duration(0), false
+	for {
+		if n.joinSeeds(ctx, joined) {
+			joined, wait = true, n.cfg.RejoinInterval
+		} else {
+			// Back off 1s, 2s, 4s ... 30s, with jitter, until a seed answers.
+			wait = min(max(2*wait, time.Second), 30*time.Second)
+			wait = wait/2 + rand.N(wait/2+1)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// joinSeeds joins seeds that are not members yet. It reports success when there is nothing left
+// to do or a seed answered.
+func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
+	seeds := slices.Clone(n.cfg.Seeds)
+	if n.cfg.Discover != nil {
+		found, err := n.cfg.Discover(ctx)
+		if err != nil {
+			n.log.Warn("peer discovery failed; retrying", "error", err)
+			if len(seeds) == 0 {
+				return false
+			}
+		}
+		seeds = append(seeds, found...)
+	}
+	self := n.ml.LocalNode().Address()
+	known := map[string]bool{self: true}
+	for _, m := range n.ml.Members() {
+		known[m.Address()] = true
+	}
+	var todo []string
+	for _, s := range seeds {
+		if !known[s] {
+			todo = append(todo, s)
+		}
+	}
+	if len(todo) == 0 {
+		return true
+	}
+	k, err := n.ml.Join(todo)
+	if k > 0 {
+		if !joinedBefore {
+			n.log.Info("joined the fleet", "contacted", k, "members", n.ml.NumMembers())
+		}
+		return true
+	}
+	if n.ml.NumMembers() > 1 {
+		return true // already in a fleet; the missing seeds are probably gone
+	}
+	n.log.Warn("cannot reach any peer yet; retrying (if every peer rejects us, check that peers.keyring matches the fleet's)",
+		"seeds", todo, "error", err)
+	return false
+}
+
+// refresh advertises the current digest and recomputes leadership.
+func (n *Node) refresh() {
+	digest, _ := n.store.Digest()
+	n.mu.Lock()
+	stale := digest != n.advertised
+	if stale {
+		n.advertised = digest
+	}
+	n.mu.Unlock()
+	if stale {
+		if err := n.ml.UpdateNode(time.Second); err != nil {
+			n.log.Debug("digest update not yet gossiped", "error", err)
+		}
+	}
+	n.updateLeader()
+}
+
+func (n *Node) poke() {
+	select {
+	case n.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Leader reports whether this peer runs discovery: the live member with the lowest name. Every
+// peer computes the same answer from the same membership, without an election round; when the
+// leader fails, the next-lowest takes over once failure detection declares it dead.
+func (n *Node) Leader() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.leader
+}
+
+// LeaderChanges delivers the latest leadership state whenever it changes (the first value
+// arrives soon after Start).
+func (n *Node) LeaderChanges() <-chan bool { return n.leaderCh }
+
+func (n *Node) leaderName() string {
+	name := n.cfg.Name
+	for _, m := range n.ml.Members() {
+		if m.State == memberlist.StateAlive && m.Name < name {
+			name = m.Name
+		}
+	}
+	return name
+}
+
+func (n *Node) updateLeader() {
+	lead := n.leaderName() == n.cfg.Name
+	n.mu.Lock()
+	changed := lead != n.leader || !n.leaderKnown
+	n.leader, n.leaderKnown = lead, true
+	n.mu.Unlock()
+	if changed {
+		select { // keep only the latest value
+		case <-n.leaderCh:
+		default:
+		}
+		n.leaderCh <- lead
+		if lead {
+			n.log.Info("this peer now runs discovery for the fleet")
+		}
+	}
+}
+
+// Members lists the live and suspect members with the digest each advertises.
+func (n *Node) Members() []Member {
+	leader := n.leaderName()
+	var out []Member
+	for _, m := range n.ml.Members() {
+		out = append(out, Member{
+			Name: m.Name, Addr: m.Address(), State: stateName(m.State),
+			Digest: metaDigest(m.Meta), Leader: m.Name == leader,
+		})
+	}
+	slices.SortFunc(out, func(a, b Member) int { return cmpString(a.Name, b.Name) })
+	return out
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func stateName(s memberlist.NodeStateType) string {
+	switch s {
+	case memberlist.StateAlive:
+		return "alive"
+	case memberlist.StateSuspect:
+		return "suspect"
+	case memberlist.StateDead:
+		return "dead"
+	case memberlist.StateLeft:
+		return "left"
+	}
+	return "unknown"
+}
+
+// Digest is the hash of this peer's store contents, and the number of live entries.
+func (n *Node) Digest() (string, int) { return n.store.Digest() }
+
+// Converged reports whether every member advertises this peer's digest.
+func (n *Node) Converged() bool {
+	d, _ := n.store.Digest()
+	for _, m := range n.ml.Members() {
+		if metaDigest(m.Meta) != d {
+			return false
+		}
+	}
+	return true
+}
+
+// HealthScore is memberlist's awareness score: 0 is healthy, higher means this peer is slow to
+// answer probes (overloaded or losing packets).
+func (n *Node) HealthScore() int { return n.ml.GetHealthScore() }
+
+type nodeMeta struct {
+	Digest string `json:"d"`
+}
+
+func metaDigest(b []byte) string {
+	var m nodeMeta
+	if json.Unmarshal(b, &m) != nil {
+		return ""
+	}
+	return m.Digest
+}
+
+// --- writes ------------------------------------------------------------------------------------
+
+// put writes locally and sends the change.
+func (n *Node) put(key string, value []byte) (bool, error) {
+	e, changed, err := n.store.Put(key, value)
+	if err != nil || !changed {
+		return false, err
+	}
+	n.send([]Entry{e}, true)
+	return true, nil
+}
+
+func (n *Node) del(key string) bool {
+	e, ok := n.store.Delete(key)
+	if ok {
+		n.send([]Entry{e}, true)
+	}
+	return ok
+}
+
+// send spreads changed entries: small ones as gossip broadcasts (each peer that learns something
+// new passes it on), large ones by a reliable send to every member from the writer only.
+func (n *Node) send(entries []Entry, local bool) {
+	var big []Entry
+	for _, e := range entries {
+		msg := encodeMessage(msgDelta, []Entry{e})
+		if len(msg) <= n.maxCast {
+			n.queue.QueueBroadcast(&broadcast{key: e.Key, msg: msg})
+			continue
+		}
+		big = append(big, e)
+	}
+	if len(big) > 0 && local {
+		members := n.ml.Members()
+		go func() {
+			for _, e := range big {
+				msg := encodeMessage(msgDelta, []Entry{e})
+				for _, m := range members {
+					if m.Name == n.cfg.Name {
+						continue
+					}
+					if err := n.ml.SendReliable(m, msg); err != nil {
+						n.log.Debug("large entry not sent; anti-entropy will carry it", "key", e.Key, "peer", m.Name, "error", err)
+					}
+				}
+			}
+		}()
+	}
+	n.poke()
+}
+
+// Apply upserts operator entries. Every service is checked with the catalog's rules, alone and
+// together with the operator entries already in the store; nothing is written if any fails.
+func (n *Node) Apply(services []catalog.Service) (changed int, err error) {
+	current := map[string]catalog.Service{}
+	for _, s := range n.OperatorServices() {
+		current[s.Host] = s
+	}
+	next := &catalog.Catalog{Services: slices.Clone(services)}
+	next.Normalize()
+	for _, s := range next.Services {
+		current[s.Host] = s
+	}
+	all := &catalog.Catalog{}
+	for _, s := range current {
+		all.Services = append(all.Services, s)
+	}
+	all.Normalize()
+	if err := all.Validate(n.cfg.CatalogOptions); err != nil {
+		return 0, fmt.Errorf("operator entries would conflict: %w", err)
+	}
+	for _, s := range next.Services {
+		v, err := json.Marshal(s)
+		if err != nil {
+			return changed, err
+		}
+		ok, err := n.put(OperatorKey(s.Host), v)
+		if err != nil {
+			return changed, err
+		}
+		if ok {
+			changed++
+		}
+	}
+	return changed, nil
+}
+
+// Delete removes operator entries by host; it returns the hosts that existed.
+func (n *Node) Delete(hosts []string) []string {
+	var gone []string
+	for _, h := range hosts {
+		if n.del(OperatorKey(h)) {
+			gone = append(gone, h)
+		}
+	}
+	return gone
+}
+
+// OperatorServices are the operator entries, sorted by host.
+func (n *Node) OperatorServices() []catalog.Service {
+	return servicesOf(n.store.Live(prefixOperator)).Services
+}
+
+// SetDiscovered replaces what a discovery source found (the leader calls it): changed services
+// are written, services no longer found are deleted, unchanged ones cause no traffic.
+func (n *Node) SetDiscovered(source string, c *catalog.Catalog) {
+	prefix := discoveredPrefix(source)
+	stale := map[string]bool{}
+	for _, e := range n.store.Live(prefix) {
+		stale[e.Key] = true
+	}
+	for _, s := range c.Services {
+		key := DiscoveredKey(source, s.Host)
+		delete(stale, key)
+		v, err := json.Marshal(s)
+		if err == nil {
+			_, err = n.put(key, v)
+		}
+		if err != nil {
+			n.log.Error("discovered service not shared with the fleet", "source", source, "host", s.Host, "error", err)
+		}
+	}
+	for k := range stale {
+		n.del(k)
+	}
+	if _, err := n.put(readyKey(source), emptyObject); err != nil {
+		n.log.Error("cannot mark source reported", "source", source, "error", err)
+	}
+}
+
+// --- memberlist delegates ----------------------------------------------------------------------
+
+type broadcast struct {
+	key string
+	msg []byte
+}
+
+func (b *broadcast) Invalidates(o memberlist.Broadcast) bool {
+	ob, ok := o.(*broadcast)
+	return ok && ob.key == b.key
+}
+func (b *broadcast) Name() string    { return b.key }
+func (b *broadcast) Message() []byte { return b.msg }
+func (b *broadcast) Finished()       {}
+
+// delegate implements memberlist.Delegate: metadata, user messages and push/pull state.
+type delegate Node
+
+// NodeMeta is this peer's digest, carried in every alive message.
+func (d *delegate) NodeMeta(limit int) []byte {
+	n := (*Node)(d)
+	n.mu.Lock()
+	digest := n.advertised
+	n.mu.Unlock()
+	b, _ := json.Marshal(nodeMeta{Digest: digest})
+	return b
+}
+
+// NotifyMsg receives a delta (broadcast or reliable send). It must not block for long: it runs on
+// memberlist's packet loop.
+func (d *delegate) NotifyMsg(b []byte) {
+	n := (*Node)(d)
+	typ, entries, err := DecodeMessage(b, MaxDeltaBytes)
+	if err == nil && typ != msgDelta {
+		err = fmt.Errorf("%w: state message sent as a delta", ErrMalformed)
+	}
+	if err != nil {
+		n.reject(err, "")
+		return
+	}
+	changed := n.merge(entries, "")
+	if len(changed) > 0 {
+		n.send(changed, false)
+	}
+}
+
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return (*Node)(d).queue.GetBroadcasts(overhead, limit)
+}
+
+// LocalState is the whole store for push/pull and join.
+func (d *delegate) LocalState(join bool) []byte {
+	n := (*Node)(d)
+	msg := encodeMessage(msgState, n.store.All())
+	if len(msg) > MaxStateBytes {
+		n.log.Error("fleet configuration too large to replicate; peers will not receive it", "bytes", len(msg), "limit", MaxStateBytes)
+		return encodeMessage(msgState, nil)
+	}
+	n.metrics.stateBytes.Observe(float64(len(msg)))
+	return msg
+}
+
+// MergeRemoteState merges a peer's whole store.
+func (d *delegate) MergeRemoteState(b []byte, join bool) {
+	n := (*Node)(d)
+	if len(b) == 0 {
+		return // peer without a delegate state (should not happen within the fleet)
+	}
+	typ, entries, err := DecodeMessage(b, MaxStateBytes)
+	if err == nil && typ != msgState {
+		err = fmt.Errorf("%w: delta sent as state", ErrMalformed)
+	}
+	if err != nil {
+		n.reject(err, "push/pull")
+		return
+	}
+	if changed := n.merge(entries, "push/pull"); len(changed) > 0 {
+		n.log.Debug("anti-entropy brought changes", "entries", len(changed), "join", join)
+	}
+}
+
+func (n *Node) merge(entries []Entry, via string) []Entry {
+	changed, rejected := n.store.Merge(entries)
+	for _, err := range rejected {
+		n.reject(err, via)
+	}
+	if len(changed) > 0 {
+		n.poke()
+	}
+	return changed
+}
+
+func (n *Node) reject(err error, via string) {
+	reason := "invalid_entry"
+	switch {
+	case errors.Is(err, ErrOversized):
+		reason = "oversized"
+	case errors.Is(err, ErrVersion):
+		reason = "version"
+	case errors.Is(err, ErrMalformed):
+		reason = "malformed"
+	case errors.Is(err, ErrClockSkew):
+		reason = "clock_skew"
+	}
+	n.metrics.rejected.WithLabelValues(reason).Inc()
+	n.log.Warn("gossip message rejected; not applied", "reason", reason, "via", via, "error", err)
+}
+
+// events implements memberlist.EventDelegate: membership changes recompute leadership.
+type events Node
+
+func (e *events) NotifyJoin(m *memberlist.Node) {
+	n := (*Node)(e)
+	n.log.Info("peer joined", "peer", m.Name, "addr", m.Address())
+	n.poke()
+}
+
+func (e *events) NotifyLeave(m *memberlist.Node) {
+	n := (*Node)(e)
+	n.log.Info("peer left or failed", "peer", m.Name, "addr", m.Address())
+	n.poke()
+}
+
+func (e *events) NotifyUpdate(*memberlist.Node) { (*Node)(e).poke() }

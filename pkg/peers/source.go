@@ -1,0 +1,54 @@
+package peers
+
+import (
+	"context"
+	"slices"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+)
+
+// Sources exposes the store to the daemon's pipeline as discovery sources, in priority order:
+// the operator entries first (so an operator's entry for a host overrides discovery), then one
+// source per configured discovery source, in the configured order. A discovered source reports
+// once the leader has reported it, so a joining peer is not ready before it has the fleet's data.
+func (n *Node) Sources(discovered []string) []discovery.Source {
+	out := []discovery.Source{&storeSource{n: n, name: "fleet:operator", prefix: prefixOperator}}
+	for _, s := range discovered {
+		out = append(out, &storeSource{n: n, name: "fleet:" + s, prefix: discoveredPrefix(s), ready: readyKey(s)})
+	}
+	return out
+}
+
+type storeSource struct {
+	n      *Node
+	name   string
+	prefix string
+	ready  string // key that must exist before the first report; "" for none
+}
+
+func (s *storeSource) Name() string { return s.name }
+
+// Run reports the source's catalog now (if ready) and after every change to its entries.
+func (s *storeSource) Run(ctx context.Context, update func(*catalog.Catalog)) error {
+	var last []Entry
+	reported := false
+	for {
+		changed := s.n.store.Changed()
+		_, isReady := s.n.store.Get(s.ready)
+		if s.ready == "" || isReady {
+			cur := s.n.store.Live(s.prefix)
+			if !reported || !slices.EqualFunc(cur, last, func(a, b Entry) bool {
+				return a.Key == b.Key && string(a.Value) == string(b.Value)
+			}) {
+				update(servicesOf(cur))
+				last, reported = cur, true
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
