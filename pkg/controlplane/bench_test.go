@@ -101,3 +101,27 @@ func TestLargeCatalogTranslates(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// BenchmarkRebuildOneChange10kServices measures the daemon's steady state: one service changes in
+// a 10,000-service catalog and the snapshot is rebuilt (unchanged resources are not re-validated).
+func BenchmarkRebuildOneChange10kServices(b *testing.B) {
+	cat := largeCatalog(10000)
+	opts := benchOptions()
+	var builder Builder
+	res, _ := Translate(cat, opts)
+	if _, err := builder.Build(res, nil); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		cat.Services[i%len(cat.Services)].Identities[0] = fmt.Sprintf("spiffe://cluster.local/ns/x/sa/changed-%d", i)
+		res, err := Translate(cat, opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := builder.Build(res, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -49,6 +49,17 @@ type Snapshot struct {
 // NewSnapshot validates every resource (including the typed configs inside them) and the
 // references between them, and versions each type by a hash of its content.
 func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
+	return (&Builder{}).Build(res, bundle)
+}
+
+// Builder builds snapshots and remembers which resource contents it has already validated, so a
+// rebuild after a small catalog change validates only what changed. Safe for one goroutine.
+type Builder struct {
+	validated map[[32]byte]struct{}
+}
+
+// Build is NewSnapshot with the builder's validation memory.
+func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	byType := map[resource.Type][]types.Resource{}
 	for _, l := range res.Listeners {
 		byType[resource.ListenerType] = append(byType[resource.ListenerType], l)
@@ -68,13 +79,6 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 			secrets = append(secrets, s)
 		}
 	}
-	for typ, list := range byType {
-		for _, r := range list {
-			if err := ValidateDeep(r); err != nil {
-				return nil, fmt.Errorf("invalid %s %q: %w", shortType(typ), cache.GetResourceName(r), err)
-			}
-		}
-	}
 	for _, s := range secrets {
 		if err := ValidateDeep(s); err != nil {
 			return nil, fmt.Errorf("invalid secret %q: %w", cache.GetResourceName(s), err)
@@ -82,11 +86,25 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	}
 	snap := &cache.Snapshot{}
 	configHash := sha256.New()
+	seen := make(map[[32]byte]struct{}, len(b.validated))
+	marshal := proto.MarshalOptions{Deterministic: true}
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
-		v, err := hashResources(byType[typ])
-		if err != nil {
-			return nil, err
+		typeHash := sha256.New()
+		for _, r := range byType[typ] {
+			raw, err := marshal.Marshal(r)
+			if err != nil {
+				return nil, fmt.Errorf("%s %q: %w", shortType(typ), cache.GetResourceName(r), err)
+			}
+			sum := sha256.Sum256(raw)
+			if _, ok := b.validated[sum]; !ok {
+				if err := ValidateDeep(r); err != nil {
+					return nil, fmt.Errorf("invalid %s %q: %w", shortType(typ), cache.GetResourceName(r), err)
+				}
+			}
+			seen[sum] = struct{}{}
+			typeHash.Write(sum[:])
 		}
+		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
 		configHash.Write([]byte(typ + "=" + v + ";"))
 		snap.Resources[cache.GetResponseType(typ)] = cache.NewResources(v, byType[typ])
 	}
@@ -99,6 +117,8 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	if err := snap.Consistent(); err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
+	// Remember only the current contents, so memory stays proportional to the catalog.
+	b.validated = seen
 	return out, nil
 }
 
@@ -114,20 +134,6 @@ func shortType(t resource.Type) string {
 		return "endpoints"
 	}
 	return t
-}
-
-func hashResources(list []types.Resource) (string, error) {
-	h := sha256.New()
-	opts := proto.MarshalOptions{Deterministic: true}
-	for _, r := range list {
-		b, err := opts.Marshal(r)
-		if err != nil {
-			return "", err
-		}
-		fmt.Fprintf(h, "%d:", len(b))
-		h.Write(b)
-	}
-	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
 // ValidateDeep runs the generated ValidateAll on m and on every message inside it, unpacking

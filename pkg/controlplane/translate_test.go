@@ -287,3 +287,23 @@ func TestTranslateRefusesConflicts(t *testing.T) {
 	}
 }
 func protoMarshal(m proto.Message) ([]byte, error) { return proto.Marshal(m) }
+
+func TestBuilderStillValidatesChangedResources(t *testing.T) {
+	cat, opts := loadGolden(t, "testdata/in/minimal-tcp.yaml")
+	var b Builder
+	res, _ := Translate(cat, opts)
+	s1, err := b.Build(res, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, _ := Translate(cat, opts)
+	s2, err := b.Build(again, nil)
+	if err != nil || s2.ConfigVersion != s1.ConfigVersion {
+		t.Fatalf("rebuild: %v, versions %s %s", err, s1.ConfigVersion, s2.ConfigVersion)
+	}
+	// A changed, invalid resource is caught although its name was validated before.
+	again.Clusters[0].ConnectTimeout.Seconds = -1
+	if _, err := b.Build(again, nil); err == nil || !strings.Contains(err.Error(), "ConnectTimeout") {
+		t.Fatalf("invalid changed cluster accepted: %v", err)
+	}
+}

@@ -43,6 +43,8 @@ type Daemon struct {
 	lastErr  error
 
 	metrics *daemonMetrics
+	// builder remembers validated resources between rebuilds; only rebuildLoop uses it.
+	builder controlplane.Builder
 }
 
 // New builds a daemon from a validated config.
@@ -193,7 +195,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	if err != nil {
 		return d.setErr(fmt.Errorf("translate: %w", err))
 	}
-	snap, err := controlplane.NewSnapshot(res, bundle)
+	snap, err := d.builder.Build(res, bundle)
 	if err != nil {
 		return d.setErr(fmt.Errorf("snapshot: %w", err))
 	}
