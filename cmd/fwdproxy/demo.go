@@ -1,0 +1,283 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/daemon"
+)
+
+func init() {
+	register("demo", "run a self-contained demo on loopback: a stand-in mesh, the daemon and its built-in data plane", demoCmd)
+}
+
+// demoOptions are the demo's ports (0: any free port) and where it keeps its files.
+type demoOptions struct {
+	Listen      string
+	HTTPPort    int
+	TCPPort     int
+	GatewayPort int
+	XDSPort     int
+	MetricsPort int
+	// Dir keeps the generated files (kept afterwards); empty: a temporary directory, removed.
+	Dir      string
+	LogLevel string
+}
+
+// The demo's mesh: Bookinfo-like HTTP services and a TCP echo service.
+const (
+	demoFleetID       = "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy"
+	demoProductpageID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+	demoReviewsID     = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+	demoEchoID        = "spiffe://cluster.local/ns/demo/sa/echo"
+)
+
+func demoCmd(args []string) error {
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	var o demoOptions
+	fs.StringVar(&o.Listen, "listen", "127.0.0.1", "address the demo's service ports listen on")
+	fs.IntVar(&o.HTTPPort, "http-port", 9080, "port of the HTTP services (routed by Host); 0: any free port")
+	fs.IntVar(&o.TCPPort, "tcp-port", 9000, "port of the TCP echo service; 0: any free port")
+	fs.IntVar(&o.GatewayPort, "gateway-port", 0, "port of the stand-in east-west gateway; 0: any free port")
+	fs.IntVar(&o.XDSPort, "xds-port", 0, "port of the daemon's xDS server; 0: any free port")
+	fs.IntVar(&o.MetricsPort, "metrics-port", 0, "port of /metrics, /ready and /healthz; 0: any free port")
+	fs.StringVar(&o.Dir, "dir", "", "keep the generated CA, identities, config and catalog in this directory (default: a temporary directory, removed on exit)")
+	fs.StringVar(&o.LogLevel, "log-level", "warn", "daemon log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return runDemo(ctx, o, os.Stdout)
+}
+
+// runDemo starts the stand-in mesh and the daemon, prints what to try on out, and serves until
+// ctx ends; then it stops everything and removes its temporary files.
+func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
+	log, err := newLogger("text", o.LogLevel)
+	if err != nil {
+		return err
+	}
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1"
+	}
+	if net.ParseIP(o.Listen) == nil {
+		return fmt.Errorf("--listen %q: use an IP address such as 127.0.0.1", o.Listen)
+	}
+	for _, p := range []struct {
+		flag string
+		port *int
+	}{{"--http-port", &o.HTTPPort}, {"--tcp-port", &o.TCPPort}, {"--gateway-port", &o.GatewayPort}, {"--xds-port", &o.XDSPort}, {"--metrics-port", &o.MetricsPort}} {
+		if *p.port < 0 || *p.port > 65535 {
+			return fmt.Errorf("%s %d: use 1-65535, or 0 for any free port", p.flag, *p.port)
+		}
+		if *p.port == 0 {
+			if *p.port, err = meshtest.FreePort(); err != nil {
+				return err
+			}
+		}
+	}
+	if o.HTTPPort == o.TCPPort {
+		return fmt.Errorf("--http-port and --tcp-port are both %d; use two ports", o.HTTPPort)
+	}
+
+	dir := o.Dir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "fwdproxy-demo-"); err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+
+	// The mesh side: a CA like Istio's, the east-west gateway, the sidecars.
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		return err
+	}
+	gw, err := meshtest.StartGateway(net.JoinHostPort("127.0.0.1", strconv.Itoa(o.GatewayPort)))
+	if err != nil {
+		return fmt.Errorf("--gateway-port %d: %w", o.GatewayPort, err)
+	}
+	defer gw.Close()
+	sidecars := []struct {
+		opts   meshtest.SidecarOptions
+		target meshtest.Target
+	}{
+		{meshtest.SidecarOptions{Name: "productpage", SPIFFEID: demoProductpageID, Protocol: meshtest.HTTP},
+			meshtest.Target{Host: "productpage.bookinfo.svc.cluster.local", Port: uint32(o.HTTPPort)}},
+		{meshtest.SidecarOptions{Name: "reviews-v1", SPIFFEID: demoReviewsID, Protocol: meshtest.HTTP},
+			meshtest.Target{Host: "reviews.bookinfo.svc.cluster.local", Port: uint32(o.HTTPPort)}},
+		{meshtest.SidecarOptions{Name: "reviews-v2", SPIFFEID: demoReviewsID, Protocol: meshtest.HTTP},
+			meshtest.Target{Host: "reviews.bookinfo.svc.cluster.local", Port: uint32(o.HTTPPort), Subset: "v2"}},
+		{meshtest.SidecarOptions{Name: "echo", SPIFFEID: demoEchoID, Protocol: meshtest.TCP},
+			meshtest.Target{Host: "echo.demo.svc.cluster.local", Port: uint32(o.TCPPort)}},
+	}
+	for _, sc := range sidecars {
+		sc.opts.CA = ca
+		s, err := meshtest.StartSidecar(sc.opts)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		gw.Route(sc.target, s.Addr())
+	}
+
+	// The fleet side: its identity, catalog and config, then the daemon.
+	certs := filepath.Join(dir, "certs")
+	if err := os.MkdirAll(certs, 0o700); err != nil {
+		return err
+	}
+	leaf, err := ca.IssueFor(demoFleetID, 24*time.Hour)
+	if err != nil {
+		return err
+	}
+	if _, _, _, err := leaf.WriteFiles(certs, ca.RootPEM); err != nil {
+		return err
+	}
+	catalogYAML := fmt.Sprintf(`# Services of the demo mesh, reached through the stand-in east-west gateway.
+services:
+  - host: productpage.bookinfo.svc.cluster.local
+    aliases: [productpage.example.internal]
+    ports: [{number: %[1]d, protocol: http}]
+    identities: [%[2]s]
+  - host: reviews.bookinfo.svc.cluster.local
+    ports: [{number: %[1]d, protocol: http}]
+    identities: [%[3]s]
+    subsets: [{name: v2, hosts: [reviews-v2.example.internal]}]
+  - host: echo.demo.svc.cluster.local
+    ports: [{number: %[4]d, protocol: tcp}]
+    identities: [%[5]s]
+`, o.HTTPPort, demoProductpageID, demoReviewsID, o.TCPPort, demoEchoID)
+	adminPort, err := meshtest.FreePort()
+	if err != nil {
+		return err
+	}
+	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
+	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.MetricsPort))
+	configYAML := fmt.Sprintf(`# fwdproxy demo configuration (see examples/config.yaml for every field).
+node: {id: demo}
+gateways:
+  - {name: eastwest, address: %s, port: %s}
+identity:
+  spiffeID: %s
+  files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
+discovery:
+  files: [catalog.yaml]
+listen: {address: %s}
+xds: {address: 127.0.0.1:%d}
+metrics: {address: %s}
+admin: {address: 127.0.0.1:%d}
+dataplane: builtin
+`, gwHost, gwPort, demoFleetID, o.Listen, o.XDSPort, metricsAddr, adminPort)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(catalogYAML), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(cfgPath, []byte(configYAML), 0o644); err != nil {
+		return err
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
+	if err := waitDemoReady(ctx, done, metricsAddr, net.JoinHostPort(o.Listen, strconv.Itoa(o.HTTPPort))); err != nil {
+		cancel()
+		return err
+	}
+
+	host := o.Listen
+	if host == "0.0.0.0" {
+		host = "127.0.0.1"
+	}
+	httpURL := "http://" + net.JoinHostPort(host, strconv.Itoa(o.HTTPPort))
+	fmt.Fprintf(out, `fwdproxy demo is running: a stand-in Istio mesh (east-west gateway %s in AUTO_PASSTHROUGH
+mode, sidecars that require mTLS from a client chained to the mesh root) and the fwdproxy daemon
+with its built-in data plane, all on loopback. Files: %s
+
+Try (each answer shows the identity, SNI and ALPN the sidecar saw):
+  curl -sS -H 'Host: productpage.bookinfo.svc.cluster.local' %[3]s/productpage
+  curl -sS -H 'Host: productpage.example.internal' %[3]s/
+  curl -sS -H 'Host: reviews.bookinfo.svc.cluster.local' %[3]s/reviews/1
+  curl -sS -H 'Host: reviews-v2.example.internal' %[3]s/reviews/1
+  echo hello | nc -q 2 %[4]s %[5]d
+  curl -sS http://%[6]s/metrics | grep '^fwdproxy_'
+  fwdproxy render --config %[7]s
+
+Press Ctrl-C to stop.
+`, gw.Addr(), dir, httpURL, host, o.TCPPort, metricsAddr, cfgPath)
+
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("daemon: %w", err)
+		}
+		return nil
+	case <-ctx.Done():
+	}
+	cancel()
+	select {
+	case err := <-done:
+		fmt.Fprintln(out, "fwdproxy demo stopped.")
+		return err
+	case <-time.After(10 * time.Second):
+		return errors.New("daemon did not stop within 10s")
+	}
+}
+
+// waitDemoReady waits until the daemon reports ready and the HTTP port accepts.
+func waitDemoReady(ctx context.Context, done <-chan error, metricsAddr, httpAddr string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	client := &http.Client{Timeout: time.Second}
+	why := "not started"
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			if err == nil {
+				err = errors.New("stopped")
+			}
+			return fmt.Errorf("daemon: %w", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		resp, err := client.Get("http://" + metricsAddr + "/ready")
+		if err != nil {
+			why = err.Error()
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		why = string(body)
+		if resp.StatusCode != http.StatusOK {
+			continue
+		}
+		c, err := net.DialTimeout("tcp", httpAddr, time.Second)
+		if err != nil {
+			why = "data plane not listening on " + httpAddr + ": " + err.Error()
+			continue
+		}
+		c.Close()
+		return nil
+	}
+	return fmt.Errorf("demo not ready after 30s: %s", why)
+}
