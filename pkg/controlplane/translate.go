@@ -165,11 +165,7 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				if _, taken := tcpPorts[p.Number]; taken {
 					return nil, fmt.Errorf("TCP port %d of %s is already served by another service", p.Number, svc.Host)
 				}
-				l, err := tcpListener(svc, p, opts)
-				if err != nil {
-					return nil, err
-				}
-				tcpPorts[p.Number] = l
+				tcpPorts[p.Number] = tcpListener(svc, p, opts)
 				continue
 			}
 			if _, taken := tcpPorts[p.Number]; taken {
@@ -180,11 +176,7 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				hp = &httpPort{port: p.Number}
 				httpPorts[p.Number] = hp
 			}
-			vhs, err := virtualHosts(svc, p)
-			if err != nil {
-				return nil, err
-			}
-			hp.hosts = append(hp.hosts, vhs...)
+			hp.hosts = append(hp.hosts, virtualHosts(svc, p)...)
 			hp.rbac = hp.rbac || len(svc.AllowedClients) > 0
 		}
 	}
@@ -195,11 +187,7 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 			VirtualHosts:     hp.hosts,
 			ValidateClusters: wrapperspb.Bool(false),
 		})
-		l, err := httpListener(hp.port, hp.rbac, opts)
-		if err != nil {
-			return nil, err
-		}
-		res.Listeners = append(res.Listeners, l)
+		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, opts))
 	}
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
@@ -378,7 +366,7 @@ func accessLogs(enabled bool) []*accesslog.AccessLog {
 	}}
 }
 
-func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) (*listener.Listener, error) {
+func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, p.Number)
 	var filters []*listener.Filter
 	if len(svc.AllowedClients) > 0 {
@@ -402,10 +390,10 @@ func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) (*listener.
 		Name:         name,
 		Address:      socketAddress(opts.ListenAddress, p.Number),
 		FilterChains: []*listener.FilterChain{{Filters: filters}},
-	}, nil
+	}
 }
 
-func httpListener(port uint32, rbac bool, opts Options) (*listener.Listener, error) {
+func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, port)
 	var httpFilters []*hcm.HttpFilter
 	if rbac {
@@ -439,12 +427,12 @@ func httpListener(port uint32, rbac bool, opts Options) (*listener.Listener, err
 			Name:       wellknown.HTTPConnectionManager,
 			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(manager)},
 		}}}},
-	}, nil
+	}
 }
 
 // virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
 // subset (its hosts), each routing everything to its cluster.
-func virtualHosts(svc *catalog.Service, p catalog.Port) ([]*route.VirtualHost, error) {
+func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
 	vh := func(name, subset string, hosts []string) *route.VirtualHost {
 		var domains []string
 		for _, h := range hosts {
@@ -475,5 +463,5 @@ func virtualHosts(svc *catalog.Service, p catalog.Port) ([]*route.VirtualHost, e
 	for _, s := range svc.Subsets {
 		out = append(out, vh(s.Name+"."+svc.Host+port, s.Name, s.Hosts))
 	}
-	return out, nil
+	return out
 }
