@@ -151,12 +151,12 @@ func Start(cfg Config) (*Node, error) {
 	// Room for a delta in one packet: memberlist's compound/label/encryption overheads included.
 	n.maxCast = mc.UDPBufferSize - 200
 	n.queue = &memberlist.TransmitLimitedQueue{NumNodes: n.numMembers, RetransmitMult: mc.RetransmitMult}
+	n.advertised, _ = n.store.Digest()
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return nil, fmt.Errorf("start gossip on %s: %w", cfg.Bind, err)
 	}
 	n.ml = ml
-	n.advertised, _ = n.store.Digest()
 	ctx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
 	go n.loop(ctx)
