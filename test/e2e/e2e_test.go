@@ -1,0 +1,578 @@
+// Package e2e_test drives the real pieces end to end: the daemon (control plane) with its data
+// plane, in front of a stand-in mesh (east-west gateway in AUTO_PASSTHROUGH mode and mTLS
+// sidecars), with plain HTTP and TCP clients. The same scenario runs against the Go stand-ins and
+// against HAProxy/nginx, with the built-in data plane and, when one is on PATH, Envoy.
+package e2e_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/daemon"
+)
+
+// consecutiveErrors is the outlier detection threshold the scenario configures.
+const consecutiveErrors = 3
+
+// env is one running scenario: a mesh, the fleet's identity, config and catalog, and the daemon.
+type env struct {
+	t       *testing.T
+	dir     string
+	ca      *meshtest.CA
+	ports   ports
+	mesh    *mesh
+	catalog string
+	certs   string
+	metrics string
+	// failover: a connect failure is retried on another gateway, so losing one fails no request.
+	failover bool
+	logs     *syncBuffer
+	clients  sync.Map // source IP -> *http.Client
+}
+
+// dataplane is how the scenario's bytes are moved.
+type dataplane struct {
+	name string
+	// configure adds the data plane's settings to the daemon config.
+	configure func(t *testing.T, dir string) string
+	failover  bool
+}
+
+var builtin = dataplane{name: "builtin", configure: func(*testing.T, string) string { return "dataplane: builtin\n" }, failover: true}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	p, err := meshtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// start builds the mesh with newMesh and runs the daemon in front of it.
+func start(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh, dp dataplane) *env {
+	t.Helper()
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &syncBuffer{}, failover: dp.failover}
+	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t)}
+	e.mesh = newMesh(t, ca, e.ports)
+	e.certs = filepath.Join(e.dir, "certs")
+	if err := os.MkdirAll(e.certs, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := ca.IssueFor(fleetID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := leaf.WriteFiles(e.certs, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	e.catalog = filepath.Join(e.dir, "catalog.yaml")
+	e.writeCatalog(false)
+	e.metrics = "127.0.0.1:" + strconv.Itoa(freePort(t))
+	var gws strings.Builder
+	for i, g := range e.mesh.gateways {
+		host, port, _ := net.SplitHostPort(g)
+		fmt.Fprintf(&gws, "  - {name: eastwest-%d, address: %s, port: %s}\n", i, host, port)
+	}
+	cfgYAML := fmt.Sprintf(`node: {id: e2e}
+gateways:
+%sidentity:
+  spiffeID: %s
+  files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
+discovery: {files: [catalog.yaml]}
+listen: {address: 127.0.0.1, accessLog: false}
+xds: {address: 127.0.0.1:%d}
+metrics: {address: %s}
+admin: {address: 127.0.0.1:%d}
+upstream:
+  connectTimeout: 2s
+  outlierDetection: {consecutiveErrors: %d, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+%s`, gws.String(), fleetID, freePort(t), e.metrics, freePort(t), consecutiveErrors, dp.configure(t, e.dir))
+	cfgPath := filepath.Join(e.dir, "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("daemon: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Errorf("daemon did not stop within 15s")
+		}
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", e.logs.String())
+		}
+	})
+	e.waitReady(done)
+	return e
+}
+
+// waitReady waits for /ready and a first answer from productpage.
+func (e *env) waitReady(done <-chan error) {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	why := ""
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			e.t.Fatalf("daemon stopped: %v\n%s", err, e.logs.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+		resp, err := http.Get("http://" + e.metrics + "/ready")
+		if err != nil {
+			why = err.Error()
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if why = string(b); resp.StatusCode != 200 {
+			continue
+		}
+		code, _, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/")
+		if err == nil && code == 200 {
+			return
+		}
+		why = fmt.Sprintf("productpage: %d %v", code, err)
+	}
+	e.t.Fatalf("not ready after 30s: %s\n%s", why, e.logs.String())
+}
+
+func (e *env) writeCatalog(withAdded bool) {
+	e.t.Helper()
+	svc := func(host, id string, port int, proto string, extra string) string {
+		return fmt.Sprintf("  - host: %s.bookinfo.svc.cluster.local\n    ports: [{number: %d, protocol: %s}]\n    identities: [%s]\n%s", host, port, proto, id, extra)
+	}
+	var b strings.Builder
+	b.WriteString("services:\n")
+	b.WriteString(svc("productpage", productpageID, e.ports.http, "http", "    aliases: [productpage.example.internal]\n"))
+	b.WriteString(svc("reviews", reviewsID, e.ports.http, "http", "    subsets: [{name: v2, hosts: [reviews-v2.example.internal]}]\n"))
+	b.WriteString(svc("details", detailsID, e.ports.http, "http", "    allowedClients: [127.0.0.1/32]\n"))
+	b.WriteString(svc("impostor", impostorExpected, e.ports.http, "http", ""))
+	b.WriteString(svc("ratings", ratingsID, e.ports.h2, "http2", ""))
+	b.WriteString(svc("mysql", mysqlID, e.ports.tcp, "tcp", "    allowedClients: [127.0.0.1/32]\n"))
+	if withAdded {
+		b.WriteString(svc("added", addedID, e.ports.http, "http", ""))
+	}
+	tmp := e.catalog + ".tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, e.catalog); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// client is a keep-alive HTTP client whose connections come from source IP from ("" for any).
+func (e *env) client(from string) *http.Client {
+	if c, ok := e.clients.Load(from); ok {
+		return c.(*http.Client)
+	}
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: d.DialContext, MaxIdleConnsPerHost: 64}}
+	e.clients.Store(from, c)
+	return c
+}
+
+// get sends GET path with Host host to the data plane's port, from source IP from.
+func (e *env) get(from, host string, port int, path string) (int, meshtest.Report, error) {
+	req, err := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(port)+path, nil)
+	if err != nil {
+		return 0, meshtest.Report{}, err
+	}
+	req.Host = host
+	resp, err := e.client(from).Do(req)
+	if err != nil {
+		return 0, meshtest.Report{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, meshtest.Report{}, err
+	}
+	if resp.StatusCode != 200 {
+		return resp.StatusCode, meshtest.Report{Fields: map[string]string{"body": string(body)}}, nil
+	}
+	r, err := meshtest.ParseReport(string(body))
+	return resp.StatusCode, r, err
+}
+
+// tcp opens a connection to the TCP service port from source IP from, reads the sidecar's
+// report line and, when the sidecar echoes, checks a round trip.
+func (e *env) tcp(from string) (meshtest.Report, error) {
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	c, err := d.Dial("tcp", "127.0.0.1:"+strconv.Itoa(e.ports.tcp))
+	if err != nil {
+		return meshtest.Report{}, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	r, err := meshtest.ReadReportLine(br)
+	if err != nil {
+		return r, err
+	}
+	if e.mesh.echo {
+		msg := "ping " + strconv.Itoa(int(time.Now().UnixNano())) + "\n"
+		if _, err := io.WriteString(c, msg); err != nil {
+			return r, err
+		}
+		got, err := br.ReadString('\n')
+		if err != nil || got != msg {
+			return r, fmt.Errorf("echo: got %q, %v; want %q", got, err, msg)
+		}
+	}
+	return r, nil
+}
+
+// checkReport asserts what the sidecar saw: the fleet's identity, verified, the Istio SNI and ALPN.
+func (e *env) checkReport(what string, r meshtest.Report, service string, target meshtest.Target, alpn []string) {
+	e.t.Helper()
+	if r.Service != service || r.Caller != fleetID || !r.Verified || r.SNI != target.SNI() {
+		e.t.Errorf("%s: sidecar saw service=%q caller=%q verified=%v sni=%q; want %s, %s, true, %s",
+			what, r.Service, r.Caller, r.Verified, r.SNI, service, fleetID, target.SNI())
+	}
+	if len(r.ALPN) == 0 || slices.ContainsFunc(r.ALPN, func(p string) bool { return !slices.Contains(alpn, p) }) {
+		e.t.Errorf("%s: ALPN %q, want within %q", what, r.ALPN, alpn)
+	}
+	if e.mesh.kind == "go" && !slices.Equal(r.ALPN, alpn) {
+		e.t.Errorf("%s: offered ALPN %q, want exactly %q", what, r.ALPN, alpn)
+	}
+}
+
+func target(name string, port int, subset string) meshtest.Target {
+	return meshtest.Target{Host: name + ".bookinfo.svc.cluster.local", Port: uint32(port), Subset: subset}
+}
+
+var (
+	alpnHTTP = []string{"istio-http/1.1"}
+	alpnH2   = []string{"istio-h2"}
+	alpnTCP  = []string{"istio-peer-exchange", "istio"}
+)
+
+// runSuite is the scenario, in order; the last step takes a gateway away.
+func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh, dp dataplane) {
+	e := start(t, newMesh, dp)
+	p := e.ports
+
+	t.Run("HTTPByHost", func(t *testing.T) {
+		e.t = t
+		for _, host := range []string{"productpage.bookinfo.svc.cluster.local", "productpage.bookinfo.svc.cluster.local:" + strconv.Itoa(p.http)} {
+			code, r, err := e.get("", host, p.http, "/productpage")
+			if err != nil || code != 200 {
+				t.Fatalf("Host %s: %d %v %v", host, code, err, r.Fields)
+			}
+			e.checkReport("Host "+host, r, "productpage", target("productpage", p.http, ""), alpnHTTP)
+			if r.Fields["path"] != "/productpage" || r.Proto != "HTTP/1.1" {
+				t.Errorf("Host %s: path %q proto %q", host, r.Fields["path"], r.Proto)
+			}
+		}
+		code, r, err := e.get("", "reviews.bookinfo.svc.cluster.local", p.http, "/reviews/1")
+		if err != nil || code != 200 {
+			t.Fatalf("reviews: %d %v", code, err)
+		}
+		e.checkReport("reviews", r, "reviews-v1", target("reviews", p.http, ""), alpnHTTP)
+		if code, _, err := e.get("", "nowhere.example.internal", p.http, "/"); err != nil || code != 404 {
+			t.Errorf("unknown Host: %d %v, want 404", code, err)
+		}
+	})
+
+	t.Run("HTTPByAlias", func(t *testing.T) {
+		e.t = t
+		code, r, err := e.get("", "productpage.example.internal", p.http, "/")
+		if err != nil || code != 200 {
+			t.Fatalf("alias: %d %v", code, err)
+		}
+		e.checkReport("alias", r, "productpage", target("productpage", p.http, ""), alpnHTTP)
+		if r.Host != "productpage.example.internal" {
+			t.Errorf("sidecar saw Host %q", r.Host)
+		}
+		code, r, err = e.get("", "reviews-v2.example.internal", p.http, "/")
+		if err != nil || code != 200 {
+			t.Fatalf("subset host: %d %v", code, err)
+		}
+		e.checkReport("subset host", r, "reviews-v2", target("reviews", p.http, "v2"), alpnHTTP)
+	})
+
+	t.Run("HTTP2Upstream", func(t *testing.T) {
+		e.t = t
+		code, r, err := e.get("", "ratings.bookinfo.svc.cluster.local", p.h2, "/ratings/1")
+		if err != nil || code != 200 {
+			t.Fatalf("ratings: %d %v %v", code, err, r.Fields)
+		}
+		e.checkReport("ratings", r, "ratings", target("ratings", p.h2, ""), alpnH2)
+		if r.Proto != "HTTP/2.0" {
+			t.Errorf("sidecar saw %s, want HTTP/2.0 with prior knowledge", r.Proto)
+		}
+	})
+
+	t.Run("TCPByPort", func(t *testing.T) {
+		e.t = t
+		for i := range 3 {
+			r, err := e.tcp("")
+			if err != nil {
+				t.Fatalf("connection %d: %v", i, err)
+			}
+			e.checkReport("tcp", r, "mysql", target("mysql", p.tcp, ""), alpnTCP)
+		}
+	})
+
+	t.Run("WrongSidecarIdentityFailsClosed", func(t *testing.T) {
+		e.t = t
+		for range 3 {
+			code, r, err := e.get("", "impostor.bookinfo.svc.cluster.local", p.http, "/secret")
+			if err == nil && code == 200 {
+				t.Fatalf("request served by a sidecar with the wrong identity: %v", r.Fields)
+			}
+			if err == nil && code < 500 {
+				t.Errorf("status %d, want a 5xx", code)
+			}
+		}
+		if n, ok := e.mesh.served("impostor"); ok && n != 0 {
+			t.Errorf("impostor sidecar answered %d requests", n)
+		}
+	})
+
+	t.Run("AllowedClients", func(t *testing.T) {
+		e.t = t
+		code, r, err := e.get("127.0.0.1", "details.bookinfo.svc.cluster.local", p.http, "/")
+		if err != nil || code != 200 {
+			t.Fatalf("from 127.0.0.1: %d %v", code, err)
+		}
+		e.checkReport("details", r, "details", target("details", p.http, ""), alpnHTTP)
+		before, _ := e.mesh.served("details")
+		code, _, err = e.get("127.0.0.2", "details.bookinfo.svc.cluster.local", p.http, "/")
+		if err != nil || code != http.StatusForbidden {
+			t.Errorf("HTTP from 127.0.0.2: %d %v, want 403", code, err)
+		}
+		// Other services on the same port keep serving that client.
+		if code, _, err := e.get("127.0.0.2", "productpage.bookinfo.svc.cluster.local", p.http, "/"); err != nil || code != 200 {
+			t.Errorf("productpage from 127.0.0.2: %d %v, want 200", code, err)
+		}
+		if _, err := e.tcp("127.0.0.1"); err != nil {
+			t.Errorf("TCP from 127.0.0.1: %v", err)
+		}
+		if r, err := e.tcp("127.0.0.2"); err == nil {
+			t.Errorf("TCP from 127.0.0.2 reached the sidecar: %v", r.Fields)
+		}
+		if after, ok := e.mesh.served("details"); ok && after != before {
+			t.Errorf("details served %d requests to a refused client", after-before)
+		}
+	})
+
+	t.Run("CatalogChangeUnderLoad", func(t *testing.T) {
+		e.t = t
+		if code, _, _ := e.get("", "added.bookinfo.svc.cluster.local", p.http, "/"); code == 200 {
+			t.Fatal("added service reachable before it is in the catalog")
+		}
+		l := e.startLoad()
+		time.Sleep(300 * time.Millisecond)
+		e.writeCatalog(true)
+		e.eventually("added service reachable", func() error {
+			code, r, err := e.get("", "added.bookinfo.svc.cluster.local", p.http, "/")
+			if err != nil || code != 200 {
+				return fmt.Errorf("%d %v", code, err)
+			}
+			e.checkReport("added", r, "added", target("added", p.http, ""), alpnHTTP)
+			return nil
+		})
+		time.Sleep(300 * time.Millisecond)
+		l.finish(t)
+	})
+
+	t.Run("IdentityRotationUnderLoad", func(t *testing.T) {
+		e.t = t
+		l := e.startLoad()
+		time.Sleep(300 * time.Millisecond)
+		leaf, err := e.ca.IssueFor(fleetID, 2*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, _, err := leaf.WriteFiles(e.certs, e.ca.RootPEM); err != nil {
+			t.Fatal(err)
+		}
+		want := leaf.Cert.SerialNumber.Text(16)
+		// Each TCP connection is a new TLS session upstream: it must present the new leaf.
+		e.eventually("new certificate presented", func() error {
+			r, err := e.tcp("")
+			if err != nil {
+				return err
+			}
+			if r.Serial != want {
+				return fmt.Errorf("sidecar saw serial %s, want %s", r.Serial, want)
+			}
+			return nil
+		})
+		time.Sleep(300 * time.Millisecond)
+		l.finish(t)
+	})
+
+	t.Run("GatewayDown", func(t *testing.T) {
+		e.t = t
+		e.mesh.stopGateway(1)
+		failed := 0
+		for i := range 40 {
+			if code, _, err := e.get("", "productpage.bookinfo.svc.cluster.local", p.http, "/"); err != nil || code != 200 {
+				failed++
+				t.Logf("request %d: %d %v", i, code, err)
+			}
+			if _, err := e.tcp(""); err != nil {
+				failed++
+				t.Logf("connection %d: %v", i, err)
+			}
+		}
+		// Without connect retries (Envoy's default), each cluster may fail until the dead
+		// gateway is ejected.
+		allowed := 0
+		if !e.failover {
+			allowed = 2 * consecutiveErrors
+		}
+		if failed > allowed {
+			t.Errorf("%d of 80 requests and connections failed with one gateway down; want at most %d", failed, allowed)
+		}
+	})
+}
+
+// eventually retries f for up to 20s.
+func (e *env) eventually(what string, f func() error) {
+	e.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	var err error
+	for time.Now().Before(deadline) {
+		if err = f(); err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.t.Fatalf("%s: not after 20s: %v", what, err)
+}
+
+// load is steady traffic: HTTP workers on productpage and a TCP worker, counting failures.
+type load struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	errs       []string
+	stop       chan struct{}
+	wg         sync.WaitGroup
+}
+
+func (e *env) startLoad() *load {
+	l := &load{stop: make(chan struct{})}
+	fail := func(err error) {
+		l.failed.Add(1)
+		l.mu.Lock()
+		if len(l.errs) < 5 {
+			l.errs = append(l.errs, err.Error())
+		}
+		l.mu.Unlock()
+	}
+	worker := func(do func() error) {
+		defer l.wg.Done()
+		for i := 0; i < 100000; i++ {
+			select {
+			case <-l.stop:
+				return
+			default:
+			}
+			if err := do(); err != nil {
+				fail(err)
+			} else {
+				l.ok.Add(1)
+			}
+		}
+	}
+	for range 3 {
+		l.wg.Add(1)
+		go worker(func() error {
+			code, r, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/")
+			if err != nil {
+				return err
+			}
+			if code != 200 || r.Service != "productpage" {
+				return fmt.Errorf("status %d service %q", code, r.Service)
+			}
+			return nil
+		})
+	}
+	l.wg.Add(1)
+	go worker(func() error {
+		r, err := e.tcp("")
+		if err == nil && r.Service != "mysql" {
+			err = errors.New("tcp: wrong service " + r.Service)
+		}
+		return err
+	})
+	return l
+}
+
+func (l *load) finish(t *testing.T) {
+	t.Helper()
+	close(l.stop)
+	l.wg.Wait()
+	t.Logf("load: %d ok, %d failed", l.ok.Load(), l.failed.Load())
+	if l.failed.Load() != 0 {
+		t.Errorf("%d requests failed under load, e.g. %q", l.failed.Load(), l.errs)
+	}
+	if l.ok.Load() < 20 {
+		t.Errorf("only %d requests succeeded under load", l.ok.Load())
+	}
+}
+
+// syncBuffer collects the daemon's log for failure messages.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestBuiltinGoMesh(t *testing.T)     { runSuite(t, goMesh, builtin) }
+func TestBuiltinDebianMesh(t *testing.T) { runSuite(t, debianMesh, builtin) }

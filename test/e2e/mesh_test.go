@@ -1,0 +1,141 @@
+package e2e_test
+
+import (
+	"testing"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+)
+
+// SPIFFE IDs of the scenario.
+const (
+	fleetID          = "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy"
+	productpageID    = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+	reviewsID        = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+	detailsID        = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-details"
+	ratingsID        = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"
+	addedID          = "spiffe://cluster.local/ns/bookinfo/sa/added"
+	mysqlID          = "spiffe://cluster.local/ns/bookinfo/sa/mysql"
+	impostorExpected = "spiffe://cluster.local/ns/bookinfo/sa/impostor"
+	impostorActual   = "spiffe://cluster.local/ns/bookinfo/sa/attacker"
+)
+
+// ports are the plain service ports the data plane listens on.
+type ports struct{ http, h2, tcp int }
+
+// sidecarSpec is one workload behind the gateways.
+type sidecarSpec struct {
+	name, id, proto string
+	target          meshtest.Target
+}
+
+func sidecarSpecs(p ports) []sidecarSpec {
+	svc := func(name string) string { return name + ".bookinfo.svc.cluster.local" }
+	h := uint32(p.http)
+	return []sidecarSpec{
+		{"productpage", productpageID, meshtest.HTTP, meshtest.Target{Host: svc("productpage"), Port: h}},
+		{"reviews-v1", reviewsID, meshtest.HTTP, meshtest.Target{Host: svc("reviews"), Port: h}},
+		{"reviews-v2", reviewsID, meshtest.HTTP, meshtest.Target{Host: svc("reviews"), Port: h, Subset: "v2"}},
+		{"details", detailsID, meshtest.HTTP, meshtest.Target{Host: svc("details"), Port: h}},
+		{"impostor", impostorActual, meshtest.HTTP, meshtest.Target{Host: svc("impostor"), Port: h}},
+		{"added", addedID, meshtest.HTTP, meshtest.Target{Host: svc("added"), Port: h}},
+		{"ratings", ratingsID, meshtest.HTTP, meshtest.Target{Host: svc("ratings"), Port: uint32(p.h2)}},
+		{"mysql", mysqlID, meshtest.TCP, meshtest.Target{Host: svc("mysql"), Port: uint32(p.tcp)}},
+	}
+}
+
+// mesh is the mesh side of the scenario: two east-west gateways routing to the sidecars.
+type mesh struct {
+	kind     string
+	gateways []string
+	// stopGateway takes gateway i away, cutting its connections.
+	stopGateway func(i int)
+	// served is how many requests or connections a sidecar answered; ok is false when the
+	// stand-in cannot tell (HAProxy, nginx).
+	served func(name string) (n int64, ok bool)
+	// echo: the TCP sidecar echoes after its report line (nginx closes after it).
+	echo bool
+}
+
+// goMesh runs the Go stand-ins.
+func goMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
+	t.Helper()
+	sidecars := map[string]*meshtest.Sidecar{}
+	var gws []*meshtest.Gateway
+	for range 2 {
+		g, err := meshtest.StartGateway("127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.Close() })
+		gws = append(gws, g)
+	}
+	for _, s := range sidecarSpecs(p) {
+		sc, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sc.Close() })
+		sidecars[s.name] = sc
+		for _, g := range gws {
+			g.Route(s.target, sc.Addr())
+		}
+	}
+	return &mesh{
+		kind:        "go",
+		gateways:    []string{gws[0].Addr(), gws[1].Addr()},
+		stopGateway: func(i int) { gws[i].Close() },
+		served: func(name string) (int64, bool) {
+			return sidecars[name].Stats().Served, true
+		},
+		echo: true,
+	}
+}
+
+// debianMesh runs HAProxy as the two gateways and the HTTP sidecars, nginx as the TCP sidecar.
+func debianMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
+	t.Helper()
+	dir := t.TempDir()
+	routes := map[meshtest.Target]string{}
+	var httpSidecars []meshtest.SidecarOptions
+	for _, s := range sidecarSpecs(p) {
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto, Addr: addr}
+		routes[s.target] = addr
+		if s.proto == meshtest.HTTP {
+			httpSidecars = append(httpSidecars, o)
+			continue
+		}
+		ng, err := meshtest.StartNginxSidecar(dir, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ng.Stop() })
+	}
+	hs, err := meshtest.StartHAProxySidecars(dir, httpSidecars...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hs.Stop() })
+	var gws []*meshtest.Process
+	for range 2 {
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := meshtest.StartHAProxyGateway(dir, addr, routes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.Stop() })
+		gws = append(gws, g)
+	}
+	return &mesh{
+		kind:        "debian",
+		gateways:    []string{gws[0].Addr, gws[1].Addr},
+		stopGateway: func(i int) { gws[i].Stop() },
+		served:      func(string) (int64, bool) { return 0, false },
+	}
+}
