@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -576,3 +577,20 @@ func (b *syncBuffer) String() string {
 
 func TestBuiltinGoMesh(t *testing.T)     { runSuite(t, goMesh, builtin) }
 func TestBuiltinDebianMesh(t *testing.T) { runSuite(t, debianMesh, builtin) }
+
+// envoyDataplane is the daemon supervising a real Envoy (dataplane: envoy), which takes its
+// configuration over ADS/SDS from the daemon. Envoy retries no connect failure by default (no
+// retry policy is configured), so losing a gateway may fail requests until it is ejected.
+func envoyDataplane(t *testing.T) dataplane {
+	bin, err := exec.LookPath("envoy")
+	if err != nil {
+		t.Skip("envoy not on PATH: the Envoy variant of the end-to-end suite needs an envoy binary " +
+			"(e.g. from https://github.com/envoyproxy/envoy/releases); the built-in data plane variants ran instead")
+	}
+	return dataplane{name: "envoy", configure: func(t *testing.T, dir string) string {
+		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d}\n", bin, freePort(t))
+	}}
+}
+
+func TestEnvoyGoMesh(t *testing.T)     { runSuite(t, goMesh, envoyDataplane(t)) }
+func TestEnvoyDebianMesh(t *testing.T) { runSuite(t, debianMesh, envoyDataplane(t)) }
