@@ -1,0 +1,225 @@
+package dataplane
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// proxyInfo travels with a proxied request from the listener to the upstream and back.
+type proxyInfo struct {
+	cluster  *cluster
+	cfg      *httpConfig
+	upstream string // endpoint used, for the access log
+	flags    string // Envoy-style response flags, "-" when none
+}
+
+type proxyKey struct{}
+
+// ServeHTTP routes a request by Host, applies RBAC and proxies it to the route's cluster.
+func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	cfg := l.cfg.Load()
+	rec := &recorder{ResponseWriter: w}
+	info := &proxyInfo{flags: "-"}
+	clusterName := ""
+	defer func() {
+		if cfg.http != nil && len(cfg.http.logs) > 0 {
+			line := httpLogLine(start, r, rec, info)
+			for _, lg := range cfg.http.logs {
+				lg.write(line)
+			}
+		}
+		if clusterName != "" {
+			l.dp.metrics.requests.WithLabelValues(clusterName, strconv.Itoa(rec.code())).Inc()
+		}
+	}()
+	hc := cfg.http
+	if hc == nil { // the listener became a TCP proxy; this connection predates the change
+		info.flags = "NR"
+		http.Error(rec, "listener reconfigured", http.StatusServiceUnavailable)
+		return
+	}
+	table := hc.inline
+	if table == nil {
+		table = l.dp.routeTable(hc.routeName)
+	}
+	var vh *virtualHost
+	var re *routeEntry
+	if table != nil {
+		if vh = table.lookup(r.Host); vh != nil {
+			re = vh.match(r.URL.Path)
+		}
+	}
+	if re == nil { // Envoy answers an unknown host or path with an empty 404
+		info.flags = "NR"
+		rec.WriteHeader(http.StatusNotFound)
+		return
+	}
+	clusterName = re.cluster
+	if hc.rbac != nil {
+		eng := hc.rbac.engine
+		pr := re.rbac
+		if pr == nil {
+			pr = vh.rbac
+		}
+		if pr != nil {
+			eng = pr.engine
+			if pr.disabled {
+				eng = nil
+			}
+		}
+		peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
+		if !eng.allowed(peer) {
+			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
+			info.flags = "RBAC"
+			rec.Header().Set("Content-Type", "text/plain")
+			rec.WriteHeader(http.StatusForbidden)
+			_, _ = rec.Write([]byte("RBAC: access denied"))
+			return
+		}
+	}
+	c := l.dp.cluster(re.cluster)
+	if c == nil {
+		l.dp.metrics.upstreamErrs.WithLabelValues(re.cluster, reasonNoHealthy).Inc()
+		info.flags = "NC"
+		http.Error(rec, "no healthy upstream: cluster "+re.cluster+" is not configured", http.StatusServiceUnavailable)
+		return
+	}
+	info.cluster, info.cfg = c, hc
+	ctx := context.WithValue(r.Context(), proxyKey{}, info)
+	if re.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, re.timeout, errRouteTimeout)
+		defer cancel()
+	}
+	l.dp.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			info := pr.In.Context().Value(proxyKey{}).(*proxyInfo)
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = info.cluster.name // the endpoint is chosen in RoundTrip
+			pr.Out.Host = pr.In.Host
+			// Rewrite starts from a request without X-Forwarded-*: put back what the client
+			// sent and, with use_remote_address, append the peer's address.
+			prior := pr.In.Header.Values("X-Forwarded-For")
+			xff := strings.Join(prior, ", ")
+			if info.cfg.useRemoteAddress {
+				if ip, _, err := net.SplitHostPort(pr.In.RemoteAddr); err == nil {
+					if xff != "" {
+						xff += ", "
+					}
+					xff += ip
+				}
+			}
+			if xff != "" {
+				pr.Out.Header.Set("X-Forwarded-For", xff)
+			}
+			pr.Out.Header.Set("X-Forwarded-Proto", "http")
+			if pr.Out.Header.Get("X-Request-Id") == "" {
+				pr.Out.Header.Set("X-Request-Id", requestID())
+			}
+		},
+		Transport:    roundTripperFunc(func(r *http.Request) (*http.Response, error) { return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r) }),
+		ErrorHandler: dp.proxyError,
+		BufferPool:   bufferPool{},
+		ErrorLog:     slog.NewLogLogger(dp.log.Handler(), slog.LevelDebug),
+	}
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// proxyError answers a failed upstream exchange the way Envoy does: 503 for connection
+// failures and no endpoints, 504 for a route timeout.
+func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	info := r.Context().Value(proxyKey{}).(*proxyInfo)
+	var ue *upstreamError
+	errors.As(err, &ue)
+	switch {
+	case ue != nil && ue.reason == reasonNoHealthy:
+		info.flags = "UH"
+		http.Error(w, "no healthy upstream", http.StatusServiceUnavailable)
+	case ue != nil && ue.reason == reasonTimeout && ue.addr == "":
+		info.flags = "UT"
+		http.Error(w, "upstream request timeout", http.StatusGatewayTimeout)
+	case ue != nil && ue.connectFailure():
+		info.flags = "UF"
+		http.Error(w, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: "+ue.Error(), http.StatusServiceUnavailable)
+	case r.Context().Err() != nil && ue == nil:
+		info.flags = "DC" // the client went away
+		w.WriteHeader(499)
+	default:
+		info.flags = "UC"
+		http.Error(w, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", http.StatusServiceUnavailable)
+	}
+	dp.log.Debug("upstream request failed", "cluster", info.cluster.name, "host", r.Host, "error", err)
+}
+
+func requestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b[:])
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+// recorder notes the status and bytes written; Unwrap keeps flushing and hijacking working.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status == 0 && code >= 200 {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *recorder) Flush() {
+	if f, ok := r.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+func (r *recorder) code() int {
+	if r.status == 0 {
+		return http.StatusOK
+	}
+	return r.status
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
+
+type bufferPool struct{}
+
+func (bufferPool) Get() []byte  { return *bufPool.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { bufPool.Put(&b) }

@@ -1,0 +1,203 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// listenerRT is a bound socket and what serves it. Its config is swapped atomically when the
+// listener changes without moving; connections take the config of the moment they arrive, so
+// open connections finish with the config they started with.
+type listenerRT struct {
+	dp   *DataPlane
+	addr string
+	ln   net.Listener
+	cfg  atomic.Pointer[listenerConfig]
+
+	http     *http.Server
+	httpLn   *chanListener
+	mu       sync.Mutex
+	conns    map[*trackedConn]struct{}
+	closing  atomic.Bool
+	loopDone chan struct{}
+}
+
+func (dp *DataPlane) bind(cfg *listenerConfig) (*listenerRT, error) {
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return nil, err
+	}
+	l := &listenerRT{dp: dp, addr: cfg.addr, ln: ln, conns: map[*trackedConn]struct{}{}, loopDone: make(chan struct{})}
+	l.cfg.Store(cfg)
+	return l, nil
+}
+
+// start serves the socket.
+func (l *listenerRT) start() {
+	l.httpLn = &chanListener{addr: l.ln.Addr(), ch: make(chan net.Conn), done: make(chan struct{})}
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true) // HTTP/2 with prior knowledge (codec AUTO)
+	idle := time.Hour
+	if hc := l.cfg.Load().http; hc != nil && hc.idleTimeout > 0 {
+		idle = hc.idleTimeout
+	}
+	l.http = &http.Server{
+		Handler:           l,
+		Protocols:         protocols,
+		ReadHeaderTimeout: time.Minute,
+		IdleTimeout:       idle,
+		ErrorLog:          slog.NewLogLogger(l.dp.log.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, peerKey{}, peerAddr(c))
+		},
+	}
+	go func() { _ = l.http.Serve(l.httpLn) }()
+	go l.acceptLoop()
+}
+
+type peerKey struct{}
+
+func peerAddr(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+func (l *listenerRT) acceptLoop() {
+	defer close(l.loopDone)
+	var delay time.Duration
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if l.closing.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off, keep the listener.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			l.dp.log.Warn("accept failed", "listener", l.cfg.Load().name, "error", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		cfg := l.cfg.Load()
+		tc := l.track(conn, cfg.name)
+		if cfg.tcp != nil {
+			go l.serveTCP(tc, cfg)
+			continue
+		}
+		select {
+		case l.httpLn.ch <- tc:
+		case <-l.httpLn.done:
+			tc.Close()
+		}
+	}
+}
+
+// drain stops accepting, lets open connections finish for up to timeout, then closes them.
+func (l *listenerRT) drain(timeout time.Duration) {
+	if l.closing.Swap(true) {
+		return
+	}
+	l.ln.Close()
+	<-l.loopDone
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	go func() { _ = l.http.Shutdown(ctx) }()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for l.active() > 0 && ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-tick.C:
+		}
+	}
+	_ = l.http.Close()
+	l.mu.Lock()
+	left := make([]*trackedConn, 0, len(l.conns))
+	for c := range l.conns {
+		left = append(left, c)
+	}
+	l.mu.Unlock()
+	if len(left) > 0 {
+		l.dp.log.Info("drain time over; closing connections", "listener", l.cfg.Load().name, "connections", len(left))
+	}
+	for _, c := range left {
+		c.Close()
+	}
+}
+
+func (l *listenerRT) active() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.conns)
+}
+
+// trackedConn counts a downstream connection and lets drain close it.
+type trackedConn struct {
+	net.Conn
+	l        *listenerRT
+	listener string
+	once     sync.Once
+}
+
+func (l *listenerRT) track(c net.Conn, name string) *trackedConn {
+	tc := &trackedConn{Conn: c, l: l, listener: name}
+	l.mu.Lock()
+	l.conns[tc] = struct{}{}
+	l.mu.Unlock()
+	l.dp.metrics.connActive.WithLabelValues(name).Inc()
+	l.dp.metrics.connTotal.WithLabelValues(name).Inc()
+	return tc
+}
+
+func (c *trackedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		delete(c.l.conns, c)
+		c.l.mu.Unlock()
+		c.l.dp.metrics.connActive.WithLabelValues(c.listener).Dec()
+	})
+	return err
+}
+
+// CloseWrite half-closes the downstream connection.
+func (c *trackedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// chanListener hands accepted HTTP connections to an http.Server.
+type chanListener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func (c *chanListener) Accept() (net.Conn, error) {
+	select {
+	case conn := <-c.ch:
+		return conn, nil
+	case <-c.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (c *chanListener) Close() error {
+	c.once.Do(func() { close(c.done) })
+	return nil
+}
+
+func (c *chanListener) Addr() net.Addr { return c.addr }

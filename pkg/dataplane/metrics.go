@@ -1,0 +1,52 @@
+package dataplane
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Upstream error reasons, the values of the reason label.
+const (
+	reasonConnect   = "connect"
+	reasonTLS       = "tls"
+	reasonTimeout   = "timeout"
+	reasonReset     = "reset"
+	reasonNoHealthy = "no_healthy_upstream"
+)
+
+type metrics struct {
+	connActive    *prometheus.GaugeVec
+	connTotal     *prometheus.CounterVec
+	requests      *prometheus.CounterVec
+	upstreamErrs  *prometheus.CounterVec
+	tlsFailures   *prometheus.CounterVec
+	rbacDenied    *prometheus.CounterVec
+	ejections     *prometheus.CounterVec
+	xdsConnected  prometheus.Gauge
+	xdsRejections *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		connActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fwdproxy_dataplane_connections_active",
+			Help: "Downstream connections open on a listener."}, []string{"listener"}),
+		connTotal: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_connections_total",
+			Help: "Downstream connections accepted on a listener."}, []string{"listener"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_requests_total",
+			Help: "HTTP requests routed to a cluster, by response code."}, []string{"cluster", "code"}),
+		upstreamErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_upstream_errors_total",
+			Help: "Failures toward a cluster's endpoints: connect, tls, timeout, reset, no_healthy_upstream."}, []string{"cluster", "reason"}),
+		tlsFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_tls_handshake_failures_total",
+			Help: "TLS handshakes with a cluster's endpoints that failed, including certificate verification."}, []string{"cluster"}),
+		rbacDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_rbac_denied_total",
+			Help: "Connections or requests denied by RBAC, by listener."}, []string{"listener"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_ejections_total",
+			Help: "Endpoints ejected by outlier detection."}, []string{"cluster"}),
+		xdsConnected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_dataplane_xds_connected",
+			Help: "1 while the data plane has an open ADS stream to the control plane."}),
+		xdsRejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_xds_rejected_total",
+			Help: "xDS responses the data plane rejected (NACKed), by resource type."}, []string{"type"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
+			m.xdsConnected, m.xdsRejections)
+	}
+	return m
+}

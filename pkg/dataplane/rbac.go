@@ -1,0 +1,203 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+)
+
+// rbacEngine evaluates Envoy RBAC rules on the peer's address, the only attribute the rules
+// the control plane emits look at. Rules that need anything else are rejected when parsed.
+type rbacEngine struct {
+	deny     bool // action DENY; otherwise ALLOW
+	policies []rbacPolicy
+}
+
+type rbacPolicy struct {
+	name       string
+	principals []principal
+}
+
+// principal reports whether a peer address matches.
+type principal func(netip.Addr) bool
+
+// allowed reports whether a peer at addr passes the rules.
+func (e *rbacEngine) allowed(addr netip.Addr) bool {
+	if e == nil {
+		return true
+	}
+	matched := false
+	for _, p := range e.policies {
+		for _, pr := range p.principals {
+			if pr(addr) {
+				matched = true
+				break
+			}
+		}
+		if matched {
+			break
+		}
+	}
+	if e.deny {
+		return !matched
+	}
+	return matched
+}
+
+// parseRBAC compiles rules; field is the path used in error messages.
+func parseRBAC(r *rbacconfig.RBAC, field string) (*rbacEngine, error) {
+	if r == nil {
+		return nil, nil
+	}
+	e := &rbacEngine{}
+	switch r.GetAction() {
+	case rbacconfig.RBAC_ALLOW:
+	case rbacconfig.RBAC_DENY:
+		e.deny = true
+	default:
+		return nil, fmt.Errorf("%s.action: %s is not supported; use ALLOW or DENY", field, r.GetAction())
+	}
+	if r.GetAuditLoggingOptions() != nil {
+		return nil, fmt.Errorf("%s.audit_logging_options: not supported", field)
+	}
+	{
+		names := make([]string, 0, len(r.GetPolicies()))
+		for n := range r.GetPolicies() {
+			names = append(names, n)
+		}
+		slices.Sort(names)
+		for _, n := range names {
+			p := r.GetPolicies()[n]
+			pf := fmt.Sprintf("%s.policies[%s]", field, n)
+			if p.GetCondition() != nil || p.GetCheckedCondition() != nil {
+				return nil, fmt.Errorf("%s.condition: CEL conditions are not supported", pf)
+			}
+			for i, perm := range p.GetPermissions() {
+				if err := checkPermission(perm, fmt.Sprintf("%s.permissions[%d]", pf, i)); err != nil {
+					return nil, err
+				}
+			}
+			pol := rbacPolicy{name: n}
+			for i, pr := range p.GetPrincipals() {
+				m, err := parsePrincipal(pr, fmt.Sprintf("%s.principals[%d]", pf, i))
+				if err != nil {
+					return nil, err
+				}
+				pol.principals = append(pol.principals, m)
+			}
+			// A policy matches when any permission and any principal match; every supported
+			// permission matches everything, so a policy without permissions never matches.
+			if len(p.GetPermissions()) == 0 {
+				pol.principals = nil
+			}
+			e.policies = append(e.policies, pol)
+		}
+	}
+	return e, nil
+}
+
+func checkPermission(p *rbacconfig.Permission, field string) error {
+	switch r := p.GetRule().(type) {
+	case *rbacconfig.Permission_Any:
+		if !r.Any {
+			return fmt.Errorf("%s.any: must be true", field)
+		}
+		return nil
+	case *rbacconfig.Permission_OrRules:
+		for i, x := range r.OrRules.GetRules() {
+			if err := checkPermission(x, fmt.Sprintf("%s.or_rules.rules[%d]", field, i)); err != nil {
+				return err
+			}
+		}
+		if len(r.OrRules.GetRules()) == 0 {
+			return fmt.Errorf("%s.or_rules: empty", field)
+		}
+		return nil
+	case *rbacconfig.Permission_AndRules:
+		for i, x := range r.AndRules.GetRules() {
+			if err := checkPermission(x, fmt.Sprintf("%s.and_rules.rules[%d]", field, i)); err != nil {
+				return err
+			}
+		}
+		return nil
+	default:
+		return fmt.Errorf("%s: permission %T is not supported by the built-in data plane; only any: true", field, p.GetRule())
+	}
+}
+
+func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
+	switch id := p.GetIdentifier().(type) {
+	case *rbacconfig.Principal_Any:
+		if !id.Any {
+			return nil, fmt.Errorf("%s.any: must be true", field)
+		}
+		return func(netip.Addr) bool { return true }, nil
+	case *rbacconfig.Principal_DirectRemoteIp:
+		return cidrPrincipal(id.DirectRemoteIp.GetAddressPrefix(), id.DirectRemoteIp.GetPrefixLen().GetValue(), id.DirectRemoteIp.GetPrefixLen() != nil, field+".direct_remote_ip")
+	case *rbacconfig.Principal_RemoteIp:
+		// With no trusted proxies in front, the remote address is the direct peer.
+		return cidrPrincipal(id.RemoteIp.GetAddressPrefix(), id.RemoteIp.GetPrefixLen().GetValue(), id.RemoteIp.GetPrefixLen() != nil, field+".remote_ip")
+	case *rbacconfig.Principal_SourceIp: //nolint:staticcheck // deprecated alias of direct_remote_ip
+		return cidrPrincipal(id.SourceIp.GetAddressPrefix(), id.SourceIp.GetPrefixLen().GetValue(), id.SourceIp.GetPrefixLen() != nil, field+".source_ip")
+	case *rbacconfig.Principal_OrIds:
+		var ms []principal
+		for i, x := range id.OrIds.GetIds() {
+			m, err := parsePrincipal(x, fmt.Sprintf("%s.or_ids.ids[%d]", field, i))
+			if err != nil {
+				return nil, err
+			}
+			ms = append(ms, m)
+		}
+		return func(a netip.Addr) bool {
+			for _, m := range ms {
+				if m(a) {
+					return true
+				}
+			}
+			return false
+		}, nil
+	case *rbacconfig.Principal_AndIds:
+		var ms []principal
+		for i, x := range id.AndIds.GetIds() {
+			m, err := parsePrincipal(x, fmt.Sprintf("%s.and_ids.ids[%d]", field, i))
+			if err != nil {
+				return nil, err
+			}
+			ms = append(ms, m)
+		}
+		return func(a netip.Addr) bool {
+			for _, m := range ms {
+				if !m(a) {
+					return false
+				}
+			}
+			return true
+		}, nil
+	case *rbacconfig.Principal_NotId:
+		m, err := parsePrincipal(id.NotId, field+".not_id")
+		if err != nil {
+			return nil, err
+		}
+		return func(a netip.Addr) bool { return !m(a) }, nil
+	default:
+		return nil, fmt.Errorf("%s: principal %T is not supported by the built-in data plane; use direct_remote_ip, remote_ip, any, or_ids, and_ids or not_id", field, p.GetIdentifier())
+	}
+}
+
+func cidrPrincipal(addr string, bits uint32, hasBits bool, field string) (principal, error) {
+	ip, err := netip.ParseAddr(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s.address_prefix: %q is not an IP address", field, addr)
+	}
+	ip = ip.Unmap()
+	if !hasBits {
+		bits = uint32(ip.BitLen())
+	}
+	pfx, err := ip.Prefix(int(bits))
+	if err != nil || int(bits) > ip.BitLen() {
+		return nil, fmt.Errorf("%s.prefix_len: %d is not valid for %s", field, bits, addr)
+	}
+	return func(a netip.Addr) bool { return pfx.Contains(a.Unmap()) }, nil
+}
