@@ -76,6 +76,12 @@ type Leaf struct {
 
 // Issue signs a workload certificate for spiffeID valid from notBefore to notAfter.
 func (ca *CA) Issue(spiffeID string, notBefore, notAfter time.Time) (*Leaf, error) {
+	return ca.IssueWithDNS(spiffeID, nil, notBefore, notAfter)
+}
+
+// IssueWithDNS is Issue with DNS SANs besides the URI SAN, for TLS clients that can only check
+// a DNS name (Istio does not issue these).
+func (ca *CA) IssueWithDNS(spiffeID string, dnsNames []string, notBefore, notAfter time.Time) (*Leaf, error) {
 	u, err := url.Parse(spiffeID)
 	if err != nil {
 		return nil, err
@@ -87,6 +93,7 @@ func (ca *CA) Issue(spiffeID string, notBefore, notAfter time.Time) (*Leaf, erro
 	tmpl := &x509.Certificate{
 		SerialNumber: nextSerial(), NotBefore: notBefore, NotAfter: notAfter,
 		URIs:        []*url.URL{u}, // empty subject: Go marks the SAN extension critical, as Istio does
+		DNSNames:    dnsNames,
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}

@@ -41,6 +41,9 @@ type SidecarOptions struct {
 	Protocol string
 	// Addr to listen on; default 127.0.0.1:0.
 	Addr string
+	// DNSNames are added to the sidecar's certificate besides its SPIFFE ID, for clients that
+	// can only check a DNS name (HAProxy checks the SNI); Istio's certificates have none.
+	DNSNames []string
 	// AllowedCallers, when set, are the only SPIFFE IDs served (an AuthorizationPolicy): others get
 	// HTTP 403 or a closed TCP connection after the handshake.
 	AllowedCallers []string
@@ -83,7 +86,8 @@ func StartSidecar(o SidecarOptions) (*Sidecar, error) {
 	if o.Addr == "" {
 		o.Addr = "127.0.0.1:0"
 	}
-	leaf, err := o.CA.IssueFor(o.SPIFFEID, 24*time.Hour)
+	now := time.Now()
+	leaf, err := o.CA.IssueWithDNS(o.SPIFFEID, o.DNSNames, now.Add(-time.Minute), now.Add(24*time.Hour))
 	if err != nil {
 		return nil, err
 	}
