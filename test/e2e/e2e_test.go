@@ -367,8 +367,9 @@ func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh,
 				t.Errorf("status %d, want a 5xx", code)
 			}
 		}
-		if n, ok := e.mesh.served("impostor"); ok && n != 0 {
-			t.Errorf("impostor sidecar answered %d requests", n)
+		if st, ok := e.mesh.stats("impostor"); ok && (st.Served != 0 || st.Rejected == 0) {
+			// Rejected > 0: the connection reached the sidecar and the client ended the handshake.
+			t.Errorf("impostor sidecar: %+v, want handshakes refused by the client and nothing served", st)
 		}
 	})
 
@@ -379,7 +380,7 @@ func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh,
 			t.Fatalf("from 127.0.0.1: %d %v", code, err)
 		}
 		e.checkReport("details", r, "details", target("details", p.http, ""), alpnHTTP)
-		before, _ := e.mesh.served("details")
+		before, _ := e.mesh.stats("details")
 		code, _, err = e.get("127.0.0.2", "details.bookinfo.svc.cluster.local", p.http, "/")
 		if err != nil || code != http.StatusForbidden {
 			t.Errorf("HTTP from 127.0.0.2: %d %v, want 403", code, err)
@@ -394,8 +395,8 @@ func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh,
 		if r, err := e.tcp("127.0.0.2"); err == nil {
 			t.Errorf("TCP from 127.0.0.2 reached the sidecar: %v", r.Fields)
 		}
-		if after, ok := e.mesh.served("details"); ok && after != before {
-			t.Errorf("details served %d requests to a refused client", after-before)
+		if after, ok := e.mesh.stats("details"); ok && after.Served != before.Served {
+			t.Errorf("details served %d requests to a refused client", after.Served-before.Served)
 		}
 	})
 
@@ -448,6 +449,12 @@ func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh,
 
 	t.Run("GatewayDown", func(t *testing.T) {
 		e.t = t
+		// Both gateways carried traffic so far (round robin), so the one taken away had a share.
+		for i := range e.mesh.gateways {
+			if n, ok := e.mesh.routed(i); ok && n == 0 {
+				t.Fatalf("gateway %d carried no connection before it was stopped", i)
+			}
+		}
 		e.mesh.stopGateway(1)
 		failed := 0
 		for i := range 40 {

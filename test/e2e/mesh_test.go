@@ -49,9 +49,10 @@ type mesh struct {
 	gateways []string
 	// stopGateway takes gateway i away, cutting its connections.
 	stopGateway func(i int)
-	// served is how many requests or connections a sidecar answered; ok is false when the
-	// stand-in cannot tell (HAProxy, nginx).
-	served func(name string) (n int64, ok bool)
+	// stats are a sidecar's counters; ok is false when the stand-in cannot tell (HAProxy, nginx).
+	stats func(name string) (st meshtest.SidecarStats, ok bool)
+	// routed is how many connections gateway i forwarded; ok as for stats.
+	routed func(i int) (n int64, ok bool)
 	// echo: the TCP sidecar echoes after its report line (nginx closes after it).
 	echo bool
 }
@@ -84,10 +85,9 @@ func goMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
 		kind:        "go",
 		gateways:    []string{gws[0].Addr(), gws[1].Addr()},
 		stopGateway: func(i int) { gws[i].Close() },
-		served: func(name string) (int64, bool) {
-			return sidecars[name].Stats().Served, true
-		},
-		echo: true,
+		stats:       func(name string) (meshtest.SidecarStats, bool) { return sidecars[name].Stats(), true },
+		routed:      func(i int) (int64, bool) { return gws[i].Stats().Routed, true },
+		echo:        true,
 	}
 }
 
@@ -136,6 +136,7 @@ func debianMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
 		kind:        "debian",
 		gateways:    []string{gws[0].Addr, gws[1].Addr},
 		stopGateway: func(i int) { gws[i].Stop() },
-		served:      func(string) (int64, bool) { return 0, false },
+		stats:       func(string) (meshtest.SidecarStats, bool) { return meshtest.SidecarStats{}, false },
+		routed:      func(int) (int64, bool) { return 0, false },
 	}
 }
