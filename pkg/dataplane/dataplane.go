@@ -129,7 +129,7 @@ func New(o Options) *DataPlane {
 	return dp
 }
 
-func (dp *DataPlane) cluster(name string) *cluster        { return (*dp.clusters.Load())[name] }
+func (dp *DataPlane) cluster(name string) *cluster       { return (*dp.clusters.Load())[name] }
 func (dp *DataPlane) routeTable(name string) *routeTable { return (*dp.routes.Load())[name] }
 func (dp *DataPlane) secret(name string) *secret         { return (*dp.secrets.Load())[name] }
 

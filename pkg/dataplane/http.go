@@ -133,7 +133,9 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 				pr.Out.Header.Set("X-Request-Id", requestID())
 			}
 		},
-		Transport:    roundTripperFunc(func(r *http.Request) (*http.Response, error) { return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r) }),
+		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+			return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r)
+		}),
 		ErrorHandler: dp.proxyError,
 		BufferPool:   bufferPool{},
 		ErrorLog:     slog.NewLogLogger(dp.log.Handler(), slog.LevelDebug),

@@ -54,7 +54,7 @@ type host struct {
 	consec5xx, consecGateway atomic.Uint32
 	// guarded by cluster.mu
 	ejectedAt time.Time
-	ejections                uint32
+	ejections uint32
 }
 
 func newCluster(dp *DataPlane, cfg *clusterConfig) *cluster {

@@ -1,0 +1,434 @@
+package dataplane
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+	"github.com/fwdproxy/fwdproxy/pkg/identity"
+)
+
+const (
+	fleetID   = "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy"
+	reviewsID = "spiffe://cluster.local/ns/default/sa/reviews"
+)
+
+func testLog(t testing.TB) *slog.Logger {
+	if os.Getenv("DATAPLANE_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) uint32 {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return uint32(l.Addr().(*net.TCPAddr).Port)
+}
+
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// env is a control plane on loopback and a data plane connected to it.
+type env struct {
+	t       testing.TB
+	ca      *meshtest.CA
+	bundle  *identity.Bundle
+	cp      *controlplane.Server
+	cpAddr  string
+	grpc    *grpc.Server
+	dp      *DataPlane
+	reg     *prometheus.Registry
+	access  *syncBuffer
+	done    chan struct{}
+	cancel  context.CancelFunc
+	outlier controlplane.Outlier
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newEnv(t testing.TB, drain time.Duration) *env {
+	t.Helper()
+	ca, err := meshtest.NewCA("mesh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, ca: ca, reg: prometheus.NewRegistry(), access: &syncBuffer{}, done: make(chan struct{}),
+		outlier: controlplane.Outlier{ConsecutiveErrors: 5, Interval: time.Second, BaseEjectionTime: 30 * time.Second, MaxEjectionPercent: 50}}
+	e.bundle = e.issueFleet()
+	e.cp = controlplane.NewServer(testLog(t), nil)
+	e.startControlPlane("127.0.0.1:0")
+	ctx, cancel := context.WithCancel(context.Background())
+	e.cancel = cancel
+	e.dp = New(Options{ServerAddress: e.cpAddr, NodeID: "test", NodeCluster: "fwdproxy", Log: testLog(t),
+		Registerer: e.reg, DrainTime: drain, AccessLog: e.access, MaxBackoff: 200 * time.Millisecond})
+	go func() {
+		defer close(e.done)
+		if err := e.dp.Run(ctx); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	t.Cleanup(e.close)
+	return e
+}
+
+func (e *env) close() {
+	e.cancel()
+	<-e.done
+	e.grpc.Stop()
+}
+
+func (e *env) startControlPlane(addr string) {
+	e.t.Helper()
+	var lis net.Listener
+	var err error
+	for range 50 { // after a restart the port may take a moment to be free again
+		if lis, err = net.Listen("tcp", addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.cpAddr = lis.Addr().String()
+	e.grpc = grpc.NewServer()
+	e.cp.Register(e.grpc)
+	go func() { _ = e.grpc.Serve(lis) }()
+}
+
+func (e *env) issueFleet() *identity.Bundle {
+	e.t.Helper()
+	leaf, err := e.ca.IssueFor(fleetID, time.Hour)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	b, err := identity.New(fleetID, leaf.ChainPEM, leaf.KeyPEM, e.ca.RootPEM, time.Now())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return b
+}
+
+func (e *env) options(gws ...netip.AddrPort) controlplane.Options {
+	return controlplane.Options{
+		ListenAddress:  "127.0.0.1",
+		Gateways:       []controlplane.Gateway{{Name: "eastwest", Addresses: gws}},
+		ConnectTimeout: 2 * time.Second,
+		Outlier:        e.outlier,
+		AccessLog:      true,
+	}
+}
+
+// push translates cat, lets mod edit the resources, serves them and waits until the data
+// plane applied them.
+func (e *env) push(cat *catalog.Catalog, opts controlplane.Options, mod func(*controlplane.Resources)) *controlplane.Snapshot {
+	e.t.Helper()
+	cat.Normalize()
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if mod != nil {
+		mod(res)
+	}
+	snap, err := controlplane.NewSnapshot(res, e.bundle)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := e.cp.Set(context.Background(), snap); err != nil {
+		e.t.Fatal(err)
+	}
+	return snap
+}
+
+// pushApplied pushes and waits until the data plane accepted every type of the snapshot.
+func (e *env) pushApplied(cat *catalog.Catalog, opts controlplane.Options, mod func(*controlplane.Resources)) *controlplane.Snapshot {
+	e.t.Helper()
+	snap := e.push(cat, opts, mod)
+	e.waitApplied(snap)
+	return snap
+}
+
+func (e *env) waitApplied(snap *controlplane.Snapshot) {
+	e.t.Helper()
+	eventually(e.t, "the data plane to apply the snapshot", func() bool {
+		st := e.dp.Status()
+		for typ, name := range map[string]string{resource.ListenerType: "listener", resource.ClusterType: "cluster",
+			resource.RouteType: "route", resource.EndpointType: "endpoint", resource.SecretType: "secret"} {
+			if v := snap.Cache.GetVersion(typ); v != "" && st.Versions[name] != v && len(snap.Cache.GetResources(typ)) > 0 {
+				return false
+			}
+		}
+		return st.Ready
+	})
+}
+
+func counter(t testing.TB, c prometheus.Collector) float64 {
+	t.Helper()
+	return testutil.ToFloat64(c)
+}
+
+// meshServer stands in for the east-west gateway and the service's sidecar in one: it
+// terminates mTLS, requires a client chain to the mesh root (so the client must send its
+// intermediate), and reports what it saw.
+type meshServer struct {
+	t       testing.TB
+	ln      net.Listener
+	addr    netip.AddrPort
+	mu      sync.Mutex
+	hellos  []hello
+	clients []*x509.Certificate
+	accepts atomic.Int64
+	srv     *http.Server
+}
+
+type hello struct {
+	sni  string
+	alpn []string
+}
+
+func (m *meshServer) last() (hello, *x509.Certificate) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var h hello
+	var c *x509.Certificate
+	if len(m.hellos) > 0 {
+		h = m.hellos[len(m.hellos)-1]
+	}
+	if len(m.clients) > 0 {
+		c = m.clients[len(m.clients)-1]
+	}
+	return h, c
+}
+
+func (m *meshServer) handshakes() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.clients)
+}
+
+func newMeshServer(t testing.TB, ca *meshtest.CA, serverID string, tcp bool) *meshServer {
+	t.Helper()
+	leaf, err := ca.IssueFor(serverID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair(leaf.ChainPEM, leaf.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Root) // the root only: the client has to send its intermediate
+	m := &meshServer{t: t}
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    roots,
+		MinVersion:   tls.VersionTLS12,
+		GetConfigForClient: func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+			m.mu.Lock()
+			m.hellos = append(m.hellos, hello{sni: chi.ServerName, alpn: chi.SupportedProtos})
+			m.mu.Unlock()
+			return nil, nil
+		},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			m.mu.Lock()
+			m.clients = append(m.clients, cs.PeerCertificates[0])
+			m.mu.Unlock()
+			return nil
+		},
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ln = ln
+	m.addr = netip.MustParseAddrPort(ln.Addr().String())
+	t.Cleanup(func() { ln.Close() })
+	if tcp {
+		go m.serveTCP()
+		return m
+	}
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true) // the sidecar detects h2 by its preface; no ALPN h2
+	m.srv = &http.Server{Protocols: protocols, Handler: http.HandlerFunc(m.handle),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, tlsStateKey{}, c.(*handshaked).state)
+		}}
+	go func() { _ = m.srv.Serve(&handshakeListener{Listener: ln, m: m}) }()
+	t.Cleanup(func() { m.srv.Close() })
+	return m
+}
+
+type tlsStateKey struct{}
+
+// handshaked hides the *tls.Conn so that the HTTP server treats it as a plain connection and
+// accepts HTTP/2 by prior knowledge, as an Istio sidecar does.
+type handshaked struct {
+	net.Conn
+	state tls.ConnectionState
+}
+
+type handshakeListener struct {
+	net.Listener
+	m *meshServer
+}
+
+func (l *handshakeListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		l.m.accepts.Add(1)
+		tc := c.(*tls.Conn)
+		_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+		if err := tc.Handshake(); err != nil {
+			tc.Close()
+			continue
+		}
+		_ = tc.SetDeadline(time.Time{})
+		return &handshaked{Conn: tc, state: tc.ConnectionState()}, nil
+	}
+}
+
+func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
+	st := r.Context().Value(tlsStateKey{}).(tls.ConnectionState)
+	if r.URL.Path == "/fail" {
+		w.WriteHeader(http.StatusInternalServerError)
+		return
+	}
+	if r.URL.Path == "/slow" {
+		time.Sleep(500 * time.Millisecond)
+	}
+	w.Header().Set("X-Seen-Sni", st.ServerName)
+	w.Header().Set("X-Seen-Client", st.PeerCertificates[0].URIs[0].String())
+	w.Header().Set("X-Seen-Serial", st.PeerCertificates[0].SerialNumber.String())
+	w.Header().Set("X-Seen-Proto", r.Proto)
+	w.Header().Set("X-Seen-Host", r.Host)
+	w.Header().Set("X-Seen-Xff", r.Header.Get("X-Forwarded-For"))
+	w.Header().Set("X-Seen-Request-Id", r.Header.Get("X-Request-Id"))
+	w.Header().Set("X-Seen-Connection", r.Header.Get("Connection")+r.Header.Get("Keep-Alive"))
+	body, _ := io.ReadAll(r.Body)
+	fmt.Fprintf(w, "hello %s %s", r.URL.Path, body)
+}
+
+// serveTCP greets with the caller's identity, echoes lines until EOF, then says bye and closes.
+func (m *meshServer) serveTCP() {
+	for {
+		c, err := m.ln.Accept()
+		if err != nil {
+			return
+		}
+		m.accepts.Add(1)
+		go func() {
+			defer c.Close()
+			tc := c.(*tls.Conn)
+			if err := tc.Handshake(); err != nil {
+				return
+			}
+			st := tc.ConnectionState()
+			fmt.Fprintf(tc, "hi %s sni=%s\n", st.PeerCertificates[0].URIs[0], st.ServerName)
+			r := bufio.NewReader(tc)
+			for {
+				line, err := r.ReadString('\n')
+				if line != "" {
+					if _, werr := io.WriteString(tc, line); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					if errors.Is(err, io.EOF) {
+						_, _ = io.WriteString(tc, "bye\n")
+					}
+					return
+				}
+			}
+		}()
+	}
+}
+
+func reviews(port uint32, proto catalog.Protocol, aliases ...string) catalog.Service {
+	return catalog.Service{
+		Host: "reviews.default.svc.cluster.local", Aliases: aliases,
+		Ports:      []catalog.Port{{Number: port, Protocol: proto}},
+		Identities: []string{reviewsID},
+	}
+}
+
+// get sends a request with a Host header to the data plane's listener on port.
+func get(t testing.TB, c *http.Client, port uint32, host, path string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = host
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func body(t testing.TB, r *http.Response) string {
+	t.Helper()
+	defer r.Body.Close()
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
