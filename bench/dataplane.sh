@@ -9,7 +9,8 @@
 #     sending a line, half-closing and reading the echo, $DURATION each.
 #
 # Usage: bench/dataplane.sh            (needs go, wrk and haproxy: apt-get install -y wrk haproxy)
-# Tunables: DURATION=10s CONNS=32 THREADS=2 TCP_WORKERS=16
+# Tunables: DURATION=10s CONNS=32 THREADS=2 TCP_WORKERS=16; FWDPROXY=path to benchmark a built
+# binary instead of building ./cmd/fwdproxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-go build -o "$work/fwdproxy" ./cmd/fwdproxy
+fwdproxy=${FWDPROXY:-$work/fwdproxy}
+[ -n "${FWDPROXY:-}" ] || go build -o "$fwdproxy" ./cmd/fwdproxy
 go build -o "$work/meshbench" ./bench/meshbench
 
 mkdir "$work/mesh"
@@ -42,7 +44,7 @@ for _ in $(seq 100); do [ -s "$work/mesh/env.sh" ] && break; sleep 0.1; done
 # shellcheck disable=SC1091
 . "$work/mesh/env.sh"
 
-"$work/fwdproxy" run --config "$work/mesh/config.yaml" --log-format text --log-level warn >"$work/fwdproxy.log" 2>&1 &
+"$fwdproxy" run --config "$work/mesh/config.yaml" --log-format text --log-level warn >"$work/fwdproxy.log" 2>&1 &
 pids+=($!)
 haproxy -db -f "$work/mesh/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 pids+=($!)
@@ -98,6 +100,7 @@ done
 echo
 for mode in http tcp; do
   awk -v m="$mode" -v fr="${RPS[$mode-fwdproxy]}" -v hr="${RPS[$mode-haproxy]}" \
-      -v f99="${P99[$mode-fwdproxy]}" -v h99="${P99[$mode-haproxy]}" -v d99="${P99[$mode-direct]}" \
-      'BEGIN { printf "%s: fwdproxy/haproxy throughput %.2fx; added p99 over direct: fwdproxy %.3f ms, haproxy %.3f ms\n", m, fr/hr, f99-d99, h99-d99 }'
+      -v f50="${P50[$mode-fwdproxy]}" -v h50="${P50[$mode-haproxy]}" -v d50="${P50[$mode-direct]}" \
+      -v f99="${P99[$mode-fwdproxy]}" -v h99="${P99[$mode-haproxy]}" \
+      'BEGIN { printf "%s: fwdproxy/haproxy: throughput %.2fx, p50 %.2fx, p99 %.2fx; p50 added over direct: fwdproxy %.3f ms, haproxy %.3f ms\n", m, fr/hr, f50/h50, f99/h99, f50-d50, h50-d50 }'
 done
