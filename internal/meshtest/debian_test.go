@@ -5,7 +5,9 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -137,4 +139,14 @@ func TestDebianStandIns(t *testing.T) {
 			}
 		}
 	})
+}
+
+func TestLookPathSaysWhatToInstall(t *testing.T) {
+	_, err := LookPath("fwdproxy-no-such-binary", "fwdproxy-no-such-package")
+	if err == nil || !strings.Contains(err.Error(), "apt-get install -y fwdproxy-no-such-package") {
+		t.Errorf("err %v, want a hint to install the package", err)
+	}
+	if p, err := LookPath("haproxy", "haproxy"); err != nil || !filepath.IsAbs(p) {
+		t.Errorf("haproxy: %q %v", p, err)
+	}
 }
