@@ -6,7 +6,7 @@
 locals {
   dns_records = merge([
     for zone, z in var.dns_zones : {
-      for name in(length(z.names) > 0 ? z.names : ["*"]) : "${name}.${zone}" => { zone = zone, name = name }
+      for name in coalescelist(z.names, ["*"]) : "${name}.${zone}" => { zone = zone, name = name }
     }
   ]...)
 }
