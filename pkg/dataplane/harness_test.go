@@ -380,7 +380,7 @@ func (m *meshServer) serveTCP() {
 				return
 			}
 			st := tc.ConnectionState()
-			fmt.Fprintf(tc, "hi %s sni=%s\n", st.PeerCertificates[0].URIs[0], st.ServerName)
+			fmt.Fprintf(tc, "hi %s serial=%s sni=%s\n", st.PeerCertificates[0].URIs[0], st.PeerCertificates[0].SerialNumber, st.ServerName)
 			r := bufio.NewReader(tc)
 			for {
 				line, err := r.ReadString('\n')
@@ -431,4 +431,40 @@ func body(t testing.TB, r *http.Response) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// tcpConn is a client connection to a TCP listener of the data plane.
+type tcpConn struct {
+	*net.TCPConn
+	r *bufio.Reader
+}
+
+func dialTCP(t testing.TB, port uint32) *tcpConn {
+	t.Helper()
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	return &tcpConn{TCPConn: c.(*net.TCPConn), r: bufio.NewReader(c)}
+}
+
+func (c *tcpConn) line(t testing.TB) string {
+	t.Helper()
+	s, err := c.r.ReadString('\n')
+	if err != nil {
+		t.Fatalf("read: %v (got %q)", err, s)
+	}
+	return s
+}
+
+func (c *tcpConn) ping(t testing.TB, msg string) {
+	t.Helper()
+	if _, err := io.WriteString(c, msg+"\n"); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.line(t); got != msg+"\n" {
+		t.Fatalf("echo %q, want %q", got, msg)
+	}
 }

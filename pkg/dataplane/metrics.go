@@ -42,7 +42,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		xdsConnected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_dataplane_xds_connected",
 			Help: "1 while the data plane has an open ADS stream to the control plane."}),
 		xdsRejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_xds_rejected_total",
-			Help: "xDS responses the data plane rejected (NACKed), by resource type."}, []string{"type"}),
+			Help: "Configuration versions the data plane rejected (NACKed), by resource type."}, []string{"type"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,

@@ -34,6 +34,10 @@ type subscription struct {
 	names    []string // RDS, EDS, SDS: what the accepted listeners and clusters reference
 	version  string   // last accepted
 	nonce    string   // last received on this stream
+	// rejected is the last version rejected and repeats how often it came back in a row: a
+	// control plane answers a NACK with the same response, so repeated NACKs are slowed down.
+	rejected string
+	repeats  int
 }
 
 // Requests go out in Envoy's order: clusters before their endpoints, listeners before routes.
@@ -154,15 +158,27 @@ func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedD
 		}
 		s.nonce = resp.GetNonce()
 		applyErr := dp.apply(resp)
-		if applyErr != nil {
+		switch {
+		case applyErr != nil && resp.GetVersionInfo() == s.rejected && s.rejected != "":
+			// The same rejected config again: NACK it again, but not in a tight loop.
+			s.repeats++
+			wait := min(250*time.Millisecond<<min(s.repeats-1, 8), 5*time.Second)
+			select {
+			case <-ctx.Done():
+				return progressed, ctx.Err()
+			case <-time.After(wait):
+			}
+		case applyErr != nil:
+			s.rejected, s.repeats = resp.GetVersionInfo(), 0
 			dp.metrics.xdsRejections.WithLabelValues(typeName(s.typeURL)).Inc()
 			dp.mu.Lock()
 			dp.lastNACK = applyErr.Error()
 			dp.mu.Unlock()
 			dp.log.Error("rejected configuration from the control plane; keeping the last good one",
 				"type", typeName(s.typeURL), "version", resp.GetVersionInfo(), "error", applyErr)
-		} else {
+		default:
 			s.version = resp.GetVersionInfo()
+			s.rejected, s.repeats = "", 0
 			dp.log.Debug("applied configuration", "type", typeName(s.typeURL), "version", s.version, "resources", len(resp.GetResources()))
 		}
 		if err := send(s, applyErr); err != nil {
