@@ -177,7 +177,9 @@ func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedD
 			dp.log.Error("rejected configuration from the control plane; keeping the last good one",
 				"type", typeName(s.typeURL), "version", resp.GetVersionInfo(), "error", applyErr)
 		default:
+			dp.mu.Lock() // Status reads versions
 			s.version = resp.GetVersionInfo()
+			dp.mu.Unlock()
 			s.rejected, s.repeats = "", 0
 			dp.log.Debug("applied configuration", "type", typeName(s.typeURL), "version", s.version, "resources", len(resp.GetResources()))
 		}
