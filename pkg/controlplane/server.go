@@ -108,6 +108,9 @@ type Status struct {
 	// AckedCurrent counts data planes (by node ID, over all their streams) that acknowledged the
 	// current listeners and clusters.
 	AckedCurrent int
+	// AckedAny counts data planes that acknowledged some listeners and clusters, current or not:
+	// after a NACK they keep serving the last configuration they accepted.
+	AckedAny int
 }
 
 // Status reports the server's clients.
@@ -121,7 +124,7 @@ func (s *Server) Status() Status {
 	lv := s.current.Cache.GetVersion(resource.ListenerType)
 	cv := s.current.Cache.GetVersion(resource.ClusterType)
 	// Envoy uses one ADS stream for every type; other clients may open one stream per type.
-	type acks struct{ listeners, clusters bool }
+	type acks struct{ listeners, clusters, anyListeners, anyClusters bool }
 	nodes := map[string]*acks{}
 	for id, str := range s.streams {
 		key := str.node
@@ -135,10 +138,15 @@ func (s *Server) Status() Status {
 		}
 		a.listeners = a.listeners || str.acked[resource.ListenerType] == lv
 		a.clusters = a.clusters || str.acked[resource.ClusterType] == cv
+		a.anyListeners = a.anyListeners || str.acked[resource.ListenerType] != ""
+		a.anyClusters = a.anyClusters || str.acked[resource.ClusterType] != ""
 	}
 	for _, a := range nodes {
 		if a.listeners && a.clusters {
 			st.AckedCurrent++
+		}
+		if a.anyListeners && a.anyClusters {
+			st.AckedAny++
 		}
 	}
 	return st

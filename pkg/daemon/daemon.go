@@ -33,6 +33,8 @@ type Daemon struct {
 	Registry *prometheus.Registry
 	XDS      *controlplane.Server
 	sources  []discovery.Source
+	// xdsAddr is the address the xDS server is bound to, for the data plane (set by Run).
+	xdsAddr string
 
 	changed chan struct{}
 	mu      sync.Mutex
@@ -73,6 +75,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("xds.address: %w", err)
 	}
+	d.xdsAddr = xdsLis.Addr().String()
 	metricsLis, err := net.Listen("tcp", d.cfg.Metrics.Address)
 	if err != nil {
 		xdsLis.Close()
@@ -295,8 +298,16 @@ func (d *Daemon) Ready() (bool, string) {
 			return false, "no configuration built: " + lastErr.Error()
 		}
 		return false, "no configuration built yet"
-	case d.XDS.Status().AckedCurrent == 0:
-		return false, "no data plane has acknowledged the current configuration"
+	}
+	// A data plane that rejects a newer configuration keeps serving the last one it accepted, so
+	// the instance still carries traffic (and the NACK is alerted on). Taking it out of the load
+	// balancer instead would take out the whole fleet at once, since every peer serves the same
+	// configuration, and the Auto Scaling group would replace every instance.
+	switch st := d.XDS.Status(); {
+	case st.AckedAny == 0:
+		return false, "no data plane has acknowledged a configuration yet"
+	case st.AckedCurrent == 0:
+		return true, "ready on an earlier configuration: no data plane has acknowledged the current one yet"
 	}
 	return true, "ready"
 }

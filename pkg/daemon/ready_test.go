@@ -225,7 +225,7 @@ func TestReadyTransitions(t *testing.T) {
 	})
 
 	// Identity, catalog and snapshot are there, but nothing has taken the configuration.
-	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
 	if code, body, err := getHealthz(cfg.Metrics.Address); err != nil || code != http.StatusOK {
 		t.Fatalf("/healthz while not ready: %d %q %v; liveness must not follow readiness", code, body, err)
 	}
@@ -235,7 +235,7 @@ func TestReadyTransitions(t *testing.T) {
 	nacker := dialADS(t, sctx, cfg.XDS.Address)
 	nacker.answerBoth(t, "listener rejected by test")
 	time.Sleep(200 * time.Millisecond)
-	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
 	stop()
 
 	// A data plane that ACKs clusters and listeners makes it ready.
@@ -258,6 +258,18 @@ func TestReadyTransitions(t *testing.T) {
 		t.Fatalf("config version still %s after a catalog change", after)
 	}
 
+	// The data plane rejects the next configuration: it keeps serving the one it accepted, so
+	// the instance stays in the load balancer, saying why.
+	acked := d.XDS.Current().ConfigVersion
+	if err := os.WriteFile(catalogPath, []byte(readyCatalog), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	client.answerBoth(t, "listener rejected by test")
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready on an earlier configuration")
+	if st := d.XDS.Status(); st.AckedCurrent != 0 || st.AckedAny != 1 || d.XDS.Current().ConfigVersion == acked {
+		t.Fatalf("after a NACK: status %+v, version %s (acked %s)", st, d.XDS.Current().ConfigVersion, acked)
+	}
+
 	// A bad catalog edit is rejected; the last good configuration keeps serving and stays ready.
 	if err := os.WriteFile(catalogPath, []byte("services: [{host: \"\"}]\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -274,7 +286,7 @@ func TestReadyTransitions(t *testing.T) {
 			break
 		}
 	}
-	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged")
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
 }
 
 func getHealthz(addr string) (int, string, error) {
