@@ -192,6 +192,16 @@ func TestSystemdUnits(t *testing.T) {
 		t.Errorf("fwdproxy.service ExecStart=%v", got)
 	}
 
+	// The units are started from cloud-init's runcmd (inside cloud-final.service): ordering one
+	// after cloud-init would make that start wait for itself.
+	for _, n := range []string{"fwdproxy.service", "fwdproxy-envoy.service", "fwdproxy-lifecycle.service"} {
+		for _, after := range unit(t, n)["After"] {
+			if strings.Contains(after, "cloud-") {
+				t.Errorf("%s: After=%s orders it after cloud-init, which starts it", n, after)
+			}
+		}
+	}
+
 	analyze, err := exec.LookPath("systemd-analyze")
 	if err != nil {
 		t.Fatal("systemd-analyze not found: install Debian's systemd package to verify the units")

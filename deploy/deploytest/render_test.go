@@ -145,6 +145,8 @@ func TestRenderedConfig(t *testing.T) {
 	}
 	if len(cloudInit.Runcmd) != 1 || !slices.Contains(cloudInit.Runcmd[0], "fwdproxy-envoy.service") || !slices.Contains(cloudInit.Runcmd[0], "fwdproxy.service") {
 		t.Errorf("runcmd %v does not start the daemon and Envoy", cloudInit.Runcmd)
+	} else if !slices.Contains(cloudInit.Runcmd[0], "--no-block") {
+		t.Errorf("runcmd %v waits for the units inside cloud-final.service; use --no-block", cloudInit.Runcmd)
 	}
 
 	// What the daemon reads.
