@@ -124,6 +124,7 @@ upstream:
 	done := make(chan error, 1)
 	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
 	t.Cleanup(func() {
+		e.clients.Range(func(_, c any) bool { c.(*http.Client).CloseIdleConnections(); return true })
 		cancel()
 		select {
 		case err := <-done:
@@ -595,7 +596,8 @@ func envoyDataplane(t *testing.T) dataplane {
 			"(e.g. from https://github.com/envoyproxy/envoy/releases); the built-in data plane variants ran instead")
 	}
 	return dataplane{name: "envoy", configure: func(t *testing.T, dir string) string {
-		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d}\n", bin, freePort(t))
+		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d, bootstrapPath: %s, drainTime: 1s}\n",
+			bin, freePort(t), filepath.Join(dir, "envoy-bootstrap.json"))
 	}}
 }
 
