@@ -32,10 +32,13 @@ type Config struct {
 	Admin     Admin     `yaml:"admin"`
 	Peers     Peers     `yaml:"peers"`
 	Upstream  Upstream  `yaml:"upstream"`
-	// Dataplane selects what moves the bytes: "builtin" (the daemon's own data plane) or "envoy"
-	// (the daemon supervises an Envoy process). Default: envoy when envoy.binary is set, else builtin.
+	// Dataplane selects what moves the bytes: "builtin" (the daemon's own data plane), "envoy"
+	// (the daemon supervises an Envoy process) or "none" (the daemon only serves xDS; data planes
+	// run elsewhere). Default: envoy when envoy.binary is set, else builtin.
 	Dataplane string `yaml:"dataplane"`
 	Envoy     Envoy  `yaml:"envoy"`
+	// Builtin tunes the built-in data plane (see dataplane.go).
+	Builtin Builtin `yaml:"builtin"`
 
 	// Dir is the directory of the config file, for resolving relative paths.
 	Dir string `yaml:"-"`

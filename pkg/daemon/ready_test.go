@@ -76,6 +76,7 @@ identity:
 discovery:
   files: [catalog.yaml]
 listen: {address: 127.0.0.1, accessLog: false}
+dataplane: none  # the test's own ADS clients are the data planes
 xds: {address: %q}
 metrics: {address: %q}
 admin: {address: %q}
