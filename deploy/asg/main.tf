@@ -16,13 +16,15 @@ locals {
 
   # The module owns the settings the infrastructure depends on: where /ready and /metrics are
   # served (the NLB health check and the security groups use the port), the gossip port, and the
-  # data plane.
+  # data plane. With Envoy, systemd runs it (fwdproxy-envoy.service), so it keeps serving while
+  # the daemon restarts; the daemon serves xDS only (dataplane: none). The admin address is the
+  # one `fwdproxy bootstrap` writes and the image's stats listener reads.
   fwdproxy_config = merge(var.fwdproxy_config, {
     metrics   = { address = "0.0.0.0:${var.metrics_port}" }
     peers     = merge(try(var.fwdproxy_config.peers, {}), { bind = "0.0.0.0:${var.gossip_port}" })
     discovery = merge(try(var.fwdproxy_config.discovery, {}), { files = concat(try(var.fwdproxy_config.discovery.files, []), var.catalog_yaml == null ? [] : ["catalog.yaml"]) })
-    dataplane = var.dataplane
-    envoy     = { binary = "/usr/local/bin/envoy", adminAddress = "127.0.0.1:15000" }
+    dataplane = var.dataplane == "envoy" ? "none" : "builtin"
+    envoy     = { adminAddress = "127.0.0.1:15000" }
   })
 
   units = concat(["fwdproxy.service", "fwdproxy-lifecycle.service"], var.dataplane == "envoy" ? ["fwdproxy-envoy.service"] : [])

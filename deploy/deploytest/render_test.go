@@ -154,7 +154,7 @@ func TestRenderedConfig(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the daemon rejects the rendered config: %v\n%s", err, files["/etc/fwdproxy/config.yaml"])
 	}
-	if cfg.Metrics.Address != "0.0.0.0:9102" || cfg.Peers.Bind != "0.0.0.0:7946" || cfg.Dataplane != "envoy" || cfg.Envoy.AdminAddress != "127.0.0.1:15000" {
+	if cfg.Metrics.Address != "0.0.0.0:9102" || cfg.Peers.Bind != "0.0.0.0:7946" || cfg.Dataplane != "none" || cfg.Envoy.AdminAddress != "127.0.0.1:15000" {
 		t.Errorf("rendered config: metrics %q, peers.bind %q, dataplane %q, envoy admin %q", cfg.Metrics.Address, cfg.Peers.Bind, cfg.Dataplane, cfg.Envoy.AdminAddress)
 	}
 	if cfg.Identity.ACMPCA == nil || cfg.Identity.ACMPCA.CertificateAuthorityARN != vars["acm_pca_arn"].AsString() {
