@@ -135,3 +135,15 @@ func (l *Leaf) WriteFiles(dir string, rootPEM []byte) (chain, key, root string, 
 	}
 	return
 }
+
+// Sign signs tmpl for pub with the intermediate, as a CA service signing a CSR would.
+func (ca *CA) Sign(tmpl *x509.Certificate, pub any) (*x509.Certificate, error) {
+	if tmpl.SerialNumber == nil {
+		tmpl.SerialNumber = nextSerial()
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Intermediate, pub, ca.intermediateKey)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}

@@ -22,7 +22,7 @@ type ACMPCAIdentity struct {
 	SigningAlgorithm string `yaml:"signingAlgorithm"`
 	// TemplateARN of the issuance template; default the APIPassthrough end-entity template.
 	TemplateARN string `yaml:"templateArn"`
-	// Validity of each certificate, in whole hours; default 24h.
+	// Validity of each certificate; default 24h.
 	Validity time.Duration `yaml:"validity"`
 	// RenewAt is the fraction of the lifetime after which a new certificate is requested;
 	// default 0.5.
@@ -112,8 +112,8 @@ func (c *Config) acmpcaProblems(p *problems) {
 	if parsed, err := arn.Parse(a.TemplateARN); err != nil || parsed.Service != "acm-pca" || !strings.HasPrefix(parsed.Resource, "template/") {
 		p.Addf(f+"templateArn", "%q is not an ACM PCA template ARN; the default %s passes the SPIFFE URI SAN through", a.TemplateARN, APIPassthroughTemplateARN)
 	}
-	if a.Validity < time.Hour || a.Validity%time.Hour != 0 {
-		p.Addf(f+"validity", "%s is not a whole number of hours (at least 1h); ACM PCA issues in hours, e.g. 24h", a.Validity)
+	if a.Validity < 10*time.Minute {
+		p.Addf(f+"validity", "%s is too short; use at least 10m (default 24h)", a.Validity)
 	}
 	if a.RenewAt <= 0 || a.RenewAt >= 1 {
 		p.Addf(f+"renewAt", "%g is not a fraction of the lifetime between 0 and 1; the default 0.5 renews at half-life", a.RenewAt)
