@@ -43,6 +43,8 @@ type Daemon struct {
 	bundle   *identity.Bundle
 	gateways []controlplane.Gateway
 	lastErr  error
+	// kube holds the gateways discovered in Kubernetes (kubernetes.go); nil without any.
+	kube *kubeGateways
 
 	metrics *daemonMetrics
 	// builder remembers validated resources between rebuilds; only rebuildLoop uses it.
@@ -161,7 +163,7 @@ func (d *Daemon) Inputs() (*catalog.Catalog, controlplane.Options, *identity.Bun
 	gws := slices.Clone(d.gateways)
 	bundle := d.bundle
 	d.mu.Unlock()
-	merged, conflicts := discovery.Merge(d.cfg.CatalogOptions(), cats...)
+	merged, conflicts := discovery.Merge(d.catalogOptions(gws), cats...)
 	return merged, TranslateOptions(d.cfg, gws), bundle, conflicts
 }
 
@@ -191,6 +193,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 		ports += len(s.Ports)
 	}
 	d.metrics.catalogPorts.Set(float64(ports))
+	cat, bundle = d.withholdIfExpired(cat, bundle) // identity.go: an expired identity carries no traffic
 	if len(opts.Gateways) == 0 {
 		return d.setErr(errors.New("no east-west gateway address resolved yet"))
 	}
@@ -220,21 +223,22 @@ func (d *Daemon) setErr(err error) error {
 	return err
 }
 
-// resolveGateways turns gateway addresses into IPs now and every 30s; a failed lookup keeps the
-// last known addresses.
+// resolveGateways turns gateway addresses into IPs now, every 30s and whenever a discovered
+// gateway changes; a failed lookup keeps the last known addresses.
 func (d *Daemon) resolveGateways(ctx context.Context) error {
 	known := map[string][]netip.AddrPort{}
 	for {
-		for _, g := range d.cfg.Gateways {
-			addrs, err := resolve(ctx, g.Address, uint16(g.Port))
+		targets := d.gatewayTargets() // configured and discovered (kubernetes.go)
+		for _, g := range targets {
+			addrs, err := g.resolve(ctx)
 			if err != nil {
-				d.log.Warn("cannot resolve gateway; keeping its last known addresses", "gateway", g.Name, "address", g.Address, "error", err)
+				d.log.Warn("cannot resolve gateway; keeping its last known addresses", "gateway", g.Name, "address", g.Hosts, "error", err)
 				continue
 			}
 			known[g.Name] = addrs
 		}
 		var gws []controlplane.Gateway
-		for _, g := range d.cfg.Gateways {
+		for _, g := range targets {
 			if addrs := known[g.Name]; len(addrs) > 0 {
 				gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
 			}
@@ -252,6 +256,7 @@ func (d *Daemon) resolveGateways(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(30 * time.Second):
+		case <-d.kube.wake():
 		}
 	}
 }

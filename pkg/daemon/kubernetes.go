@@ -1,6 +1,169 @@
 package daemon
 
-import "github.com/fwdproxy/fwdproxy/pkg/discovery"
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+)
+
+// kubeGateways holds the east-west gateways discovered in Kubernetes clusters, by name. The
+// gateway resolver (daemon.go, resolveGateways) treats them like configured gateways, and is
+// woken when they change.
+type kubeGateways struct {
+	mu      sync.Mutex
+	found   map[string]discovery.DiscoveredGateway
+	changed chan struct{}
+}
+
+func (k *kubeGateways) set(g discovery.DiscoveredGateway) {
+	k.mu.Lock()
+	k.found[g.Name] = g
+	k.mu.Unlock()
+	select {
+	case k.changed <- struct{}{}:
+	default:
+	}
+}
+
+// wake fires when a discovered gateway changes; nil (never) without Kubernetes discovery.
+func (k *kubeGateways) wake() <-chan struct{} {
+	if k == nil {
+		return nil
+	}
+	return k.changed
+}
+
+// gatewayTarget is a gateway to resolve: a configured one (one address) or a discovered one (the
+// load balancer's IPs and host names).
+type gatewayTarget struct {
+	Name, Network string
+	Port          uint32
+	Hosts         []string
+}
+
+// gatewayTargets lists the configured gateways, then the discovered ones.
+func (d *Daemon) gatewayTargets() []gatewayTarget {
+	var out []gatewayTarget
+	for _, g := range d.cfg.Gateways {
+		out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Hosts: []string{g.Address}})
+	}
+	if d.kube == nil {
+		return out
+	}
+	d.kube.mu.Lock()
+	defer d.kube.mu.Unlock()
+	for _, name := range d.cfg.DiscoveredGatewayNames() {
+		if g, ok := d.kube.found[name]; ok {
+			out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Hosts: g.Addresses})
+		}
+	}
+	return out
+}
+
+// resolve looks up every host of the gateway; any failure keeps the gateway's last known addresses.
+func (t gatewayTarget) resolve(ctx context.Context) ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	for _, h := range t.Hosts {
+		addrs, err := resolve(ctx, h, uint16(t.Port))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, addrs...)
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return slices.Compact(out), nil
+}
+
+// catalogOptions validates the merged catalog against the configured gateways and the
+// discovered gateways that currently have addresses: a Kubernetes service whose cluster's
+// gateway has no load-balancer address yet is left out (and reported) rather than failing the
+// whole translation.
+func (d *Daemon) catalogOptions(resolved []controlplane.Gateway) catalog.Options {
+	names := d.cfg.GatewayNames()
+	for _, g := range resolved {
+		if !slices.Contains(names, g.Name) {
+			names = append(names, g.Name)
+		}
+	}
+	slices.Sort(names)
+	return catalog.Options{Gateways: names}
+}
 
 // kubernetesSources are the configured Kubernetes clusters' discovery sources.
-func (d *Daemon) kubernetesSources() []discovery.Source { return nil }
+func (d *Daemon) kubernetesSources() []discovery.Source {
+	metrics := discovery.NewSourceMetrics(d.Registry)
+	if len(d.cfg.Discovery.Kubernetes) == 0 {
+		return nil
+	}
+	d.kube = &kubeGateways{found: map[string]discovery.DiscoveredGateway{}, changed: make(chan struct{}, 1)}
+	var out []discovery.Source
+	for i, k := range d.cfg.Discovery.Kubernetes {
+		src := &discovery.Kubernetes{
+			Cluster:          k.Name,
+			Namespaces:       k.Namespaces,
+			LabelSelector:    k.LabelSelector,
+			ExposeAnnotation: k.ExposeAnnotation,
+			ClusterDomain:    k.ClusterDomain,
+			TrustDomain:      k.TrustDomain,
+			Gateway: discovery.KubernetesGateway{
+				Enabled: k.Gateway.Enabled(), Name: k.Gateway.Name, Namespace: k.Gateway.Namespace,
+				LabelSelector: k.Gateway.LabelSelector, Port: k.Gateway.Port, Network: k.Gateway.Network,
+			},
+			OnGateway: d.kube.set,
+			Options:   d.cfg.CatalogOptions(),
+			Log:       d.log.With("component", "discovery"),
+			Metrics:   metrics,
+		}
+		out = append(out, &kubeSource{Kubernetes: src, field: fmt.Sprintf("discovery.kubernetes[%d]", i), cluster: k, dir: d.cfg})
+	}
+	return out
+}
+
+// kubeSource connects to the cluster when it starts, so a bad kubeconfig fails the daemon's
+// start with a message naming the field.
+type kubeSource struct {
+	*discovery.Kubernetes
+	field   string
+	cluster config.KubernetesCluster
+	dir     *config.Config
+}
+
+func (s *kubeSource) Run(ctx context.Context, update func(*catalog.Catalog)) error {
+	client, err := kubeClient(s.dir.Path(s.cluster.Kubeconfig), s.cluster.Context)
+	if err != nil {
+		return fmt.Errorf("%s (%s): %w", s.field, s.cluster.Name, err)
+	}
+	s.Kubernetes.Client = client
+	return s.Kubernetes.Run(ctx, update)
+}
+
+// kubeClient builds a client from a kubeconfig file and context, or from the in-cluster service
+// account when path is empty.
+func kubeClient(path, context string) (kubernetes.Interface, error) {
+	var rc *rest.Config
+	var err error
+	if path == "" {
+		if rc, err = rest.InClusterConfig(); err != nil {
+			return nil, fmt.Errorf("kubeconfig is empty, so the in-cluster service account is used, but: %w; set kubeconfig to a file", err)
+		}
+	} else {
+		loader := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
+			&clientcmd.ClientConfigLoadingRules{ExplicitPath: path}, &clientcmd.ConfigOverrides{CurrentContext: context})
+		if rc, err = loader.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
+		}
+	}
+	rc.UserAgent = "fwdproxy"
+	return kubernetes.NewForConfig(rc)
+}
