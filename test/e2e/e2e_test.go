@@ -35,7 +35,7 @@ const consecutiveErrors = 3
 
 // env is one running scenario: a mesh, the fleet's identity, config and catalog, and the daemon.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	ca      *meshtest.CA
 	ports   ports
@@ -53,13 +53,13 @@ type env struct {
 type dataplane struct {
 	name string
 	// configure adds the data plane's settings to the daemon config.
-	configure func(t *testing.T, dir string) string
+	configure func(t testing.TB, dir string) string
 	failover  bool
 }
 
-var builtin = dataplane{name: "builtin", configure: func(*testing.T, string) string { return "dataplane: builtin\n" }, failover: true}
+var builtin = dataplane{name: "builtin", configure: func(testing.TB, string) string { return "dataplane: builtin\n" }, failover: true}
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	p, err := meshtest.FreePort()
 	if err != nil {
@@ -69,7 +69,7 @@ func freePort(t *testing.T) int {
 }
 
 // start builds the mesh with newMesh and runs the daemon in front of it.
-func start(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh, dp dataplane) *env {
+func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp dataplane) *env {
 	t.Helper()
 	ca, err := meshtest.NewCA("cluster.local")
 	if err != nil {
@@ -291,7 +291,7 @@ var (
 )
 
 // runSuite is the scenario, in order; the last step takes a gateway away.
-func runSuite(t *testing.T, newMesh func(*testing.T, *meshtest.CA, ports) *mesh, dp dataplane) {
+func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp dataplane) {
 	e := start(t, newMesh, dp)
 	p := e.ports
 
@@ -595,7 +595,7 @@ func envoyDataplane(t *testing.T) dataplane {
 		t.Skip("envoy not on PATH: the Envoy variant of the end-to-end suite needs an envoy binary " +
 			"(e.g. from https://github.com/envoyproxy/envoy/releases); the built-in data plane variants ran instead")
 	}
-	return dataplane{name: "envoy", configure: func(t *testing.T, dir string) string {
+	return dataplane{name: "envoy", configure: func(t testing.TB, dir string) string {
 		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d, bootstrapPath: %s, drainTime: 1s}\n",
 			bin, freePort(t), filepath.Join(dir, "envoy-bootstrap.json"))
 	}}

@@ -58,7 +58,7 @@ type mesh struct {
 }
 
 // goMesh runs the Go stand-ins.
-func goMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
+func goMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 	t.Helper()
 	sidecars := map[string]*meshtest.Sidecar{}
 	var gws []*meshtest.Gateway
@@ -92,7 +92,7 @@ func goMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
 }
 
 // debianMesh runs HAProxy as the two gateways and the HTTP sidecars, nginx as the TCP sidecar.
-func debianMesh(t *testing.T, ca *meshtest.CA, p ports) *mesh {
+func debianMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 	t.Helper()
 	dir := t.TempDir()
 	routes := map[meshtest.Target]string{}
