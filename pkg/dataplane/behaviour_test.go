@@ -20,6 +20,7 @@ import (
 	directresponse "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/direct_response/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -417,5 +418,35 @@ func TestNoEndpointsIs503(t *testing.T) {
 	var ue *upstreamError
 	if errors.As(error(&upstreamError{reason: reasonNoHealthy}), &ue) && !strings.Contains(ue.Error(), "no healthy upstream") {
 		t.Error(ue.Error())
+	}
+}
+
+func TestSubsetHostAndRouteTimeout(t *testing.T) {
+	e := newEnv(t, 0)
+	mesh := newMeshServer(t, e.ca, reviewsID, false)
+	port := freePort(t)
+	svc := reviews(port, catalog.HTTP)
+	svc.Subsets = []catalog.Subset{{Name: "v2", Hosts: []string{"reviews-v2.example.com"}}}
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, e.options(mesh.addr), func(r *controlplane.Resources) {
+		for _, vh := range r.Routes[0].VirtualHosts {
+			vh.Routes[0].GetRoute().Timeout = durationpb.New(200 * time.Millisecond)
+		}
+	})
+	c := &http.Client{}
+	resp := get(t, c, port, "reviews-v2.example.com", "/")
+	body(t, resp)
+	if sni := resp.Header.Get("X-Seen-Sni"); sni != fmt.Sprintf("outbound_.%d_.v2_.reviews.default.svc.cluster.local", port) {
+		t.Errorf("subset SNI %q", sni)
+	}
+	resp = get(t, c, port, svc.Host, "/slow")
+	if b := body(t, resp); resp.StatusCode != http.StatusGatewayTimeout || !strings.Contains(b, "upstream request timeout") {
+		t.Errorf("slow upstream: %d %q", resp.StatusCode, b)
+	}
+	cl := controlplane.ClusterName(port, "", svc.Host)
+	if n := counter(t, e.dp.metrics.upstreamErrs.WithLabelValues(cl, reasonTimeout)); n != 1 {
+		t.Errorf("upstream_errors_total{timeout} = %v", n)
+	}
+	if n := counter(t, e.dp.metrics.requests.WithLabelValues(cl, "504")); n != 1 {
+		t.Errorf("requests_total{504} = %v", n)
 	}
 }
