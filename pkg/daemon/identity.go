@@ -32,6 +32,17 @@ type identityMetrics struct {
 	rotations      prometheus.Counter
 	rotationErrors prometheus.Counter
 	expired        prometheus.Gauge
+	// changed wakes watchExpiry when a new identity is set.
+	changed chan struct{}
+}
+
+// setIdentity hands a new identity to the daemon and re-evaluates its expiry.
+func (d *Daemon) setIdentity(m *identityMetrics, b *identity.Bundle) {
+	d.SetIdentity(b)
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 }
 
 func (d *Daemon) identityMetrics() *identityMetrics {
@@ -42,6 +53,7 @@ func (d *Daemon) identityMetrics() *identityMetrics {
 			Name: "fwdproxy_identity_rotation_errors_total", Help: "Failed attempts to obtain or load a new identity certificate."})),
 		expired: registerOrReuse(d.Registry, prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "fwdproxy_identity_expired", Help: "1 while the fleet identity is expired and no upstream traffic is served."})),
+		changed: make(chan struct{}, 1),
 	}
 	return m
 }
@@ -108,7 +120,7 @@ func (d *Daemon) fileIdentity(m *identityMetrics) (*identity.Bundle, func(contex
 			if cur := d.currentIdentity(); cur == nil || cur.Fingerprint() != b.Fingerprint() {
 				m.rotations.Inc()
 			}
-			d.SetIdentity(b)
+			d.setIdentity(m, b)
 		})
 	}
 	return bundle, watch, nil
@@ -151,7 +163,7 @@ func (d *Daemon) acmpcaIdentity(a *config.ACMPCAIdentity, m *identityMetrics) (*
 				}
 			}
 			m.rotations.Inc()
-			d.SetIdentity(b)
+			d.setIdentity(m, b)
 		},
 		OnError: func(error, time.Duration) { m.rotationErrors.Inc() },
 	}
@@ -229,6 +241,7 @@ func (d *Daemon) watchExpiry(ctx context.Context, m *identityMetrics, interval t
 		case <-ctx.Done():
 			return nil
 		case <-time.After(next):
+		case <-m.changed:
 		}
 	}
 }
