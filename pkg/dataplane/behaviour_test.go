@@ -72,6 +72,7 @@ func TestUpstreamVerificationFailsClosed(t *testing.T) {
 	wrongCA := newMeshServer(t, otherCA, reviewsID, true)
 	httpPort, tcpPort := freePort(t), freePort(t)
 	svcHTTP := reviews(httpPort, catalog.HTTP)
+	svcHTTP.Gateways = []string{"eastwest"}
 	svcTCP := catalog.Service{Host: "db.default.svc.cluster.local", Ports: []catalog.Port{{Number: tcpPort, Protocol: catalog.TCP}},
 		Identities: []string{reviewsID}, Gateways: []string{"other"}}
 	opts := e.options(wrongSAN.addr)

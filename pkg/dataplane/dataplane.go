@@ -191,7 +191,25 @@ func (dp *DataPlane) ListenerAddr(name string) string {
 // the last configuration keeps serving.
 func (dp *DataPlane) Run(ctx context.Context) error {
 	defer dp.shutdown()
+	go dp.outlierSweeps(ctx)
 	return dp.runXDS(ctx)
+}
+
+// outlierSweeps runs each cluster's outlier sweep on its interval, from one goroutine for all
+// clusters (a fleet config may hold tens of thousands).
+func (dp *DataPlane) outlierSweeps(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			for _, c := range *dp.clusters.Load() {
+				c.sweepDue(now)
+			}
+		}
+	}
 }
 
 func (dp *DataPlane) shutdown() {

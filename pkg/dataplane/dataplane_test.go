@@ -67,6 +67,9 @@ func TestHTTPByHostAndAlias(t *testing.T) {
 	if got := body(t, resp); got != "hello /post payload" {
 		t.Errorf("POST body %q", got)
 	}
+	if got := resp.Header.Get("X-Seen-Private"); got != "" {
+		t.Errorf("a header named in Connection was forwarded: %q", got)
+	}
 	if got := resp.Header.Get("X-Seen-Xff"); got != "10.1.2.3, 127.0.0.1" {
 		t.Errorf("X-Forwarded-For %q", got)
 	}

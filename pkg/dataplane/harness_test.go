@@ -360,7 +360,7 @@ func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-Seen-Host", r.Host)
 	w.Header().Set("X-Seen-Xff", r.Header.Get("X-Forwarded-For"))
 	w.Header().Set("X-Seen-Request-Id", r.Header.Get("X-Request-Id"))
-	w.Header().Set("X-Seen-Connection", r.Header.Get("Connection")+r.Header.Get("Keep-Alive"))
+	w.Header().Set("X-Seen-Private", r.Header.Get("X-Private"))
 	body, _ := io.ReadAll(r.Body)
 	fmt.Fprintf(w, "hello %s %s", r.URL.Path, body)
 }

@@ -31,9 +31,9 @@ type cluster struct {
 	hosts atomic.Pointer[[]*host]
 	rr    atomic.Uint64
 
-	mu      sync.Mutex // outlier state of the hosts
-	stop    chan struct{}
-	stopped sync.Once
+	mu        sync.Mutex   // outlier state of the hosts
+	lastSweep atomic.Int64 // unix nanoseconds of the last outlier sweep
+	stopped   sync.Once
 }
 
 // clusterRuntime is one version of a cluster's config with the transports built from it.
@@ -58,10 +58,10 @@ type host struct {
 }
 
 func newCluster(dp *DataPlane, cfg *clusterConfig) *cluster {
-	c := &cluster{name: cfg.name, dp: dp, stop: make(chan struct{})}
+	c := &cluster{name: cfg.name, dp: dp}
 	c.hosts.Store(&[]*host{})
+	c.lastSweep.Store(time.Now().UnixNano())
 	c.setConfig(cfg)
-	go c.outlierLoop()
 	return c
 }
 
@@ -137,12 +137,9 @@ func (rt *clusterRuntime) scheme() string {
 	return "http"
 }
 
-// close stops the outlier loop and closes idle connections; open ones finish on their own.
+// close closes idle connections; open ones finish on their own.
 func (c *cluster) close() {
-	c.stopped.Do(func() {
-		close(c.stop)
-		c.rt.Load().closeIdle()
-	})
+	c.stopped.Do(func() { c.rt.Load().closeIdle() })
 }
 
 // setEndpoints replaces the endpoint list, keeping the outlier state of endpoints that stay.
@@ -360,25 +357,23 @@ func ejectionTime(h *host, od *outlierSpec) time.Duration {
 	return min(od.baseEjection*time.Duration(h.ejections), od.maxEje)
 }
 
-// outlierLoop returns ejected endpoints to rotation when their time is up, and lowers the
-// ejection multiplier of endpoints that stayed healthy for an interval.
-func (c *cluster) outlierLoop() {
-	for {
-		interval := time.Second
-		if od := c.rt.Load().cfg.outlier; od != nil {
-			interval = od.interval
-		}
-		t := time.NewTimer(interval)
-		select {
-		case <-c.stop:
-			t.Stop()
-			return
-		case <-t.C:
-		}
-		c.sweep(time.Now())
+// sweepDue runs the cluster's outlier sweep when its interval has passed since the last one.
+func (c *cluster) sweepDue(now time.Time) {
+	od := c.rt.Load().cfg.outlier
+	interval := time.Second
+	if od != nil {
+		interval = od.interval
 	}
+	last := c.lastSweep.Load()
+	if now.UnixNano()-last < int64(interval) {
+		return
+	}
+	c.lastSweep.Store(now.UnixNano())
+	c.sweep(now)
 }
 
+// sweep returns ejected endpoints to rotation when their time is up, and lowers the ejection
+// multiplier of endpoints that stayed in rotation for an interval.
 func (c *cluster) sweep(now time.Time) {
 	od := c.rt.Load().cfg.outlier
 	c.mu.Lock()
@@ -429,9 +424,13 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 	rt := c.rt.Load()
 	req.URL.Scheme = rt.scheme()
 	var tried *host
+	var lastErr error
 	for attempt := 0; ; attempt++ {
 		h := c.pick(tried)
 		if h == nil || (attempt > 0 && h == tried) {
+			if lastErr != nil {
+				return nil, lastErr // no other endpoint to try
+			}
 			c.dp.metrics.upstreamErrs.WithLabelValues(c.name, reasonNoHealthy).Inc()
 			return nil, &upstreamError{reason: reasonNoHealthy, cluster: c.name}
 		}
@@ -447,7 +446,7 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 		var ue *upstreamError
 		if errors.As(err, &ue) {
 			if attempt == 0 && ue.connectFailure() && (req.Body == nil || req.Body == http.NoBody) {
-				tried = h
+				tried, lastErr = h, err
 				continue
 			}
 			return nil, err
