@@ -1,0 +1,88 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/meshconfig"
+)
+
+func init() {
+	register("mesh-config", "print the Istio resources the mesh needs for this fleet (Gateway, AuthorizationPolicy, ServiceEntry)", meshConfigCmd)
+}
+
+func meshConfigCmd(args []string) error {
+	fs := flag.NewFlagSet("mesh-config", flag.ContinueOnError)
+	path := configFlag(fs)
+	reverse := fs.String("reverse", "", "YAML file of VM services behind the fleet's load balancer, rendered as ServiceEntries")
+	gwNS := fs.String("gateway-namespace", "istio-system", "namespace of the east-west gateway")
+	policy := fs.String("policy-name", "allow-fwdproxy", "name of each AuthorizationPolicy")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), `usage: fwdproxy mesh-config --config FILE [--reverse FILE]
+
+Prints, as multi-document YAML for kubectl apply, the Istio resources the mesh side needs:
+  - Gateway cross-network-gateway: the east-west gateway, port 15443, tls AUTO_PASSTHROUGH
+  - AuthorizationPolicy per namespace of the catalog's services, allowing the fleet's principal
+  - with --reverse: a ServiceEntry per VM service, pointing at the fleet's load balancer
+
+The reverse file:
+  loadBalancer: internal-fwdproxy-0123.elb.eu-west-1.amazonaws.com   # DNS name or IP
+  namespace: istio-system      # where the ServiceEntries go (default istio-system)
+  exportTo: ["*"]              # default: all namespaces
+  services:
+    - host: billing.vm.example.internal
+      ports: [{number: 8080, protocol: http}, {number: 5432, protocol: tcp, name: postgres}]
+
+Flags:`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	var cats []*catalog.Catalog
+	var errs []error
+	for _, f := range cfg.Discovery.Files {
+		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cats = append(cats, c)
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
+	for _, c := range conflicts {
+		fmt.Fprintf(os.Stderr, "warning: %v\n", c)
+	}
+	opts := meshconfig.Options{
+		FleetSPIFFEID:    cfg.Identity.SPIFFEID,
+		Catalog:          merged,
+		GatewayNamespace: *gwNS,
+		PolicyName:       *policy,
+	}
+	for _, k := range cfg.Discovery.Kubernetes {
+		opts.Namespaces = append(opts.Namespaces, k.Namespaces...)
+	}
+	if *reverse != "" {
+		if opts.Reverse, err = meshconfig.LoadReverse(*reverse); err != nil {
+			return err
+		}
+	}
+	out, err := meshconfig.Render(opts)
+	if err != nil {
+		return err
+	}
+	_, err = os.Stdout.Write(out)
+	return err
+}
