@@ -46,7 +46,7 @@ type Reverse struct {
 	// Namespace of the ServiceEntries; default istio-system.
 	Namespace string `yaml:"namespace"`
 	// ExportTo limits which namespaces see the entries; default ["*"].
-	ExportTo []string           `yaml:"exportTo"`
+	ExportTo []string         `yaml:"exportTo"`
 	Services []ReverseService `yaml:"services"`
 }
 
