@@ -338,9 +338,9 @@ func TestBadGossipRejectedWithoutCrashing(t *testing.T) {
 	fleet := startFleet(t, 2, peerOpts{})
 	from, to := fleet[0], fleet[1]
 	var target *memberlist.Node
-	for _, m := range from.ml.Members() {
+	for _, m := range from.memberList() {
 		if m.Name == to.Name() {
-			target = m
+			target = &m
 		}
 	}
 	good := svc("good.default.svc.cluster.local", 9080)

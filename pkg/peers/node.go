@@ -77,6 +77,11 @@ type Node struct {
 	leaderCh    chan bool
 	advertised  string // digest in our current metadata
 	closed      atomic.Bool
+
+	// table holds copies of the members as reported by memberlist's events: the *Node values
+	// memberlist.Members returns are updated in place by its goroutines and are unsafe to read.
+	tableMu sync.Mutex
+	table   map[string]memberlist.Node
 }
 
 // Member is what a peer knows about one member of the fleet.
@@ -143,6 +148,7 @@ func Start(cfg Config) (*Node, error) {
 		kick:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
 		leaderCh: make(chan bool, 1),
+		table:    map[string]memberlist.Node{},
 	}
 	n.metrics = newMetrics(n, cfg.Registerer)
 	mc.Delegate = (*delegate)(n)
@@ -274,9 +280,8 @@ func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 		}
 		seeds = append(seeds, found...)
 	}
-	self := n.ml.LocalNode().Address()
-	known := map[string]bool{self: true}
-	for _, m := range n.ml.Members() {
+	known := map[string]bool{}
+	for _, m := range n.memberList() {
 		known[m.Address()] = true
 	}
 	var todo []string
@@ -342,12 +347,24 @@ func (n *Node) LeaderChanges() <-chan bool { return n.leaderCh }
 
 func (n *Node) leaderName() string {
 	name := n.cfg.Name
-	for _, m := range n.ml.Members() {
-		if m.State == memberlist.StateAlive && m.Name < name {
+	for _, m := range n.memberList() {
+		if m.Name < name {
 			name = m.Name
 		}
 	}
 	return name
+}
+
+// memberList is a copy of the live members, sorted by name.
+func (n *Node) memberList() []memberlist.Node {
+	n.tableMu.Lock()
+	out := make([]memberlist.Node, 0, len(n.table))
+	for _, m := range n.table {
+		out = append(out, m)
+	}
+	n.tableMu.Unlock()
+	slices.SortFunc(out, func(a, b memberlist.Node) int { return cmpString(a.Name, b.Name) })
+	return out
 }
 
 func (n *Node) updateLeader() {
@@ -372,13 +389,12 @@ func (n *Node) updateLeader() {
 func (n *Node) Members() []Member {
 	leader := n.leaderName()
 	var out []Member
-	for _, m := range n.ml.Members() {
+	for _, m := range n.memberList() {
 		out = append(out, Member{
-			Name: m.Name, Addr: m.Address(), State: stateName(m.State),
+			Name: m.Name, Addr: m.Address(), State: "alive",
 			Digest: metaDigest(m.Meta), Leader: m.Name == leader,
 		})
 	}
-	slices.SortFunc(out, func(a, b Member) int { return cmpString(a.Name, b.Name) })
 	return out
 }
 
@@ -392,27 +408,13 @@ func cmpString(a, b string) int {
 	return 0
 }
 
-func stateName(s memberlist.NodeStateType) string {
-	switch s {
-	case memberlist.StateAlive:
-		return "alive"
-	case memberlist.StateSuspect:
-		return "suspect"
-	case memberlist.StateDead:
-		return "dead"
-	case memberlist.StateLeft:
-		return "left"
-	}
-	return "unknown"
-}
-
 // Digest is the hash of this peer's store contents, and the number of live entries.
 func (n *Node) Digest() (string, int) { return n.store.Digest() }
 
 // Converged reports whether every member advertises this peer's digest.
 func (n *Node) Converged() bool {
 	d, _ := n.store.Digest()
-	for _, m := range n.ml.Members() {
+	for _, m := range n.memberList() {
 		if metaDigest(m.Meta) != d {
 			return false
 		}
@@ -469,7 +471,7 @@ func (n *Node) send(entries []Entry, local bool) {
 		big = append(big, e)
 	}
 	if len(big) > 0 && local {
-		members := n.ml.Members()
+		members := n.memberList()
 		go func() {
 			for _, e := range big {
 				msg := encodeMessage(msgDelta, []Entry{e})
@@ -477,7 +479,7 @@ func (n *Node) send(entries []Entry, local bool) {
 					if m.Name == n.cfg.Name {
 						continue
 					}
-					if err := n.ml.SendReliable(m, msg); err != nil {
+					if err := n.ml.SendReliable(&m, msg); err != nil {
 						n.log.Debug("large entry not sent; anti-entropy will carry it", "key", e.Key, "peer", m.Name, "error", err)
 					}
 				}
@@ -674,19 +676,38 @@ func (n *Node) reject(err error, via string) {
 	n.log.Warn("gossip message rejected; not applied", "reason", reason, "via", via, "error", err)
 }
 
-// events implements memberlist.EventDelegate: membership changes recompute leadership.
+// events implements memberlist.EventDelegate: it keeps the member table (memberlist calls it with
+// its node lock held, so the node is copied here) and recomputes leadership.
 type events Node
 
+func (e *events) record(m *memberlist.Node) {
+	c := *m
+	c.Meta = slices.Clone(m.Meta)
+	c.Addr = slices.Clone(m.Addr)
+	e.tableMu.Lock()
+	e.table[c.Name] = c
+	e.tableMu.Unlock()
+}
+
 func (e *events) NotifyJoin(m *memberlist.Node) {
+	e.record(m)
 	n := (*Node)(e)
-	n.log.Info("peer joined", "peer", m.Name, "addr", m.Address())
+	if m.Name != n.cfg.Name {
+		n.log.Info("peer joined", "peer", m.Name, "addr", m.Address())
+	}
 	n.poke()
 }
 
 func (e *events) NotifyLeave(m *memberlist.Node) {
+	e.tableMu.Lock()
+	delete(e.table, m.Name)
+	e.tableMu.Unlock()
 	n := (*Node)(e)
 	n.log.Info("peer left or failed", "peer", m.Name, "addr", m.Address())
 	n.poke()
 }
 
-func (e *events) NotifyUpdate(*memberlist.Node) { (*Node)(e).poke() }
+func (e *events) NotifyUpdate(m *memberlist.Node) {
+	e.record(m)
+	(*Node)(e).poke()
+}

@@ -128,6 +128,20 @@ func (t *faultyTransport) StreamCh() <-chan net.Conn { return t.streams }
 
 func (t *faultyTransport) Shutdown() error {
 	t.once.Do(func() { close(t.done) })
+	// Keep draining so the inner listeners can finish a pending delivery and exit.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-t.inner.PacketCh():
+			case c := <-t.inner.StreamCh():
+				c.Close()
+			case <-stop:
+				return
+			}
+		}
+	}()
 	return t.inner.Shutdown()
 }
 
