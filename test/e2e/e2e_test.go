@@ -407,7 +407,7 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			t.Fatal("added service reachable before it is in the catalog")
 		}
 		l := e.startLoad()
-		time.Sleep(300 * time.Millisecond)
+		l.progress(t, 20)
 		e.writeCatalog(true)
 		e.eventually("added service reachable", func() error {
 			code, r, err := e.get("", "added.bookinfo.svc.cluster.local", p.http, "/")
@@ -417,14 +417,14 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			e.checkReport("added", r, "added", target("added", p.http, ""), alpnHTTP)
 			return nil
 		})
-		time.Sleep(300 * time.Millisecond)
+		l.progress(t, 20)
 		l.finish(t)
 	})
 
 	t.Run("IdentityRotationUnderLoad", func(t *testing.T) {
 		e.t = t
 		l := e.startLoad()
-		time.Sleep(300 * time.Millisecond)
+		l.progress(t, 20)
 		leaf, err := e.ca.IssueFor(fleetID, 2*time.Hour)
 		if err != nil {
 			t.Fatal(err)
@@ -444,7 +444,7 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			}
 			return nil
 		})
-		time.Sleep(300 * time.Millisecond)
+		l.progress(t, 20)
 		l.finish(t)
 	})
 
@@ -500,6 +500,7 @@ type load struct {
 	mu         sync.Mutex
 	errs       []string
 	stop       chan struct{}
+	stopped    sync.Once
 	wg         sync.WaitGroup
 }
 
@@ -552,15 +553,35 @@ func (e *env) startLoad() *load {
 	return l
 }
 
+// progress waits until n more requests have succeeded (at most 30s), so each phase of a test
+// carries traffic however busy the machine is.
+func (l *load) progress(t *testing.T, n int64) {
+	t.Helper()
+	want := l.ok.Load() + n
+	deadline := time.Now().Add(30 * time.Second)
+	for l.ok.Load() < want {
+		if time.Now().After(deadline) {
+			l.halt()
+			t.Fatalf("load made no progress: %d ok, %d failed, e.g. %q", l.ok.Load(), l.failed.Load(), l.errs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// halt stops the workers and waits for them.
+func (l *load) halt() {
+	l.stopped.Do(func() { close(l.stop) })
+	l.wg.Wait()
+}
+
 func (l *load) finish(t *testing.T) {
 	t.Helper()
-	close(l.stop)
-	l.wg.Wait()
+	l.halt()
 	t.Logf("load: %d ok, %d failed", l.ok.Load(), l.failed.Load())
 	if l.failed.Load() != 0 {
 		t.Errorf("%d requests failed under load, e.g. %q", l.failed.Load(), l.errs)
 	}
-	if l.ok.Load() < 20 {
+	if l.ok.Load() < 40 {
 		t.Errorf("only %d requests succeeded under load", l.ok.Load())
 	}
 }

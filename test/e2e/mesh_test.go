@@ -63,7 +63,11 @@ func goMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 	sidecars := map[string]*meshtest.Sidecar{}
 	var gws []*meshtest.Gateway
 	for range 2 {
-		g, err := meshtest.StartGateway("127.0.0.1:0")
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := meshtest.StartGateway(addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -71,7 +75,11 @@ func goMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 		gws = append(gws, g)
 	}
 	for _, s := range sidecarSpecs(p) {
-		sc, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto})
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto, Addr: addr})
 		if err != nil {
 			t.Fatal(err)
 		}
