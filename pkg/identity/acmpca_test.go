@@ -4,17 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
-	"encoding/json"
 	"encoding/pem"
-	"fmt"
-	"io"
-	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,143 +25,15 @@ const (
 	passthrough = "arn:aws:acm-pca:::template/EndEntityCertificate_APIPassthrough/V1"
 )
 
-// fakePCA speaks the ACM PCA JSON protocol (awsJson1_1, X-Amz-Target ACMPrivateCA.*) and signs
-// CSRs with a meshtest CA, as a private CA subordinate to the mesh root would.
-type fakePCA struct {
-	t  *testing.T
-	ca *meshtest.CA
-	// inProgress is how many GetCertificate calls per certificate answer RequestInProgressException.
-	inProgress int
-	// failIssue, when it returns an error type, fails the n-th IssueCertificate call with it.
-	failIssue func(n int) string
-	// uri overrides the URI SAN signed into the certificate (to test a misbehaving CA).
-	uri string
-
-	mu       sync.Mutex
-	issues   int
-	gets     map[string]int
-	certs    map[string]*x509.Certificate
-	requests []issueRequest
-	bodies   [][]byte
-}
-
-type issueRequest struct {
-	CertificateAuthorityArn string
-	Csr                     []byte
-	SigningAlgorithm        string
-	TemplateArn             string
-	Validity                struct {
-		Type  string
-		Value int64
-	}
-	IdempotencyToken string
-	ApiPassthrough   *struct {
-		Extensions struct {
-			SubjectAlternativeNames []struct{ UniformResourceIdentifier string }
-		}
-	}
-}
-
-func newFakePCA(t *testing.T) (*fakePCA, *httptest.Server) {
+func newFakePCA(t *testing.T) (*meshtest.ACMPCA, *httptest.Server) {
 	ca, err := meshtest.NewCA("test-mesh")
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakePCA{t: t, ca: ca, inProgress: 2, gets: map[string]int{}, certs: map[string]*x509.Certificate{}}
+	f := meshtest.NewACMPCA(ca, testCAARN)
 	srv := httptest.NewServer(f)
 	t.Cleanup(srv.Close)
 	return f, srv
-}
-
-func (f *fakePCA) fail(w http.ResponseWriter, status int, typ, msg string) {
-	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
-	w.Header().Set("X-Amzn-ErrorType", typ)
-	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(map[string]string{"__type": typ, "message": msg})
-}
-
-func (f *fakePCA) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.bodies = append(f.bodies, body)
-	if r.Method != http.MethodPost || !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 ") {
-		f.fail(w, 403, "AccessDeniedException", "request is not SigV4-signed")
-		return
-	}
-	switch target := r.Header.Get("X-Amz-Target"); target {
-	case "ACMPrivateCA.IssueCertificate":
-		var req issueRequest
-		if err := json.Unmarshal(body, &req); err != nil {
-			f.fail(w, 400, "ValidationException", err.Error())
-			return
-		}
-		f.issues++
-		f.requests = append(f.requests, req)
-		if f.failIssue != nil {
-			if typ := f.failIssue(f.issues); typ != "" {
-				f.fail(w, 400, typ, "the CA is not available")
-				return
-			}
-		}
-		if req.CertificateAuthorityArn != testCAARN {
-			f.fail(w, 400, "ResourceNotFoundException", "no such CA")
-			return
-		}
-		block, _ := pem.Decode(req.Csr)
-		if block == nil || block.Type != "CERTIFICATE REQUEST" {
-			f.fail(w, 400, "MalformedCSRException", "not a PEM CSR")
-			return
-		}
-		csr, err := x509.ParseCertificateRequest(block.Bytes)
-		if err == nil {
-			err = csr.CheckSignature()
-		}
-		if err != nil {
-			f.fail(w, 400, "MalformedCSRException", err.Error())
-			return
-		}
-		uris := csr.URIs
-		if f.uri != "" {
-			u, _ := url.Parse(f.uri)
-			uris = []*url.URL{u}
-		}
-		now := time.Now().Truncate(time.Second)
-		cert, err := f.ca.Sign(&x509.Certificate{
-			NotBefore: now, NotAfter: time.Unix(req.Validity.Value, 0), URIs: uris,
-			KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		}, csr.PublicKey)
-		if err != nil {
-			f.fail(w, 500, "InternalFailure", err.Error())
-			return
-		}
-		arn := fmt.Sprintf("%s/certificate/%x", testCAARN, cert.SerialNumber)
-		f.certs[arn] = cert
-		json.NewEncoder(w).Encode(map[string]string{"CertificateArn": arn})
-	case "ACMPrivateCA.GetCertificate":
-		var req struct{ CertificateAuthorityArn, CertificateArn string }
-		if err := json.Unmarshal(body, &req); err != nil {
-			f.fail(w, 400, "ValidationException", err.Error())
-			return
-		}
-		cert, ok := f.certs[req.CertificateArn]
-		if !ok {
-			f.fail(w, 400, "ResourceNotFoundException", "no such certificate")
-			return
-		}
-		f.gets[req.CertificateArn]++
-		if f.gets[req.CertificateArn] <= f.inProgress {
-			f.fail(w, 400, "RequestInProgressException", "The request is still in progress")
-			return
-		}
-		json.NewEncoder(w).Encode(map[string]string{
-			"Certificate":      string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})),
-			"CertificateChain": string(f.ca.IntermediatePEM) + string(f.ca.RootPEM),
-		})
-	default:
-		f.fail(w, 400, "UnknownOperationException", target)
-	}
 }
 
 func testClient(srv *httptest.Server) *acmpca.Client {
@@ -207,18 +73,17 @@ func TestACMPCAIssue(t *testing.T) {
 			}
 			// The chain holds leaf + intermediate; the root is the trust bundle.
 			certs, _ := parseCerts(b.CertChainPEM)
-			if len(certs) != 2 || !certs[1].Equal(f.ca.Intermediate) {
+			if len(certs) != 2 || !certs[1].Equal(f.CA.Intermediate) {
 				t.Errorf("chain: %d certificates", len(certs))
 			}
-			if !bytes.Equal(b.RootsPEM, f.ca.RootPEM) {
+			if !bytes.Equal(b.RootsPEM, f.CA.RootPEM) {
 				t.Error("roots are not the CA chain's self-signed root")
 			}
 			if _, err := b.TLSCertificate(); err != nil {
 				t.Errorf("TLS certificate: %v", err)
 			}
-			f.mu.Lock()
-			defer f.mu.Unlock()
-			req := f.requests[len(f.requests)-1]
+			reqs := f.Requests()
+			req := reqs[len(reqs)-1]
 			if req.TemplateArn != passthrough || req.SigningAlgorithm != "SHA256WITHECDSA" || req.Validity.Type != "ABSOLUTE" || req.IdempotencyToken == "" {
 				t.Errorf("IssueCertificate request: %+v", req)
 			}
@@ -232,14 +97,12 @@ func TestACMPCAIssue(t *testing.T) {
 				t.Errorf("CSR subject %v, URIs %v", csr.Subject, csr.URIs)
 			}
 			// The CA polled: in progress twice, then issued.
-			for arn, n := range f.gets {
-				if f.certs[arn].Equal(b.Leaf) && n != 3 {
-					t.Errorf("GetCertificate called %d times, want 3 (2 in progress + 1)", n)
-				}
+			if n := f.Polls(b.Leaf); n != 3 {
+				t.Errorf("GetCertificate called %d times, want 3 (2 in progress + 1)", n)
 			}
 			// The key never left: no request carries it.
 			keyBlock, _ := pem.Decode(b.KeyPEM)
-			for _, body := range f.bodies {
+			for _, body := range f.Bodies() {
 				if bytes.Contains(body, []byte("PRIVATE KEY")) || bytes.Contains(body, keyBlock.Bytes) {
 					t.Fatal("a request to the CA carries the private key")
 				}
@@ -250,13 +113,13 @@ func TestACMPCAIssue(t *testing.T) {
 
 func TestACMPCAIssueRejectsBadCertificates(t *testing.T) {
 	f, srv := newFakePCA(t)
-	f.uri = "spiffe://cluster.local/ns/other/sa/other"
+	f.SetURI("spiffe://cluster.local/ns/other/sa/other")
 	_, err := testIssuer(srv).Issue(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "do not include identity.spiffeID") {
 		t.Fatalf("a certificate for another identity was accepted: %v", err)
 	}
 
-	f.uri = ""
+	f.SetURI("")
 	iss := testIssuer(srv)
 	other, _ := meshtest.NewCA("other-mesh")
 	iss.Roots = func() ([]byte, error) { return other.RootPEM, nil }
@@ -264,14 +127,14 @@ func TestACMPCAIssueRejectsBadCertificates(t *testing.T) {
 		t.Fatalf("a certificate not chaining to the configured roots was accepted: %v", err)
 	}
 
-	f.failIssue = func(int) string { return "InvalidStateException" }
+	f.SetFailIssue(func(int) string { return "InvalidStateException" })
 	_, err = testIssuer(srv).Issue(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "InvalidStateException") {
 		t.Fatalf("a CA error was not reported: %v", err)
 	}
 
-	f.failIssue = nil
-	f.inProgress = 1000
+	f.SetFailIssue(nil)
+	f.SetInProgress(1000)
 	iss = testIssuer(srv)
 	iss.MaxWait = 300 * time.Millisecond
 	if _, err := iss.Issue(context.Background()); err == nil || !strings.Contains(err.Error(), "GetCertificate") {
@@ -299,7 +162,7 @@ func TestRenewalTime(t *testing.T) {
 
 func TestRotatorRenewsAndKeepsServingOnFailure(t *testing.T) {
 	f, srv := newFakePCA(t)
-	f.inProgress = 1
+	f.SetInProgress(1)
 	iss := testIssuer(srv)
 	iss.Validity = 4 * time.Second
 	first, err := iss.Issue(context.Background())
@@ -307,15 +170,13 @@ func TestRotatorRenewsAndKeepsServingOnFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The first renewal attempts fail twice: the CA is briefly unavailable.
-	f.mu.Lock()
-	base := f.issues
-	f.failIssue = func(n int) string {
+	base := f.Issues()
+	f.SetFailIssue(func(n int) string {
 		if n == base+1 || n == base+2 {
 			return "InvalidStateException"
 		}
 		return ""
-	}
-	f.mu.Unlock()
+	})
 
 	type event struct {
 		b     *Bundle
