@@ -1,9 +1,15 @@
 package daemon
 
 import (
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 )
 
 // An identity that expires takes the instance out of service loudly: not ready, an error in the
@@ -58,4 +64,53 @@ func TestExpiredIdentityServesNothing(t *testing.T) {
 		v, _ := value(scrape(t, f.metricsAddr), "fwdproxy_identity_expired", nil)
 		return v == 0
 	})
+}
+
+// With identity.acmpca the daemon generates its key, has AWS Private CA issue the certificate,
+// serves with it, and persists it (key 0600) when asked to.
+func TestACMPCAIdentity(t *testing.T) {
+	const arn = "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/11111111-2222-3333-4444-555555555555"
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	var pca *meshtest.ACMPCA
+	f := startMeshFixtureWith(t, time.Hour, func(f *meshFixture) string {
+		pca = meshtest.NewACMPCA(f.ca, arn)
+		pca.SetInProgress(1)
+		srv := httptest.NewServer(pca)
+		t.Cleanup(srv.Close)
+		return fmt.Sprintf("  acmpca: {certificateAuthorityArn: %q, endpoint: %q, validity: 12h, persistDir: persisted}", arn, srv.URL)
+	})
+	waitReady(t, f.metricsAddr, 200, "ready")
+	eventually(t, "traffic with the issued identity", func() bool {
+		line, _ := f.dial(f.goodPort)
+		return line == "caller spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy\n"
+	})
+	if n := pca.Issues(); n != 1 {
+		t.Errorf("%d IssueCertificate calls, want 1", n)
+	}
+	req := pca.Requests()[0]
+	if req.TemplateArn != "arn:aws:acm-pca:::template/EndEntityCertificate_APIPassthrough/V1" || req.SigningAlgorithm != "SHA256WITHECDSA" {
+		t.Errorf("request: template %s, signing %s", req.TemplateArn, req.SigningAlgorithm)
+	}
+	b := f.d.currentIdentity()
+	if got := b.NotAfter().Sub(b.Leaf.NotBefore); got < 12*time.Hour-5*time.Second || got > 12*time.Hour+5*time.Second {
+		t.Errorf("validity %s, want 12h", got)
+	}
+	v, _ := value(scrape(t, f.metricsAddr), "fwdproxy_identity_expiry_timestamp_seconds", nil)
+	if v != float64(b.NotAfter().Unix()) {
+		t.Errorf("expiry metric %v, want %d", v, b.NotAfter().Unix())
+	}
+	st, err := os.Stat(filepath.Join(f.dir, "persisted", "key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("persisted key mode %v", st.Mode().Perm())
+	}
+	if strings.Contains(f.logs.String(), "PRIVATE KEY") {
+		t.Error("the private key appears in the log")
+	}
 }

@@ -60,6 +60,12 @@ func (l *lockedBuffer) String() string {
 
 func startMeshFixture(t *testing.T, identityTTL time.Duration) *meshFixture {
 	t.Helper()
+	return startMeshFixtureWith(t, identityTTL, nil)
+}
+
+// startMeshFixtureWith lets identity return the config's identity block (default: the files).
+func startMeshFixtureWith(t *testing.T, identityTTL time.Duration, identity func(*meshFixture) string) *meshFixture {
+	t.Helper()
 	f := &meshFixture{dir: t.TempDir(), logs: &lockedBuffer{}}
 	var err error
 	if f.ca, err = meshtest.NewCA("cluster.local"); err != nil {
@@ -116,18 +122,22 @@ func startMeshFixture(t *testing.T, identityTTL time.Duration) *meshFixture {
 	}
 	_, gwPort, _ := net.SplitHostPort(mesh.Addr().String())
 	f.metricsAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	identityBlock := "  files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}"
+	if identity != nil {
+		identityBlock = identity(f)
+	}
 	cfgText := fmt.Sprintf(`
 node: {id: metrics-test}
 gateways: [{name: gw, address: 127.0.0.1, port: %s}]
 identity:
   spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
-  files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
+%s
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
 xds: {address: "127.0.0.1:0"}
 metrics: {address: %s}
 admin: {address: "127.0.0.1:0"}
-`, gwPort, f.metricsAddr)
+`, gwPort, identityBlock, f.metricsAddr)
 	cfgPath := filepath.Join(f.dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
 		t.Fatal(err)
