@@ -45,8 +45,10 @@ type env struct {
 	metrics string
 	// failover: a connect failure is retried on another gateway, so losing one fails no request.
 	failover bool
-	logs     *syncBuffer
-	clients  sync.Map // source IP -> *http.Client
+	// builtin: the built-in data plane, whose fwdproxy_dataplane_* metrics the daemon serves.
+	builtin bool
+	logs    *syncBuffer
+	clients sync.Map // source IP -> *http.Client
 }
 
 // dataplane is how the scenario's bytes are moved.
@@ -75,7 +77,7 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &syncBuffer{}, failover: dp.failover}
+	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &syncBuffer{}, failover: dp.failover, builtin: dp.name == "builtin"}
 	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t)}
 	e.mesh = newMesh(t, ca, e.ports)
 	e.certs = filepath.Join(e.dir, "certs")
@@ -372,6 +374,10 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			// Rejected > 0: the connection reached the sidecar and the client ended the handshake.
 			t.Errorf("impostor sidecar: %+v, want handshakes refused by the client and nothing served", st)
 		}
+		cl := `cluster="outbound|` + strconv.Itoa(p.http) + `||impostor.bookinfo.svc.cluster.local"`
+		if n := e.metric("fwdproxy_dataplane_tls_handshake_failures_total", cl); e.builtin && n < 3 {
+			t.Errorf("fwdproxy_dataplane_tls_handshake_failures_total{%s} = %v, want >= 3", cl, n)
+		}
 	})
 
 	t.Run("AllowedClients", func(t *testing.T) {
@@ -398,6 +404,12 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		}
 		if after, ok := e.mesh.stats("details"); ok && after.Served != before.Served {
 			t.Errorf("details served %d requests to a refused client", after.Served-before.Served)
+		}
+		for _, port := range []int{p.http, p.tcp} {
+			l := `listener="127.0.0.1_` + strconv.Itoa(port) + `"`
+			if n := e.metric("fwdproxy_dataplane_rbac_denied_total", l); e.builtin && n != 1 {
+				t.Errorf("fwdproxy_dataplane_rbac_denied_total{%s} = %v, want 1", l, n)
+			}
 		}
 	})
 
@@ -477,7 +489,41 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		if failed > allowed {
 			t.Errorf("%d of 80 requests and connections failed with one gateway down; want at most %d", failed, allowed)
 		}
+		for _, cl := range []string{
+			`cluster="outbound|` + strconv.Itoa(p.http) + `||productpage.bookinfo.svc.cluster.local"`,
+			`cluster="outbound|` + strconv.Itoa(p.tcp) + `||mysql.bookinfo.svc.cluster.local"`,
+		} {
+			if n := e.metric("fwdproxy_dataplane_ejections_total", cl); e.builtin && n < 1 {
+				t.Errorf("fwdproxy_dataplane_ejections_total{%s} = %v: the stopped gateway was not ejected", cl, n)
+			}
+		}
 	})
+}
+
+// metric sums the samples of a counter on the daemon's /metrics whose labels include label (e.g.
+// `cluster="outbound|9080||x"`).
+func (e *env) metric(name, label string) float64 {
+	e.t.Helper()
+	resp, err := http.Get("http://" + e.metrics + "/metrics")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sum := 0.0
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, label) {
+			continue
+		}
+		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+		if err != nil {
+			e.t.Fatalf("metric line %q: %v", line, err)
+		}
+		sum += v
+	}
+	return sum
 }
 
 // eventually retries f for up to 20s.
