@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"reflect"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
@@ -424,6 +426,80 @@ func TestIstioProtocol(t *testing.T) {
 				ap = *tc.port.AppProtocol
 			}
 			t.Errorf("IstioProtocol(name=%q appProtocol=%s protocol=%q) = %q, %v; want %q, %v", tc.port.Name, ap, tc.port.Protocol, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// The appliance's RBAC manifest is read-only and covers everything the source watches.
+func TestRBACManifest(t *testing.T) {
+	objs := loadManifests(t, "../../deploy/kubernetes/rbac.yaml")
+	var role *rbacv1.ClusterRole
+	var binding *rbacv1.ClusterRoleBinding
+	var sa *corev1.ServiceAccount
+	for _, o := range objs {
+		switch v := o.(type) {
+		case *rbacv1.ClusterRole:
+			role = v
+		case *rbacv1.ClusterRoleBinding:
+			binding = v
+		case *corev1.ServiceAccount:
+			sa = v
+		}
+	}
+	if role == nil || binding == nil || sa == nil {
+		t.Fatalf("manifest lacks a ClusterRole, ClusterRoleBinding or ServiceAccount")
+	}
+	granted := map[string]bool{}
+	for _, r := range role.Rules {
+		for _, verb := range r.Verbs {
+			if verb != "get" && verb != "list" && verb != "watch" {
+				t.Errorf("rule %v grants %q: the role must be read-only", r, verb)
+			}
+		}
+		for _, g := range r.APIGroups {
+			for _, res := range r.Resources {
+				granted[g+"/"+res] = len(r.Verbs) == 3
+				if res == "secrets" || res == "*" {
+					t.Errorf("the role grants %s", res)
+				}
+			}
+		}
+	}
+	for _, need := range []string{"/services", "/pods", "/namespaces", "discovery.k8s.io/endpointslices"} {
+		if !granted[need] {
+			t.Errorf("the role does not grant get/list/watch on %s", need)
+		}
+	}
+	if binding.RoleRef.Name != role.Name || len(binding.Subjects) != 1 || binding.Subjects[0].Name != sa.Name || binding.Subjects[0].Namespace != sa.Namespace {
+		t.Errorf("binding %+v does not bind %s to %s/%s", binding, role.Name, sa.Namespace, sa.Name)
+	}
+}
+
+// BenchmarkKubernetesBuild turns a cluster of 10,000 Services (one pod each) into a catalog.
+func BenchmarkKubernetesBuild(b *testing.B) {
+	const n = 10000
+	var svcs []*corev1.Service
+	var slices []*discoveryv1.EndpointSlice
+	sas := map[string]string{}
+	for i := range n {
+		name := fmt.Sprintf("svc-%05d", i)
+		ns := fmt.Sprintf("ns-%03d", i%100)
+		svcs = append(svcs, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 8080}, {Name: "grpc-api", Port: 9090}}}})
+		pod := name + "-pod"
+		sas[ns+"/"+pod] = name
+		slices = append(slices, &discoveryv1.EndpointSlice{
+			ObjectMeta: metav1.ObjectMeta{Name: name + "-abc", Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+			Endpoints:  []discoveryv1.Endpoint{{Addresses: []string{"10.0.0.1"}, TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: pod}}},
+		})
+	}
+	podSA := func(ns, name string) (string, bool) { sa, ok := sas[ns+"/"+name]; return sa, ok }
+	k := &Kubernetes{Cluster: "bench", ClusterDomain: "cluster.local", TrustDomain: "cluster.local"}
+	b.ReportAllocs()
+	for b.Loop() {
+		out := k.build(svcs, slices, podSA, nil, nil)
+		if len(out.catalog.Services) != n {
+			b.Fatalf("%d services", len(out.catalog.Services))
 		}
 	}
 }
