@@ -346,6 +346,30 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		if r.Proto != "HTTP/2.0" {
 			t.Errorf("sidecar saw %s, want HTTP/2.0 with prior knowledge", r.Proto)
 		}
+		// A client speaking HTTP/2 with prior knowledge to an HTTP/1.1 service.
+		var protos http.Protocols
+		protos.SetUnencryptedHTTP2(true)
+		h2c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Protocols: &protos}}
+		defer h2c.CloseIdleConnections()
+		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(p.http)+"/h2c", nil)
+		req.Host = "productpage.example.internal"
+		resp, err := h2c.Do(req)
+		if err != nil {
+			t.Fatalf("h2c client: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.ProtoMajor != 2 {
+			t.Fatalf("h2c client: %s %s: %s", resp.Proto, resp.Status, body)
+		}
+		r, err = meshtest.ParseReport(string(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.checkReport("h2c client", r, "productpage", target("productpage", p.http, ""), alpnHTTP)
+		if r.Proto != "HTTP/1.1" {
+			t.Errorf("sidecar saw %s, want HTTP/1.1", r.Proto)
+		}
 	})
 
 	t.Run("TCPByPort", func(t *testing.T) {
