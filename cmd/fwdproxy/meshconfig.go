@@ -73,6 +73,9 @@ Flags:`)
 	}
 	for _, k := range cfg.Discovery.Kubernetes {
 		opts.Namespaces = append(opts.Namespaces, k.Namespaces...)
+		if len(k.Namespaces) == 0 {
+			fmt.Fprintf(os.Stderr, "note: discovery.kubernetes %s watches all namespaces; its services get no AuthorizationPolicy here (list its namespaces to have them rendered)\n", k.Name)
+		}
 	}
 	if *reverse != "" {
 		if opts.Reverse, err = meshconfig.LoadReverse(*reverse); err != nil {
