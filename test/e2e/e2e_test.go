@@ -190,8 +190,14 @@ func (e *env) writeCatalog(withAdded bool) {
 	if withAdded {
 		b.WriteString(svc("added", addedID, e.ports.http, "http", ""))
 	}
+	e.replaceCatalog(b.String())
+}
+
+// replaceCatalog swaps the catalog file's content at once, as a deploy tool would.
+func (e *env) replaceCatalog(content string) {
+	e.t.Helper()
 	tmp := e.catalog + ".tmp"
-	if err := os.WriteFile(tmp, []byte(b.String()), 0o644); err != nil {
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
 		e.t.Fatal(err)
 	}
 	if err := os.Rename(tmp, e.catalog); err != nil {
@@ -444,6 +450,18 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		}
 		l := e.startLoad()
 		l.progress(t, 20)
+		// A broken edit is rejected; the last good catalog keeps serving.
+		e.replaceCatalog("services:\n  - host: added.bookinfo.svc.cluster.local\n    ports: [{number: 0, protocol: http}]\n")
+		e.eventually("broken catalog reported", func() error {
+			if !strings.Contains(e.logs.String(), "services[0].ports[0].number") {
+				return errors.New("no log line names the bad field")
+			}
+			return nil
+		})
+		l.progress(t, 20)
+		if code, _, _ := e.get("", "added.bookinfo.svc.cluster.local", p.http, "/"); code == 200 {
+			t.Error("a service from the rejected catalog is served")
+		}
 		e.writeCatalog(true)
 		e.eventually("added service reachable", func() error {
 			code, r, err := e.get("", "added.bookinfo.svc.cluster.local", p.http, "/")
