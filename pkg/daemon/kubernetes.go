@@ -140,11 +140,13 @@ type kubeSource struct {
 }
 
 func (s *kubeSource) Run(ctx context.Context, update func(*catalog.Catalog)) error {
-	client, err := kubeClient(s.dir.Path(s.cluster.Kubeconfig), s.cluster.Context)
-	if err != nil {
-		return fmt.Errorf("%s (%s): %w", s.field, s.cluster.Name, err)
+	if s.Kubernetes.Client == nil { // tests may set a client
+		client, err := kubeClient(s.dir.Path(s.cluster.Kubeconfig), s.cluster.Context)
+		if err != nil {
+			return fmt.Errorf("%s (%s): %w", s.field, s.cluster.Name, err)
+		}
+		s.Kubernetes.Client = client
 	}
-	s.Kubernetes.Client = client
 	return s.Kubernetes.Run(ctx, update)
 }
 

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -9,7 +10,15 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/kubernetes/scheme"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -99,5 +108,103 @@ func TestKubernetesSourceBadKubeconfig(t *testing.T) {
 	err := d.sources[0].Run(context.Background(), func(*catalog.Catalog) {})
 	if err == nil || !strings.Contains(err.Error(), "discovery.kubernetes[0] (primary): kubeconfig") || !strings.Contains(err.Error(), "missing.kubeconfig") {
 		t.Fatalf("a missing kubeconfig: %v", err)
+	}
+}
+
+// The whole way through: Services in a (fake) API server become clusters in the served snapshot,
+// reached through the discovered east-west gateway, with the discovery metrics on /metrics.
+func TestKubernetesThroughDaemon(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := freeAddr(t)
+	doc := fmt.Sprintf(`identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
+discovery:
+  kubernetes:
+    - {name: primary, namespaces: [bookinfo], gateway: {namespace: istio-system}}
+listen: {address: 127.0.0.1}
+dataplane: none
+xds: {address: "127.0.0.1:0"}
+metrics: {address: %q}
+`, metricsAddr)
+	path := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The Bookinfo-like cluster of the discovery tests, its gateway's load balancer on loopback.
+	data, err := os.ReadFile("../discovery/testdata/kubernetes/bookinfo.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs []runtime.Object
+	for _, part := range strings.Split(string(data), "\n---\n") {
+		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(part), nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if svc, ok := obj.(*corev1.Service); ok && svc.Labels["istio"] == "eastwestgateway" {
+			svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "127.0.0.1"}}
+		}
+		objs = append(objs, obj)
+	}
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	d.sources[0].(*kubeSource).Client = fake.NewClientset(objs...)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("daemon: %v", err)
+		}
+	}()
+	eventually(t, "the Kubernetes services served", func() bool {
+		cur := d.XDS.Current()
+		if cur == nil {
+			return false
+		}
+		_, opts, _, _ := d.Inputs()
+		return len(opts.Gateways) == 1 && testutil.ToFloat64(d.metrics.catalogServices) == 6
+	})
+	cat, opts, _, _ := d.Inputs()
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var clusters []string
+	for _, c := range res.Clusters {
+		clusters = append(clusters, c.Name)
+	}
+	if !slices.Contains(clusters, "outbound|9080||reviews.bookinfo.svc.cluster.local") || !slices.Contains(clusters, "outbound|27017||mongodb.bookinfo.svc.cluster.local") {
+		t.Errorf("clusters: %v", clusters)
+	}
+	if g := opts.Gateways[0]; g.Name != "primary" || len(g.Addresses) != 1 || g.Addresses[0] != netip.MustParseAddrPort("127.0.0.1:15443") {
+		t.Errorf("gateway: %+v", g)
+	}
+	fams := scrape(t, metricsAddr)
+	src := map[string]string{"source": "kubernetes:primary"}
+	if v, ok := value(fams, "fwdproxy_discovery_last_success_timestamp_seconds", src); !ok || v < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("last success %v (present %v)", v, ok)
+	}
+	if v, ok := value(fams, "fwdproxy_discovery_sync_errors_total", src); !ok || v != 0 {
+		t.Errorf("sync errors %v (present %v)", v, ok)
+	}
+	if v, _ := value(fams, "fwdproxy_discovery_services_skipped", map[string]string{"source": "kubernetes:primary", "reason": "no_workload_identity"}); v != 2 {
+		t.Errorf("skipped for no identity: %v", v)
 	}
 }
