@@ -479,6 +479,33 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		e.t = t
 		l := e.startLoad()
 		l.progress(t, 20)
+		r, err := e.tcp("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := r.Serial
+		// A certificate from another CA is rejected; the last good identity keeps serving.
+		otherCA, err := meshtest.NewCA("other")
+		if err != nil {
+			t.Fatal(err)
+		}
+		foreign, err := otherCA.IssueFor(fleetID, 2*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, _, err := foreign.WriteFiles(e.certs, e.ca.RootPEM); err != nil {
+			t.Fatal(err)
+		}
+		e.eventually("foreign identity rejected", func() error {
+			if !strings.Contains(e.logs.String(), "identity files rejected") {
+				return errors.New("no log line reports the rejected identity files")
+			}
+			return nil
+		})
+		l.progress(t, 20)
+		if r, err := e.tcp(""); err != nil || r.Serial != old {
+			t.Errorf("after a rejected identity: serial %s, %v; want the last good %s", r.Serial, err, old)
+		}
 		leaf, err := e.ca.IssueFor(fleetID, 2*time.Hour)
 		if err != nil {
 			t.Fatal(err)
