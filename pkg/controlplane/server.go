@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/proto"
 )
 
 // fleetKey is the one snapshot key: every data plane that connects, whatever its node ID, is
@@ -41,6 +42,9 @@ type Server struct {
 	streams map[int64]*stream
 	// nonces maps a delta response nonce to the version it carried, to recognise delta ACKs.
 	nonces map[string]string
+	// sent maps a SotW response nonce to the version it carried, so a NACK can name the version
+	// that was rejected.
+	sent map[string]string
 }
 
 type stream struct {
@@ -56,9 +60,35 @@ func NewServer(log *slog.Logger, reg prometheus.Registerer) *Server {
 		metrics: newXDSMetrics(reg),
 		streams: map[int64]*stream{},
 		nonces:  map[string]string{},
+		sent:    map[string]string{},
 	}
-	s.xds = serverv3.NewServer(context.Background(), s.cache, s.callbacks())
+	s.xds = serverv3.NewServer(context.Background(), nackHolding{s.cache, s}, s.callbacks())
 	return s
+}
+
+// nackHolding keeps the cache from answering a NACK with the version just rejected: the cache
+// answers any request whose version differs from the snapshot's, and a NACK carries the client's
+// previous version, so the client would get (and reject) the same resources again, forever. Here
+// the NACK is treated as holding the rejected version: the client gets the next change, or at
+// once a version newer than the one it rejected.
+type nackHolding struct {
+	cache.SnapshotCache
+	s *Server
+}
+
+func (c nackHolding) CreateWatch(req *cache.Request, sub cache.Subscription, ch chan cache.Response) (func(), error) {
+	c.s.mu.Lock()
+	rejected, ok := c.s.sent[req.GetResponseNonce()]
+	delete(c.s.sent, req.GetResponseNonce()) // answered: ACK or NACK
+	c.s.mu.Unlock()
+	if req.GetErrorDetail() != nil {
+		if ok {
+			held := proto.Clone(req).(*discovery.DiscoveryRequest)
+			held.VersionInfo = rejected
+			req = held
+		}
+	}
+	return c.SnapshotCache.CreateWatch(req, sub, ch)
 }
 
 // Set serves snap to every client, now and on connect.
@@ -206,6 +236,12 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 		},
 		StreamResponseFunc: func(_ context.Context, _ int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
 			s.metrics.pushes.WithLabelValues(typeName(r.GetTypeUrl())).Inc()
+			s.mu.Lock()
+			if len(s.sent) > 10000 { // a client that never answers must not grow this forever
+				clear(s.sent)
+			}
+			s.sent[r.GetNonce()] = r.GetVersionInfo()
+			s.mu.Unlock()
 		},
 		StreamDeltaRequestFunc: func(id int64, r *discovery.DeltaDiscoveryRequest) error {
 			version := ""

@@ -290,3 +290,42 @@ func TestDeltaADS(t *testing.T) {
 		return false
 	})
 }
+
+// TestNACKDoesNotLoop checks that a rejected version is not sent again (a client would reject it
+// again, forever); the next change is.
+func TestNACKDoesNotLoop(t *testing.T) {
+	ca, _ := meshtest.NewCA("cluster.local")
+	bundle := testBundle(t, ca)
+	s := startServer(t)
+	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)); err != nil {
+		t.Fatal(err)
+	}
+	cds := dial(t, s.addr, resource.ClusterType)
+	fetch(t, cds.client)
+	if err := cds.client.Nack("rejected for the test"); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *client.Response, 1)
+	go func() {
+		r, err := cds.client.Fetch()
+		if err == nil {
+			got <- r
+		}
+	}()
+	select {
+	case <-got:
+		t.Fatal("the rejected version was sent again right after the NACK")
+	case <-time.After(300 * time.Millisecond):
+	}
+	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/bookinfo.yaml", bundle, nil)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-got:
+		if len(r.Resources) != 5 {
+			t.Fatalf("next version has %d clusters", len(r.Resources))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the next version was not sent after a NACK")
+	}
+}
