@@ -1,0 +1,204 @@
+package peers
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+func TestClockIsMonotonicAndMovesPastObserved(t *testing.T) {
+	wall := time.UnixMilli(1000)
+	c := &Clock{now: func() time.Time { return wall }}
+	a := c.Now()
+	b := c.Now()
+	if b.Compare(a) <= 0 || b.Wall != 1000 || b.Logical != 1 {
+		t.Fatalf("second reading %+v not after %+v", b, a)
+	}
+	wall = time.UnixMilli(900) // the wall clock steps back
+	if d := c.Now(); d.Compare(b) <= 0 {
+		t.Fatalf("reading %+v went backwards from %+v", d, b)
+	}
+	c.Observe(Timestamp{Wall: 5000, Logical: 7}) // a peer ahead of us
+	if e := c.Now(); e.Compare(Timestamp{Wall: 5000, Logical: 7}) <= 0 {
+		t.Fatalf("reading %+v not after the observed timestamp", e)
+	}
+}
+
+func TestEntryOrderIsTotal(t *testing.T) {
+	base := Entry{Key: "k", Time: Timestamp{Wall: 10}, Node: "b", Value: json.RawMessage(`{}`)}
+	later := base
+	later.Time.Logical = 1
+	otherNode := base
+	otherNode.Node = "c"
+	del := base
+	del.Deleted, del.Value = true, nil
+	for _, c := range []struct {
+		name string
+		a, b Entry
+	}{{"later timestamp", later, base}, {"greater node", otherNode, base}, {"delete over value on a full tie", del, base}} {
+		if !c.a.Newer(&c.b) || c.b.Newer(&c.a) {
+			t.Errorf("%s: order not strict", c.name)
+		}
+	}
+}
+
+func serviceJSON(t *testing.T, host string, port uint32) []byte {
+	t.Helper()
+	b, err := json.Marshal(svc(host, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// Merging the same writes in any order, any number of times, gives the same contents.
+func TestMergeIsOrderIndependent(t *testing.T) {
+	val := CatalogValidator(catalog.Options{})
+	var writes []Entry
+	for i, node := range []string{"a", "b", "c"} {
+		s := NewStore(node, val, StoreOptions{})
+		for j := range 20 {
+			host := fmt.Sprintf("s%d.default.svc.cluster.local", j%7)
+			if j%5 == 4 {
+				if e, ok := s.Delete(OperatorKey(host)); ok {
+					writes = append(writes, e)
+				}
+				continue
+			}
+			e, changed, err := s.Put(OperatorKey(host), serviceJSON(t, host, uint32(1000+i*100+j)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if changed {
+				writes = append(writes, e)
+			}
+		}
+	}
+	var want string
+	for round := range 20 {
+		s := NewStore("observer", val, StoreOptions{})
+		order := rand.Perm(len(writes))
+		for _, i := range order {
+			s.Merge([]Entry{writes[i]})
+			if round%2 == 0 { // duplicates change nothing
+				s.Merge([]Entry{writes[i]})
+			}
+		}
+		d, _ := s.Digest()
+		if round == 0 {
+			want = d
+		} else if d != want {
+			t.Fatalf("round %d: digest %s, want %s", round, d, want)
+		}
+	}
+}
+
+func TestDigestIgnoresHowContentsArrived(t *testing.T) {
+	val := CatalogValidator(catalog.Options{})
+	a := NewStore("a", val, StoreOptions{})
+	b := NewStore("b", val, StoreOptions{})
+	h := "reviews.default.svc.cluster.local"
+	if _, _, err := a.Put(OperatorKey(h), serviceJSON(t, h, 9080)); err != nil {
+		t.Fatal(err)
+	}
+	// b writes the same service with fields in another order and a trailing dot: canonicalized.
+	raw := []byte(`{"identities":["spiffe://cluster.local/ns/default/sa/reviews"],"ports":[{"protocol":"HTTP","number":9080}],"host":"reviews.default.svc.cluster.local"}`)
+	if _, _, err := b.Put(OperatorKey(h), raw); err != nil {
+		t.Fatal(err)
+	}
+	da, _ := a.Digest()
+	db, _ := b.Digest()
+	if da != db {
+		t.Fatalf("equal contents, different digests: %s %s", da, db)
+	}
+	b.Delete(OperatorKey(h))
+	if db2, n := b.Digest(); db2 == da || n != 0 {
+		t.Fatal("delete did not change the digest")
+	}
+}
+
+func TestStoreRejectsBadEntries(t *testing.T) {
+	now := time.Now()
+	s := NewStore("a", CatalogValidator(catalog.Options{Gateways: []string{"eastwest"}}), StoreOptions{Now: func() time.Time { return now }})
+	h := "reviews.default.svc.cluster.local"
+	good := serviceJSON(t, h, 9080)
+	noGateway := svc(h, 9080)
+	noGateway.Gateways = []string{"missing"}
+	ng, _ := json.Marshal(noGateway)
+	ts := Timestamp{Wall: now.UnixMilli()}
+	cases := []struct {
+		name string
+		e    Entry
+	}{
+		{"unknown gateway", Entry{Key: OperatorKey(h), Value: ng, Time: ts, Node: "b"}},
+		{"not a service", Entry{Key: OperatorKey(h), Value: json.RawMessage(`{"host":1}`), Time: ts, Node: "b"}},
+		{"unknown field", Entry{Key: OperatorKey(h), Value: json.RawMessage(`{"host":"` + h + `","evil":true}`), Time: ts, Node: "b"}},
+		{"ready marker with a value", Entry{Key: readyKey("file:x"), Value: json.RawMessage(`{"a":1}`), Time: ts, Node: "b"}},
+		{"no writer", Entry{Key: OperatorKey(h), Value: good, Time: ts}},
+		{"far future", Entry{Key: OperatorKey(h), Value: good, Time: Timestamp{Wall: now.Add(time.Hour).UnixMilli()}, Node: "b"}},
+	}
+	for _, c := range cases {
+		changed, rejected := s.Merge([]Entry{c.e})
+		if len(changed) != 0 || len(rejected) != 1 {
+			t.Errorf("%s: changed %d rejected %v", c.name, len(changed), rejected)
+		}
+	}
+	if _, rej := s.Merge([]Entry{cases[5].e}); !errors.Is(rej[0], ErrClockSkew) {
+		t.Errorf("far future: %v, want ErrClockSkew", rej[0])
+	}
+	if _, n := s.Digest(); n != 0 {
+		t.Fatalf("%d entries applied", n)
+	}
+	if _, _, err := s.Put(OperatorKey(h), ng); err == nil {
+		t.Fatal("a local write of an invalid service was accepted")
+	}
+}
+
+func TestTombstonesExpire(t *testing.T) {
+	now := time.Now()
+	clock := func() time.Time { return now }
+	val := CatalogValidator(catalog.Options{})
+	s := NewStore("a", val, StoreOptions{TombstoneTTL: time.Hour, Now: clock})
+	h := "reviews.default.svc.cluster.local"
+	put, _, _ := s.Put(OperatorKey(h), serviceJSON(t, h, 9080))
+	del, _ := s.Delete(OperatorKey(h))
+	if len(s.All()) != 1 || !s.All()[0].Deleted {
+		t.Fatal("tombstone not kept")
+	}
+	// An old copy of the value arriving now does not undo the delete.
+	if changed, _ := s.Merge([]Entry{put}); len(changed) != 0 {
+		t.Fatal("old value resurrected a deleted key")
+	}
+	now = now.Add(2 * time.Hour)
+	if n := s.GC(); n != 1 || len(s.All()) != 0 {
+		t.Fatalf("GC removed %d, %d left", n, len(s.All()))
+	}
+	// An expired delete from a peer still removes an older value, but is not stored.
+	other := NewStore("b", val, StoreOptions{TombstoneTTL: time.Hour, Now: clock})
+	other.Merge([]Entry{put})
+	other.Merge([]Entry{del})
+	if len(other.All()) != 0 {
+		t.Fatalf("expired delete: %+v", other.All())
+	}
+}
+
+func TestSetDiscoveredReplacesASourcesEntries(t *testing.T) {
+	n := startPeer(t, "solo", peerOpts{})
+	src := "file:/etc/fwdproxy/catalog.yaml"
+	n.SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("a.default.svc.cluster.local", 1), svc("b.default.svc.cluster.local", 2)}})
+	d1, k1 := n.Digest()
+	n.SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("a.default.svc.cluster.local", 1), svc("b.default.svc.cluster.local", 2)}})
+	if d2, _ := n.Digest(); d2 != d1 || k1 != 3 {
+		t.Fatalf("same catalog changed the store (%d entries)", k1)
+	}
+	n.SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("b.default.svc.cluster.local", 3)}})
+	live := n.Store().Live(discoveredPrefix(src))
+	if len(live) != 1 || live[0].Key != DiscoveredKey(src, "b.default.svc.cluster.local") {
+		t.Fatalf("entries after replace: %+v", live)
+	}
+}
