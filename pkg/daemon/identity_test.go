@@ -16,7 +16,7 @@ import (
 // log, fwdproxy_identity_expired 1, and no listener forwarding with it. A renewed certificate
 // brings it back.
 func TestExpiredIdentityServesNothing(t *testing.T) {
-	f := startMeshFixture(t, 3*time.Second)
+	f := startMeshFixture(t, 6*time.Second) // room to start and carry traffic first, even on a loaded machine
 	waitReady(t, f.metricsAddr, 200, "ready")
 	eventually(t, "traffic before expiry", func() bool {
 		line, _ := f.dial(f.goodPort)
