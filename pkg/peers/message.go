@@ -47,7 +47,9 @@ func encodeMessage(typ byte, entries []Entry) []byte {
 	if entries == nil {
 		entries = []Entry{}
 	}
-	if err := json.NewEncoder(&buf).Encode(body{Entries: entries}); err != nil {
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // values travel byte for byte
+	if err := enc.Encode(body{Entries: entries}); err != nil {
 		panic(err) // entries are plain data; encoding cannot fail
 	}
 	return buf.Bytes()
