@@ -235,10 +235,17 @@ func TestMetricsEndpoint(t *testing.T) {
 		line, _ := f.dial(f.goodPort)
 		return line == "caller spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy\n"
 	})
+	// A connection racing the data plane's first configuration may fail; from here on none may.
+	goodCluster := controlplane.ClusterName(uint32(f.goodPort), "", "db.ns.svc.cluster.local")
+	goodFailures, _ := value(scrape(t, f.metricsAddr), "fwdproxy_dataplane_tls_handshake_failures_total", map[string]string{"cluster": goodCluster})
+	for range 3 {
+		if line, err := f.dial(f.goodPort); line == "" {
+			t.Fatalf("db.ns: %v", err)
+		}
+	}
 	if line, _ := f.dial(f.badPort); line != "" {
 		t.Fatalf("a service whose identity the mesh endpoint does not hold was reached: %q", line)
 	}
-	goodCluster := controlplane.ClusterName(uint32(f.goodPort), "", "db.ns.svc.cluster.local")
 	badCluster := controlplane.ClusterName(uint32(f.badPort), "", "wrong.ns.svc.cluster.local")
 
 	var fams map[string]*dto.MetricFamily
@@ -340,8 +347,8 @@ func TestMetricsEndpoint(t *testing.T) {
 			t.Errorf("no connection counted on listener %d", l)
 		}
 	}
-	if v, _ := value(fams, "fwdproxy_dataplane_tls_handshake_failures_total", map[string]string{"cluster": goodCluster}); v != 0 {
-		t.Errorf("handshake failures counted on the good cluster: %v", v)
+	if v, _ := value(fams, "fwdproxy_dataplane_tls_handshake_failures_total", map[string]string{"cluster": goodCluster}); v != goodFailures {
+		t.Errorf("handshake failures counted on the good cluster: %v, before %v", v, goodFailures)
 	}
 	if v, ok := value(fams, "fwdproxy_dataplane_upstream_errors_total", map[string]string{"cluster": badCluster, "reason": "tls"}); !ok || v < 1 {
 		t.Errorf("no upstream tls error counted on %s", badCluster)
