@@ -202,3 +202,21 @@ func TestSetDiscoveredReplacesASourcesEntries(t *testing.T) {
 		t.Fatalf("entries after replace: %+v", live)
 	}
 }
+
+func TestGatewaysAreValidated(t *testing.T) {
+	val := CatalogValidator(catalog.Options{})
+	good := []byte(`{"name":"primary","port":15443,"addresses":["10.0.0.9","lb.example.internal"]}`)
+	if v, err := val("gw/primary", good); err != nil || !json.Valid(v) {
+		t.Fatalf("good gateway: %v", err)
+	}
+	for _, bad := range []struct{ key, value string }{
+		{"gw/other", string(good)},
+		{"gw/primary", `{"name":"primary","port":0,"addresses":["10.0.0.9"]}`},
+		{"gw/primary", `{"name":"primary","port":15443,"addresses":["not an address!"]}`},
+		{"gw/Primary", `{"name":"Primary","port":15443,"addresses":[]}`},
+	} {
+		if _, err := val(bad.key, []byte(bad.value)); err == nil {
+			t.Errorf("%s %s accepted", bad.key, bad.value)
+		}
+	}
+}
