@@ -2,16 +2,81 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/identity"
+	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
 
-// startSources runs the discovery sources, each reporting into the daemon's catalog inputs.
+// startSources starts discovery and the admin API.
+//
+// Without gossip (peers.bind empty) every configured source runs here and reports into the
+// daemon's catalog inputs. With gossip, the pipeline's inputs are the fleet store instead: the
+// operator entries first (they override discovery for the same host), then each configured
+// source's catalog as the leader last wrote it. Only the leader (the live member with the lowest
+// name) runs the configured sources, writing their catalogs and discovered gateways into the
+// store, so the Kubernetes API sees one watcher per fleet rather than one per instance; when
+// the leader fails another peer takes over once failure detection declares it dead.
 func (d *Daemon) startSources(ctx context.Context, g *errgroup.Group) {
-	for _, src := range d.sources {
+	var node *peers.Node
+	if d.cfg.Peers.Bind == "" {
+		d.runSources(ctx, g, d.sources)
+	} else {
+		var err error
+		if node, err = d.startPeers(); err != nil {
+			g.Go(func() error { return err })
+			return
+		}
+		g.Go(func() error {
+			<-ctx.Done()
+			return node.Close()
+		})
+		d.mu.Lock()
+		local := d.sources
+		names := make([]string, len(local))
+		for i, s := range local {
+			names[i] = d.fleetSourceName(i, s)
+		}
+		d.sources = node.Sources(names)
+		fleet := d.sources
+		d.mu.Unlock()
+		d.shareGateways(local, node)
+		d.runSources(ctx, g, fleet)
+		g.Go(func() error { return d.leadDiscovery(ctx, node, local, names) })
+		g.Go(func() error { return d.followGateways(ctx, node) })
+	}
+	if err := d.startAdmin(ctx, g, node); err != nil {
+		g.Go(func() error { return err })
+	}
+}
+
+// fleetSourceName names a configured source the same way on every peer: a catalog file by the
+// path written in the config (peers may resolve it under different directories), others by
+// their own name.
+func (d *Daemon) fleetSourceName(i int, s discovery.Source) string {
+	if _, ok := s.(*discovery.File); ok && i < len(d.cfg.Discovery.Files) {
+		return "file:" + d.cfg.Discovery.Files[i]
+	}
+	return s.Name()
+}
+
+// runSources runs sources, each reporting into the daemon's catalog inputs.
+func (d *Daemon) runSources(ctx context.Context, g *errgroup.Group, sources []discovery.Source) {
+	for _, src := range sources {
 		g.Go(func() error {
 			err := src.Run(ctx, func(c *catalog.Catalog) { d.SetCatalog(src.Name(), c) })
 			if err != nil && ctx.Err() == nil {
@@ -20,4 +85,221 @@ func (d *Daemon) startSources(ctx context.Context, g *errgroup.Group) {
 			return nil
 		})
 	}
+}
+
+// startPeers joins the fleet.
+func (d *Daemon) startPeers() (*peers.Node, error) {
+	pc := d.cfg.Peers
+	log := d.log.With("component", "peers")
+	cfg := peers.Config{
+		Name: d.cfg.Node.ID, Bind: pc.Bind, Advertise: pc.Advertise, Seeds: pc.Seeds,
+		Profile: pc.Timing, CatalogOptions: d.cfg.CatalogOptions(),
+		Store: peers.StoreOptions{TombstoneTTL: pc.TombstoneTTL},
+		Log:   log, Registerer: d.Registry,
+	}
+	if pc.Keyring != "" {
+		keys, err := peers.LoadKeyring(d.cfg.Path(pc.Keyring), func(msg string) { log.Warn(msg) })
+		if err != nil {
+			return nil, fmt.Errorf("peers.keyring: %w", err)
+		}
+		cfg.Keys = keys
+	} else {
+		log.Warn("gossip is not encrypted (peers.allowUnencrypted); any host that reaches peers.bind can join and change the fleet configuration")
+	}
+	if a := pc.AWS; a != nil {
+		portOf := pc.Bind
+		if pc.Advertise != "" {
+			portOf = pc.Advertise
+		}
+		_, p, _ := net.SplitHostPort(portOf)
+		port, _ := strconv.Atoi(p)
+		aws := &peers.AWS{Region: a.Region, AutoScalingGroup: a.AutoScalingGroup, Endpoint: a.Endpoint, Port: port, Log: log}
+		cfg.Discover = aws.Discover
+	}
+	node, err := peers.Start(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("peers.bind: %w", err)
+	}
+	log.Info("gossip started", "addr", node.Addr(), "encrypted", len(cfg.Keys) > 0, "seeds", len(pc.Seeds), "aws", pc.AWS != nil)
+	return node, nil
+}
+
+// leadDiscovery runs the configured sources while this peer leads, writing their catalogs into
+// the fleet store. A source that fails is retried: giving up would leave the fleet without
+// discovery until the leader changes.
+func (d *Daemon) leadDiscovery(ctx context.Context, node *peers.Node, sources []discovery.Source, names []string) error {
+	var stop func()
+	defer func() {
+		if stop != nil {
+			stop()
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case lead := <-node.LeaderChanges():
+			switch {
+			case lead && stop == nil:
+				stop = d.startLeading(ctx, node, sources, names)
+			case !lead && stop != nil:
+				d.log.Info("another peer now runs discovery; stopping the sources here")
+				stop()
+				stop = nil
+			}
+		}
+	}
+}
+
+// startLeading runs the sources until the returned function is called.
+func (d *Daemon) startLeading(ctx context.Context, node *peers.Node, sources []discovery.Source, names []string) func() {
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for i, src := range sources {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.runLeaderSource(lctx, node, src, names[i])
+		}()
+	}
+	return func() {
+		cancel()
+		wg.Wait()
+	}
+}
+
+func (d *Daemon) runLeaderSource(ctx context.Context, node *peers.Node, src discovery.Source, name string) {
+	backoff := time.Second
+	for ctx.Err() == nil {
+		err := src.Run(ctx, func(c *catalog.Catalog) { node.SetDiscovered(name, c) })
+		if ctx.Err() != nil {
+			return
+		}
+		d.log.Error("discovery source failed on the fleet leader; retrying", "source", src.Name(), "error", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Minute)
+	}
+}
+
+// shareGateways makes the Kubernetes sources also publish the gateways they discover.
+func (d *Daemon) shareGateways(sources []discovery.Source, node *peers.Node) {
+	for _, s := range sources {
+		ks, ok := s.(*kubeSource)
+		if !ok {
+			continue
+		}
+		local := ks.Kubernetes.OnGateway
+		ks.Kubernetes.OnGateway = func(g discovery.DiscoveredGateway) {
+			if local != nil {
+				local(g)
+			}
+			err := node.SetGateway(peers.Gateway{Name: g.Name, Network: g.Network, Port: g.Port, Addresses: g.Addresses})
+			if err != nil {
+				d.log.Error("discovered gateway not shared with the fleet", "gateway", g.Name, "error", err)
+			}
+		}
+	}
+}
+
+// followGateways feeds the gateways the leader shared into this peer's gateway resolver.
+func (d *Daemon) followGateways(ctx context.Context, node *peers.Node) error {
+	if d.kube == nil {
+		return nil
+	}
+	for {
+		changed := node.Store().Changed()
+		for _, g := range node.Gateways() {
+			dg := discovery.DiscoveredGateway{Name: g.Name, Network: g.Network, Port: g.Port, Addresses: g.Addresses}
+			d.kube.mu.Lock()
+			cur, ok := d.kube.found[g.Name]
+			d.kube.mu.Unlock()
+			if !ok || cur.Network != dg.Network || cur.Port != dg.Port || !slices.Equal(cur.Addresses, dg.Addresses) {
+				d.kube.set(dg)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// Identity is the identity bundle currently served (nil before the first one).
+func (d *Daemon) Identity() *identity.Bundle {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.bundle
+}
+
+// FleetStatus is what fwdproxy status shows: this instance, and with gossip every member's
+// advertised configuration digest.
+func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
+	ok, why := d.Ready()
+	st := admin.Status{Node: d.cfg.Node.ID, Ready: ok, ReadyReason: why, Leader: true, Converged: true}
+	if cur := d.XDS.Current(); cur != nil {
+		st.ConfigVersion = cur.ConfigVersion
+	}
+	if b := d.Identity(); b != nil {
+		st.Identity = &admin.Identity{SPIFFEID: b.SPIFFEID, NotAfter: b.NotAfter().UTC()}
+	}
+	if node != nil {
+		st.Gossip, st.Leader = true, node.Leader()
+		st.Digest, st.Entries = node.Digest()
+		st.Members = node.Members()
+		st.Converged = node.Converged()
+	}
+	return st
+}
+
+// startAdmin serves the admin API on admin.address: plain on loopback, otherwise with the
+// bearer token of admin.tokenFile and/or the client certificates of admin.tls (config
+// validation refuses a non-loopback address with neither).
+func (d *Daemon) startAdmin(ctx context.Context, g *errgroup.Group, node *peers.Node) error {
+	ac := d.cfg.Admin
+	srv := &admin.Server{
+		Status:  func() admin.Status { return d.FleetStatus(node) },
+		Catalog: d.cfg.CatalogOptions(),
+		Log:     d.log.With("component", "admin"),
+	}
+	if node != nil {
+		srv.Fleet = node
+	}
+	if ac.TokenFile != "" {
+		b, err := os.ReadFile(d.cfg.Path(ac.TokenFile))
+		if err != nil {
+			return fmt.Errorf("admin.tokenFile: %w", err)
+		}
+		if srv.Token = strings.TrimSpace(string(b)); len(srv.Token) < 16 {
+			return errors.New("admin.tokenFile: the token is shorter than 16 characters; use e.g. openssl rand -hex 32")
+		}
+	}
+	var tlsCfg *tls.Config
+	if t := ac.TLS; t != nil {
+		var err error
+		if tlsCfg, err = admin.ServerTLS(d.cfg.Path(t.CertChain), d.cfg.Path(t.PrivateKey), d.cfg.Path(t.ClientCA)); err != nil {
+			return err
+		}
+	}
+	if !d.cfg.AdminIsLoopback() && srv.Token == "" && tlsCfg == nil {
+		return fmt.Errorf("admin.address %s is not loopback: set admin.tokenFile or admin.tls", ac.Address)
+	}
+	lis, err := net.Listen("tcp", ac.Address)
+	if err != nil {
+		if node == nil {
+			// Alone, the API only reports status: not worth refusing to carry traffic for.
+			d.log.Error("admin API not started; fwdproxy status will not reach this instance", "error", fmt.Errorf("admin.address: %w", err))
+			return nil
+		}
+		return fmt.Errorf("admin.address: %w", err)
+	}
+	if tlsCfg != nil {
+		lis = tls.NewListener(lis, tlsCfg)
+	}
+	d.log.Info("admin API listening", "addr", lis.Addr().String(), "token", srv.Token != "", "mtls", tlsCfg != nil)
+	g.Go(func() error { return srv.Serve(ctx, lis) })
+	return nil
 }

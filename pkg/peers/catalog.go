@@ -154,6 +154,9 @@ func decodeGateway(value []byte) (Gateway, error) {
 
 // SetGateway shares a discovered gateway with the fleet (the leader calls it).
 func (n *Node) SetGateway(g Gateway) error {
+	n.ownedMu.Lock()
+	n.ownedGW[g.Name] = g
+	n.ownedMu.Unlock()
 	v, err := json.Marshal(g)
 	if err != nil {
 		return err

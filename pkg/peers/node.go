@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,6 +84,16 @@ type Node struct {
 	// memberlist.Members returns are updated in place by its goroutines and are unsafe to read.
 	tableMu sync.Mutex
 	table   map[string]memberlist.Node
+
+	// What this peer's discovery last reported, rewritten if a merge replaces it while this
+	// peer leads (writes of a former or partitioned leader lose to the current one's view).
+	ownedMu     sync.Mutex
+	owned       map[string]*catalog.Catalog
+	ownedGW     map[string]Gateway
+	foreignDisc atomic.Bool
+	// joinTried is set after the first attempt to join the seeds: until then a peer does not
+	// lead, so a starting instance does not briefly run discovery alone.
+	joinTried atomic.Bool
 }
 
 // Member is what a peer knows about one member of the fleet.
@@ -149,6 +161,8 @@ func Start(cfg Config) (*Node, error) {
 		done:     make(chan struct{}),
 		leaderCh: make(chan bool, 1),
 		table:    map[string]memberlist.Node{},
+		owned:    map[string]*catalog.Catalog{},
+		ownedGW:  map[string]Gateway{},
 	}
 	n.metrics = newMetrics(n, cfg.Registerer)
 	mc.Delegate = (*delegate)(n)
@@ -251,7 +265,11 @@ func (n *Node) loop(ctx context.Context) {
 func (n *Node) joinLoop(ctx context.Context) {
 	wait, joined := time.Duration(0), false
 	for {
-		if n.joinSeeds(ctx, joined) {
+		ok := n.joinSeeds(ctx, joined)
+		if !n.joinTried.Swap(true) {
+			n.poke()
+		}
+		if ok {
 			joined, wait = true, n.cfg.RejoinInterval
 		} else {
 			// Back off 1s, 2s, 4s ... 30s, with jitter, until a seed answers.
@@ -323,6 +341,55 @@ func (n *Node) refresh() {
 		}
 	}
 	n.updateLeader()
+	if n.foreignDisc.Swap(false) && n.Leader() {
+		n.reassert()
+	}
+}
+
+// reassert rewrites this leader's discovered state where merges replaced it.
+func (n *Node) reassert() {
+	n.ownedMu.Lock()
+	owned := maps.Clone(n.owned)
+	gws := maps.Clone(n.ownedGW)
+	n.ownedMu.Unlock()
+	for src, c := range owned {
+		if n.discoveredDiffers(src, c) {
+			n.log.Info("discovered entries written elsewhere replaced by this leader's", "source", src)
+			n.SetDiscovered(src, c)
+		}
+	}
+	for _, g := range gws {
+		_ = n.SetGateway(g)
+	}
+}
+
+func (n *Node) discoveredDiffers(source string, c *catalog.Catalog) bool {
+	if _, ok := n.store.Get(readyKey(source)); !ok {
+		return true
+	}
+	live := n.store.Live(discoveredPrefix(source))
+	if len(live) != len(c.Services) {
+		return true
+	}
+	want := map[string][]byte{}
+	for _, s := range c.Services {
+		v, err := n.store.validate(DiscoveredKey(source, s.Host), mustJSON(s))
+		if err != nil {
+			continue
+		}
+		want[DiscoveredKey(source, s.Host)] = v
+	}
+	for _, e := range live {
+		if string(want[e.Key]) != string(e.Value) {
+			return true
+		}
+	}
+	return false
+}
+
+func mustJSON(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
 }
 
 func (n *Node) poke() {
@@ -368,6 +435,9 @@ func (n *Node) memberList() []memberlist.Node {
 }
 
 func (n *Node) updateLeader() {
+	if !n.joinTried.Load() {
+		return
+	}
 	lead := n.leaderName() == n.cfg.Name
 	n.mu.Lock()
 	changed := lead != n.leader || !n.leaderKnown
@@ -544,6 +614,9 @@ func (n *Node) OperatorServices() []catalog.Service {
 // SetDiscovered replaces what a discovery source found (the leader calls it): changed services
 // are written, services no longer found are deleted, unchanged ones cause no traffic.
 func (n *Node) SetDiscovered(source string, c *catalog.Catalog) {
+	n.ownedMu.Lock()
+	n.owned[source] = c
+	n.ownedMu.Unlock()
 	prefix := discoveredPrefix(source)
 	stale := map[string]bool{}
 	for _, e := range n.store.Live(prefix) {
@@ -653,6 +726,12 @@ func (n *Node) merge(entries []Entry, via string) []Entry {
 	changed, rejected := n.store.Merge(entries)
 	for _, err := range rejected {
 		n.reject(err, via)
+	}
+	for _, e := range changed {
+		if !strings.HasPrefix(e.Key, prefixOperator) {
+			n.foreignDisc.Store(true)
+			break
+		}
 	}
 	if len(changed) > 0 {
 		n.poke()

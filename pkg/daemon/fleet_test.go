@@ -1,0 +1,170 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/peers"
+)
+
+type fleetMember struct {
+	d       *Daemon
+	admin   *admin.Client
+	catalog string
+	stop    func()
+}
+
+// startFleetMember runs a daemon with gossip on loopback; its catalog file holds host.
+func startFleetMember(t *testing.T, ca *meshtest.CA, keyring, name string, gossipPort int, seeds []int, host string) *fleetMember {
+	t.Helper()
+	dir := t.TempDir()
+	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	cat := filepath.Join(dir, "catalog.yaml")
+	if err := os.WriteFile(cat, []byte(fmt.Sprintf(`services:
+  - host: %s
+    ports: [{number: %d, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`, host, freePort(t))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var seedList []string
+	for _, p := range seeds {
+		seedList = append(seedList, fmt.Sprintf("127.0.0.1:%d", p))
+	}
+	adminPort := freePort(t)
+	cfgText := fmt.Sprintf(`
+node: {id: %s}
+gateways: [{name: gw, address: 127.0.0.1, port: %d}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
+discovery: {files: [catalog.yaml]}
+listen: {address: 127.0.0.1, accessLog: false}
+xds: {address: 127.0.0.1:%d}
+metrics: {address: 127.0.0.1:%d}
+admin: {address: 127.0.0.1:%d}
+dataplane: none
+peers:
+  bind: 127.0.0.1:%d
+  seeds: [%s]
+  keyring: %s
+  timing: local
+`, name, freePort(t), freePort(t), freePort(t), adminPort, gossipPort, joinComma(seedList), keyring)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	m := &fleetMember{d: d, admin: &admin.Client{BaseURL: fmt.Sprintf("http://127.0.0.1:%d", adminPort)}, catalog: cat}
+	stopped := false
+	m.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("daemon %s: %v", name, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("daemon %s did not stop", name)
+		}
+	}
+	t.Cleanup(m.stop)
+	return m
+}
+
+func joinComma(s []string) string {
+	out := ""
+	for i, x := range s {
+		if i > 0 {
+			out += ", "
+		}
+		out += x
+	}
+	return out
+}
+
+func servedHosts(d *Daemon) []string {
+	cat, _, _, _ := d.Inputs()
+	var hosts []string
+	for _, s := range cat.Services {
+		hosts = append(hosts, s.Host)
+	}
+	return hosts
+}
+
+func TestFleetSharesOneConfiguration(t *testing.T) {
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyring := filepath.Join(t.TempDir(), "gossip.keys")
+	if err := os.WriteFile(keyring, []byte(peers.GenerateKey()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pa, pb := freePort(t), freePort(t)
+	a := startFleetMember(t, ca, keyring, "node-a", pa, nil, "from-a.ns.svc.cluster.local")
+	b := startFleetMember(t, ca, keyring, "node-b", pb, []int{pa}, "from-b.ns.svc.cluster.local")
+
+	// node-a leads (lowest name): both serve its discovered catalog, not node-b's file.
+	eventually(t, "both serve the leader's catalog", func() bool {
+		return slices.Equal(servedHosts(a.d), []string{"from-a.ns.svc.cluster.local"}) &&
+			slices.Equal(servedHosts(b.d), []string{"from-a.ns.svc.cluster.local"})
+	})
+	eventually(t, "node-b is ready from the fleet store", func() bool { ok, _ := b.d.Ready(); return b.d.XDS.Current() != nil || ok })
+
+	// An operator entry applied on node-b reaches node-a.
+	ctx := context.Background()
+	if _, _, err := b.admin.Apply(ctx, "op.yaml", []byte(`services:
+  - host: operator.ns.svc.cluster.local
+    ports: [{number: 7070, protocol: tcp}]
+    identities: [spiffe://cluster.local/ns/ns/sa/op]
+`)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the operator entry is served on node-a", func() bool {
+		return slices.Contains(servedHosts(a.d), "operator.ns.svc.cluster.local")
+	})
+	eventually(t, "status shows a converged fleet of two", func() bool {
+		st, err := a.admin.Status(ctx)
+		return err == nil && st.Gossip && st.Leader && st.Converged && len(st.Members) == 2 && st.Identity != nil &&
+			st.Identity.NotAfter.After(time.Now()) && st.Members[0].Digest == st.Members[1].Digest && st.Members[0].Digest == st.Digest
+	})
+	st, _ := b.admin.Status(ctx)
+	if st.Leader || st.Node != "node-b" {
+		t.Fatalf("node-b status: %+v", st)
+	}
+
+	// node-a leaves: node-b takes over discovery and its own file becomes the discovered catalog.
+	a.stop()
+	eventually(t, "node-b leads and serves its own discovery", func() bool {
+		h := servedHosts(b.d)
+		return b.d.FleetStatus(nil).Leader && slices.Equal(h, []string{"from-b.ns.svc.cluster.local", "operator.ns.svc.cluster.local"})
+	})
+}
