@@ -20,6 +20,25 @@ import (
 type Options struct {
 	Debounce time.Duration // default 200ms
 	Poll     time.Duration // default 10s
+	// Baseline is the Fingerprint taken before the caller's own first read of the files. A
+	// change made between that read and the start of Watch is then not missed. Nil: the
+	// contents when Watch starts.
+	Baseline *Fingerprint
+}
+
+// Fingerprint identifies the contents of a set of files.
+type Fingerprint [32]byte
+
+// Take fingerprints paths now.
+func Take(paths []string) Fingerprint {
+	abs := make([]string, 0, len(paths))
+	for _, p := range paths {
+		if a, err := filepath.Abs(p); err == nil {
+			p = a
+		}
+		abs = append(abs, p)
+	}
+	return hashAll(abs)
 }
 
 // Watch blocks until ctx is done, calling onChange (never concurrently) after any of paths changed.
@@ -53,9 +72,13 @@ func Watch(ctx context.Context, paths []string, opts Options, onChange func()) e
 			}
 		}
 	}
-	last := hashAll(abs)
 	fire := time.NewTimer(time.Hour)
 	fire.Stop()
+	last := hashAll(abs)
+	if opts.Baseline != nil {
+		last = *opts.Baseline
+		fire.Reset(0) // compare now: the files may have changed since the baseline
+	}
 	poll := time.NewTicker(opts.Poll)
 	defer poll.Stop()
 	for {
@@ -85,7 +108,7 @@ func Watch(ctx context.Context, paths []string, opts Options, onChange func()) e
 	}
 }
 
-func hashAll(paths []string) [32]byte {
+func hashAll(paths []string) Fingerprint {
 	h := sha256.New()
 	for _, p := range paths {
 		b, err := os.ReadFile(p)
@@ -96,7 +119,7 @@ func hashAll(paths []string) [32]byte {
 		h.Write(b)
 		h.Write([]byte{0})
 	}
-	var out [32]byte
+	var out Fingerprint
 	copy(out[:], h.Sum(nil))
 	return out
 }

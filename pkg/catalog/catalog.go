@@ -4,6 +4,7 @@
 package catalog
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"os"
@@ -84,7 +85,13 @@ func Load(path string, opts Options) (*Catalog, error) {
 }
 
 // Parse parses a catalog document; errors name the file, line and field.
+//
+// An empty document is an error, not an empty catalog: a file caught half-written (or truncated by
+// mistake) must not withdraw every service. To serve none, write "services: []".
 func Parse(file string, data []byte, opts Options) (*Catalog, error) {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, fmt.Errorf("%s: the catalog is empty; to serve no services write \"services: []\"", file)
+	}
 	var c Catalog
 	doc, err := strictyaml.Decode(file, data, &c)
 	if err != nil {

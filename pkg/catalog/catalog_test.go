@@ -154,3 +154,13 @@ services:
 		t.Fatalf("HTTP services sharing a port were rejected: %v", err)
 	}
 }
+
+func TestEmptyFileIsNotAnEmptyCatalog(t *testing.T) {
+	if _, err := Parse("c.yaml", []byte(" \n"), Options{}); err == nil || !strings.Contains(err.Error(), `write "services: []"`) {
+		t.Fatalf("err = %v", err)
+	}
+	c, err := Parse("c.yaml", []byte("services: []\n"), Options{})
+	if err != nil || len(c.Services) != 0 {
+		t.Fatalf("explicitly empty catalog: %v", err)
+	}
+}

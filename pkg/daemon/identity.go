@@ -105,12 +105,13 @@ func (d *Daemon) fileIdentity(m *identityMetrics) (*identity.Bundle, func(contex
 		PrivateKey: d.cfg.Path(f.PrivateKey),
 		Roots:      d.cfg.Path(f.Roots),
 	}
+	base := filewatch.Take(files.Paths())
 	bundle, err := files.Load()
 	if err != nil {
 		return nil, nil, err
 	}
 	watch := func(ctx context.Context) error {
-		return filewatch.Watch(ctx, files.Paths(), filewatch.Options{}, func() {
+		return filewatch.Watch(ctx, files.Paths(), filewatch.Options{Baseline: &base}, func() {
 			b, err := files.Load()
 			if err != nil {
 				m.rotationErrors.Inc()

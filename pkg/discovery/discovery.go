@@ -34,12 +34,15 @@ func (f *File) Name() string { return "file:" + f.Path }
 // Run loads the file and reloads it on change. It fails only if the first load fails, so a daemon
 // never starts on a catalog it cannot read.
 func (f *File) Run(ctx context.Context, update func(*catalog.Catalog)) error {
+	base := filewatch.Take([]string{f.Path})
 	c, err := catalog.Load(f.Path, f.Options)
 	if err != nil {
 		return err
 	}
 	update(c)
-	return filewatch.Watch(ctx, []string{f.Path}, f.Watch, func() {
+	opts := f.Watch
+	opts.Baseline = &base
+	return filewatch.Watch(ctx, []string{f.Path}, opts, func() {
 		next, err := catalog.Load(f.Path, f.Options)
 		if err != nil {
 			f.Log.Error("catalog file rejected; still serving the last good catalog", "path", f.Path, "error", err)
