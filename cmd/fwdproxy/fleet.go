@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/peers"
+)
+
+func init() {
+	register("apply", "upsert the services of a catalog file into the fleet (-f FILE, or - for stdin)", applyCmd)
+	register("delete", "delete operator entries from the fleet by host: fwdproxy delete HOST...", deleteCmd)
+	register("status", "show this instance and the fleet: members, their configuration digests, convergence, identity expiry", statusCmd)
+	register("keygen", "print a new random gossip key (a line for the peers.keyring file)", keygenCmd)
+}
+
+// adminFlags locate and authenticate to a daemon's admin API: from its config file by default.
+type adminFlags struct {
+	config, url, tokenFile, cert, key, ca string
+	timeout                               time.Duration
+}
+
+func (a *adminFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&a.config, "config", "/etc/fwdproxy/config.yaml", "daemon config file (for admin.address, admin.tokenFile, admin.tls)")
+	fs.StringVar(&a.url, "admin", "", "admin API URL, e.g. https://10.0.1.5:9180 (default: from the config, else http://127.0.0.1:9180)")
+	fs.StringVar(&a.tokenFile, "token-file", "", "file holding the admin bearer token (default: admin.tokenFile of the config)")
+	fs.StringVar(&a.cert, "cert", "", "client certificate chain (PEM) for an admin API with admin.tls")
+	fs.StringVar(&a.key, "key", "", "client private key (PEM)")
+	fs.StringVar(&a.ca, "ca", "", "CA bundle that signed the admin API's certificate")
+	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "request timeout")
+}
+
+func (a *adminFlags) client() (*admin.Client, error) {
+	base, tokenFile := a.url, a.tokenFile
+	tlsOn := strings.HasPrefix(base, "https://")
+	cfg, err := config.Load(a.config)
+	switch {
+	case err == nil:
+		if base == "" {
+			host, port, _ := net.SplitHostPort(cfg.Admin.Address)
+			if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+				host = "127.0.0.1"
+			}
+			scheme := "http"
+			if cfg.Admin.TLS != nil {
+				scheme, tlsOn = "https", true
+			}
+			base = scheme + "://" + net.JoinHostPort(host, port)
+		}
+		if tokenFile == "" && cfg.Admin.TokenFile != "" {
+			tokenFile = cfg.Path(cfg.Admin.TokenFile)
+		}
+	case errors.Is(err, fs.ErrNotExist) && a.url == "":
+		base = "http://127.0.0.1:9180" // no config here: the default loopback address
+	case a.url == "":
+		return nil, err
+	}
+	c := &admin.Client{BaseURL: base}
+	if tokenFile != "" {
+		b, err := os.ReadFile(tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("token file: %w", err)
+		}
+		c.Token = strings.TrimSpace(string(b))
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if tlsOn || a.cert != "" || a.ca != "" {
+		tc, err := admin.ClientTLS(a.cert, a.key, a.ca)
+		if err != nil {
+			return nil, err
+		}
+		tr.TLSClientConfig = tc
+	}
+	c.HTTP = &http.Client{Transport: tr, Timeout: a.timeout}
+	return c, nil
+}
+
+func applyCmd(args []string) error {
+	fs := flag.NewFlagSet("apply", flag.ContinueOnError)
+	var af adminFlags
+	af.register(fs)
+	file := fs.String("f", "", "catalog file to apply (services: [...]); - reads stdin")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *file == "" {
+		return errors.New("-f FILE is required: a catalog document with the services to upsert")
+	}
+	var data []byte
+	var err error
+	if *file == "-" {
+		data, err = io.ReadAll(io.LimitReader(os.Stdin, admin.MaxBody+1))
+	} else {
+		data, err = os.ReadFile(*file)
+	}
+	if err != nil {
+		return err
+	}
+	c, err := af.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
+	defer cancel()
+	applied, changed, err := c.Apply(ctx, *file, data)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("applied %d service(s), %d changed: %s\n", len(applied), changed, strings.Join(applied, ", "))
+	return nil
+}
+
+func deleteCmd(args []string) error {
+	fs := flag.NewFlagSet("delete", flag.ContinueOnError)
+	var af adminFlags
+	af.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return errors.New("name the host(s) to delete: fwdproxy delete reviews.default.svc.cluster.local")
+	}
+	c, err := af.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
+	defer cancel()
+	var errs []error
+	for _, h := range fs.Args() {
+		if err := c.Delete(ctx, h); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fmt.Printf("deleted %s\n", h)
+	}
+	return errors.Join(errs...)
+}
+
+func statusCmd(args []string) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	var af adminFlags
+	af.register(fs)
+	asJSON := fs.Bool("json", false, "print the status as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	c, err := af.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(os.Stdout, st, time.Now())
+	if !st.Converged {
+		return errors.New("the fleet has not converged: some members advertise another configuration digest")
+	}
+	return nil
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func printStatus(out io.Writer, st *admin.Status, now time.Time) {
+	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	role := "alone (gossip off)"
+	if st.Gossip {
+		role = "member"
+		if st.Leader {
+			role = "member, runs discovery"
+		}
+	}
+	fmt.Fprintf(w, "node:\t%s (%s)\n", st.Node, role)
+	fmt.Fprintf(w, "ready:\t%s (%s)\n", yesNo(st.Ready), st.ReadyReason)
+	if st.ConfigVersion != "" {
+		fmt.Fprintf(w, "xds config version:\t%s\n", st.ConfigVersion)
+	}
+	if id := st.Identity; id != nil {
+		left := id.NotAfter.Sub(now).Round(time.Minute)
+		when := "in " + left.String()
+		if left <= 0 {
+			when = "EXPIRED"
+		}
+		fmt.Fprintf(w, "identity:\t%s, expires %s (%s)\n", id.SPIFFEID, id.NotAfter.UTC().Format(time.RFC3339), when)
+	}
+	if st.Gossip {
+		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
+		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
+		w.Flush()
+		fmt.Fprintln(out)
+		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "MEMBER\tADDRESS\tDIGEST\tSAME\tLEADER")
+		for _, m := range st.Members {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.Digest, yesNo(m.Digest == st.Digest), yesNo(m.Leader))
+		}
+	}
+	w.Flush()
+}
+
+func keygenCmd(args []string) error {
+	fs := flag.NewFlagSet("keygen", flag.ContinueOnError)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	fmt.Println(peers.GenerateKey())
+	fmt.Fprintln(os.Stderr, "# save it on every instance: fwdproxy keygen > /etc/fwdproxy/gossip.keys && chmod 600 /etc/fwdproxy/gossip.keys")
+	return nil
+}

@@ -1,0 +1,103 @@
+package main
+
+import (
+	"bytes"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
+	"github.com/fwdproxy/fwdproxy/pkg/peers"
+)
+
+// fleetCLI runs the built binary against an admin API backed by a real (single) gossip peer.
+func TestFleetVerbs(t *testing.T) {
+	node, err := peers.Start(peers.Config{Name: "cli-node", Bind: "127.0.0.1:0", Profile: "local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer node.Close()
+	token := "0123456789abcdef0123"
+	srv := httptest.NewServer((&admin.Server{
+		Fleet: node, Token: token, Log: slog.New(slog.DiscardHandler),
+		Status: func() admin.Status {
+			d, n := node.Digest()
+			return admin.Status{Node: "cli-node", Gossip: true, Leader: node.Leader(), Digest: d, Entries: n, Converged: node.Converged(),
+				Members: node.Members(), Ready: true, ReadyReason: "ready",
+				Identity: &admin.Identity{SPIFFEID: "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", NotAfter: time.Now().Add(48 * time.Hour)}}
+		},
+	}).Handler())
+	defer srv.Close()
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	os.WriteFile(tokenFile, []byte(token+"\n"), 0o600)
+	file := filepath.Join(dir, "svc.yaml")
+	os.WriteFile(file, []byte(`services:
+  - host: reviews.default.svc.cluster.local
+    ports: [{number: 9080, protocol: http}]
+    identities: [spiffe://cluster.local/ns/default/sa/reviews]
+`), 0o644)
+	run := func(args ...string) (string, error) {
+		cmd := exec.Command(binary, args...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		return out.String(), err
+	}
+	common := []string{"--config", filepath.Join(dir, "none.yaml"), "--admin", srv.URL, "--token-file", tokenFile}
+
+	out, err := run(append([]string{"apply"}, append(common, "-f", file)...)...)
+	if err != nil || !strings.Contains(out, "applied 1 service(s), 1 changed: reviews.default.svc.cluster.local") {
+		t.Fatalf("apply: %v\n%s", err, out)
+	}
+	if got := node.OperatorServices(); len(got) != 1 {
+		t.Fatalf("store: %+v", got)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !node.Converged() && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond) // the digest is advertised asynchronously
+	}
+	out, err = run(append([]string{"status"}, common...)...)
+	d, _ := node.Digest()
+	if err != nil || !strings.Contains(out, "cli-node (member, runs discovery)") || !strings.Contains(out, "converged:  yes") ||
+		!strings.Contains(out, "digest "+d+", 1 entries") || !strings.Contains(out, "expires ") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	out, err = run(append([]string{"delete"}, append(common, "reviews.default.svc.cluster.local", "nope.default.svc.cluster.local")...)...)
+	if err == nil || !strings.Contains(out, "deleted reviews.default.svc.cluster.local") || !strings.Contains(out, "no operator entry for nope.default.svc.cluster.local") {
+		t.Fatalf("delete: %v\n%s", err, out)
+	}
+	if len(node.OperatorServices()) != 0 {
+		t.Fatal("entry not deleted")
+	}
+	// Without the token the API refuses, and the CLI says why.
+	out, err = run("status", "--config", filepath.Join(dir, "none.yaml"), "--admin", srv.URL)
+	if err == nil || !strings.Contains(out, "bearer token") {
+		t.Fatalf("status without token: %v\n%s", err, out)
+	}
+	// A bad file is refused with its line.
+	os.WriteFile(file, []byte("services:\n  - host: x.default.svc.cluster.local\n    ports: [{number: 0, protocol: http}]\n"), 0o644)
+	out, err = run(append([]string{"apply"}, append(common, "-f", file)...)...)
+	if err == nil || !strings.Contains(out, "svc.yaml:3") {
+		t.Fatalf("bad apply: %v\n%s", err, out)
+	}
+}
+
+func TestKeygen(t *testing.T) {
+	out, err := exec.Command(binary, "keygen").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := peers.ParseKeyring(out)
+	if err != nil || len(keys) != 1 || len(keys[0]) != 32 {
+		t.Fatalf("keygen output %q: %v", out, err)
+	}
+	again, _ := exec.Command(binary, "keygen").Output()
+	if bytes.Equal(out, again) {
+		t.Fatal("two keys are equal")
+	}
+}
