@@ -105,9 +105,12 @@ func startFleet(tb testing.TB, size int, o peerOpts) []*testPeer {
 		}
 		fleet = append(fleet, startPeer(tb, fmt.Sprintf("peer-%02d", i), oo))
 	}
-	waitFor(tb, 10*time.Second, "all peers see each other", func() bool {
+	waitFor(tb, time.Duration(10+size)*time.Second, "all peers see each other", func() bool {
 		for _, p := range fleet {
 			if p.ml.NumMembers() != size {
+				if testing.Verbose() {
+					tb.Logf("%s sees %d", p.Name(), p.ml.NumMembers())
+				}
 				return false
 			}
 		}

@@ -170,7 +170,11 @@ func Start(cfg Config) (*Node, error) {
 	mc.Logger = newMemberlistLogger(n)
 	// Room for a delta in one packet: memberlist's compound/label/encryption overheads included.
 	n.maxCast = mc.UDPBufferSize - 200
-	n.queue = &memberlist.TransmitLimitedQueue{NumNodes: n.numMembers, RetransmitMult: mc.RetransmitMult}
+	// Each peer that learns an entry passes it on this many times log10(members+1): with 6, a
+	// peer misses a change by broadcast with probability about e^-12 (it would still get it by
+	// push/pull), where memberlist's own default of 4 leaves a few percent of changes to wait
+	// for anti-entropy in a fleet of 32.
+	n.queue = &memberlist.TransmitLimitedQueue{NumNodes: n.numMembers, RetransmitMult: max(mc.RetransmitMult, 6)}
 	n.advertised, _ = n.store.Digest()
 	ml, err := memberlist.Create(mc)
 	if err != nil {
