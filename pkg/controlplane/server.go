@@ -136,7 +136,7 @@ type Status struct {
 	// Clients counts open xDS streams.
 	Clients int
 	// AckedCurrent counts data planes (by node ID, over all their streams) that acknowledged the
-	// current listeners and clusters.
+	// current listeners, clusters and secrets.
 	AckedCurrent int
 	// AckedAny counts data planes that acknowledged some listeners and clusters, current or not:
 	// after a NACK they keep serving the last configuration they accepted.
@@ -153,8 +153,10 @@ func (s *Server) Status() Status {
 	}
 	lv := s.current.Cache.GetVersion(resource.ListenerType)
 	cv := s.current.Cache.GetVersion(resource.ClusterType)
+	sv := s.current.Cache.GetVersion(resource.SecretType)
 	// Envoy uses one ADS stream for every type; other clients may open one stream per type.
-	type acks struct{ listeners, clusters, anyListeners, anyClusters bool }
+	// Without the secrets a data plane cannot originate mTLS, so they count when there are any.
+	type acks struct{ listeners, clusters, secrets, anyListeners, anyClusters, anySecrets bool }
 	nodes := map[string]*acks{}
 	for id, str := range s.streams {
 		key := str.node
@@ -168,14 +170,16 @@ func (s *Server) Status() Status {
 		}
 		a.listeners = a.listeners || str.acked[resource.ListenerType] == lv
 		a.clusters = a.clusters || str.acked[resource.ClusterType] == cv
+		a.secrets = a.secrets || sv == "" || str.acked[resource.SecretType] == sv
 		a.anyListeners = a.anyListeners || str.acked[resource.ListenerType] != ""
 		a.anyClusters = a.anyClusters || str.acked[resource.ClusterType] != ""
+		a.anySecrets = a.anySecrets || sv == "" || str.acked[resource.SecretType] != ""
 	}
 	for _, a := range nodes {
-		if a.listeners && a.clusters {
+		if a.listeners && a.clusters && a.secrets {
 			st.AckedCurrent++
 		}
-		if a.anyListeners && a.anyClusters {
+		if a.anyListeners && a.anyClusters && a.anySecrets {
 			st.AckedAny++
 		}
 	}

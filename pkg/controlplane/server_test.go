@@ -166,6 +166,16 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 	if err := lds.client.Ack(); err != nil {
 		t.Fatal(err)
 	}
+	// Listeners and clusters alone do not make a data plane current: it needs the secrets too.
+	time.Sleep(100 * time.Millisecond)
+	if st := s.Status(); st.AckedCurrent != 0 || st.AckedAny != 0 {
+		t.Fatalf("counted as current without secrets: %+v", st)
+	}
+	sds := dial(t, s.addr, resource.SecretType)
+	fetch(t, sds.client)
+	if err := sds.client.Ack(); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "ACK of the current snapshot", func() bool { return s.Status().AckedCurrent >= 1 })
 
 	// Update on catalog change.
@@ -191,7 +201,7 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 
 	// Reconnect: a new stream gets the full current config at once.
 	cds.conn.Close()
-	waitFor(t, "stream close", func() bool { return s.Status().Clients == 1 })
+	waitFor(t, "stream close", func() bool { return s.Status().Clients == 2 })
 	again := dial(t, s.addr, resource.ClusterType)
 	if got := clusterNames(t, fetch(t, again.client)); len(got) != 5 {
 		t.Fatalf("clusters after reconnect: %v", got)

@@ -129,6 +129,8 @@ type adsClient struct {
 	stream discoverypb.AggregatedDiscoveryService_StreamAggregatedResourcesClient
 	node   *core.Node
 	acked  map[string]string // type URL -> last ACKed version
+	// sawSecrets: secrets come once per identity, not with every catalog change.
+	sawSecrets bool
 }
 
 func dialADS(t *testing.T, ctx context.Context, addr string) *adsClient {
@@ -150,7 +152,7 @@ func dialADS(t *testing.T, ctx context.Context, addr string) *adsClient {
 		t.Fatal(err)
 	}
 	c := &adsClient{stream: stream, node: &core.Node{Id: "envoy-test", Cluster: "fwdproxy"}, acked: map[string]string{}}
-	for _, typ := range []string{resource.ClusterType, resource.ListenerType} {
+	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.SecretType} {
 		if err := stream.Send(&discoverypb.DiscoveryRequest{Node: c.node, TypeUrl: typ}); err != nil {
 			t.Fatal(err)
 		}
@@ -174,17 +176,19 @@ func (c *adsClient) answer(nack string) (*discoverypb.DiscoveryResponse, error) 
 	return resp, c.stream.Send(req)
 }
 
-// answerBoth answers responses until both clusters and listeners were seen once.
+// answerBoth answers responses until clusters and listeners were each seen once, and the secrets
+// if this client has not had them yet.
 func (c *adsClient) answerBoth(t *testing.T, nack string) {
 	t.Helper()
-	seen := map[string]bool{}
+	seen := map[string]bool{resource.SecretType: c.sawSecrets}
 	for range 10 {
 		resp, err := c.answer(nack)
 		if err != nil {
 			t.Fatal(err)
 		}
 		seen[resp.GetTypeUrl()] = true
-		if seen[resource.ClusterType] && seen[resource.ListenerType] {
+		c.sawSecrets = c.sawSecrets || resp.GetTypeUrl() == resource.SecretType
+		if seen[resource.ClusterType] && seen[resource.ListenerType] && seen[resource.SecretType] {
 			return
 		}
 	}
