@@ -96,6 +96,9 @@ type Node struct {
 	joinTried atomic.Bool
 }
 
+// maxQueued bounds the broadcast queue.
+const maxQueued = 4096
+
 // Member is what a peer knows about one member of the fleet.
 type Member struct {
 	Name   string `json:"name"`
@@ -256,6 +259,11 @@ func (n *Node) loop(ctx context.Context) {
 			case <-time.After(10 * time.Millisecond):
 			}
 		case <-tick.C:
+			// A burst larger than this (a first discovery of thousands of services) is left to
+			// push/pull rather than queued for gossip indefinitely.
+			if n.queue.NumQueued() > maxQueued {
+				n.queue.Prune(maxQueued)
+			}
 		case <-gc.C:
 			if k := n.store.GC(); k > 0 {
 				n.log.Debug("forgot expired deletes", "count", k)
