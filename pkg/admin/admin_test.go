@@ -36,7 +36,9 @@ func newServer(fleet Fleet, token string) *Server {
 	if fleet != nil {
 		s.Fleet = fleet
 	}
-	s.Status = func() Status { return Status{Node: "admin-test", Gossip: fleet != nil, Ready: true, ReadyReason: "ready"} }
+	s.Status = func() Status {
+		return Status{Node: "admin-test", Gossip: fleet != nil, Ready: true, ReadyReason: "ready"}
+	}
 	return s
 }
 
