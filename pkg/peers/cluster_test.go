@@ -411,3 +411,27 @@ func TestWrongKeyIsRejectedAndLogged(t *testing.T) {
 	friend := startPeer(t, "peer-51", peerOpts{keys: [][]byte{k1, k2}, seeds: []string{fleet[0].tr.Addr()}})
 	waitFor(t, 10*time.Second, "a peer holding the key joins", func() bool { return friend.ml.NumMembers() == 3 })
 }
+
+// Two peers joined by hand (no seeds) are cut apart for longer than memberlist gossips to dead
+// members; they still find each other again once the network heals.
+func TestLongPartitionHealsWithoutSeeds(t *testing.T) {
+	a := startPeer(t, "peer-a", peerOpts{})
+	b := startPeer(t, "peer-b", peerOpts{})
+	if _, err := b.Join([]string{a.tr.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "joined", func() bool { return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 })
+	a.tr.block(b.tr.Addr())
+	b.tr.block(a.tr.Addr())
+	waitFor(t, 10*time.Second, "each declares the other dead", func() bool { return a.ml.NumMembers() == 1 && b.ml.NumMembers() == 1 })
+	apply(t, a.Node, []catalog.Service{svc("during.default.svc.cluster.local", 9080)})
+	time.Sleep(1500 * time.Millisecond) // past GossipToTheDeadTime (1s in fast timings)
+	a.tr.unblockAll()
+	b.tr.unblockAll()
+	waitFor(t, 10*time.Second, "the pair is whole and converged again", func() bool {
+		return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 && converged([]*testPeer{a, b})
+	})
+	if len(b.OperatorServices()) != 1 {
+		t.Fatal("the write made during the partition was lost")
+	}
+}

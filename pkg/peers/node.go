@@ -84,6 +84,10 @@ type Node struct {
 	// memberlist.Members returns are updated in place by its goroutines and are unsafe to read.
 	tableMu sync.Mutex
 	table   map[string]memberlist.Node
+	// lost are members that failed or left, by address, with when: they are
+	// tried again with the seeds for lostRetention, so a partition heals even after memberlist
+	// has stopped gossiping to the dead and when no seed is on the other side.
+	lost map[string]time.Time
 
 	// What this peer's discovery last reported, rewritten if a merge replaces it while this
 	// peer leads (writes of a former or partitioned leader lose to the current one's view).
@@ -95,6 +99,9 @@ type Node struct {
 	// lead, so a starting instance does not briefly run discovery alone.
 	joinTried atomic.Bool
 }
+
+// lostRetention is how long a failed member's address is retried.
+const lostRetention = time.Hour
 
 // maxQueued bounds the broadcast queue.
 const maxQueued = 4096
@@ -164,6 +171,7 @@ func Start(cfg Config) (*Node, error) {
 		done:     make(chan struct{}),
 		leaderCh: make(chan bool, 1),
 		table:    map[string]memberlist.Node{},
+		lost:     map[string]time.Time{},
 		owned:    map[string]*catalog.Catalog{},
 		ownedGW:  map[string]Gateway{},
 	}
@@ -300,6 +308,7 @@ func (n *Node) joinLoop(ctx context.Context) {
 // to do or a seed answered.
 func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 	seeds := slices.Clone(n.cfg.Seeds)
+	configured := len(seeds) > 0 || n.cfg.Discover != nil
 	if n.cfg.Discover != nil {
 		found, err := n.cfg.Discover(ctx)
 		if err != nil {
@@ -310,6 +319,15 @@ func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 		}
 		seeds = append(seeds, found...)
 	}
+	n.tableMu.Lock()
+	for addr, when := range n.lost {
+		if time.Since(when) > lostRetention {
+			delete(n.lost, addr)
+		} else if !slices.Contains(seeds, addr) {
+			seeds = append(seeds, addr)
+		}
+	}
+	n.tableMu.Unlock()
 	known := map[string]bool{}
 	for _, m := range n.memberList() {
 		known[m.Address()] = true
@@ -330,8 +348,8 @@ func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 		}
 		return true
 	}
-	if n.ml.NumMembers() > 1 {
-		return true // already in a fleet; the missing seeds are probably gone
+	if n.ml.NumMembers() > 1 || !configured {
+		return true // already in a fleet, or only former members were tried
 	}
 	n.log.Warn("cannot reach any peer yet; retrying (if every peer rejects us, check that peers.keyring matches the fleet's)",
 		"seeds", todo, "error", err)
@@ -777,6 +795,7 @@ func (e *events) record(m *memberlist.Node) {
 	c.Addr = slices.Clone(m.Addr)
 	e.tableMu.Lock()
 	e.table[c.Name] = c
+	delete(e.lost, c.Address())
 	e.tableMu.Unlock()
 }
 
@@ -792,6 +811,9 @@ func (e *events) NotifyJoin(m *memberlist.Node) {
 func (e *events) NotifyLeave(m *memberlist.Node) {
 	e.tableMu.Lock()
 	delete(e.table, m.Name)
+	// memberlist does not say here whether the peer failed or left (Node.State is stale), so
+	// both are retried; a peer that really left simply does not answer.
+	e.lost[m.Address()] = time.Now()
 	e.tableMu.Unlock()
 	n := (*Node)(e)
 	n.log.Info("peer left or failed", "peer", m.Name, "addr", m.Address())
