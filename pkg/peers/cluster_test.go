@@ -435,3 +435,26 @@ func TestLongPartitionHealsWithoutSeeds(t *testing.T) {
 		t.Fatal("the write made during the partition was lost")
 	}
 }
+
+func TestLeaderStateWinsOverAStaleWriter(t *testing.T) {
+	fleet := startFleet(t, 3, peerOpts{})
+	src := "kubernetes:primary"
+	waitFor(t, 3*time.Second, "peer-00 leads", func() bool { return fleet[0].Leader() })
+	fleet[0].SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("a.default.svc.cluster.local", 80)}})
+	if err := fleet[0].SetGateway(Gateway{Name: "primary", Port: 15443, Addresses: []string{"10.0.0.9"}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "converged", func() bool { return converged(fleet) })
+	if g := fleet[2].Gateways(); len(g) != 1 || g[0].Addresses[0] != "10.0.0.9" {
+		t.Fatalf("gateways on a follower: %+v", g)
+	}
+	// A follower that still believes it leads (say, it was cut off) writes its own view later.
+	fleet[2].SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("stale.default.svc.cluster.local", 80)}})
+	waitFor(t, 5*time.Second, "the leader's view is restored everywhere", func() bool {
+		if !converged(fleet) {
+			return false
+		}
+		live := fleet[1].Store().Live(discoveredPrefix(src))
+		return len(live) == 1 && live[0].Key == DiscoveredKey(src, "a.default.svc.cluster.local")
+	})
+}
