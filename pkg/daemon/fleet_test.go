@@ -8,8 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
@@ -110,12 +113,20 @@ func joinComma(s []string) string {
 	return out
 }
 
+// servedHosts lists the services in the xDS snapshot the daemon serves (by cluster name).
 func servedHosts(d *Daemon) []string {
-	cat, _, _, _ := d.Inputs()
-	var hosts []string
-	for _, s := range cat.Services {
-		hosts = append(hosts, s.Host)
+	cur := d.XDS.Current()
+	if cur == nil {
+		return nil
 	}
+	var hosts []string
+	for name := range cur.Cache.GetResources(resource.ClusterType) {
+		// outbound|PORT|SUBSET|FQDN
+		if parts := strings.Split(name, "|"); len(parts) == 4 && !slices.Contains(hosts, parts[3]) {
+			hosts = append(hosts, parts[3])
+		}
+	}
+	slices.Sort(hosts)
 	return hosts
 }
 
