@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package e2e_test drives the real pieces end to end: the daemon (control plane) with its data
 // plane, in front of a stand-in mesh (east-west gateway in AUTO_PASSTHROUGH mode and mTLS
 // sidecars), with plain HTTP and TCP clients. The same scenario runs against the Go stand-ins and
