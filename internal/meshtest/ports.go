@@ -64,4 +64,3 @@ func FreeAddr() (string, error) {
 	}
 	return "127.0.0.1:" + strconv.Itoa(p), nil
 }
-
