@@ -8,14 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"syscall"
-	"time"
 
 	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
@@ -61,58 +58,13 @@ func runCmd(args []string) error {
 	return daemon.New(cfg, log).Run(ctx)
 }
 
-// staticInputs loads what render and validate need without running the daemon: the catalog
-// files, the identity and the gateways' current addresses. A gateway name that does not resolve
-// here is a warning (the daemon keeps retrying), not an error.
+// staticInputs is daemon.Offline with its notes printed as warnings on stderr.
 func staticInputs(cfg *config.Config) (*catalog.Catalog, controlplane.Options, *identity.Bundle, error) {
-	var cats []*catalog.Catalog
-	var errs []error
-	for _, f := range cfg.Discovery.Files {
-		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		cats = append(cats, c)
+	cat, opts, bundle, notes, err := daemon.Offline(context.Background(), cfg)
+	for _, n := range notes {
+		fmt.Fprintln(os.Stderr, "warning:", n)
 	}
-	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
-	errs = append(errs, conflicts...)
-	var bundle *identity.Bundle
-	if f := cfg.Identity.Files; f != nil {
-		b, err := identity.Files{SPIFFEID: cfg.Identity.SPIFFEID, CertChain: cfg.Path(f.CertChain), PrivateKey: cfg.Path(f.PrivateKey), Roots: cfg.Path(f.Roots)}.Load()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("identity: %w", err))
-		}
-		bundle = b
-	}
-	var gws []controlplane.Gateway
-	for _, g := range cfg.Gateways {
-		addrs, err := resolveNow(g.Address, uint16(g.Port))
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "warning: gateway %s left out: %v\n", g.Name, err)
-			continue
-		}
-		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
-	}
-	return merged, daemon.TranslateOptions(cfg, gws), bundle, errors.Join(errs...)
-}
-
-func resolveNow(host string, port uint16) ([]netip.AddrPort, error) {
-	if ip, err := netip.ParseAddr(host); err == nil {
-		return []netip.AddrPort{netip.AddrPortFrom(ip, port)}, nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.AddrPort
-	for _, ip := range ips {
-		out = append(out, netip.AddrPortFrom(ip.Unmap(), port))
-	}
-	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return out, nil
+	return cat, opts, bundle, err
 }
 
 func validateCmd(args []string) error {
@@ -129,6 +81,14 @@ func validateCmd(args []string) error {
 	if err != nil {
 		return err
 	}
+	id := "issued at run time"
+	if bundle != nil {
+		id = bundle.String()
+	}
+	if len(opts.Gateways) == 0 {
+		fmt.Printf("%s: ok: %d services; no gateway address is known offline, so the Envoy configuration was not built; identity %s\n", *path, len(cat.Services), id)
+		return nil
+	}
 	res, err := controlplane.Translate(cat, opts)
 	if err != nil {
 		return err
@@ -136,7 +96,7 @@ func validateCmd(args []string) error {
 	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
 		return err
 	}
-	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services), len(res.Listeners), len(res.Clusters), bundle)
+	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services), len(res.Listeners), len(res.Clusters), id)
 	return nil
 }
 
