@@ -33,6 +33,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rec := &recorder{ResponseWriter: w}
 	info := &proxyInfo{flags: "-"}
 	clusterName := ""
+	var c *cluster
 	defer func() {
 		if cfg.http != nil && len(cfg.http.logs) > 0 {
 			line := httpLogLine(start, r, rec, info)
@@ -40,7 +41,10 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				lg.write(line)
 			}
 		}
-		if clusterName != "" {
+		switch {
+		case c != nil:
+			c.requestCounter(rec.code()).Inc()
+		case clusterName != "":
 			l.dp.metrics.requests.WithLabelValues(clusterName, strconv.Itoa(rec.code())).Inc()
 		}
 	}()
@@ -89,7 +93,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	c := l.dp.cluster(re.cluster)
+	c = l.dp.cluster(re.cluster)
 	if c == nil {
 		l.dp.metrics.upstreamErrs.WithLabelValues(re.cluster, reasonNoHealthy).Inc()
 		info.flags = "NC"
@@ -172,13 +176,23 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 	dp.log.Debug("upstream request failed", "cluster", info.cluster.name, "host", r.Host, "error", err)
 }
 
+// requestID is a random (version 4) UUID, formatted into one allocation.
 func requestID() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:])
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
-	h := hex.EncodeToString(b[:])
-	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+	var s [36]byte
+	hex.Encode(s[0:8], b[0:4])
+	s[8] = '-'
+	hex.Encode(s[9:13], b[4:6])
+	s[13] = '-'
+	hex.Encode(s[14:18], b[6:8])
+	s[18] = '-'
+	hex.Encode(s[19:23], b[8:10])
+	s[23] = '-'
+	hex.Encode(s[24:], b[10:])
+	return string(s[:])
 }
 
 // recorder notes the status and bytes written; Unwrap keeps flushing and hijacking working.

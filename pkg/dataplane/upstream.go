@@ -10,12 +10,14 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/http2"
 )
 
@@ -34,6 +36,20 @@ type cluster struct {
 	mu        sync.Mutex   // outlier state of the hosts
 	lastSweep atomic.Int64 // unix nanoseconds of the last outlier sweep
 	stopped   sync.Once
+
+	// codes caches this cluster's children of the requests counter by status code, so a
+	// request does not format and hash its labels.
+	codes sync.Map // int -> prometheus.Counter
+}
+
+// requestCounter is the requests counter of this cluster for a response code.
+func (c *cluster) requestCounter(code int) prometheus.Counter {
+	if v, ok := c.codes.Load(code); ok {
+		return v.(prometheus.Counter)
+	}
+	ctr := c.dp.metrics.requests.WithLabelValues(c.name, strconv.Itoa(code))
+	c.codes.Store(code, ctr)
+	return ctr
 }
 
 // clusterRuntime is one version of a cluster's config with the transports built from it.
