@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
@@ -34,6 +35,10 @@ import (
 func (d *Daemon) startSources(ctx context.Context, g *errgroup.Group) {
 	var node *peers.Node
 	if d.cfg.Peers.Bind == "" {
+		// A fleet of one leads itself; the gauge keeps dashboards uniform.
+		_ = d.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fwdproxy_fleet_leader", Help: "1 on the peer that runs discovery for the fleet.",
+		}, func() float64 { return 1 }))
 		d.runSources(ctx, g, d.sources)
 	} else {
 		var err error
