@@ -350,6 +350,17 @@ func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusInternalServerError)
 		return
 	}
+	if r.URL.Path == "/then-close" { // answer as if keeping the connection, then close it
+		conn, bw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			m.t.Errorf("hijack: %v", err)
+			return
+		}
+		_, _ = bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n")
+		_ = bw.Flush()
+		conn.Close()
+		return
+	}
 	if r.URL.Path == "/slow" {
 		time.Sleep(500 * time.Millisecond)
 	}

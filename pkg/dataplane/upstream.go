@@ -59,6 +59,7 @@ type clusterRuntime struct {
 	h1   *http.Transport
 	h2   *http2.Transport
 	http http.RoundTripper
+	pool *h1Pool // HTTP/1.1 fast path connections (see h1.go); nil for HTTP/2 clusters
 }
 
 type host struct {
@@ -130,6 +131,7 @@ func (c *cluster) setConfig(cfg *clusterConfig) {
 			},
 		}
 		rt.http = rt.h1
+		rt.pool = &h1Pool{}
 	}
 	old := c.rt.Swap(rt)
 	if old != nil {
@@ -143,6 +145,9 @@ func (rt *clusterRuntime) closeIdle() {
 	}
 	if rt.h2 != nil {
 		rt.h2.CloseIdleConnections()
+	}
+	if rt.pool != nil {
+		rt.pool.closeIdle()
 	}
 }
 
@@ -386,6 +391,9 @@ func (c *cluster) sweepDue(now time.Time) {
 	}
 	c.lastSweep.Store(now.UnixNano())
 	c.sweep(now)
+	if p := c.rt.Load().pool; p != nil {
+		p.prune(now)
+	}
 }
 
 // sweep returns ejected endpoints to rotation when their time is up, and lowers the ejection
@@ -454,7 +462,14 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 		if info, ok := req.Context().Value(proxyKey{}).(*proxyInfo); ok {
 			info.upstream = h.addr
 		}
-		resp, err := rt.http.RoundTrip(req)
+		var resp *http.Response
+		var err error
+		if rt.pool != nil && h1FastPath(req) {
+			addr := h.addr
+			resp, err = rt.roundTripH1(req, addr, func() (net.Conn, error) { return c.dialAddr(req.Context(), rt, addr) })
+		} else {
+			resp, err = rt.http.RoundTrip(req)
+		}
 		if err == nil {
 			c.outcome(h, resp.StatusCode)
 			return resp, nil
