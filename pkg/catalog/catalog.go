@@ -295,6 +295,23 @@ func CheckSPIFFEID(id string) error {
 	return nil
 }
 
+// Clone returns a deep copy, so that normalizing or editing it never touches the original.
+func (s Service) Clone() Service {
+	s.Aliases = slices.Clone(s.Aliases)
+	s.Ports = slices.Clone(s.Ports)
+	s.Identities = slices.Clone(s.Identities)
+	s.AllowedClients = slices.Clone(s.AllowedClients)
+	s.Gateways = slices.Clone(s.Gateways)
+	subsets := make([]Subset, len(s.Subsets))
+	for i, sub := range s.Subsets {
+		subsets[i] = Subset{Name: sub.Name, Hosts: slices.Clone(sub.Hosts)}
+	}
+	if s.Subsets != nil {
+		s.Subsets = subsets
+	}
+	return s
+}
+
 // Lookup returns the service with host (after normalization), or nil.
 func (c *Catalog) Lookup(host string) *Service {
 	h := normHost(host)

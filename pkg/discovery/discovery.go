@@ -71,7 +71,8 @@ func Merge(opts catalog.Options, cats ...*catalog.Catalog) (*catalog.Catalog, []
 				continue
 			}
 			seen[s.Host] = true
-			out.Services = append(out.Services, s)
+			// A deep copy: the sources' catalogs are shared, and Normalize sorts in place.
+			out.Services = append(out.Services, s.Clone())
 		}
 	}
 	// Collisions are reported on the later of two services, so dropping the reported ones keeps

@@ -139,3 +139,19 @@ func TestMergePriorityAndConflicts(t *testing.T) {
 		}
 	}
 }
+
+func TestMergeLeavesSourcesUntouched(t *testing.T) {
+	src := &catalog.Catalog{Services: []catalog.Service{{
+		Host:       "a.ns.svc.cluster.local",
+		Aliases:    []string{"z.example.com", "b.example.com"},
+		Ports:      []catalog.Port{{Number: 90, Protocol: catalog.HTTP}, {Number: 80, Protocol: catalog.HTTP}},
+		Identities: []string{"spiffe://cluster.local/ns/ns/sa/z", "spiffe://cluster.local/ns/ns/sa/a"},
+	}}}
+	merged, _ := Merge(catalog.Options{}, src)
+	if merged.Services[0].Aliases[0] != "b.example.com" || merged.Services[0].Ports[0].Number != 80 {
+		t.Fatalf("merged catalog not normalized: %+v", merged.Services[0])
+	}
+	if src.Services[0].Aliases[0] != "z.example.com" || src.Services[0].Ports[0].Number != 90 || src.Services[0].Identities[0] != "spiffe://cluster.local/ns/ns/sa/z" {
+		t.Fatalf("Merge reordered its input in place: %+v", src.Services[0])
+	}
+}
