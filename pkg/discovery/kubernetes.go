@@ -240,12 +240,13 @@ func (k *Kubernetes) Run(ctx context.Context, update func(*catalog.Catalog)) err
 				k.OnGateway(g)
 			}
 		}
+		// Recorded before publishing, so whoever sees the catalog also sees the sync's success.
+		k.Metrics.success(k.Name(), time.Now())
 		if first || !reflect.DeepEqual(lastCat, res.catalog) {
 			log.Info("kubernetes catalog updated", "services", len(res.catalog.Services), "skipped", len(res.skipped))
 			lastCat = res.catalog
 			update(res.catalog)
 		}
-		k.Metrics.success(k.Name(), time.Now())
 		select {
 		case <-ctx.Done():
 			return nil
