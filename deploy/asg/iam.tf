@@ -1,4 +1,5 @@
-# The instances' role, least privilege: find peers (Describe* take no resource scoping), complete
+# The instances' role, least privilege: find peers (Describe* take no resource scoping), read the
+# one gossip keyring secret, complete
 # their own group's termination lifecycle action, and, with acm_pca_arn, issue the fleet identity
 # from that one CA with the API-passthrough template only.
 
@@ -15,8 +16,14 @@ data "aws_iam_policy_document" "assume" {
 data "aws_iam_policy_document" "instance" {
   statement {
     sid       = "PeerDiscovery"
-    actions   = ["autoscaling:DescribeAutoScalingGroups", "ec2:DescribeInstances"]
+    actions   = ["autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeAutoScalingInstances", "ec2:DescribeInstances"]
     resources = ["*"]
+  }
+
+  statement {
+    sid       = "GossipKeyring"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = [var.gossip_keyring_secret_arn]
   }
 
   statement {

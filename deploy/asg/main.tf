@@ -20,8 +20,13 @@ locals {
   # the daemon restarts; the daemon serves xDS only (dataplane: none). The admin address is the
   # one `fwdproxy bootstrap` writes and the image's stats listener reads.
   fwdproxy_config = merge(var.fwdproxy_config, {
-    metrics   = { address = "0.0.0.0:${var.metrics_port}" }
-    peers     = merge(try(var.fwdproxy_config.peers, {}), { bind = "0.0.0.0:${var.gossip_port}" })
+    metrics = { address = "0.0.0.0:${var.metrics_port}" }
+    # Gossip is encrypted with the keyring cloud-init fetches; peers are this group's instances.
+    peers = merge(try(var.fwdproxy_config.peers, {}), {
+      bind    = "0.0.0.0:${var.gossip_port}"
+      keyring = "/etc/fwdproxy/gossip.keys"
+      aws     = merge(try(var.fwdproxy_config.peers.aws, {}), { autoScalingGroup = var.name })
+    })
     discovery = merge(try(var.fwdproxy_config.discovery, {}), { files = concat(try(var.fwdproxy_config.discovery.files, []), var.catalog_yaml == null ? [] : ["catalog.yaml"]) })
     dataplane = var.dataplane == "envoy" ? "none" : "builtin"
     envoy     = { adminAddress = "127.0.0.1:15000" }
@@ -35,6 +40,8 @@ locals {
     asg_name            = var.name
     lifecycle_hook_name = local.lifecycle_hook_name
     units               = local.units
+    region              = data.aws_region.current.name
+    gossip_keyring_arn  = var.gossip_keyring_secret_arn
   })
 
   tags = merge(var.tags, { "fwdproxy:fleet" = var.name })

@@ -167,6 +167,16 @@ variable "catalog_yaml" {
   description = "A static catalog (examples/catalog.yaml format) written to /etc/fwdproxy/catalog.yaml; null when the catalog comes from Kubernetes discovery or the fleet admin API. User data is limited to 16 KiB after compression."
 }
 
+variable "gossip_keyring_secret_arn" {
+  type        = string
+  description = "ARN of the Secrets Manager secret holding the fleet's gossip keyring: the output of `fwdproxy keygen`, one base64 key per line, the first one encrypting. Instances fetch it at boot into /etc/fwdproxy/gossip.keys (0600); a peer without it cannot join."
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.gossip_keyring_secret_arn))
+    error_message = "gossip_keyring_secret_arn must be a Secrets Manager secret ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME)."
+  }
+}
+
 variable "acm_pca_arn" {
   type        = string
   default     = null

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/hcl/v2"
@@ -70,8 +71,9 @@ func TestRenderedConfig(t *testing.T) {
 	ex := loadModule(t, exampleDir, ".tf")
 	call := ex.find(t, "module", "fwdproxy")
 	exCtx := evalContext(exampleDir, map[string]cty.Value{
-		"ami_id":      cty.StringVal("ami-0123456789abcdef0"),
-		"acm_pca_arn": cty.StringVal("arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"),
+		"ami_id":                    cty.StringVal("ami-0123456789abcdef0"),
+		"acm_pca_arn":               cty.StringVal("arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"),
+		"gossip_keyring_secret_arn": cty.StringVal("arn:aws:secretsmanager:eu-west-1:111122223333:secret:fwdproxy-gossip-AbCdEf"),
 	})
 	m := loadModule(t, asgDir, ".tf")
 	vars := map[string]cty.Value{}
@@ -113,6 +115,8 @@ func TestRenderedConfig(t *testing.T) {
 		"asg_name":            vars["name"],
 		"lifecycle_hook_name": cty.StringVal(vars["name"].AsString() + "-terminate"),
 		"units":               units,
+		"region":              cty.StringVal("eu-west-1"),
+		"gossip_keyring_arn":  vars["gossip_keyring_secret_arn"],
 	}
 	userData := eval(t, tmplPath, tmpl, ctx).AsString()
 
@@ -143,9 +147,13 @@ func TestRenderedConfig(t *testing.T) {
 	if want := "ASG_NAME=fwdproxy\nLIFECYCLE_HOOK_NAME=fwdproxy-terminate\n"; files["/etc/fwdproxy/lifecycle.env"] != want {
 		t.Errorf("lifecycle.env = %q, want %q", files["/etc/fwdproxy/lifecycle.env"], want)
 	}
-	if len(cloudInit.Runcmd) != 1 || !slices.Contains(cloudInit.Runcmd[0], "fwdproxy-envoy.service") || !slices.Contains(cloudInit.Runcmd[0], "fwdproxy.service") {
+	// First the gossip keyring, then the units (which read it).
+	if len(cloudInit.Runcmd) != 2 || !strings.Contains(strings.Join(cloudInit.Runcmd[0], " "), "secretsmanager get-secret-value --region eu-west-1 --secret-id 'arn:aws:secretsmanager:eu-west-1:111122223333:secret:fwdproxy-gossip-AbCdEf'") ||
+		!strings.Contains(strings.Join(cloudInit.Runcmd[0], " "), "umask 077") || !strings.Contains(strings.Join(cloudInit.Runcmd[0], " "), "mv /etc/fwdproxy/gossip.keys.tmp /etc/fwdproxy/gossip.keys") {
+		t.Errorf("runcmd %v does not first fetch the gossip keyring into a 0600 file", cloudInit.Runcmd)
+	} else if start := cloudInit.Runcmd[1]; !slices.Contains(start, "fwdproxy-envoy.service") || !slices.Contains(start, "fwdproxy.service") {
 		t.Errorf("runcmd %v does not start the daemon and Envoy", cloudInit.Runcmd)
-	} else if !slices.Contains(cloudInit.Runcmd[0], "--no-block") {
+	} else if !slices.Contains(start, "--no-block") {
 		t.Errorf("runcmd %v waits for the units inside cloud-final.service; use --no-block", cloudInit.Runcmd)
 	}
 
@@ -156,6 +164,9 @@ func TestRenderedConfig(t *testing.T) {
 	}
 	if cfg.Metrics.Address != "0.0.0.0:9102" || cfg.Peers.Bind != "0.0.0.0:7946" || cfg.Dataplane != "none" || cfg.Envoy.AdminAddress != "127.0.0.1:15000" {
 		t.Errorf("rendered config: metrics %q, peers.bind %q, dataplane %q, envoy admin %q", cfg.Metrics.Address, cfg.Peers.Bind, cfg.Dataplane, cfg.Envoy.AdminAddress)
+	}
+	if cfg.Peers.Keyring != "/etc/fwdproxy/gossip.keys" || cfg.Peers.AWS == nil || cfg.Peers.AWS.AutoScalingGroup != vars["name"].AsString() {
+		t.Errorf("rendered peers %+v: want the fetched keyring and this group's instances as peers", cfg.Peers)
 	}
 	if cfg.Identity.ACMPCA == nil || cfg.Identity.ACMPCA.CertificateAuthorityARN != vars["acm_pca_arn"].AsString() {
 		t.Errorf("rendered identity %+v does not use the module's CA", cfg.Identity)

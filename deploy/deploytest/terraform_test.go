@@ -208,8 +208,8 @@ func TestTerraformModule(t *testing.T) {
 	got = slices.Compact(got)
 	want := []string{
 		"acm-pca:GetCertificate", "acm-pca:GetCertificateAuthorityCertificate", "acm-pca:IssueCertificate", "acm-pca:TemplateArn",
-		"autoscaling:CompleteLifecycleAction", "autoscaling:DescribeAutoScalingGroups", "autoscaling:RecordLifecycleActionHeartbeat",
-		"ec2:DescribeInstances",
+		"autoscaling:CompleteLifecycleAction", "autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeAutoScalingInstances",
+		"autoscaling:RecordLifecycleActionHeartbeat", "ec2:DescribeInstances", "secretsmanager:GetSecretValue",
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("IAM actions %v, want exactly %v", got, want)

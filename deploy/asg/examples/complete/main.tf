@@ -26,6 +26,11 @@ variable "acm_pca_arn" {
   description = "Private CA that issues the fleet's SPIFFE identity, chained to the mesh's root."
 }
 
+variable "gossip_keyring_secret_arn" {
+  type        = string
+  description = "Secrets Manager secret holding `fwdproxy keygen` output (the fleet's gossip keyring)."
+}
+
 module "fwdproxy" {
   source = "../.."
 
@@ -46,7 +51,8 @@ module "fwdproxy" {
   client_cidrs     = ["10.0.0.0/8"]
   monitoring_cidrs = ["10.50.0.0/24"]
 
-  acm_pca_arn = var.acm_pca_arn
+  acm_pca_arn               = var.acm_pca_arn
+  gossip_keyring_secret_arn = var.gossip_keyring_secret_arn
   fwdproxy_config = {
     mesh = { trustDomain = "cluster.local" }
     gateways = [
