@@ -220,9 +220,9 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 	}
 	s.mu.Unlock()
 	if isErr {
-		s.metrics.nacks.WithLabelValues(typeName(typeURL)).Inc()
+		s.metrics.nacks.WithLabelValues(TypeName(typeURL)).Inc()
 		s.log.Error("xDS client rejected configuration; it keeps its last good one",
-			"node", nodeID, "type", typeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+			"node", nodeID, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
 	}
 }
 
@@ -239,7 +239,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, _ int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
-			s.metrics.pushes.WithLabelValues(typeName(r.GetTypeUrl())).Inc()
+			s.metrics.pushes.WithLabelValues(TypeName(r.GetTypeUrl())).Inc()
 			s.mu.Lock()
 			if len(s.sent) > 10000 { // a client that never answers must not grow this forever
 				clear(s.sent)
@@ -259,7 +259,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 			return nil
 		},
 		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
-			s.metrics.pushes.WithLabelValues(typeName(r.GetTypeUrl())).Inc()
+			s.metrics.pushes.WithLabelValues(TypeName(r.GetTypeUrl())).Inc()
 			s.mu.Lock()
 			if len(s.nonces) > 10000 { // a client that never answers must not grow this forever
 				clear(s.nonces)
@@ -278,8 +278,9 @@ func (s *Server) versionOf(typeURL string) string {
 	return s.current.Cache.GetVersion(typeURL)
 }
 
-// typeName shortens a type URL for logs and metric labels: "cluster", "listener", ...
-func typeName(typeURL string) string {
+// TypeName shortens an xDS type URL for logs, errors and metric labels: "listener", "route",
+// "cluster", "endpoint", "secret"; other types by their last name segment.
+func TypeName(typeURL string) string {
 	switch typeURL {
 	case resource.ListenerType:
 		return "listener"

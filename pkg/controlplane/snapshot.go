@@ -93,12 +93,12 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		for _, r := range byType[typ] {
 			raw, err := marshal.Marshal(r)
 			if err != nil {
-				return nil, fmt.Errorf("%s %q: %w", shortType(typ), cache.GetResourceName(r), err)
+				return nil, fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 			}
 			sum := sha256.Sum256(raw)
 			if _, ok := b.validated[sum]; !ok {
 				if err := ValidateDeep(r); err != nil {
-					return nil, fmt.Errorf("invalid %s %q: %w", shortType(typ), cache.GetResourceName(r), err)
+					return nil, fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 				}
 			}
 			seen[sum] = struct{}{}
@@ -120,20 +120,6 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	// Remember only the current contents, so memory stays proportional to the catalog.
 	b.validated = seen
 	return out, nil
-}
-
-func shortType(t resource.Type) string {
-	switch t {
-	case resource.ListenerType:
-		return "listener"
-	case resource.RouteType:
-		return "route"
-	case resource.ClusterType:
-		return "cluster"
-	case resource.EndpointType:
-		return "endpoints"
-	}
-	return t
 }
 
 // ValidateDeep runs the generated ValidateAll on m and on every message inside it, unpacking
