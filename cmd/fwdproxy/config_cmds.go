@@ -22,7 +22,6 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 	"github.com/fwdproxy/fwdproxy/pkg/daemon"
-	"github.com/fwdproxy/fwdproxy/pkg/discovery"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
 )
 
@@ -136,16 +135,8 @@ func renderCmd(args []string) error {
 }
 
 func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
-	var cats []*catalog.Catalog
-	for _, f := range cfg.Discovery.Files {
-		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
-		if err != nil {
-			return err
-		}
-		cats = append(cats, c)
-	}
-	cat, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
-	if err := errors.Join(conflicts...); err != nil {
+	cat, errs := daemon.CatalogFiles(cfg)
+	if err := errors.Join(errs...); err != nil {
 		return err
 	}
 	// Translation needs addresses; a static config keeps the gateways' names for Envoy to resolve.

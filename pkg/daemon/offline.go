@@ -17,22 +17,11 @@ import (
 // input; notes say what was left out and why (an unresolvable gateway name, sources and
 // identities that exist only at run time), so a partial result is never mistaken for the whole.
 func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, controlplane.Options, *identity.Bundle, []string, error) {
-	var cats []*catalog.Catalog
-	var errs []error
 	var notes []string
-	for _, f := range cfg.Discovery.Files {
-		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		cats = append(cats, c)
-	}
+	merged, errs := CatalogFiles(cfg)
 	for _, k := range cfg.Discovery.Kubernetes {
 		notes = append(notes, fmt.Sprintf("services discovered from Kubernetes cluster %q are known only at run time and are not included", k.Name))
 	}
-	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
-	errs = append(errs, conflicts...)
 	var bundle *identity.Bundle
 	switch f := cfg.Identity.Files; {
 	case f != nil:
@@ -54,4 +43,21 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
 	}
 	return merged, TranslateOptions(cfg, gws), bundle, notes, errors.Join(errs...)
+}
+
+// CatalogFiles loads and merges the config's static catalog files; errors are bad files and
+// conflicts between them.
+func CatalogFiles(cfg *config.Config) (*catalog.Catalog, []error) {
+	var cats []*catalog.Catalog
+	var errs []error
+	for _, f := range cfg.Discovery.Files {
+		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cats = append(cats, c)
+	}
+	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
+	return merged, append(errs, conflicts...)
 }
