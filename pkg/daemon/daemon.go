@@ -91,6 +91,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.SetIdentity(bundle)
 
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.XDS.Serve(ctx, xdsLis) })
 	g.Go(func() error { return d.serveHTTP(ctx, metricsLis) })
@@ -99,6 +101,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.startSources(ctx, g)
 	g.Go(func() error { return d.rebuildLoop(ctx) })
 	if err := d.startDataplane(ctx, g); err != nil {
+		cancel() // stop what already started before reporting
+		_ = g.Wait()
 		return err
 	}
 	d.log.Info("fwdproxy started", "node", d.cfg.Node.ID, "xds", xdsLis.Addr().String(), "metrics", metricsLis.Addr().String())
