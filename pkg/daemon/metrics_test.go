@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -13,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,27 +33,10 @@ type meshFixture struct {
 	leaf        *meshtest.Leaf
 	cfg         *config.Config
 	d           *Daemon
-	logs        *lockedBuffer
+	logs        *meshtest.SyncBuffer
 	goodPort    int // db.ns: its identity matches the mesh endpoint's certificate
 	badPort     int // wrong.ns: expects another identity, so every handshake fails SAN checks
 	metricsAddr string
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func startMeshFixture(t *testing.T, identityTTL time.Duration) *meshFixture {
@@ -66,7 +47,7 @@ func startMeshFixture(t *testing.T, identityTTL time.Duration) *meshFixture {
 // startMeshFixtureWith lets identity return the config's identity block (default: the files).
 func startMeshFixtureWith(t *testing.T, identityTTL time.Duration, identity func(*meshFixture) string) *meshFixture {
 	t.Helper()
-	f := &meshFixture{dir: t.TempDir(), logs: &lockedBuffer{}}
+	f := &meshFixture{dir: t.TempDir(), logs: &meshtest.SyncBuffer{}}
 	var err error
 	if f.ca, err = meshtest.NewCA("cluster.local"); err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -74,27 +73,10 @@ type env struct {
 	grpc    *grpc.Server
 	dp      *DataPlane
 	reg     *prometheus.Registry
-	access  *syncBuffer
+	access  *meshtest.SyncBuffer
 	done    chan struct{}
 	cancel  context.CancelFunc
 	outlier controlplane.Outlier
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func newEnv(t testing.TB, drain time.Duration) *env {
@@ -103,7 +85,7 @@ func newEnv(t testing.TB, drain time.Duration) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, ca: ca, reg: prometheus.NewRegistry(), access: &syncBuffer{}, done: make(chan struct{}),
+	e := &env{t: t, ca: ca, reg: prometheus.NewRegistry(), access: &meshtest.SyncBuffer{}, done: make(chan struct{}),
 		outlier: controlplane.Outlier{ConsecutiveErrors: 5, Interval: time.Second, BaseEjectionTime: 30 * time.Second, MaxEjectionPercent: 50}}
 	e.bundle = e.issueFleet()
 	e.cp = controlplane.NewServer(testLog(t), nil)

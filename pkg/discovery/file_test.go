@@ -1,17 +1,16 @@
 package discovery
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/filewatch"
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
@@ -22,30 +21,13 @@ services:
     identities: [spiffe://cluster.local/ns/ns/sa/a]
 `
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func TestFileSourceReloadsAndKeepsLastGood(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "catalog.yaml")
 	if err := os.WriteFile(path, []byte(goodCatalog), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs meshtest.SyncBuffer
 	src := &File{Path: path, Log: slog.New(slog.NewTextHandler(&logs, nil)),
 		Watch: filewatch.Options{Debounce: 20 * time.Millisecond, Poll: 100 * time.Millisecond}}
 	updates := make(chan *catalog.Catalog, 10)

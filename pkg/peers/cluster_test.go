@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
@@ -32,24 +32,7 @@ type testPeer struct {
 	*Node
 	tr  *faultyTransport
 	reg *prometheus.Registry
-	log *syncBuffer
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	log *meshtest.SyncBuffer
 }
 
 type peerOpts struct {
@@ -64,7 +47,7 @@ func startPeer(tb testing.TB, name string, o peerOpts) *testPeer {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	buf := &syncBuffer{}
+	buf := &meshtest.SyncBuffer{}
 	reg := prometheus.NewRegistry()
 	tune := o.tune
 	if tune == nil {

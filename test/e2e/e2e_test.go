@@ -8,7 +8,6 @@ package e2e_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -49,7 +48,7 @@ type env struct {
 	failover bool
 	// builtin: the built-in data plane, whose fwdproxy_dataplane_* metrics the daemon serves.
 	builtin bool
-	logs    *syncBuffer
+	logs    *meshtest.SyncBuffer
 	clients sync.Map // source IP -> *http.Client
 }
 
@@ -79,7 +78,7 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &syncBuffer{}, failover: dp.failover, builtin: dp.name == "builtin"}
+	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &meshtest.SyncBuffer{}, failover: dp.failover, builtin: dp.name == "builtin"}
 	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t)}
 	e.mesh = newMesh(t, ca, e.ports)
 	e.certs = filepath.Join(e.dir, "certs")
@@ -701,24 +700,6 @@ func (l *load) finish(t *testing.T) {
 	if l.ok.Load() < 40 {
 		t.Errorf("only %d requests succeeded under load", l.ok.Load())
 	}
-}
-
-// syncBuffer collects the daemon's log for failure messages.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func TestBuiltinGoMesh(t *testing.T)     { runSuite(t, goMesh, builtin) }
