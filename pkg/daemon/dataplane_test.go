@@ -142,13 +142,7 @@ func TestBuiltinDataplaneCarriesTraffic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
+	writeFleetIdentity(t, ca, dir, time.Hour)
 	// The mesh side: one TLS endpoint for the service's identity that names its caller.
 	srvLeaf, err := ca.IssueFor("spiffe://cluster.local/ns/ns/sa/db", time.Hour)
 	if err != nil {
@@ -208,20 +202,7 @@ builtin: {drainTime: 1s}
 		t.Fatalf("default data plane %q", cfg.Dataplane)
 	}
 	d := New(cfg, slog.New(slog.DiscardHandler))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	defer func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("daemon did not stop")
-		}
-	}()
+	defer runDaemon(t, d)()
 	var line string
 	deadline := time.Now().Add(10 * time.Second)
 	for {

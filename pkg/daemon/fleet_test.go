@@ -31,13 +31,7 @@ type fleetMember struct {
 func startFleetMember(t *testing.T, ca *meshtest.CA, keyring, name string, gossipPort int, seeds []int, host string) *fleetMember {
 	t.Helper()
 	dir := t.TempDir()
-	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
+	writeFleetIdentity(t, ca, dir, time.Hour)
 	cat := filepath.Join(dir, "catalog.yaml")
 	if err := os.WriteFile(cat, []byte(fmt.Sprintf(`services:
   - host: %s
@@ -78,28 +72,7 @@ peers:
 		t.Fatal(err)
 	}
 	d := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	m := &fleetMember{d: d, admin: &admin.Client{BaseURL: fmt.Sprintf("http://127.0.0.1:%d", adminPort)}, catalog: cat}
-	stopped := false
-	m.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon %s: %v", name, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Errorf("daemon %s did not stop", name)
-		}
-	}
-	t.Cleanup(m.stop)
-	return m
+	return &fleetMember{d: d, admin: &admin.Client{BaseURL: fmt.Sprintf("http://127.0.0.1:%d", adminPort)}, catalog: cat, stop: runDaemon(t, d)}
 }
 
 func joinComma(s []string) string {

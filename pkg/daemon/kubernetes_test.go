@@ -119,13 +119,7 @@ func TestKubernetesThroughDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
+	writeFleetIdentity(t, ca, dir, time.Hour)
 	metricsAddr := freeAddr(t)
 	doc := fmt.Sprintf(`identity:
   spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
@@ -164,15 +158,7 @@ metrics: {address: %q}
 	}
 	d := New(cfg, slog.New(slog.DiscardHandler))
 	d.sources[0].(*kubeSource).Client = fake.NewClientset(objs...)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("daemon: %v", err)
-		}
-	}()
+	defer runDaemon(t, d)()
 	eventually(t, "the Kubernetes services served", func() bool {
 		cur := d.XDS.Current()
 		if cur == nil {

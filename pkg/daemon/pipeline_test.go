@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -33,6 +34,48 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// fleetID is the identity the test daemons present.
+const fleetID = "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy"
+
+// writeFleetIdentity issues the fleet identity from ca, valid for ttl, into dir as
+// cert-chain.pem, key.pem and root-cert.pem.
+func writeFleetIdentity(t *testing.T, ca *meshtest.CA, dir string, ttl time.Duration) *meshtest.Leaf {
+	t.Helper()
+	leaf, err := ca.IssueFor(fleetID, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	return leaf
+}
+
+// runDaemon runs d until stop is called, or the test ends; stop reports an error from Run and
+// a daemon that does not stop within 10s.
+func runDaemon(t *testing.T, d *Daemon) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("daemon %s: %v", d.cfg.Node.ID, err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Errorf("daemon %s did not stop within 10s", d.cfg.Node.ID)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
 type pipelineEnv struct {
 	dir, catalogPath string
 	cfg              *config.Config
@@ -55,13 +98,7 @@ func startPipeline(t *testing.T) *pipelineEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
+	writeFleetIdentity(t, ca, dir, time.Hour)
 	env := &pipelineEnv{dir: dir, ca: ca, catalogPath: filepath.Join(dir, "catalog.yaml")}
 	if err := os.WriteFile(env.catalogPath, []byte(pipelineCatalog(freePort(t), "")), 0o644); err != nil {
 		t.Fatal(err)
@@ -86,20 +123,7 @@ metrics: {address: 127.0.0.1:%d}
 		t.Fatal(err)
 	}
 	env.d = New(env.cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- env.d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("daemon did not stop")
-		}
-	})
+	runDaemon(t, env.d)
 	return env
 }
 
@@ -201,9 +225,6 @@ func TestPipelineIdentityRotation(t *testing.T) {
 		t.Fatal("a certificate that does not match the key and roots was served")
 	}
 
-	leaf, _ := env.ca.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", 2*time.Hour)
-	if _, _, _, err := leaf.WriteFiles(env.dir, env.ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
+	writeFleetIdentity(t, env.ca, env.dir, 2*time.Hour)
 	eventually(t, "rotated secrets", func() bool { return env.d.XDS.Current().SecretsVersion != v1 })
 }
