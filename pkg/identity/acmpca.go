@@ -183,24 +183,16 @@ func splitChain(leafPEM, chain string) (chainPEM, rootsPEM []byte, err error) {
 		return nil, nil, errors.New("ACM PCA returned a certificate that is not one PEM CERTIFICATE")
 	}
 	chainPEM = pem.EncodeToMemory(leaf)
-	data := []byte(chain)
-	for {
-		var block *pem.Block
-		block, data = pem.Decode(data)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, nil, fmt.Errorf("ACM PCA certificate chain: %w", err)
-		}
+	certs, err := parseCerts([]byte(chain))
+	if err != nil {
+		return nil, nil, fmt.Errorf("ACM PCA certificate chain: %w", err)
+	}
+	for _, c := range certs {
+		block := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
 		if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
-			rootsPEM = append(rootsPEM, pem.EncodeToMemory(block)...)
+			rootsPEM = append(rootsPEM, block...)
 		} else {
-			chainPEM = append(chainPEM, pem.EncodeToMemory(block)...)
+			chainPEM = append(chainPEM, block...)
 		}
 	}
 	return chainPEM, rootsPEM, nil
