@@ -135,8 +135,8 @@ func renderCmd(args []string) error {
 }
 
 func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
-	cat, errs := daemon.CatalogFiles(cfg)
-	if err := errors.Join(errs...); err != nil {
+	cat, conflicts, err := daemon.CatalogFiles(cfg)
+	if err := errors.Join(append([]error{err}, conflicts...)...); err != nil {
 		return err
 	}
 	// Translation needs addresses; a static config keeps the gateways' names for Envoy to resolve.

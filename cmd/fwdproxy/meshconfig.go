@@ -1,14 +1,12 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 
-	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
-	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 	"github.com/fwdproxy/fwdproxy/pkg/meshconfig"
 )
 
@@ -48,20 +46,10 @@ Flags:`)
 	if err != nil {
 		return err
 	}
-	var cats []*catalog.Catalog
-	var errs []error
-	for _, f := range cfg.Discovery.Files {
-		c, err := catalog.Load(cfg.Path(f), cfg.CatalogOptions())
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		cats = append(cats, c)
+	merged, conflicts, err := daemon.CatalogFiles(cfg)
+	if err != nil {
+		return err
 	}
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
 	for _, c := range conflicts {
 		fmt.Fprintf(os.Stderr, "warning: %v\n", c)
 	}

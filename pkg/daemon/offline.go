@@ -18,7 +18,8 @@ import (
 // identities that exist only at run time), so a partial result is never mistaken for the whole.
 func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, controlplane.Options, *identity.Bundle, []string, error) {
 	var notes []string
-	merged, errs := CatalogFiles(cfg)
+	merged, conflicts, err := CatalogFiles(cfg)
+	errs := append([]error{err}, conflicts...)
 	for _, k := range cfg.Discovery.Kubernetes {
 		notes = append(notes, fmt.Sprintf("services discovered from Kubernetes cluster %q are known only at run time and are not included", k.Name))
 	}
@@ -45,9 +46,9 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 	return merged, TranslateOptions(cfg, gws), bundle, notes, errors.Join(errs...)
 }
 
-// CatalogFiles loads and merges the config's static catalog files; errors are bad files and
-// conflicts between them.
-func CatalogFiles(cfg *config.Config) (*catalog.Catalog, []error) {
+// CatalogFiles loads and merges the config's static catalog files: err joins the files that
+// could not be loaded, conflicts are the services Merge left out.
+func CatalogFiles(cfg *config.Config) (cat *catalog.Catalog, conflicts []error, err error) {
 	var cats []*catalog.Catalog
 	var errs []error
 	for _, f := range cfg.Discovery.Files {
@@ -59,5 +60,5 @@ func CatalogFiles(cfg *config.Config) (*catalog.Catalog, []error) {
 		cats = append(cats, c)
 	}
 	merged, conflicts := discovery.Merge(cfg.CatalogOptions(), cats...)
-	return merged, append(errs, conflicts...)
+	return merged, conflicts, errors.Join(errs...)
 }
