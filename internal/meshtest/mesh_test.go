@@ -180,6 +180,10 @@ func TestSidecarRefusesNonMeshClients(t *testing.T) {
 			t.Errorf("%s: got status %d, want a failed handshake", tc.name, resp.StatusCode)
 		}
 	}
+	// The sidecar counts a refusal after its alert is sent, so the client can see it first.
+	Eventually(t, 5*time.Second, "the sidecar has counted every refused handshake", func() bool {
+		return side.Stats().Rejected >= int64(len(cases))
+	})
 	if st := side.Stats(); st.Served != 0 || st.Rejected != int64(len(cases)) {
 		t.Errorf("sidecar stats %+v, last error %q", st, side.LastError())
 	}

@@ -130,15 +130,9 @@ func clusterNames(t *testing.T, r *client.Response) []string {
 	return names
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	meshtest.Eventually(t, 10*time.Second, what, cond)
 }
 
 func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {

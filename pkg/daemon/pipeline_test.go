@@ -127,15 +127,9 @@ metrics: {address: 127.0.0.1:%d}
 	return env
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	meshtest.Eventually(t, 15*time.Second, what, cond)
 }
 
 func adsClusters(t *testing.T, addr string) (client.ADSClient, func() []string) {

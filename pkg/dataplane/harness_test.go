@@ -54,13 +54,7 @@ func freePort(t testing.TB) uint32 {
 
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	meshtest.Eventually(t, 10*time.Second, what, cond)
 }
 
 // env is a control plane on loopback and a data plane connected to it.

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 )
 
 // fakeAWS speaks the slices of the instance metadata service (IMDSv2), the Auto Scaling query API
@@ -148,7 +150,7 @@ func TestAWSDiscoveryJoinsTheFleet(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Close()
-	waitFor(t, 10*time.Second, "the peer found through AWS is joined", func() bool { return n.ml.NumMembers() == 2 })
+	meshtest.Eventually(t, 10*time.Second, "the peer found through AWS is joined", func() bool { return n.ml.NumMembers() == 2 })
 	fake.mu.Lock()
 	defer fake.mu.Unlock()
 	if slices.Contains(fake.calls, "DescribeAutoScalingInstances") {

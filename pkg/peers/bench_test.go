@@ -9,6 +9,7 @@ import (
 
 	"github.com/hashicorp/memberlist"
 
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
@@ -34,7 +35,7 @@ func sentBytes(fleet []*testPeer) int64 {
 func BenchmarkPropagation32(b *testing.B) {
 	const size = 32
 	fleet := startFleet(b, size, peerOpts{tune: benchTimings})
-	waitFor(b, 30*time.Second, "converged", func() bool { return converged(fleet) })
+	meshtest.Eventually(b, 30*time.Second, "converged", func() bool { return converged(fleet) })
 
 	idleFrom, idleStart := sentBytes(fleet), time.Now()
 	time.Sleep(3 * time.Second)
@@ -87,7 +88,7 @@ func BenchmarkJoin10k(b *testing.B) {
 	if _, err := fleet[0].Apply(svcs); err != nil {
 		b.Fatal(err)
 	}
-	waitFor(b, 120*time.Second, "the fleet holds 10,000 entries", func() bool { return converged(fleet) })
+	meshtest.Eventually(b, 120*time.Second, "the fleet holds 10,000 entries", func() bool { return converged(fleet) })
 	want, n := fleet[0].Digest()
 	if n != 10000 {
 		b.Fatalf("%d entries", n)
@@ -98,7 +99,7 @@ func BenchmarkJoin10k(b *testing.B) {
 	for i := range b.N {
 		t0 := time.Now()
 		p := startPeer(b, fmt.Sprintf("joiner-%03d", i), peerOpts{tune: benchTimings, seeds: []string{fleet[i%3].tr.Addr()}})
-		waitFor(b, 60*time.Second, "the joiner has every entry", func() bool { d, _ := p.Digest(); return d == want })
+		meshtest.Eventually(b, 60*time.Second, "the joiner has every entry", func() bool { d, _ := p.Digest(); return d == want })
 		total += time.Since(t0)
 		b.StopTimer()
 		p.kill()

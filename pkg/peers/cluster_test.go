@@ -88,7 +88,7 @@ func startFleet(tb testing.TB, size int, o peerOpts) []*testPeer {
 		}
 		fleet = append(fleet, startPeer(tb, fmt.Sprintf("peer-%02d", i), oo))
 	}
-	waitFor(tb, time.Duration(10+size)*time.Second, "all peers see each other", func() bool {
+	meshtest.Eventually(tb, time.Duration(10+size)*time.Second, "all peers see each other", func() bool {
 		for _, p := range fleet {
 			if p.ml.NumMembers() != size {
 				if testing.Verbose() {
@@ -100,17 +100,6 @@ func startFleet(tb testing.TB, size int, o peerOpts) []*testPeer {
 		return true
 	})
 	return fleet
-}
-
-func waitFor(tb testing.TB, limit time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting until %s", limit, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // converged: every peer has the same digest, and every peer sees every other advertise it.
@@ -142,13 +131,13 @@ func hosts(n *Node) []string {
 
 func TestFivePeersConvergeAndChangesReachAll(t *testing.T) {
 	fleet := startFleet(t, 5, peerOpts{})
-	waitFor(t, 5*time.Second, "empty fleet converged", func() bool { return converged(fleet) })
+	meshtest.Eventually(t, 5*time.Second, "empty fleet converged", func() bool { return converged(fleet) })
 	empty, _ := fleet[0].Digest()
 
 	if _, err := fleet[3].Apply([]catalog.Service{svc("reviews.default.svc.cluster.local", 9080)}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the change is on every peer", func() bool { return converged(fleet) })
+	meshtest.Eventually(t, 5*time.Second, "the change is on every peer", func() bool { return converged(fleet) })
 	for _, p := range fleet {
 		if got := hosts(p.Node); len(got) != 1 || got[0] != "reviews.default.svc.cluster.local:9080" {
 			t.Fatalf("%s has %v", p.Name(), got)
@@ -162,13 +151,13 @@ func TestFivePeersConvergeAndChangesReachAll(t *testing.T) {
 	if _, err := fleet[1].Apply([]catalog.Service{svc("reviews.default.svc.cluster.local", 9081)}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the update is on every peer", func() bool {
+	meshtest.Eventually(t, 5*time.Second, "the update is on every peer", func() bool {
 		return converged(fleet) && hosts(fleet[4].Node)[0] == "reviews.default.svc.cluster.local:9081"
 	})
 	if gone := fleet[4].Delete([]string{"reviews.default.svc.cluster.local"}); len(gone) != 1 {
 		t.Fatalf("delete: %v", gone)
 	}
-	waitFor(t, 5*time.Second, "the delete is on every peer", func() bool {
+	meshtest.Eventually(t, 5*time.Second, "the delete is on every peer", func() bool {
 		return converged(fleet) && len(hosts(fleet[0].Node)) == 0
 	})
 	if d, _ := fleet[2].Digest(); d != empty {
@@ -202,10 +191,10 @@ func mustGauge(t *testing.T, reg *prometheus.Registry, name string) prometheus.C
 
 func TestKilledPeerDetectedAndLeadershipMoves(t *testing.T) {
 	fleet := startFleet(t, 5, peerOpts{})
-	waitFor(t, 3*time.Second, "peer-00 leads", func() bool { return fleet[0].Leader() && !fleet[1].Leader() })
+	meshtest.Eventually(t, 3*time.Second, "peer-00 leads", func() bool { return fleet[0].Leader() && !fleet[1].Leader() })
 	fleet[0].kill() // the leader fails without leaving
 	rest := fleet[1:]
-	waitFor(t, 10*time.Second, "the failure is detected", func() bool {
+	meshtest.Eventually(t, 10*time.Second, "the failure is detected", func() bool {
 		for _, p := range rest {
 			if p.ml.NumMembers() != 4 {
 				return false
@@ -213,7 +202,7 @@ func TestKilledPeerDetectedAndLeadershipMoves(t *testing.T) {
 		}
 		return true
 	})
-	waitFor(t, 3*time.Second, "peer-01 takes over discovery", func() bool {
+	meshtest.Eventually(t, 3*time.Second, "peer-01 takes over discovery", func() bool {
 		leaders := 0
 		for _, p := range rest {
 			if p.Leader() {
@@ -226,7 +215,7 @@ func TestKilledPeerDetectedAndLeadershipMoves(t *testing.T) {
 	if _, err := rest[2].Apply([]catalog.Service{svc("ratings.default.svc.cluster.local", 9080)}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "the change is on every live peer", func() bool { return converged(rest) })
+	meshtest.Eventually(t, 5*time.Second, "the change is on every live peer", func() bool { return converged(rest) })
 }
 
 func TestPartitionHealsWithoutLosingWrites(t *testing.T) {
@@ -241,7 +230,7 @@ func TestPartitionHealsWithoutLosingWrites(t *testing.T) {
 		}
 	}
 	partition()
-	waitFor(t, 10*time.Second, "each side sees only itself", func() bool {
+	meshtest.Eventually(t, 10*time.Second, "each side sees only itself", func() bool {
 		return a[0].ml.NumMembers() == 2 && b[0].ml.NumMembers() == 3
 	})
 	// Writes on both sides, including the same key on both: the later write must win everywhere.
@@ -255,7 +244,7 @@ func TestPartitionHealsWithoutLosingWrites(t *testing.T) {
 	if len(gone) != 1 {
 		t.Fatal("delete during partition found nothing")
 	}
-	waitFor(t, 5*time.Second, "each side converged alone", func() bool { return converged(a) && converged(b) })
+	meshtest.Eventually(t, 5*time.Second, "each side converged alone", func() bool { return converged(a) && converged(b) })
 	if da, _ := a[0].Digest(); func() bool { db, _ := b[0].Digest(); return da == db }() {
 		t.Fatal("the sides should differ while partitioned")
 	}
@@ -263,7 +252,7 @@ func TestPartitionHealsWithoutLosingWrites(t *testing.T) {
 	for _, p := range fleet {
 		p.tr.unblockAll()
 	}
-	waitFor(t, 15*time.Second, "the healed fleet converged", func() bool {
+	meshtest.Eventually(t, 15*time.Second, "the healed fleet converged", func() bool {
 		for _, p := range fleet {
 			if p.ml.NumMembers() != 5 {
 				return false
@@ -297,11 +286,11 @@ func TestLateJoinerGetsEverything(t *testing.T) {
 	}
 	fleet[1].Delete([]string{"svc000.default.svc.cluster.local"})
 	fleet[0].SetDiscovered("file:/etc/fwdproxy/catalog.yaml", &catalog.Catalog{Services: []catalog.Service{svc("found.default.svc.cluster.local", 9090)}})
-	waitFor(t, 10*time.Second, "the fleet converged", func() bool { return converged(fleet) })
+	meshtest.Eventually(t, 10*time.Second, "the fleet converged", func() bool { return converged(fleet) })
 
 	late := startPeer(t, "peer-99", peerOpts{seeds: []string{fleet[2].tr.Addr()}})
 	all := append(fleet, late)
-	waitFor(t, 10*time.Second, "the late joiner has everything", func() bool { return converged(all) })
+	meshtest.Eventually(t, 10*time.Second, "the late joiner has everything", func() bool { return converged(all) })
 	if got := len(late.OperatorServices()); got != 299 {
 		t.Fatalf("late joiner has %d operator entries, want 299", got)
 	}
@@ -356,7 +345,7 @@ func TestBadGossipRejectedWithoutCrashing(t *testing.T) {
 		if err := from.ml.SendReliable(target, s.msg); err != nil {
 			t.Fatalf("%s: send: %v", s.name, err)
 		}
-		waitFor(t, 3*time.Second, s.name+" rejected as "+s.reason, func() bool {
+		meshtest.Eventually(t, 3*time.Second, s.name+" rejected as "+s.reason, func() bool {
 			return testutil.ToFloat64(to.metrics.rejected.WithLabelValues(s.reason)) > before
 		})
 	}
@@ -370,7 +359,7 @@ func TestBadGossipRejectedWithoutCrashing(t *testing.T) {
 	if _, err := from.Apply([]catalog.Service{good}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "a good change still arrives", func() bool { return converged(fleet) && len(to.OperatorServices()) == 1 })
+	meshtest.Eventually(t, 5*time.Second, "a good change still arrives", func() bool { return converged(fleet) && len(to.OperatorServices()) == 1 })
 }
 
 func TestWrongKeyIsRejectedAndLogged(t *testing.T) {
@@ -378,10 +367,10 @@ func TestWrongKeyIsRejectedAndLogged(t *testing.T) {
 	k2[0] = 1
 	fleet := startFleet(t, 2, peerOpts{keys: [][]byte{k1}})
 	intruder := startPeer(t, "peer-50", peerOpts{keys: [][]byte{k2}, seeds: []string{fleet[0].tr.Addr()}})
-	waitFor(t, 10*time.Second, "the fleet logs the rejection", func() bool {
+	meshtest.Eventually(t, 10*time.Second, "the fleet logs the rejection", func() bool {
 		return strings.Contains(fleet[0].log.String(), "not encrypted with this fleet's key")
 	})
-	waitFor(t, 10*time.Second, "the intruder logs that it cannot join", func() bool {
+	meshtest.Eventually(t, 10*time.Second, "the intruder logs that it cannot join", func() bool {
 		return strings.Contains(intruder.log.String(), "check that peers.keyring matches")
 	})
 	if fleet[0].ml.NumMembers() != 2 || intruder.ml.NumMembers() != 1 {
@@ -392,7 +381,7 @@ func TestWrongKeyIsRejectedAndLogged(t *testing.T) {
 	}
 	// A peer whose ring holds the fleet's key first (and a new key staged for rotation) joins.
 	friend := startPeer(t, "peer-51", peerOpts{keys: [][]byte{k1, k2}, seeds: []string{fleet[0].tr.Addr()}})
-	waitFor(t, 10*time.Second, "a peer holding the key joins", func() bool { return friend.ml.NumMembers() == 3 })
+	meshtest.Eventually(t, 10*time.Second, "a peer holding the key joins", func() bool { return friend.ml.NumMembers() == 3 })
 }
 
 // Two peers joined by hand (no seeds) are cut apart for longer than memberlist gossips to dead
@@ -403,15 +392,15 @@ func TestLongPartitionHealsWithoutSeeds(t *testing.T) {
 	if _, err := b.Join([]string{a.tr.Addr()}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "joined", func() bool { return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 })
+	meshtest.Eventually(t, 5*time.Second, "joined", func() bool { return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 })
 	a.tr.block(b.tr.Addr())
 	b.tr.block(a.tr.Addr())
-	waitFor(t, 10*time.Second, "each declares the other dead", func() bool { return a.ml.NumMembers() == 1 && b.ml.NumMembers() == 1 })
+	meshtest.Eventually(t, 10*time.Second, "each declares the other dead", func() bool { return a.ml.NumMembers() == 1 && b.ml.NumMembers() == 1 })
 	apply(t, a.Node, []catalog.Service{svc("during.default.svc.cluster.local", 9080)})
 	time.Sleep(1500 * time.Millisecond) // past GossipToTheDeadTime (1s in fast timings)
 	a.tr.unblockAll()
 	b.tr.unblockAll()
-	waitFor(t, 10*time.Second, "the pair is whole and converged again", func() bool {
+	meshtest.Eventually(t, 10*time.Second, "the pair is whole and converged again", func() bool {
 		return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 && converged([]*testPeer{a, b})
 	})
 	if len(b.OperatorServices()) != 1 {
@@ -422,18 +411,18 @@ func TestLongPartitionHealsWithoutSeeds(t *testing.T) {
 func TestLeaderStateWinsOverAStaleWriter(t *testing.T) {
 	fleet := startFleet(t, 3, peerOpts{})
 	src := "kubernetes:primary"
-	waitFor(t, 3*time.Second, "peer-00 leads", func() bool { return fleet[0].Leader() })
+	meshtest.Eventually(t, 3*time.Second, "peer-00 leads", func() bool { return fleet[0].Leader() })
 	fleet[0].SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("a.default.svc.cluster.local", 80)}})
 	if err := fleet[0].SetGateway(Gateway{Name: "primary", Port: 15443, Addresses: []string{"10.0.0.9"}}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "converged", func() bool { return converged(fleet) })
+	meshtest.Eventually(t, 5*time.Second, "converged", func() bool { return converged(fleet) })
 	if g := fleet[2].Gateways(); len(g) != 1 || g[0].Addresses[0] != "10.0.0.9" {
 		t.Fatalf("gateways on a follower: %+v", g)
 	}
 	// A follower that still believes it leads (say, it was cut off) writes its own view later.
 	fleet[2].SetDiscovered(src, &catalog.Catalog{Services: []catalog.Service{svc("stale.default.svc.cluster.local", 80)}})
-	waitFor(t, 5*time.Second, "the leader's view is restored everywhere", func() bool {
+	meshtest.Eventually(t, 5*time.Second, "the leader's view is restored everywhere", func() bool {
 		if !converged(fleet) {
 			return false
 		}
