@@ -169,8 +169,8 @@ func traversals(body *hclsyntax.Body) []hcl.Traversal {
 	return out
 }
 
-// TestHCLFormat checks canonical formatting of every Terraform and Packer file with hclwrite
-// (always), and with `terraform fmt -check` where terraform is installed.
+// TestHCLFormat checks canonical formatting of every Terraform and Packer file with hclwrite, and
+// the Terraform module with `terraform fmt -check`.
 func TestHCLFormat(t *testing.T) {
 	files := append(hclFiles(t, asgDir, ".tf"), hclFiles(t, packerDir, ".pkr.hcl")...)
 	for _, path := range files {
@@ -182,16 +182,41 @@ func TestHCLFormat(t *testing.T) {
 			t.Errorf("%s is not canonically formatted; run terraform fmt (or packer fmt) on it", path)
 		}
 	}
-	tf, err := exec.LookPath("terraform")
-	if err != nil {
-		t.Log("terraform not installed: checked formatting with hclwrite only")
-		return
-	}
-	cmd := exec.Command(tf, "fmt", "-check", "-diff", "-recursive", asgDir)
+	cmd := exec.Command(terraformBinary(t), "fmt", "-check", "-diff", "-recursive", asgDir)
 	cmd.Env = append(os.Environ(), "TF_CLI_CONFIG_FILE=/dev/null", "CHECKPOINT_DISABLE=1")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Errorf("terraform fmt -check %s: %v\n%s", asgDir, err, out)
 	}
+}
+
+// terraformVersion is the Terraform the suite installs when none is on PATH. It is the last
+// MPL-licensed release, it satisfies versions.tf's required_version, and `go install` can build
+// it (later releases' go.mod files carry replace directives, which go install refuses).
+const terraformVersion = "v1.5.7"
+
+// terraformBinary returns terraform from PATH or, failing that, builds the pinned release once
+// into the user's cache directory with `go install` from the Go module proxy.
+func terraformBinary(t *testing.T) string {
+	t.Helper()
+	if p, err := exec.LookPath("terraform"); err == nil {
+		return p
+	}
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		t.Fatalf("terraform is not on PATH and there is no cache directory to install it into: %v", err)
+	}
+	dir := filepath.Join(cache, "fwdproxy-tools", "terraform-"+terraformVersion)
+	bin := filepath.Join(dir, "terraform")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	t.Logf("terraform is not on PATH: building %s into %s (once; about a minute)", terraformVersion, dir)
+	cmd := exec.Command("go", "install", "github.com/hashicorp/terraform@"+terraformVersion)
+	cmd.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("installing terraform %s: %v\n%s\nInstall terraform >= 1.5 on PATH instead.", terraformVersion, err, out)
+	}
+	return bin
 }
 
 // TestHCLParses parses every file of both folders with hcl/v2's native syntax parser.
