@@ -1,7 +1,6 @@
 package discovery
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -24,6 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 	k8stesting "k8s.io/client-go/testing"
 
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
@@ -54,30 +54,13 @@ type harness struct {
 	cats     chan *catalog.Catalog
 	gateways chan DiscoveredGateway
 	done     chan error
-	logs     *kubeLogBuffer
-}
-
-type kubeLogBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *kubeLogBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *kubeLogBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	logs     *meshtest.SyncBuffer
 }
 
 func newHarness(t *testing.T, client *fake.Clientset, configure func(*Kubernetes)) *harness {
 	t.Helper()
 	h := &harness{t: t, client: client, reg: prometheus.NewRegistry(), cats: make(chan *catalog.Catalog, 64),
-		gateways: make(chan DiscoveredGateway, 64), done: make(chan error, 1), logs: &kubeLogBuffer{}}
+		gateways: make(chan DiscoveredGateway, 64), done: make(chan error, 1), logs: &meshtest.SyncBuffer{}}
 	h.src = &Kubernetes{
 		Cluster:       "primary",
 		Client:        client,
