@@ -57,14 +57,7 @@ func TestDebianStandIns(t *testing.T) {
 	f, gw, httpT, tcpT := debianMesh(t)
 
 	t.Run("http", func(t *testing.T) {
-		for _, tc := range []struct {
-			alpn  []string
-			h2    bool
-			proto string
-		}{
-			{[]string{"istio-http/1.1"}, false, "HTTP/1.1"},
-			{[]string{"istio-h2"}, true, "HTTP/2.0"},
-		} {
+		for _, tc := range meshHTTPVersions {
 			conf, err := ClientTLS(f.leaf, f.ca, httpT, tc.alpn, productpageID)
 			if err != nil {
 				t.Fatal(err)

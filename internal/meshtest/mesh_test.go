@@ -98,19 +98,23 @@ func get(t *testing.T, c *http.Client, url, host string) (int, Report) {
 	return resp.StatusCode, r
 }
 
+// meshHTTPVersions are the two ways a client speaks HTTP over Istio mTLS: the ALPN it offers, whether
+// it speaks HTTP/2, and the protocol the sidecar must report.
+var meshHTTPVersions = []struct {
+	alpn  []string
+	h2    bool
+	proto string
+}{
+	{[]string{"istio-http/1.1"}, false, "HTTP/1.1"},
+	{[]string{"istio-h2"}, true, "HTTP/2.0"},
+}
+
 func TestGatewayAndHTTPSidecar(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "productpage.bookinfo.svc.cluster.local", Port: 9080}
 	side := f.sidecar(t, SidecarOptions{Name: "productpage", SPIFFEID: productpageID, Protocol: HTTP}, target)
 
-	for _, tc := range []struct {
-		alpn  []string
-		h2    bool
-		proto string
-	}{
-		{[]string{"istio-http/1.1"}, false, "HTTP/1.1"},
-		{[]string{"istio-h2"}, true, "HTTP/2.0"},
-	} {
+	for _, tc := range meshHTTPVersions {
 		conf, err := ClientTLS(f.leaf, f.ca, target, tc.alpn, productpageID)
 		if err != nil {
 			t.Fatal(err)
