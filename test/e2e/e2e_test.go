@@ -16,7 +16,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -710,13 +709,13 @@ func TestBuiltinGoMesh(t *testing.T)     { runSuite(t, goMesh, builtin) }
 func TestBuiltinDebianMesh(t *testing.T) { runSuite(t, debianMesh, builtin) }
 
 // envoyDataplane is the daemon supervising a real Envoy (dataplane: envoy), which takes its
-// configuration over ADS/SDS from the daemon. Envoy retries no connect failure by default (no
-// retry policy is configured), so losing a gateway may fail requests until it is ejected.
+// configuration over ADS/SDS from the daemon's own bootstrap. Envoy retries no connect failure by
+// default (no retry policy is configured), so losing a gateway may fail requests until it is
+// ejected.
 func envoyDataplane(t *testing.T) dataplane {
-	bin, err := exec.LookPath("envoy")
+	bin, err := meshtest.EnvoyPath()
 	if err != nil {
-		t.Skip("envoy not on PATH: the Envoy variant of the end-to-end suite needs an envoy binary " +
-			"(e.g. from https://github.com/envoyproxy/envoy/releases); the built-in data plane variants ran instead")
+		t.Fatal(err)
 	}
 	return dataplane{name: "envoy", configure: func(t testing.TB, dir string) string {
 		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d, bootstrapPath: %s, drainTime: 1s}\n",
