@@ -286,6 +286,14 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.served.Add(1)
 	_, _ = io.Copy(io.Discard, r.Body)
+	// ?delay=DURATION holds the answer, for requests that must be in flight during a drain.
+	if d, err := time.ParseDuration(r.URL.Query().Get("delay")); err == nil && d > 0 {
+		select {
+		case <-time.After(min(d, time.Minute)):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	w.Header().Set("Content-Type", "text/plain")
 	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path)
 }

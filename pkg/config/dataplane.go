@@ -69,6 +69,9 @@ func safeFileName(s string) string {
 func (c *Config) dataplaneProblems(p *problems) {
 	if err := checkHostPort(c.Envoy.AdminAddress); err != nil {
 		p.Addf("envoy.adminAddress", "%v", err)
+	} else if !isLoopbackAddr(c.Envoy.AdminAddress) {
+		// Envoy's admin has no authentication and can stop Envoy, drain it or dump its config.
+		p.Addf("envoy.adminAddress", "%q is not a loopback address; Envoy's admin API is unauthenticated, keep it on 127.0.0.1 (e.g. 127.0.0.1:15000)", c.Envoy.AdminAddress)
 	}
 	switch c.Dataplane {
 	case "builtin", "none":

@@ -72,8 +72,11 @@ func (c *Config) peersDefaults() {
 }
 
 // AdminIsLoopback reports whether the admin API listens on loopback only.
-func (c *Config) AdminIsLoopback() bool {
-	host, _, err := net.SplitHostPort(c.Admin.Address)
+func (c *Config) AdminIsLoopback() bool { return isLoopbackAddr(c.Admin.Address) }
+
+// isLoopbackAddr reports whether host:port names a loopback host.
+func isLoopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
 	}

@@ -22,8 +22,8 @@ import (
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	previoushosts "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -368,29 +368,39 @@ func accessLogs(enabled bool) []*accesslog.AccessLog {
 
 func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, p.Number)
-	var filters []*listener.Filter
-	if len(svc.AllowedClients) > 0 {
-		filters = append(filters, &listener.Filter{
-			Name: NetworkRBACFilter,
-			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&rbacnet.RBAC{
-				StatPrefix: "outbound_" + name + ".",
-				Rules:      allowClients(svc.AllowedClients),
-			})},
-		})
-	}
-	filters = append(filters, &listener.Filter{
+	chain := &listener.FilterChain{Filters: []*listener.Filter{{
 		Name: wellknown.TCPProxy,
 		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&tcpproxy.TcpProxy{
 			StatPrefix:       "outbound_" + name,
 			ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: ClusterName(p.Number, "", svc.Host)},
-			AccessLog:        accessLogs(opts.AccessLog),
+			// A gateway that refuses the connection is not the end: try another (the built-in
+			// data plane does the same).
+			MaxConnectAttempts: wrapperspb.UInt32(2),
+			AccessLog:          accessLogs(opts.AccessLog),
 		})},
-	})
+	}}}
+	if len(svc.AllowedClients) > 0 {
+		// Allowed clients are matched by the filter chain itself, on the connection's source
+		// address: a client outside them matches no chain and is closed at once. A network RBAC
+		// filter would decide only on the client's first byte, after tcp_proxy has already
+		// connected upstream, so a server-first protocol (MySQL) would greet a refused client.
+		chain.FilterChainMatch = &listener.FilterChainMatch{SourcePrefixRanges: cidrRanges(svc.AllowedClients)}
+	}
 	return &listener.Listener{
 		Name:         name,
 		Address:      socketAddress(opts.ListenAddress, p.Number),
-		FilterChains: []*listener.FilterChain{{Filters: filters}},
+		FilterChains: []*listener.FilterChain{chain},
 	}
+}
+
+// cidrRanges are Envoy's CidrRanges for catalog CIDRs (validated: no host bits).
+func cidrRanges(cidrs []string) []*core.CidrRange {
+	out := make([]*core.CidrRange, 0, len(cidrs))
+	for _, c := range cidrs {
+		pfx := netip.MustParsePrefix(c)
+		out = append(out, &core.CidrRange{AddressPrefix: pfx.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(pfx.Bits()))})
+	}
+	return out
 }
 
 func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
@@ -430,6 +440,21 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 	}
 }
 
+// connectRetry retries a request whose connection to a gateway failed, once, on another gateway:
+// nothing reached the service, so it is safe for any method. Nothing else is retried (Istio's
+// default also retries 503s; fwdproxy leaves that to the client, which sees the service's answer).
+func connectRetry() *route.RetryPolicy {
+	return &route.RetryPolicy{
+		RetryOn:    "connect-failure",
+		NumRetries: wrapperspb.UInt32(1),
+		RetryHostPredicate: []*route.RetryPolicy_RetryHostPredicate{{
+			Name:       "envoy.retry_host_predicates.previous_hosts",
+			ConfigType: &route.RetryPolicy_RetryHostPredicate_TypedConfig{TypedConfig: mustAny(&previoushosts.PreviousHostsPredicate{})},
+		}},
+		HostSelectionRetryMaxAttempts: 5,
+	}
+}
+
 // virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
 // subset (its hosts), each routing everything to its cluster.
 func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
@@ -447,7 +472,8 @@ func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
 				Action: &route.Route_Route{Route: &route.RouteAction{
 					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(p.Number, subset, svc.Host)},
 					// No overall deadline, as in Istio: long polls and gRPC streams are normal.
-					Timeout: durationpb.New(0),
+					Timeout:     durationpb.New(0),
+					RetryPolicy: connectRetry(),
 				}},
 			}},
 		}

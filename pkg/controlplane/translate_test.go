@@ -203,8 +203,15 @@ func TestIstioWireConventions(t *testing.T) {
 			if tp.GetCluster() != "outbound|3306||mysql.bookinfo.svc.cluster.local" {
 				t.Errorf("3306 proxies to %q", tp.GetCluster())
 			}
-			if l.FilterChains[0].Filters[0].Name != NetworkRBACFilter {
-				t.Errorf("3306: first filter %q, want RBAC", l.FilterChains[0].Filters[0].Name)
+			if tp.GetMaxConnectAttempts().GetValue() != 2 {
+				t.Errorf("3306: max_connect_attempts %v, want 2 (a refused gateway is not the end)", tp.GetMaxConnectAttempts())
+			}
+			// Allowed clients: matched by the chain on the source address, so a refused client
+			// is closed before anything connects upstream (Envoy's network RBAC decides only on
+			// the first byte, too late for server-first protocols).
+			m := l.FilterChains[0].GetFilterChainMatch()
+			if len(m.GetSourcePrefixRanges()) == 0 || len(l.FilterChains) != 1 || len(l.FilterChains[0].Filters) != 1 {
+				t.Errorf("3306: filter chain match %v with %d chains and %d filters; want one chain matching the allowed clients' source ranges", m, len(l.FilterChains), len(l.FilterChains[0].Filters))
 			}
 		}
 	}

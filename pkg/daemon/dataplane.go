@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -124,7 +126,15 @@ func (p *envoyProcess) WriteBootstrap(nodeID, nodeCluster, xdsAddr string) error
 
 func (p *envoyProcess) args() []string {
 	secs := int((p.DrainTime + time.Second - 1) / time.Second)
-	return append([]string{"-c", p.BootstrapPath, "--drain-time-s", strconv.Itoa(secs)}, p.Args...)
+	args := []string{"-c", p.BootstrapPath, "--drain-time-s", strconv.Itoa(secs)}
+	// The daemon restarts Envoy itself. Hot restart's shared memory (base id 0) would only make a
+	// second Envoy on the host fail to start, unless the operator chose a base id.
+	if !slices.ContainsFunc(p.Args, func(a string) bool {
+		return strings.HasPrefix(a, "--base-id") || strings.HasPrefix(a, "--use-dynamic-base-id") || strings.HasPrefix(a, "--restart-epoch") || a == "--disable-hot-restart"
+	}) {
+		args = append(args, "--disable-hot-restart")
+	}
+	return append(args, p.Args...)
 }
 
 // Run keeps Envoy running until ctx ends, then stops it gracefully.

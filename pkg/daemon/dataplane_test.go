@@ -88,7 +88,7 @@ func TestEnvoySupervisor(t *testing.T) {
 	b, _ := os.ReadFile(filepath.Join(dir, "starts"))
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	for _, l := range lines {
-		if !strings.HasSuffix(l, "-c "+p.BootstrapPath+" --drain-time-s 1 --concurrency 1") {
+		if !strings.HasSuffix(l, "-c "+p.BootstrapPath+" --drain-time-s 1 --disable-hot-restart --concurrency 1") {
 			t.Errorf("envoy started with %q", l)
 		}
 	}

@@ -20,6 +20,7 @@ import (
 type proxyInfo struct {
 	cluster  *cluster
 	cfg      *httpConfig
+	retries  int    // connect failures retried on another endpoint (the route's retry policy)
 	upstream string // endpoint used, for the access log
 	flags    string // Envoy-style response flags, "-" when none
 }
@@ -100,7 +101,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(rec, "no healthy upstream: cluster "+re.cluster+" is not configured", http.StatusServiceUnavailable)
 		return
 	}
-	info.cluster, info.cfg = c, hc
+	info.cluster, info.cfg, info.retries = c, hc, re.connectRetries
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc

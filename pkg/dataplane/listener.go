@@ -89,6 +89,14 @@ func (l *listenerRT) acceptLoop() {
 		}
 		delay = 0
 		cfg := l.cfg.Load()
+		if !cfg.sources.allowed(peerAddr(conn)) {
+			// No filter chain matches this client's address: Envoy closes the connection before
+			// any filter runs, so nothing is sent upstream and no server byte comes back.
+			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
+			l.dp.log.Debug("connection from a client no filter chain matches", "listener", cfg.name, "peer", conn.RemoteAddr().String())
+			conn.Close()
+			continue
+		}
 		tc := l.track(conn, cfg.name)
 		if cfg.tcp != nil {
 			go l.serveTCP(tc, cfg)

@@ -51,8 +51,8 @@ func TestParseAcceptsControlPlaneOutput(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cfg.netRBAC == nil && cfg.http == nil {
-			t.Errorf("listener %s: RBAC lost", l.Name)
+		if cfg.sources == nil && cfg.http == nil {
+			t.Errorf("listener %s: allowed client ranges lost", l.Name)
 		}
 	}
 	for _, r := range res.Routes {
@@ -109,8 +109,8 @@ func TestParseRejectsUnsupported(t *testing.T) {
 	}
 	// Listeners[0] is 0.0.0.0_5432 (TCP), [1] 0.0.0.0_8080 (HTTP): sorted by name.
 	listenerCase("unknown typed config", func(l *listener.Listener) {
-		l.FilterChains[0].Filters[1].ConfigType = &listener.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/example.Unknown"}}
-	}, `listener "0.0.0.0_5432": filter_chains[0].filters[1] (envoy.filters.network.tcp_proxy): cannot decode typed_config type.googleapis.com/example.Unknown`)
+		l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/example.Unknown"}}
+	}, `listener "0.0.0.0_5432": filter_chains[0].filters[0] (envoy.filters.network.tcp_proxy): cannot decode typed_config type.googleapis.com/example.Unknown`)
 	listenerCase("two filter chains", func(l *listener.Listener) {
 		l.FilterChains = append(l.FilterChains, l.FilterChains[0])
 	}, "filter_chains: exactly one filter chain is supported, got 2")
@@ -119,8 +119,14 @@ func TestParseRejectsUnsupported(t *testing.T) {
 	}, "listener_filters: not supported by the built-in data plane (got envoy.filters.listener.tls_inspector)")
 	listenerCase("terminal filter not last", func(l *listener.Listener) {
 		f := l.FilterChains[0].Filters
-		l.FilterChains[0].Filters = []*listener.Filter{f[1], f[0]}
+		l.FilterChains[0].Filters = []*listener.Filter{f[0], f[0]}
 	}, "tcp_proxy is a terminal filter and must be last")
+	listenerCase("filter chain match beyond source ranges", func(l *listener.Listener) {
+		l.FilterChains[0].FilterChainMatch.ServerNames = []string{"a.example"}
+	}, "filter_chains[0].filter_chain_match: only source_prefix_ranges is supported")
+	listenerCase("bad source range", func(l *listener.Listener) {
+		l.FilterChains[0].FilterChainMatch.SourcePrefixRanges[0].AddressPrefix = "10.0.0"
+	}, `filter_chains[0].filter_chain_match.source_prefix_ranges[0].address_prefix: "10.0.0" is not an IP address`)
 	t.Run("unknown HTTP filter", func(t *testing.T) {
 		l := proto.Clone(translated(t).Listeners[1]).(*listener.Listener)
 		m := hcmOf(l)
@@ -168,6 +174,23 @@ func TestParseRejectsUnsupported(t *testing.T) {
 		_, err := parseRouteConfig(r)
 		if err == nil || !strings.Contains(err.Error(), `virtual_hosts[1] (copy).domains: "web.default.svc.cluster.local" is also a domain of virtual host`) {
 			t.Errorf("error %v", err)
+		}
+	})
+	t.Run("retry policy beyond connect failures", func(t *testing.T) {
+		for on, want := range map[string]string{
+			"connect-failure,5xx": `retry_on: "5xx" is not supported`,
+			"":                    `retry_on: "" is not supported`,
+		} {
+			r := proto.Clone(translated(t).Routes[0]).(*route.RouteConfiguration)
+			r.VirtualHosts[0].Routes[0].GetRoute().RetryPolicy.RetryOn = on
+			if _, err := parseRouteConfig(r); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("retry_on %q: error %v, want %q", on, err, want)
+			}
+		}
+		r := proto.Clone(translated(t).Routes[0]).(*route.RouteConfiguration)
+		r.VirtualHosts[0].Routes[0].GetRoute().RetryPolicy.RetryHostPredicate[0].Name = "envoy.retry_host_predicates.omit_canary_hosts"
+		if _, err := parseRouteConfig(r); err == nil || !strings.Contains(err.Error(), "retry_host_predicate[0]") {
+			t.Errorf("other host predicate: error %v", err)
 		}
 	})
 	t.Run("secret key never in errors", func(t *testing.T) {
@@ -219,7 +242,7 @@ func TestRBACEngine(t *testing.T) {
 		t.Fatal(err)
 	}
 	for ip, want := range map[string]bool{"10.1.2.3": true, "::ffff:10.0.0.1": true, "11.0.0.1": false, "127.0.0.1": false} {
-		if got := cfg.netRBAC.allowed(netip.MustParseAddr(ip).Unmap()); got != want {
+		if got := cfg.sources.allowed(netip.MustParseAddr(ip).Unmap()); got != want {
 			t.Errorf("%s allowed=%v, want %v", ip, got, want)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 )
 
@@ -200,4 +201,21 @@ func cidrPrincipal(addr string, bits uint32, hasBits bool, field string) (princi
 		return nil, fmt.Errorf("%s.prefix_len: %d is not valid for %s", field, bits, addr)
 	}
 	return func(a netip.Addr) bool { return pfx.Contains(a.Unmap()) }, nil
+}
+
+// parseSourceRanges compiles a filter chain's source_prefix_ranges into an allow list; none
+// matches every peer (nil).
+func parseSourceRanges(ranges []*core.CidrRange, field string) (*rbacEngine, error) {
+	if len(ranges) == 0 {
+		return nil, nil
+	}
+	pol := rbacPolicy{name: "source_prefix_ranges"}
+	for i, r := range ranges {
+		p, err := cidrPrincipal(r.GetAddressPrefix(), r.GetPrefixLen().GetValue(), r.GetPrefixLen() != nil, fmt.Sprintf("%s[%d]", field, i))
+		if err != nil {
+			return nil, err
+		}
+		pol.principals = append(pol.principals, p)
+	}
+	return &rbacEngine{policies: []rbacPolicy{pol}}, nil
 }

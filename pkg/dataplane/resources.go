@@ -80,6 +80,8 @@ type listenerConfig struct {
 	name  string
 	addr  string // host:port to bind
 	proto *listener.Listener
+	// sources is the filter chain's source_prefix_ranges; nil matches every peer.
+	sources *rbacEngine
 	// netRBAC is the network RBAC filter; nil allows every peer.
 	netRBAC *rbacEngine
 	tcp     *tcpConfig
@@ -87,9 +89,11 @@ type listenerConfig struct {
 }
 
 type tcpConfig struct {
-	cluster     string
-	idleTimeout time.Duration // 0: none
-	logs        []*accessLogger
+	cluster string
+	// connectAttempts is max_connect_attempts: endpoints tried when connecting fails (Envoy: 1).
+	connectAttempts int
+	idleTimeout     time.Duration // 0: none
+	logs            []*accessLogger
 }
 
 type httpConfig struct {
@@ -155,8 +159,17 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 		return nil, fail("filter_chains: exactly one filter chain is supported, got %d", len(l.GetFilterChains()))
 	}
 	fc := l.GetFilterChains()[0]
-	if fc.GetFilterChainMatch() != nil && !proto.Equal(fc.GetFilterChainMatch(), &listener.FilterChainMatch{}) {
-		return nil, fail("filter_chains[0].filter_chain_match: not supported; the only filter chain must match everything")
+	if m := fc.GetFilterChainMatch(); m != nil {
+		rest := proto.Clone(m).(*listener.FilterChainMatch)
+		rest.SourcePrefixRanges = nil
+		if !proto.Equal(rest, &listener.FilterChainMatch{}) {
+			return nil, fail("filter_chains[0].filter_chain_match: only source_prefix_ranges is supported")
+		}
+		sources, err := parseSourceRanges(m.GetSourcePrefixRanges(), "filter_chains[0].filter_chain_match.source_prefix_ranges")
+		if err != nil {
+			return nil, fail("%v", err)
+		}
+		cfg.sources = sources
 	}
 	if fc.GetTransportSocket() != nil {
 		return nil, fail("filter_chains[0].transport_socket: downstream TLS is not supported; the plain listeners take plain connections")
@@ -225,7 +238,10 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 }
 
 func (dp *DataPlane) parseTCPProxy(t *tcpproxy.TcpProxy, field string) (*tcpConfig, error) {
-	c := &tcpConfig{idleTimeout: duration(t.GetIdleTimeout(), time.Hour)}
+	c := &tcpConfig{idleTimeout: duration(t.GetIdleTimeout(), time.Hour), connectAttempts: 1}
+	if a := t.GetMaxConnectAttempts(); a != nil {
+		c.connectAttempts = int(a.GetValue())
+	}
 	switch cs := t.GetClusterSpecifier().(type) {
 	case *tcpproxy.TcpProxy_Cluster:
 		if cs.Cluster == "" {
@@ -439,6 +455,8 @@ type routeEntry struct {
 	cluster       string
 	timeout       time.Duration // 0: none
 	rbac          *perRouteRBAC
+	// connectRetries: how often a request whose connection failed is tried on another endpoint.
+	connectRetries int
 }
 
 // lookup finds the virtual host for a Host header, Envoy's way: exact, then the longest
@@ -621,12 +639,19 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 		return nil, fmt.Errorf("%s.route: path rewrites are not supported", field)
 	case ra.GetHostRewriteSpecifier() != nil:
 		return nil, fmt.Errorf("%s.route: host rewrites are not supported", field)
-	case ra.GetRetryPolicy() != nil || ra.GetHedgePolicy() != nil || len(ra.GetRequestMirrorPolicies()) > 0:
-		return nil, fmt.Errorf("%s.route: retry, hedge and mirror policies are not supported", field)
+	case ra.GetHedgePolicy() != nil || len(ra.GetRequestMirrorPolicies()) > 0:
+		return nil, fmt.Errorf("%s.route: hedge and mirror policies are not supported", field)
 	case len(ra.GetHashPolicy()) > 0 || ra.GetMetadataMatch() != nil:
 		return nil, fmt.Errorf("%s.route: hash policies and metadata matches are not supported", field)
 	case len(r.GetRequestHeadersToAdd()) > 0 || len(r.GetResponseHeadersToAdd()) > 0 || len(r.GetRequestHeadersToRemove()) > 0 || len(r.GetResponseHeadersToRemove()) > 0:
 		return nil, fmt.Errorf("%s: header manipulation is not supported", field)
+	}
+	if rp := ra.GetRetryPolicy(); rp != nil {
+		n, err := parseRetryPolicy(rp, field+".route.retry_policy")
+		if err != nil {
+			return nil, err
+		}
+		re.connectRetries = n
 	}
 	pr, err := parsePerFilter(r.GetTypedPerFilterConfig(), field+".typed_per_filter_config")
 	if err != nil {
@@ -634,6 +659,29 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 	}
 	re.rbac = pr
 	return re, nil
+}
+
+// parseRetryPolicy accepts the one retry policy the built-in data plane carries out: connection
+// failures retried on another endpoint (previous_hosts), nothing else; it returns num_retries.
+func parseRetryPolicy(rp *route.RetryPolicy, field string) (int, error) {
+	for _, on := range strings.Split(rp.GetRetryOn(), ",") {
+		if on = strings.TrimSpace(on); on != "connect-failure" {
+			return 0, fmt.Errorf("%s.retry_on: %q is not supported; the built-in data plane retries connect-failure only", field, on)
+		}
+	}
+	n := 1 // Envoy's default num_retries
+	if v := rp.GetNumRetries(); v != nil {
+		n = int(v.GetValue())
+	}
+	for i, p := range rp.GetRetryHostPredicate() {
+		if p.GetName() != "envoy.retry_host_predicates.previous_hosts" {
+			return 0, fmt.Errorf("%s.retry_host_predicate[%d]: %s is not supported; use envoy.retry_host_predicates.previous_hosts", field, i, p.GetName())
+		}
+	}
+	if rp.GetPerTryTimeout() != nil || rp.GetRetryBackOff() != nil || len(rp.GetRetriableStatusCodes()) > 0 || len(rp.GetRetriableHeaders()) > 0 || rp.GetRetryPriority() != nil {
+		return 0, fmt.Errorf("%s: only retry_on, num_retries, retry_host_predicate and host_selection_retry_max_attempts are supported", field)
+	}
+	return n, nil
 }
 
 // ---- clusters ----

@@ -39,7 +39,7 @@ func (l *listenerRT) serveTCP(down *trackedConn, cfg *listenerConfig) {
 		flags = "NC"
 		return
 	}
-	up, h, err := c.connect(context.Background())
+	up, h, err := c.connect(context.Background(), tc.connectAttempts)
 	if err != nil {
 		flags = "UF"
 		var ue *upstreamError

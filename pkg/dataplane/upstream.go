@@ -413,13 +413,13 @@ func (c *cluster) sweep(now time.Time) {
 	}
 }
 
-// connect picks an endpoint and connects to it, trying one other endpoint when the connection
-// itself fails (nothing was sent yet).
-func (c *cluster) connect(ctx context.Context) (net.Conn, *host, error) {
+// connect picks an endpoint and connects to it, trying other endpoints when the connection
+// itself fails (nothing was sent yet), up to attempts in all (tcp_proxy's max_connect_attempts).
+func (c *cluster) connect(ctx context.Context, attempts int) (net.Conn, *host, error) {
 	rt := c.rt.Load()
 	var tried *host
 	var lastErr error
-	for attempt := 0; attempt < 2; attempt++ {
+	for attempt := 0; attempt < max(attempts, 1); attempt++ {
 		h := c.pick(tried)
 		if h == nil || (attempt > 0 && h == tried) {
 			break
@@ -443,10 +443,16 @@ func (c *cluster) connect(ctx context.Context) (net.Conn, *host, error) {
 }
 
 // RoundTrip sends an HTTP request to one of the cluster's endpoints. A request without a body
-// whose connection fails is tried once on another endpoint (nothing reached the service).
+// whose connection fails is tried on another endpoint (nothing reached the service), as often as
+// the route's retry policy allows.
 func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 	rt := c.rt.Load()
 	req.URL.Scheme = rt.scheme()
+	retries := 0
+	info, _ := req.Context().Value(proxyKey{}).(*proxyInfo)
+	if info != nil {
+		retries = info.retries
+	}
 	var tried *host
 	var lastErr error
 	for attempt := 0; ; attempt++ {
@@ -459,7 +465,7 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, &upstreamError{reason: reasonNoHealthy, cluster: c.name}
 		}
 		req.URL.Host = h.addr
-		if info, ok := req.Context().Value(proxyKey{}).(*proxyInfo); ok {
+		if info != nil {
 			info.upstream = h.addr
 		}
 		var resp *http.Response
@@ -476,7 +482,7 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		var ue *upstreamError
 		if errors.As(err, &ue) {
-			if attempt == 0 && ue.connectFailure() && (req.Body == nil || req.Body == http.NoBody) {
+			if attempt < retries && ue.connectFailure() && (req.Body == nil || req.Body == http.NoBody) {
 				tried, lastErr = h, err
 				continue
 			}

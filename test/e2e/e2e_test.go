@@ -49,6 +49,8 @@ type env struct {
 	builtin bool
 	logs    *meshtest.SyncBuffer
 	clients sync.Map // source IP -> *http.Client
+	// stop ends the daemon (once) and returns what Run returned.
+	stop func() error
 }
 
 // dataplane is how the scenario's bytes are moved.
@@ -125,16 +127,23 @@ upstream:
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
+	var stopOnce sync.Once
+	var stopErr error
+	e.stop = func() error {
+		stopOnce.Do(func() {
+			cancel()
+			select {
+			case stopErr = <-done:
+			case <-time.After(45 * time.Second):
+				stopErr = errors.New("daemon did not stop within 45s")
+			}
+		})
+		return stopErr
+	}
 	t.Cleanup(func() {
 		e.clients.Range(func(_, c any) bool { c.(*http.Client).CloseIdleConnections(); return true })
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(15 * time.Second):
-			t.Errorf("daemon did not stop within 15s")
+		if err := e.stop(); err != nil {
+			t.Errorf("daemon: %v", err)
 		}
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", e.logs.String())
@@ -145,13 +154,14 @@ upstream:
 }
 
 // waitReady waits for /ready and a first answer from productpage.
-func (e *env) waitReady(done <-chan error) {
+func (e *env) waitReady(done chan error) {
 	e.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	why := ""
 	for time.Now().Before(deadline) {
 		select {
 		case err := <-done:
+			done <- err // for stop
 			e.t.Fatalf("daemon stopped: %v\n%s", err, e.logs.String())
 		case <-time.After(100 * time.Millisecond):
 		}
@@ -709,17 +719,19 @@ func TestBuiltinGoMesh(t *testing.T)     { runSuite(t, goMesh, builtin) }
 func TestBuiltinDebianMesh(t *testing.T) { runSuite(t, debianMesh, builtin) }
 
 // envoyDataplane is the daemon supervising a real Envoy (dataplane: envoy), which takes its
-// configuration over ADS/SDS from the daemon's own bootstrap. Envoy retries no connect failure by
-// default (no retry policy is configured), so losing a gateway may fail requests until it is
-// ejected.
-func envoyDataplane(t *testing.T) dataplane {
+// configuration over ADS/SDS from the daemon's own bootstrap. Like the built-in data plane, it
+// retries a failed connect on another gateway (route retry policy, tcp_proxy connect attempts).
+func envoyDataplane(t *testing.T) dataplane { return envoyDrainingFor(t, time.Second) }
+
+// envoyDrainingFor is the Envoy data plane with envoy.drainTime drain.
+func envoyDrainingFor(t *testing.T, drain time.Duration) dataplane {
 	bin, err := meshtest.EnvoyPath()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return dataplane{name: "envoy", configure: func(t testing.TB, dir string) string {
-		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d, bootstrapPath: %s, drainTime: 1s}\n",
-			bin, freePort(t), filepath.Join(dir, "envoy-bootstrap.json"))
+	return dataplane{name: "envoy", failover: true, configure: func(t testing.TB, dir string) string {
+		return fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %s, adminAddress: 127.0.0.1:%d, bootstrapPath: %s, drainTime: %s}\n",
+			bin, freePort(t), filepath.Join(dir, "envoy-bootstrap.json"), drain)
 	}}
 }
 
