@@ -415,8 +415,10 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 		})
 	}
 	httpFilters = append(httpFilters, &hcm.HttpFilter{
-		Name:       wellknown.Router,
-		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&router.Router{})},
+		Name: wellknown.Router,
+		// No x-envoy-* headers toward the mesh or back to the VM (upstream service time,
+		// expected timeout): fwdproxy is a transparent hop, and the built-in data plane adds none.
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&router.Router{SuppressEnvoyHeaders: true})},
 	})
 	manager := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
@@ -428,7 +430,11 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 		// The client's address goes to the service in X-Forwarded-For; what the client sent there
 		// is not trusted.
 		UseRemoteAddress: wrapperspb.Bool(true),
-		AccessLog:        accessLogs(opts.AccessLog),
+		// The service's own Server header reaches the VM; Envoy's local replies carry none.
+		ServerHeaderTransformation: hcm.HttpConnectionManager_PASS_THROUGH,
+		// Legacy clients still speak HTTP/1.0 (Envoy answers 426 by default); upstream it is 1.1.
+		HttpProtocolOptions: &core.Http1ProtocolOptions{AcceptHttp_10: true},
+		AccessLog:           accessLogs(opts.AccessLog),
 	}
 	return &listener.Listener{
 		Name:    name,

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -52,7 +53,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hc := cfg.http
 	if hc == nil { // the listener became a TCP proxy; this connection predates the change
 		info.flags = "NR"
-		http.Error(rec, "listener reconfigured", http.StatusServiceUnavailable)
+		localReply(rec, http.StatusServiceUnavailable, "listener reconfigured")
 		return
 	}
 	table := hc.inline
@@ -72,6 +73,9 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	clusterName = re.cluster
+	if r.ProtoMajor == 1 && r.ProtoMinor == 0 && !strings.EqualFold(r.Header.Get("Connection"), "keep-alive") {
+		rec.Header().Set("Connection", "close") // as Envoy says it to an HTTP/1.0 client
+	}
 	if hc.rbac != nil {
 		eng := hc.rbac.engine
 		pr := re.rbac
@@ -88,9 +92,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !eng.allowed(peer) {
 			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
 			info.flags = "RBAC"
-			rec.Header().Set("Content-Type", "text/plain")
-			rec.WriteHeader(http.StatusForbidden)
-			_, _ = rec.Write([]byte("RBAC: access denied"))
+			localReply(rec, http.StatusForbidden, "RBAC: access denied")
 			return
 		}
 	}
@@ -98,7 +100,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if c == nil {
 		l.dp.metrics.upstreamErrs.WithLabelValues(re.cluster, reasonNoHealthy).Inc()
 		info.flags = "NC"
-		http.Error(rec, "no healthy upstream: cluster "+re.cluster+" is not configured", http.StatusServiceUnavailable)
+		localReply(rec, http.StatusServiceUnavailable, "no healthy upstream")
 		return
 	}
 	info.cluster, info.cfg, info.retries = c, hc, re.connectRetries
@@ -160,21 +162,33 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 	switch {
 	case ue != nil && ue.reason == reasonNoHealthy:
 		info.flags = "UH"
-		http.Error(w, "no healthy upstream", http.StatusServiceUnavailable)
+		localReply(w, http.StatusServiceUnavailable, "no healthy upstream")
 	case ue != nil && ue.reason == reasonTimeout && ue.addr == "":
 		info.flags = "UT"
-		http.Error(w, "upstream request timeout", http.StatusGatewayTimeout)
+		localReply(w, http.StatusGatewayTimeout, "upstream request timeout")
 	case ue != nil && ue.connectFailure():
 		info.flags = "UF"
-		http.Error(w, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: "+ue.Error(), http.StatusServiceUnavailable)
+		// What failed (gateway address, certificate names) goes to the log, not to the client.
+		localReply(w, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
 	case r.Context().Err() != nil && ue == nil:
 		info.flags = "DC" // the client went away
 		w.WriteHeader(499)
 	default:
 		info.flags = "UC"
-		http.Error(w, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", http.StatusServiceUnavailable)
+		localReply(w, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection termination")
 	}
 	dp.log.Debug("upstream request failed", "cluster", info.cluster.name, "host", r.Host, "error", err)
+}
+
+// localReply answers from the data plane itself as Envoy does: text/plain, the body, no detail
+// of the upstream.
+func localReply(w http.ResponseWriter, code int, body string) {
+	h := w.Header()
+	h.Del("Content-Length")
+	h.Set("Content-Type", "text/plain")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, body)
 }
 
 // requestID is a random (version 4) UUID, formatted into one allocation.
