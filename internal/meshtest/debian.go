@@ -27,10 +27,12 @@ type Process struct {
 	Name string
 	Dir  string
 	Addr string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
+	// Admin is Envoy's admin address (host:port); "" for other daemons.
+	Admin string
+	cmd   *exec.Cmd
+	log   string
+	done  chan struct{}
+	err   error
 }
 
 // startProcess runs bin with args, logging to dir/name.log, and waits until every addr accepts.

@@ -10,17 +10,21 @@ import (
 )
 
 // Report is what a sidecar stand-in tells its caller about the connection, so tests can assert
-// the identity, SNI and ALPN the caller used. Every stand-in (Go, HAProxy, nginx) answers one line
-// of space-separated key=value fields:
+// the identity, SNI and ALPN the caller used. Every stand-in (Go, HAProxy, nginx, Envoy) answers
+// one line of space-separated key=value fields:
 //
 //	service  the stand-in's name
-//	verify   the sidecar's client-chain verdict: SUCCESS (Go, nginx) or 0 (HAProxy's ssl_c_verify)
-//	caller   the caller's SPIFFE ID (Go), or derived from cert / certpem
+//	verify   the sidecar's client-chain verdict: SUCCESS (Go, nginx, Envoy) or 0 (HAProxy's
+//	         ssl_c_verify)
+//	caller   the caller's SPIFFE ID (Go; Envoy: x-forwarded-client-cert's URI for HTTP, the peer
+//	         URI SAN for TCP), or derived from cert / certpem
 //	cert     the caller's leaf, base64 DER (HAProxy's ssl_c_der,base64)
 //	certpem  the caller's leaf, URL-escaped PEM (nginx's $ssl_client_escaped_cert)
 //	serial   the caller leaf's serial number, hex
 //	sni      the SNI the sidecar saw
-//	alpn     the ALPN protocols: offered (Go, comma separated) or negotiated (HAProxy, nginx)
+//	alpn     the ALPN protocols: offered (Go, comma separated), negotiated (HAProxy, nginx), or
+//	         the first offered one the listener has a filter chain for (Envoy)
+//	tls      the TLS version (Envoy)
 //	host, proto, method, path   for HTTP
 type Report struct {
 	Fields   map[string]string

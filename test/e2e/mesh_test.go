@@ -52,6 +52,7 @@ type mesh struct {
 	// stopGateway takes gateway i away, cutting its connections.
 	stopGateway func(i int)
 	// stats are a sidecar's counters; ok is false when the stand-in cannot tell (HAProxy, nginx).
+	// Envoy's come from its admin /stats (TLS handshakes and failures) and its application.
 	stats func(name string) (st meshtest.SidecarStats, ok bool)
 	// routed is how many connections gateway i forwarded; ok as for stats.
 	routed func(i int) (n int64, ok bool)
@@ -148,5 +149,63 @@ func debianMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 		stopGateway: func(i int) { gws[i].Stop() },
 		stats:       func(string) (meshtest.SidecarStats, bool) { return meshtest.SidecarStats{}, false },
 		routed:      func(int) (int64, bool) { return 0, false },
+	}
+}
+
+// envoyMesh runs real Envoys configured as istiod configures them: two AUTO_PASSTHROUGH
+// east-west gateways and one Envoy holding every sidecar's STRICT mTLS inbound listener, each in
+// front of a Go application that reports what Envoy told it.
+func envoyMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
+	t.Helper()
+	dir := t.TempDir()
+	routes := map[meshtest.Target]string{}
+	var opts []meshtest.SidecarOptions
+	for _, s := range sidecarSpecs(p) {
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts = append(opts, meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto, Addr: addr})
+		routes[s.target] = addr
+	}
+	sidecars, err := meshtest.StartEnvoySidecars(dir, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sidecars.Stop() })
+	var gws []*meshtest.Process
+	for range 2 {
+		addr, err := meshtest.FreeAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := meshtest.StartEnvoyGateway(dir, addr, routes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { g.Stop() })
+		gws = append(gws, g)
+	}
+	return &mesh{
+		kind:        "envoy",
+		gateways:    []string{gws[0].Addr, gws[1].Addr},
+		stopGateway: func(i int) { gws[i].Stop() },
+		stats: func(name string) (meshtest.SidecarStats, bool) {
+			st, err := sidecars.Stats(name)
+			if err != nil {
+				t.Errorf("sidecar %s stats: %v", name, err)
+				return st, false
+			}
+			return st, true
+		},
+		routed: func(i int) (int64, bool) {
+			st, err := meshtest.EnvoyGatewayStats(gws[i])
+			if err != nil {
+				t.Errorf("gateway %d stats: %v", i, err)
+				return 0, false
+			}
+			return st.Routed, true
+		},
+		echo: true,
 	}
 }
