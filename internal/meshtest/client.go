@@ -45,7 +45,11 @@ func ClientTLS(leaf *Leaf, ca *CA, t Target, alpn []string, serverID string) (*t
 		if err != nil {
 			return nil, err
 		}
-		conf.Certificates = []tls.Certificate{cert}
+		// Sent whatever the server's CertificateRequest lists as acceptable CAs: crypto/tls would
+		// otherwise send none for a chain that does not name the listed root (a leaf without its
+		// intermediate, another CA's), and a stand-in would only be refusing a client without a
+		// certificate.
+		conf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 	}
 	return conf, nil
 }

@@ -97,17 +97,9 @@ func (m *envoyStandIns) gatewayStats(t *testing.T) GatewayStats {
 // refused dials addr with conf and says why the connection carried no data, or fails the test
 // if it did. In TLS 1.3 the client's handshake ends before the server has checked the client's
 // chain, so a refusal can show on the first read.
-//
-// The client sends its certificate whatever the server's CertificateRequest lists as acceptable
-// CAs: crypto/tls would otherwise send none for a chain that does not name the listed root (a
-// leaf without its intermediate, another CA's), and the sidecar would only be refusing a client
-// without a certificate.
+// (ClientTLS sends the client's certificate whatever CAs the server names.)
 func refused(t *testing.T, what, addr string, conf *tls.Config) {
 	t.Helper()
-	if len(conf.Certificates) > 0 {
-		cert := &conf.Certificates[0]
-		conf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
-	}
 	c, err := DialMesh(context.Background(), addr, conf)
 	if err != nil {
 		t.Logf("%s: refused in the handshake: %v", what, err)
