@@ -191,7 +191,7 @@ frontend tcp
   default_backend echo
 backend echo
   mode tcp
-  server gw %s ssl crt %s ca-file %s sni str(%s) alpn istio-peer-exchange,istio verify required
+  server gw %s ssl crt %s ca-file %s sni str(%s) alpn istio verify required
 `, *ports["haproxy-http"], gw.Addr(), fleetPEM, root, httpT.SNI(),
 			*ports["haproxy-tcp"], gw.Addr(), fleetPEM, root, tcpT.SNI()),
 		"env.sh": fmt.Sprintf(`HTTP_HOST=%s

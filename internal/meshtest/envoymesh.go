@@ -31,8 +31,8 @@ import (
 // The mesh roles played by real Envoy processes with static configurations shaped like the ones
 // istiod generates (design.md section 2): the east-west gateway's AUTO_PASSTHROUGH listener and a
 // sidecar's STRICT mTLS inbound chains. Istio-only extensions (istio.metadata_exchange,
-// istio.stats, istio.alpn, peer_metadata) are not in upstream Envoy and are left out: the TCP
-// sidecar negotiates istio-peer-exchange but writes no metadata-exchange header.
+// istio.stats, istio.alpn, peer_metadata) are not in upstream Envoy and are left out; the TCP
+// sidecar's metadata-exchange header is written by the application behind it (envoysidecar.go).
 
 // envoyProcess runs Envoy with bootstrap b, its admin interface on admin, and waits until the
 // admin interface says the server is LIVE (every static listener is bound then). It probes only

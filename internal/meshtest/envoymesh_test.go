@@ -189,6 +189,9 @@ func TestEnvoyStandIns(t *testing.T) {
 			t.Errorf("negotiated %q, want istio-peer-exchange", p)
 		}
 		br := bufio.NewReader(c)
+		if md, err := ReadPeerExchange(br); err != nil || md.GetFields()["NAME"].GetStringValue() != "mysql" {
+			t.Fatalf("metadata exchange header: %v, %v", md, err)
+		}
 		r, err := ReadReportLine(br)
 		if err != nil {
 			t.Fatal(err)
@@ -380,7 +383,13 @@ func TestEnvoyStandIns(t *testing.T) {
 			}
 			if tc.sidecar == "mysql" {
 				c.SetDeadline(time.Now().Add(10 * time.Second))
-				r, err := ReadReportLine(bufio.NewReader(c))
+				br := bufio.NewReader(c)
+				if tc.want == PeerExchangeALPN {
+					if _, err := ReadPeerExchange(br); err != nil {
+						t.Errorf("mysql offered %v: metadata exchange header: %v", tc.offer, err)
+					}
+				}
+				r, err := ReadReportLine(br)
 				if err != nil || !slices.Equal(r.ALPN, tc.offer[:1]) {
 					t.Errorf("mysql offered %v: report %+v, %v", tc.offer, r, err)
 				}

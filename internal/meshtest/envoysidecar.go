@@ -420,7 +420,23 @@ func (a *envoyApp) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}()
 	a.served.Add(1)
 	_ = c.SetDeadline(time.Time{})
-	if _, err := rw.WriteString("HTTP/1.1 200 OK\r\n\r\n" + envoyReport(a.name, r.Header.Get("x-meshtest-peer-uri"), r.Header) + "\n"); err != nil {
+	if _, err := rw.WriteString("HTTP/1.1 200 OK\r\n\r\n"); err != nil {
+		return
+	}
+	// Upstream Envoy has no istio.metadata_exchange filter: its header is written here, behind
+	// Envoy, ahead of the application's bytes, when the chain the client's ALPN chose is
+	// istio-peer-exchange (the TCP chains' server ALPN puts it first, so it is what Envoy
+	// negotiates whenever the client offers it first among the names the sidecar has chains for).
+	if r.Header.Get("x-meshtest-alpn") == PeerExchangeALPN {
+		hdr, err := PeerExchangeHeader(sidecarMetadata(a.name))
+		if err != nil {
+			return
+		}
+		if _, err := rw.Write(hdr); err != nil {
+			return
+		}
+	}
+	if _, err := rw.WriteString(envoyReport(a.name, r.Header.Get("x-meshtest-peer-uri"), r.Header) + "\n"); err != nil {
 		return
 	}
 	if err := rw.Flush(); err != nil {

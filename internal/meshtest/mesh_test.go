@@ -236,6 +236,28 @@ func TestGatewayClosesUnknownSNI(t *testing.T) {
 	}
 }
 
+// A client offering only istio (what fwdproxy offers) gets the application's bytes and nothing
+// else: no ALPN is negotiated, so no metadata exchange.
+func TestTCPSidecarWithoutPeerExchange(t *testing.T) {
+	f := newFixture(t)
+	target := Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
+	f.sidecar(t, SidecarOptions{Name: "mysql", SPIFFEID: mysqlID, Protocol: TCP}, target)
+	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio"}, mysqlID)
+	c, err := DialMesh(context.Background(), f.gw.Addr(), conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if p := c.ConnectionState().NegotiatedProtocol; p != "" {
+		t.Errorf("negotiated %q, want none (the sidecar offers istio-peer-exchange, h2, http/1.1)", p)
+	}
+	first, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || !strings.HasPrefix(first, "service=mysql ") {
+		t.Errorf("first bytes %q, %v; want the application's report line", first, err)
+	}
+}
+
 func TestTCPSidecarEchoes(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
@@ -248,6 +270,14 @@ func TestTCPSidecarEchoes(t *testing.T) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	br := bufio.NewReader(c)
+	// Istio's own clients offer istio-peer-exchange: the sidecar's metadata comes first.
+	md, err := ReadPeerExchange(br)
+	if err != nil {
+		t.Fatalf("metadata exchange header: %v", err)
+	}
+	if md.GetFields()["NAME"].GetStringValue() != "mysql" {
+		t.Errorf("exchanged metadata %v", md)
+	}
 	r, err := ReadReportLine(br)
 	if err != nil {
 		t.Fatal(err)

@@ -211,6 +211,33 @@ func (m *meshConn) report(service string) string {
 	return fmt.Sprintf("service=%s verify=SUCCESS caller=%s serial=%s sni=%s alpn=%s", service, m.caller, m.serial, m.sni, alpn)
 }
 
+// Server ALPN of Istio's inbound chains: HTTP ports offer h2 and http/1.1 (so istio-http/1.1
+// is not negotiated and the HTTP codec detects the protocol); TCP ports put istio-peer-exchange
+// first, for the metadata exchange.
+var (
+	sidecarALPNHTTP = []string{"h2", "http/1.1"}
+	sidecarALPNTCP  = []string{PeerExchangeALPN, "h2", "http/1.1"}
+)
+
+func (s *Sidecar) serverALPN() []string {
+	if s.opts.Protocol == TCP {
+		return sidecarALPNTCP
+	}
+	return sidecarALPNHTTP
+}
+
+// agreedALPN is what Envoy's server side negotiates: the first of its own protocols the client
+// offered; none (and the handshake goes on without ALPN) when they share none. crypto/tls would
+// refuse such a handshake, so the server is given only the shared protocols.
+func agreedALPN(server, client []string) []string {
+	for _, p := range server {
+		if slices.Contains(client, p) {
+			return []string{p}
+		}
+	}
+	return nil
+}
+
 // handle terminates TLS; it returns false if the connection is done and may be closed.
 func (s *Sidecar) handle(raw net.Conn) bool {
 	mc := &meshConn{}
@@ -227,6 +254,7 @@ func (s *Sidecar) handle(raw net.Conn) bool {
 				Certificates: []tls.Certificate{s.cert},
 				ClientAuth:   tls.RequireAndVerifyClientCert,
 				ClientCAs:    s.roots,
+				NextProtos:   agreedALPN(s.serverALPN(), h.SupportedProtos),
 			}, nil
 		},
 	}
@@ -258,6 +286,17 @@ func (s *Sidecar) handle(raw net.Conn) bool {
 			return false
 		}
 		s.served.Add(1)
+		if st.NegotiatedProtocol == PeerExchangeALPN {
+			// Istio's metadata_exchange filter writes its node's metadata ahead of the
+			// application's bytes when the client asked for the exchange.
+			hdr, err := PeerExchangeHeader(sidecarMetadata(s.opts.Name))
+			if err != nil {
+				return false
+			}
+			if _, err := tc.Write(hdr); err != nil {
+				return false
+			}
+		}
 		if _, err := io.WriteString(tc, mc.report(s.opts.Name)+"\n"); err != nil {
 			return false
 		}

@@ -44,8 +44,13 @@ const (
 )
 
 var (
-	// ALPNTCP is what an Istio sidecar offers for TCP over mTLS (mtlsTCPWithMxcALPNs).
-	ALPNTCP = []string{"istio-peer-exchange", "istio"}
+	// ALPNTCP is offered for TCP over mTLS: Istio's mtlsTCPALPNs, without istio-peer-exchange.
+	// A sidecar that negotiates istio-peer-exchange writes its metadata-exchange header (magic,
+	// length, Any(Struct)) ahead of the application's bytes; Istio's own clients consume it with
+	// their istio.metadata_exchange filter, which upstream Envoy does not have, so offering it
+	// would hand those bytes to the VM's client. "istio" still matches the east-west gateway's
+	// AUTO_PASSTHROUGH chains and the sidecar's STRICT inbound chain.
+	ALPNTCP = []string{"istio"}
 	// ALPNHTTP11 selects the sidecar's HTTP-over-mTLS filter chain for HTTP/1.1.
 	ALPNHTTP11 = []string{"istio-http/1.1"}
 	// ALPNH2 is offered for HTTP/2 and gRPC ports; the upstream then speaks h2 by prior knowledge.

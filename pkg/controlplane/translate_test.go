@@ -139,7 +139,7 @@ func TestIstioWireConventions(t *testing.T) {
 		{"outbound|9080||productpage.bookinfo.svc.cluster.local", "outbound_.9080_._.productpage.bookinfo.svc.cluster.local", []string{"istio-http/1.1"}, []string{"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"}, false},
 		{"outbound|9080|v2|reviews.bookinfo.svc.cluster.local", "outbound_.9080_.v2_.reviews.bookinfo.svc.cluster.local", []string{"istio-http/1.1"}, []string{"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"}, false},
 		{"outbound|50051||ratings.bookinfo.svc.cluster.local", "outbound_.50051_._.ratings.bookinfo.svc.cluster.local", []string{"istio-h2"}, []string{"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"}, true},
-		{"outbound|3306||mysql.bookinfo.svc.cluster.local", "outbound_.3306_._.mysql.bookinfo.svc.cluster.local", []string{"istio-peer-exchange", "istio"}, []string{"spiffe://cluster.local/ns/bookinfo/sa/mysql", "spiffe://cluster.local/ns/bookinfo/sa/mysql-replica"}, false},
+		{"outbound|3306||mysql.bookinfo.svc.cluster.local", "outbound_.3306_._.mysql.bookinfo.svc.cluster.local", []string{"istio"}, []string{"spiffe://cluster.local/ns/bookinfo/sa/mysql", "spiffe://cluster.local/ns/bookinfo/sa/mysql-replica"}, false},
 	}
 	for _, w := range want {
 		c := clusters[w.cluster]

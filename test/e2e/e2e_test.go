@@ -309,7 +309,7 @@ func target(name string, port int, subset string) meshtest.Target {
 var (
 	alpnHTTP = []string{"istio-http/1.1"}
 	alpnH2   = []string{"istio-h2"}
-	alpnTCP  = []string{"istio-peer-exchange", "istio"}
+	alpnTCP  = []string{"istio"}
 )
 
 // runSuite is the scenario, in order; the last step takes a gateway away.
@@ -400,6 +400,44 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 				t.Fatalf("connection %d: %v", i, err)
 			}
 			e.checkReport("tcp", r, "mysql", target("mysql", p.tcp, ""), alpnTCP)
+		}
+	})
+
+	// The VM's client receives exactly the application's bytes: no metadata-exchange header
+	// (or anything else) from the sidecar ahead of them, whoever speaks first.
+	t.Run("TCPExactBytes", func(t *testing.T) {
+		e.t = t
+		// Server first (like MySQL): the first byte read is the application's.
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p.tcp), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		first, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil || !strings.HasPrefix(first, "service=mysql ") {
+			t.Errorf("server first: first line %q, %v; want the application's report line", first, err)
+		}
+		// Client first (like Redis): the client writes before reading anything.
+		c, err = net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p.tcp), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		msg := "PING client-first\n"
+		if _, err := io.WriteString(c, msg); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		first, err = br.ReadString('\n')
+		if err != nil || !strings.HasPrefix(first, "service=mysql ") {
+			t.Errorf("client first: first line %q, %v; want the application's report line", first, err)
+		}
+		if e.mesh.echo {
+			if got, err := br.ReadString('\n'); err != nil || got != msg {
+				t.Errorf("client first: echo %q, %v; want %q", got, err, msg)
+			}
 		}
 	})
 
