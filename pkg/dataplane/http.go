@@ -6,22 +6,22 @@ import (
 	"encoding/hex"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
 
 // proxyInfo travels with a proxied request from the listener to the upstream and back.
 type proxyInfo struct {
-	cluster  *cluster
-	cfg      *httpConfig
-	upstream string // endpoint used, for the access log
-	flags    string // Envoy-style response flags, "-" when none
+	cluster      *cluster
+	cfg          *httpConfig
+	peer         netip.Addr // the client's address
+	internalOnly []string   // the route configuration's internal_only_headers
+	upstream     string     // endpoint used, for the access log
+	flags        string     // Envoy-style response flags, "-" when none
 }
 
 type proxyKey struct{}
@@ -71,6 +71,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	clusterName = re.cluster
+	peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
 	if hc.rbac != nil {
 		eng := hc.rbac.engine
 		pr := re.rbac
@@ -83,7 +84,6 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				eng = nil
 			}
 		}
-		peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
 		if !eng.allowed(peer) {
 			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
 			info.flags = "RBAC"
@@ -100,7 +100,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(rec, "no healthy upstream: cluster "+re.cluster+" is not configured", http.StatusServiceUnavailable)
 		return
 	}
-	info.cluster, info.cfg = c, hc
+	info.cluster, info.cfg, info.peer, info.internalOnly = c, hc, peer, table.internalOnly
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
@@ -117,25 +117,9 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = info.cluster.name // the endpoint is chosen in RoundTrip
 			pr.Out.Host = pr.In.Host
-			// Rewrite starts from a request without X-Forwarded-*: put back what the client
-			// sent and, with use_remote_address, append the peer's address.
-			prior := pr.In.Header.Values("X-Forwarded-For")
-			xff := strings.Join(prior, ", ")
-			if info.cfg.useRemoteAddress {
-				if ip, _, err := net.SplitHostPort(pr.In.RemoteAddr); err == nil {
-					if xff != "" {
-						xff += ", "
-					}
-					xff += ip
-				}
-			}
-			if xff != "" {
-				pr.Out.Header.Set("X-Forwarded-For", xff)
-			}
-			pr.Out.Header.Set("X-Forwarded-Proto", "http")
-			if pr.Out.Header.Get("X-Request-Id") == "" {
-				pr.Out.Header.Set("X-Request-Id", requestID())
-			}
+			// What the client may and may not tell the service, as Envoy's connection manager
+			// decides it (headers.go).
+			info.cfg.headers.sanitize(pr.In, pr.Out.Header, info.peer, info.internalOnly)
 		},
 		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
 			return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r)
