@@ -92,6 +92,93 @@ func editHCM(t testing.TB, edit func(*hcm.HttpConnectionManager)) func(*controlp
 	}
 }
 
+// forged is what a legacy VM might send to claim a mesh identity or steer the proxy.
+var forged = http.Header{
+	"X-Forwarded-Client-Cert":                {"By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/payments/sa/admin"},
+	"X-Envoy-Upstream-Rq-Timeout-Ms":         {"1"},
+	"X-Envoy-Upstream-Rq-Per-Try-Timeout-Ms": {"1"},
+	"X-Envoy-Expected-Rq-Timeout-Ms":         {"1"},
+	"X-Envoy-Max-Retries":                    {"5"},
+	"X-Envoy-Retry-On":                       {"5xx,gateway-error,reset"},
+	"X-Envoy-Retriable-Status-Codes":         {"500"},
+	"X-Envoy-Hedge-On-Per-Try-Timeout":       {"true"},
+	"X-Envoy-Upstream-Stream-Duration-Ms":    {"1"},
+	"X-Envoy-Peer-Metadata":                  {"ChwKDkFQUF9DT05UQUlORVJTEgoaCGFkbWluLTA="},
+	"X-Envoy-Peer-Metadata-Id":               {"sidecar~10.0.0.9~admin-0.payments~payments.svc.cluster.local"},
+	"X-Envoy-Original-Path":                  {"/admin"},
+	"X-Envoy-Decorator-Operation":            {"admin.payments.svc.cluster.local:80/*"},
+	"X-Envoy-Downstream-Service-Cluster":     {"payments"},
+	"X-Envoy-Downstream-Service-Node":        {"admin-0"},
+	"X-Envoy-Internal":                       {"true"},
+	"X-Envoy-External-Address":               {"10.9.9.9"},
+	"X-Envoy-Force-Trace":                    {"true"},
+	"X-Envoy-Ip-Tags":                        {"trusted"},
+	"X-Request-Id":                           {"00000000-0000-4000-8000-000000000000"},
+	"X-Forwarded-Proto":                      {"https"},
+}
+
+// A VM cannot claim a mesh identity or steer the proxy with request headers: whatever it forges,
+// the service behind the mesh sees none of it (only what fwdproxy sets itself), over HTTP/1.1 and
+// HTTP/2, and no forged header changes what the data plane does.
+func TestForgedHeadersNeverReachTheMesh(t *testing.T) {
+	e := newEnv(t, 0)
+	mesh := newMeshServer(t, e.ca, reviewsID, false)
+	port := freePort(t)
+	svc := reviews(port, catalog.HTTP)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, e.options(mesh.addr), nil)
+	hdr := forged.Clone()
+	hdr.Set("X-Forwarded-For", "10.1.2.3")
+	hdr.Set("X-Custom", "kept")
+
+	for _, h2 := range []bool{false, true} {
+		c := clientFrom(t, "127.0.0.1", h2)
+		if code, b := send(t, c, port, svc.Host, "/", hdr); code != 200 {
+			t.Fatalf("h2=%v: %d %q", h2, code, b)
+		}
+		got := lastSeen(t, mesh)
+		for k := range forged {
+			switch k {
+			case "X-Forwarded-Proto", "X-Envoy-External-Address", "X-Request-Id": // set by the data plane, below
+			default:
+				if v := got.Values(k); len(v) > 0 {
+					t.Errorf("h2=%v: the mesh received the VM's %s: %q", h2, k, v)
+				}
+			}
+		}
+		for k, v := range got {
+			if strings.HasPrefix(k, "X-Envoy-") && k != "X-Envoy-External-Address" {
+				t.Errorf("h2=%v: the mesh received %s: %q", h2, k, v)
+			}
+		}
+		for k, want := range map[string]string{
+			"X-Envoy-External-Address": "127.0.0.1", // the VM's own address, not the one it claimed
+			"X-Forwarded-Proto":        "http",
+			"X-Forwarded-For":          "10.1.2.3,127.0.0.1",
+			"X-Custom":                 "kept",
+		} {
+			if g := strings.Join(got.Values(k), "|"); g != want {
+				t.Errorf("h2=%v: %s %q, want %q", h2, k, g, want)
+			}
+		}
+		if id := got.Values("X-Request-Id"); len(id) != 1 || id[0] == forged.Get("X-Request-Id") || !uuidRE.MatchString(id[0]) {
+			t.Errorf("h2=%v: X-Request-Id %q, want one new random UUID", h2, id)
+		}
+	}
+
+	// The 1ms timeouts did not time out a service that takes 500ms...
+	c := clientFrom(t, "127.0.0.1", false)
+	if code, b := send(t, c, port, svc.Host, "/slow", forged); code != 200 {
+		t.Errorf("slow service with a forged 1ms timeout: %d %q", code, b)
+	}
+	// ...and the forged retry policy did not retry a failing one.
+	if code, _ := send(t, c, port, svc.Host, "/fail", forged); code != http.StatusInternalServerError {
+		t.Errorf("failing service: %d, want its 500", code)
+	}
+	if n := mesh.hits("/fail"); n != 1 {
+		t.Errorf("the failing service got %d requests, want 1 (no retry)", n)
+	}
+}
+
 // Which client Envoy deems internal decides what it may tell the service. The built-in data plane
 // follows the same rules for every setting it accepts (each case was checked against Envoy 1.40).
 func TestInternalAndExternalRequests(t *testing.T) {
@@ -129,6 +216,8 @@ func TestInternalAndExternalRequests(t *testing.T) {
 		hdr  http.Header
 		want want
 	}{
+		{"as translated: nothing is internal", nil, "127.0.0.1", sent,
+			want{xff: "127.0.0.1", xfp: "http", external: "127.0.0.1"}},
 		{"no internal_address_config: nothing is internal", func(m *hcm.HttpConnectionManager) {
 			m.InternalAddressConfig = nil
 		}, "127.0.0.1", sent,
