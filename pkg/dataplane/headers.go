@@ -95,18 +95,15 @@ func (h *requestHeaders) isInternal(a netip.Addr) bool {
 	return false
 }
 
-// sanitize turns the headers of in, a request from peer, into those sent upstream in out, which
-// starts as in's headers less the hop-by-hop ones and Go's X-Forwarded-*/Forwarded.
-// internalOnly are the route configuration's internal_only_headers.
-func (h *requestHeaders) sanitize(in *http.Request, out http.Header, peer netip.Addr, internalOnly []string) {
-	// Go's ReverseProxy removed these; Envoy passes them on untouched.
-	for _, k := range []string{"Forwarded", "X-Forwarded-Host"} {
-		if v := in.Header.Values(k); len(v) > 0 {
-			out[k] = v
-		}
-	}
+// goStripped are the headers Go's ReverseProxy removes from the upstream request before Rewrite.
+// Envoy passes Forwarded and X-Forwarded-Host on untouched and sets the others as sanitize does.
+var goStripped = []string{hdrXFF, hdrXFP, "X-Forwarded-Host", "Forwarded"}
+
+// sanitize turns out, the headers of a request from peer, into those Envoy sends upstream
+// (hop-by-hop headers aside). internalOnly are the route configuration's internal_only_headers.
+func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly []string) {
 	// Envoy joins repeated headers with a comma, without a space.
-	xff := strings.Join(in.Header.Values(hdrXFF), ",")
+	xff := strings.Join(out.Values(hdrXFF), ",")
 	// The address internal/external is decided on, and whether it can be trusted: the peer when
 	// no X-Forwarded-For came in, or the only address in it when the peer is not used.
 	remote, trusted := peer, xff == ""
@@ -129,10 +126,8 @@ func (h *requestHeaders) sanitize(in *http.Request, out http.Header, peer netip.
 	}
 	// With use_remote_address the scheme is the downstream connection's (always plain text here),
 	// whatever the client claimed; otherwise it is set only when the client sent none.
-	if h.useRemoteAddress || in.Header.Get(hdrXFP) == "" {
+	if h.useRemoteAddress || out.Get(hdrXFP) == "" {
 		out.Set(hdrXFP, "http")
-	} else {
-		out[hdrXFP] = in.Header.Values(hdrXFP)
 	}
 
 	internal := trusted && remote.IsValid() && h.isInternal(remote)

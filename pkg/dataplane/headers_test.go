@@ -160,9 +160,21 @@ func TestForgedHeadersNeverReachTheMesh(t *testing.T) {
 				t.Errorf("h2=%v: %s %q, want %q", h2, k, g, want)
 			}
 		}
-		if id := got.Values("X-Request-Id"); len(id) != 1 || id[0] == forged.Get("X-Request-Id") || !uuidRE.MatchString(id[0]) {
-			t.Errorf("h2=%v: X-Request-Id %q, want one new random UUID", h2, id)
+		id := got.Values("X-Request-Id")
+		if len(id) != 1 || id[0] == forged.Get("X-Request-Id") || !uuidRE.MatchString(id[0]) {
+			t.Fatalf("h2=%v: X-Request-Id %q, want one new random UUID", h2, id)
 		}
+		// The access log shows the request as it went upstream, as Envoy's does.
+		ua := "Go-http-client/1.1"
+		if h2 {
+			ua = "Go-http-client/2.0"
+		}
+		if want := fmt.Sprintf(`"10.1.2.3,127.0.0.1" %q %q`, ua, id[0]); !strings.Contains(e.access.String(), want) {
+			t.Errorf("h2=%v: the access log lacks %s:\n%s", h2, want, e.access.String())
+		}
+	}
+	if strings.Contains(e.access.String(), forged.Get("X-Request-Id")) {
+		t.Errorf("the access log shows the VM's request id:\n%s", e.access.String())
 	}
 
 	// The 1ms timeouts did not time out a service that takes 500ms...

@@ -16,12 +16,10 @@ import (
 
 // proxyInfo travels with a proxied request from the listener to the upstream and back.
 type proxyInfo struct {
-	cluster      *cluster
-	cfg          *httpConfig
-	peer         netip.Addr // the client's address
-	internalOnly []string   // the route configuration's internal_only_headers
-	upstream     string     // endpoint used, for the access log
-	flags        string     // Envoy-style response flags, "-" when none
+	cluster  *cluster
+	cfg      *httpConfig
+	upstream string // endpoint used, for the access log
+	flags    string // Envoy-style response flags, "-" when none
 }
 
 type proxyKey struct{}
@@ -58,6 +56,14 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if table == nil {
 		table = l.dp.routeTable(hc.routeName)
 	}
+	// Like Envoy's connection manager, settle what the client may tell the service before
+	// routing, so the access log and every reply see the same request (headers.go).
+	peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
+	var internalOnly []string
+	if table != nil {
+		internalOnly = table.internalOnly
+	}
+	hc.headers.sanitize(r.Header, peer, internalOnly)
 	var vh *virtualHost
 	var re *routeEntry
 	if table != nil {
@@ -71,7 +77,6 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	clusterName = re.cluster
-	peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
 	if hc.rbac != nil {
 		eng := hc.rbac.engine
 		pr := re.rbac
@@ -100,7 +105,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(rec, "no healthy upstream: cluster "+re.cluster+" is not configured", http.StatusServiceUnavailable)
 		return
 	}
-	info.cluster, info.cfg, info.peer, info.internalOnly = c, hc, peer, table.internalOnly
+	info.cluster, info.cfg = c, hc
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
@@ -117,9 +122,12 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = info.cluster.name // the endpoint is chosen in RoundTrip
 			pr.Out.Host = pr.In.Host
-			// What the client may and may not tell the service, as Envoy's connection manager
-			// decides it (headers.go).
-			info.cfg.headers.sanitize(pr.In, pr.Out.Header, info.peer, info.internalOnly)
+			// Rewrite starts without these; the request's own, settled in ServeHTTP, go upstream.
+			for _, k := range goStripped {
+				if v := pr.In.Header.Values(k); len(v) > 0 {
+					pr.Out.Header[k] = v
+				}
+			}
 		},
 		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
 			return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r)
