@@ -168,10 +168,11 @@ func writeIdentity(dir, name string, ca *CA, spiffeID string) error {
 
 // StartHAProxySidecars runs one HAProxy with an HTTP sidecar per option, each on its o.Addr
 // (required): it terminates TLS with an Istio-style leaf for o.SPIFFEID, requires a client chain
-// to the root only (verify required, ca-file root), negotiates only Istio's ALPN names and
-// answers every request with a Report line built from its own view of the connection
-// (ssl_c_verify, ssl_c_der, ssl_fc_sni, ssl_fc_alpn). HTTP/2 with prior knowledge is detected
-// from the connection preface.
+// to the root only (verify required, ca-file root), negotiates only Istio's ALPN names, appends
+// its XFCC entry (without URI=, which HAProxy cannot read) and answers every request with a
+// Report line built from its own view of the connection (ssl_c_verify, ssl_c_der, ssl_fc_sni,
+// ssl_fc_alpn) and of the request's headers. HTTP/2 with prior knowledge is detected from the
+// connection preface.
 func StartHAProxySidecars(dir string, opts ...SidecarOptions) (*Process, error) {
 	bin, err := LookPath("haproxy", "haproxy")
 	if err != nil {
@@ -196,10 +197,17 @@ defaults
 		if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
 			return nil, err
 		}
+		// XFCC as an Istio sidecar appends it (APPEND_FORWARD), as far as HAProxy 2.6 can: it has
+		// no fetch for the caller's URI SAN, so its entry has By, Hash and Subject but no URI; the
+		// subject is in OpenSSL's /K=V form, not RFC 2253 (the same for Istio's empty subjects);
+		// it keeps only the last of several incoming XFCC headers.
+		entry := fmt.Sprintf(`By=%s;Hash=%%[ssl_c_der,sha2(256),hex,lower];Subject=\"%%[ssl_c_s_dn]\"`, o.SPIFFEID)
 		fmt.Fprintf(&b, `frontend %s
   bind %s ssl crt %s ca-file %s verify required alpn %s
-  http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path]"
-`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), o.Name)
+  http-request set-header x-forwarded-client-cert "%%[req.fhdr(x-forwarded-client-cert)],%s" if { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
+  http-request set-header x-forwarded-client-cert "%s" unless { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
+  http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path] xfcc=%%[req.fhdr(x-forwarded-client-cert),url_enc] requestid=%%[req.fhdr(x-request-id),url_enc] external=%%[req.fhdr(x-envoy-external-address),url_enc] headers=%%[req.hdr_names,lower]"
+`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), entry, entry, o.Name)
 		addrs = append(addrs, o.Addr)
 	}
 	if len(addrs) == 0 {

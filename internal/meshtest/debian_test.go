@@ -73,6 +73,14 @@ func TestDebianStandIns(t *testing.T) {
 			if r.Host != "productpage.example.internal" || r.Fields["path"] != "/p" || r.Serial != f.leaf.Cert.SerialNumber.Text(16) {
 				t.Errorf("%v: fields %v", tc.alpn, r.Fields)
 			}
+			// HAProxy appends its XFCC entry, without the caller's URI, which it cannot read.
+			checkXFCC(t, r, "", productpageID, f.leaf.Cert, false)
+			prior := "URI=spiffe://cluster.local/ns/payments/sa/admin"
+			_, r = getWith(t, c, "http://productpage/p", "productpage.example.internal", http.Header{"X-Forwarded-Client-Cert": {prior}, "X-Request-Id": {"id 1+2"}})
+			checkXFCC(t, r, prior, productpageID, f.leaf.Cert, false)
+			if r.RequestID != "id 1+2" || !slices.Contains(r.Headers, "x-request-id") {
+				t.Errorf("%v: request id %q, headers %q", tc.alpn, r.RequestID, r.Headers)
+			}
 			c.CloseIdleConnections()
 		}
 	})

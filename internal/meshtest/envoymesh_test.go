@@ -170,9 +170,9 @@ func TestEnvoyStandIns(t *testing.T) {
 		if r.Caller != fleetID || !r.Verified {
 			t.Errorf("report %+v: want the caller from the sidecar's own XFCC element", r)
 		}
-		got := XFCCElement([]string{`By=spiffe://x/y;URI=spiffe://a/b, By=spiffe://cluster.local/ns/bookinfo/sa/p;Hash=ab;Subject="O=x, CN=\"y\"";URI=` + fleetID})
-		if got["URI"] != fleetID || got["Subject"] != `O=x, CN="y"` || got["Hash"] != "ab" {
-			t.Errorf("XFCCElement: %v", got)
+		elems, err := ParseXFCC(`By=spiffe://x/y;URI=spiffe://a/b, By=spiffe://cluster.local/ns/bookinfo/sa/p;Hash=ab;Subject="O=x, CN=\"y\"";URI=` + fleetID)
+		if got := elems[len(elems)-1]; err != nil || len(elems) != 2 || got["URI"][0] != fleetID || got["Subject"][0] != `O=x, CN="y"` || got["Hash"][0] != "ab" {
+			t.Errorf("ParseXFCC: %v, %v", elems, err)
 		}
 	})
 

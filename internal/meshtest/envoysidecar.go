@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,6 +28,7 @@ import (
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -166,8 +166,10 @@ func envoySidecarFilters(o SidecarOptions, app string) []*listener.Filter {
 				Name:    o.Name,
 				Domains: []string{"*"},
 				Routes: []*route.Route{{
-					Match:               &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
-					Action:              &route.Route_Route{Route: &route.RouteAction{ClusterSpecifier: &route.RouteAction_Cluster{Cluster: app}}},
+					Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+					// Istio's inbound routes have no timeout (0s), so Envoy adds no
+					// x-envoy-expected-rq-timeout-ms toward the application.
+					Action:              &route.Route_Route{Route: &route.RouteAction{ClusterSpecifier: &route.RouteAction_Cluster{Cluster: app}, Timeout: durationpb.New(0)}},
 					RequestHeadersToAdd: factHeaders(true),
 				}},
 			}},
@@ -391,13 +393,20 @@ func (a *envoyApp) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	a.served.Add(1)
 	_, _ = io.Copy(io.Discard, r.Body)
 	// The caller is who Envoy says in the x-forwarded-client-cert element it appended.
-	caller := XFCCElement(r.Header.Values("X-Forwarded-Client-Cert"))["URI"]
+	caller := lastXFCCURI(r.Header.Values("X-Forwarded-Client-Cert"))
 	proto := r.Header.Get("x-meshtest-proto")
 	if proto == "HTTP/2" {
 		proto = "HTTP/2.0" // Go's and HAProxy's spelling, as the other stand-ins report it
 	}
+	// What the application received, less the facts this stand-in's Envoy adds for the report.
+	app := r.Header.Clone()
+	for k := range app {
+		if strings.HasPrefix(strings.ToLower(k), "x-meshtest-") {
+			delete(app, k)
+		}
+	}
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s\n", envoyReport(a.name, caller, r.Header), r.Host, proto, r.Method, r.URL.Path)
+	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s\n", envoyReport(a.name, caller, r.Header), r.Host, proto, r.Method, r.URL.Path, headerReport(app))
 }
 
 func (a *envoyApp) serveTunnel(w http.ResponseWriter, r *http.Request) {
@@ -449,43 +458,12 @@ func (a *envoyApp) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// XFCCElement parses the last element of x-forwarded-client-cert values (the one the nearest
-// proxy appended) into its keys (By, Hash, Subject, URI, DNS, Cert, Chain), unquoting values.
-func XFCCElement(values []string) map[string]string {
-	out := map[string]string{}
-	if len(values) == 0 {
-		return out
+// lastXFCCURI is the URI of the last x-forwarded-client-cert element: the one the nearest proxy
+// (this sidecar) appended.
+func lastXFCCURI(values []string) string {
+	elems, err := ParseXFCC(strings.Join(values, ","))
+	if err != nil || len(elems) == 0 || len(elems[len(elems)-1]["URI"]) == 0 {
+		return ""
 	}
-	elems := splitQuoted(strings.Join(values, ","), ',')
-	for _, kv := range splitQuoted(elems[len(elems)-1], ';') {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			continue
-		}
-		if uq, err := strconv.Unquote(v); err == nil && strings.HasPrefix(v, `"`) {
-			v = uq
-		}
-		if _, dup := out[k]; !dup {
-			out[k] = v
-		}
-	}
-	return out
-}
-
-// splitQuoted splits s at sep outside double quotes (a backslash escapes inside quotes).
-func splitQuoted(s string, sep byte) []string {
-	var out []string
-	start, quoted := 0, false
-	for i := 0; i < len(s); i++ {
-		switch {
-		case quoted && s[i] == '\\':
-			i++
-		case s[i] == '"':
-			quoted = !quoted
-		case !quoted && s[i] == sep:
-			out = append(out, strings.TrimSpace(s[start:i]))
-			start = i + 1
-		}
-	}
-	return append(out, strings.TrimSpace(s[start:]))
+	return elems[len(elems)-1]["URI"][0]
 }

@@ -3,7 +3,10 @@ package meshtest
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"io"
 	"net"
 	"net/http"
@@ -80,8 +83,16 @@ func (f *fixture) sidecar(t *testing.T, o SidecarOptions, target Target) *Sideca
 
 func get(t *testing.T, c *http.Client, url, host string) (int, Report) {
 	t.Helper()
+	return getWith(t, c, url, host, nil)
+}
+
+func getWith(t *testing.T, c *http.Client, url, host string, hdr http.Header) (int, Report) {
+	t.Helper()
 	req, _ := http.NewRequest("GET", url, nil)
 	req.Host = host
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
 	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatalf("GET %s: %v", url, err)
@@ -143,6 +154,61 @@ func TestGatewayAndHTTPSidecar(t *testing.T) {
 	}
 	if f.gw.LastSNI() != target.SNI() {
 		t.Errorf("gateway saw SNI %q", f.gw.LastSNI())
+	}
+}
+
+// checkXFCC asserts the XFCC an application saw: what its caller sent (prior, "" for none), then
+// the sidecar's own entry for caller, which names the sidecar (By), the caller's certificate (Hash,
+// Subject) and, when withURI, the caller's SPIFFE ID.
+func checkXFCC(t *testing.T, r Report, prior string, by string, caller *x509.Certificate, withURI bool) {
+	t.Helper()
+	elems, err := ParseXFCC(r.XFCC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 1
+	if prior != "" {
+		want = 2
+		if !strings.HasPrefix(r.XFCC, prior+",") {
+			t.Errorf("XFCC %q does not start with the caller's %q", r.XFCC, prior)
+		}
+	}
+	if len(elems) != want {
+		t.Fatalf("XFCC %q has %d elements, want %d", r.XFCC, len(elems), want)
+	}
+	own := elems[len(elems)-1]
+	sum := sha256.Sum256(caller.Raw)
+	if !slices.Equal(own["By"], []string{by}) || !slices.Equal(own["Hash"], []string{hex.EncodeToString(sum[:])}) ||
+		!slices.Equal(own["Subject"], []string{""}) {
+		t.Errorf("the sidecar's XFCC entry %v, want By=%s, the caller's hash and empty subject", own, by)
+	}
+	if withURI && !slices.Equal(own["URI"], []string{SPIFFEID(caller)}) || !withURI && own["URI"] != nil {
+		t.Errorf("the sidecar's XFCC entry has URI %q", own["URI"])
+	}
+}
+
+// The HTTP sidecar appends its XFCC entry after the caller's (APPEND_FORWARD) and reports what the
+// application received.
+func TestHTTPSidecarAppendsXFCC(t *testing.T) {
+	f := newFixture(t)
+	target := Target{Host: "productpage.bookinfo.svc.cluster.local", Port: 9080}
+	f.sidecar(t, SidecarOptions{Name: "productpage", SPIFFEID: productpageID, Protocol: HTTP}, target)
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, productpageID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := MeshHTTPClient(f.gw.Addr(), conf, false)
+	defer c.CloseIdleConnections()
+	_, r := getWith(t, c, "http://productpage/", target.Host, http.Header{"X-Request-Id": {"id 1+2"}, "X-Custom": {"v"}})
+	checkXFCC(t, r, "", productpageID, f.leaf.Cert, true)
+	if r.RequestID != "id 1+2" || !slices.Contains(r.Headers, "x-custom") || !slices.Contains(r.Headers, "x-forwarded-client-cert") {
+		t.Errorf("request id %q, headers %q", r.RequestID, r.Headers)
+	}
+	prior := `By=spiffe://cluster.local/ns/x/sa/y;Subject="CN=a,O=b";URI=spiffe://cluster.local/ns/payments/sa/admin`
+	_, r = getWith(t, c, "http://productpage/", target.Host, http.Header{"X-Forwarded-Client-Cert": {prior}})
+	checkXFCC(t, r, prior, productpageID, f.leaf.Cert, true)
+	if elems, _ := ParseXFCC(r.XFCC); elems[0]["Subject"][0] != "CN=a,O=b" {
+		t.Errorf("quoted subject parsed as %q", elems[0]["Subject"])
 	}
 }
 

@@ -26,6 +26,14 @@ import (
 //	         the first offered one the listener has a filter chain for (Envoy)
 //	tls      the TLS version (Envoy)
 //	host, proto, method, path   for HTTP
+//	xfcc     HTTP: the x-forwarded-client-cert the application sees, after the sidecar added its
+//	         own entry (APPEND_FORWARD), query-escaped
+//	requestid, external   HTTP: the x-request-id and x-envoy-external-address the application
+//	         sees, query-escaped
+//	headers  HTTP: the names of the request headers the application received, lower case,
+//	         comma separated
+//
+// An empty or "-" value is no value.
 type Report struct {
 	Fields   map[string]string
 	Service  string
@@ -36,6 +44,10 @@ type Report struct {
 	Verified bool
 	Host     string
 	Proto    string
+	// XFCC, RequestID and ExternalAddress are the unescaped xfcc, requestid and external fields.
+	XFCC, RequestID, ExternalAddress string
+	// Headers are the header names the application received.
+	Headers []string
 }
 
 // ParseReport parses a report line.
@@ -55,6 +67,18 @@ func ParseReport(line string) (Report, error) {
 	r.Serial = strings.ToLower(strings.TrimLeft(r.Fields["serial"], "0"))
 	if a := r.Fields["alpn"]; a != "" && a != "-" {
 		r.ALPN = strings.Split(a, ",")
+	}
+	if h := r.Fields["headers"]; h != "" && h != "-" {
+		r.Headers = strings.Split(h, ",")
+	}
+	for k, dst := range map[string]*string{"xfcc": &r.XFCC, "requestid": &r.RequestID, "external": &r.ExternalAddress} {
+		if v := r.Fields[k]; v != "" && v != "-" {
+			u, err := url.QueryUnescape(v)
+			if err != nil {
+				return r, fmt.Errorf("report %s: %w", k, err)
+			}
+			*dst = u
+		}
 	}
 	switch r.Fields["verify"] {
 	case "SUCCESS", "0":
@@ -102,4 +126,50 @@ func SPIFFEID(c *x509.Certificate) string {
 		}
 	}
 	return ""
+}
+
+// XFCCElement is one element of an x-forwarded-client-cert header: its keys (By, Hash, Cert,
+// Chain, Subject, URI, DNS) with their values, unquoted, in order; a key can repeat.
+type XFCCElement map[string][]string
+
+// ParseXFCC splits an x-forwarded-client-cert value into its elements (separated by commas) of
+// key=value pairs (separated by semicolons); a double-quoted value may hold either separator.
+func ParseXFCC(v string) ([]XFCCElement, error) {
+	var out []XFCCElement
+	if v == "" {
+		return nil, nil
+	}
+	for _, elem := range splitQuoted(v, ',') {
+		e := XFCCElement{}
+		for _, pair := range splitQuoted(elem, ';') {
+			k, val, ok := strings.Cut(pair, "=")
+			if !ok || k == "" {
+				return nil, fmt.Errorf("XFCC %q: %q is not key=value", v, pair)
+			}
+			if len(val) >= 2 && val[0] == '"' && val[len(val)-1] == '"' {
+				val = strings.ReplaceAll(val[1:len(val)-1], `\"`, `"`)
+			}
+			e[k] = append(e[k], val)
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// splitQuoted splits s at sep outside double quotes (a backslash escapes a quote).
+func splitQuoted(s string, sep byte) []string {
+	var parts []string
+	quoted, start := false, 0
+	for i := 0; i < len(s); i++ {
+		switch {
+		case s[i] == '\\' && quoted:
+			i++
+		case s[i] == '"':
+			quoted = !quoted
+		case s[i] == sep && !quoted:
+			parts = append(parts, strings.TrimSpace(s[start:i]))
+			start = i + 1
+		}
+	}
+	return append(parts, strings.TrimSpace(s[start:]))
 }

@@ -3,13 +3,16 @@ package meshtest
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -191,6 +194,7 @@ type meshConn struct {
 	net.Conn
 	caller, sni, serial string
 	alpn                []string
+	peer                *x509.Certificate // the caller's leaf
 	onClose             func()
 	closeOnce           sync.Once
 }
@@ -270,7 +274,7 @@ func (s *Sidecar) handle(raw net.Conn) bool {
 	s.handshakes.Add(1)
 	st := tc.ConnectionState()
 	leaf := st.PeerCertificates[0]
-	mc.Conn, mc.caller, mc.serial = tc, SPIFFEID(leaf), leaf.SerialNumber.Text(16)
+	mc.Conn, mc.caller, mc.serial, mc.peer = tc, SPIFFEID(leaf), leaf.SerialNumber.Text(16), leaf
 	mc.onClose = func() {
 		s.mu.Lock()
 		delete(s.conns, raw)
@@ -325,6 +329,13 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.served.Add(1)
 	_, _ = io.Copy(io.Discard, r.Body)
+	// What an Istio sidecar's inbound connection manager does (APPEND_FORWARD, with subject, URI
+	// and DNS): the application sees the caller's XFCC, if any, then the sidecar's own entry.
+	xfcc := XFCCEntry(s.opts.SPIFFEID, mc.peer)
+	if prior := r.Header.Values(XFCCHeader); len(prior) > 0 {
+		xfcc = strings.Join(prior, ",") + "," + xfcc
+	}
+	r.Header.Set(XFCCHeader, xfcc)
 	// ?delay=DURATION holds the answer, for requests that must be in flight during a drain.
 	if d, err := time.ParseDuration(r.URL.Query().Get("delay")); err == nil && d > 0 {
 		select {
@@ -334,7 +345,42 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path)
+	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path, headerReport(r.Header))
+}
+
+// XFCCHeader is the header Envoy passes client certificate details in.
+const XFCCHeader = "X-Forwarded-Client-Cert"
+
+// XFCCEntry is the x-forwarded-client-cert element an Istio sidecar (Envoy with
+// forward_client_cert_details APPEND_FORWARD and set_current_client_cert_details subject, uri,
+// dns) adds for a caller: By= its own SPIFFE ID, Hash= the SHA-256 of the caller's leaf (DER, hex),
+// Subject= the caller's subject (quoted, empty for Istio certificates), URI= each caller URI SAN
+// (URI= when none), DNS= each caller DNS SAN.
+func XFCCEntry(by string, caller *x509.Certificate) string {
+	sum := sha256.Sum256(caller.Raw)
+	parts := []string{"By=" + by, "Hash=" + hex.EncodeToString(sum[:]), `Subject="` + caller.Subject.String() + `"`}
+	if len(caller.URIs) == 0 {
+		parts = append(parts, "URI=")
+	}
+	for _, u := range caller.URIs {
+		parts = append(parts, "URI="+u.String())
+	}
+	for _, d := range caller.DNSNames {
+		parts = append(parts, "DNS="+d)
+	}
+	return strings.Join(parts, ";")
+}
+
+// headerReport is the report fields that tell what headers the application received: its XFCC,
+// x-request-id and x-envoy-external-address (query-escaped), and every header name.
+func headerReport(h http.Header) string {
+	names := make([]string, 0, len(h))
+	for k := range h {
+		names = append(names, strings.ToLower(k))
+	}
+	slices.Sort(names)
+	return fmt.Sprintf("xfcc=%s requestid=%s external=%s headers=%s", url.QueryEscape(strings.Join(h.Values(XFCCHeader), ",")),
+		url.QueryEscape(h.Get("X-Request-Id")), url.QueryEscape(h.Get("X-Envoy-External-Address")), strings.Join(names, ","))
 }
 
 // chanListener hands already-terminated connections to an http.Server.

@@ -188,9 +188,10 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
 		res.Routes = append(res.Routes, &route.RouteConfiguration{
-			Name:             RouteName(hp.port),
-			VirtualHosts:     hp.hosts,
-			ValidateClusters: wrapperspb.Bool(false),
+			Name:                RouteName(hp.port),
+			VirtualHosts:        hp.hosts,
+			ValidateClusters:    wrapperspb.Bool(false),
+			InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
 		})
 		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, opts))
 	}
@@ -408,6 +409,22 @@ func cidrRanges(cidrs []string) []*core.CidrRange {
 	return out
 }
 
+// InternalOnlyHeaders are removed from every request a client sends, besides the x-envoy-*
+// headers Envoy itself cleans: Istio's metadata exchange headers, with which a caller tells the
+// sidecar which workload it is (for telemetry), so a VM cannot pose as another workload.
+var InternalOnlyHeaders = []string{"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"}
+
+// noInternalAddresses makes Envoy deem no client internal. Legacy VMs are on private addresses,
+// and Envoy trusts those (RFC 1918 and 127.0.0.1) when internal_address_config is unset (before
+// Envoy 1.33) or has no cidr_ranges (still in 1.40). So the list names only the unspecified
+// addresses, which no TCP peer can have.
+func noInternalAddresses() *hcm.HttpConnectionManager_InternalAddressConfig {
+	return &hcm.HttpConnectionManager_InternalAddressConfig{CidrRanges: []*core.CidrRange{
+		{AddressPrefix: "0.0.0.0", PrefixLen: wrapperspb.UInt32(32)},
+		{AddressPrefix: "::", PrefixLen: wrapperspb.UInt32(128)},
+	}}
+}
+
 func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, port)
 	var httpFilters []*hcm.HttpFilter
@@ -432,14 +449,23 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 			ConfigSource: ADSConfigSource(), RouteConfigName: RouteName(port),
 		}},
 		HttpFilters: httpFilters,
-		// The client's address goes to the service in X-Forwarded-For; what the client sent there
-		// is not trusted.
+		// The client's address goes to the service in X-Forwarded-For (appended: the last entry
+		// is the one to trust) and X-Envoy-External-Address; what the client sent is not trusted.
 		UseRemoteAddress: wrapperspb.Bool(true),
 		// The service's own Server header reaches the VM; Envoy's local replies carry none.
 		ServerHeaderTransformation: hcm.HttpConnectionManager_PASS_THROUGH,
 		// Legacy clients still speak HTTP/1.0 (Envoy answers 426 by default); upstream it is 1.1.
 		HttpProtocolOptions: &core.Http1ProtocolOptions{AcceptHttp_10: true},
-		AccessLog:           accessLogs(opts.AccessLog),
+		// No client is internal, so every request is an edge request: Envoy removes the x-envoy-*
+		// control headers (retries, timeouts, original path...) and the route configuration's
+		// internal_only_headers, and replaces x-request-id.
+		InternalAddressConfig: noInternalAddresses(),
+		GenerateRequestId:     wrapperspb.Bool(true),
+		// SANITIZE is Envoy's default, spelled out: a client's x-forwarded-client-cert never
+		// goes on, or the sidecar would append its entry for fwdproxy after one the VM wrote.
+		ForwardClientCertDetails:  hcm.HttpConnectionManager_SANITIZE,
+		PreserveExternalRequestId: false,
+		AccessLog:                 accessLogs(opts.AccessLog),
 	}
 	return &listener.Listener{
 		Name:    name,

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -227,6 +228,57 @@ func TestIstioWireConventions(t *testing.T) {
 		for _, d := range []string{"productpage.example.internal", "productpage.bookinfo.svc.cluster.local:9080", "reviews-v2.example.internal:9080"} {
 			if !strings.Contains(joined, d) {
 				t.Errorf("route 9080 lacks domain %s", d)
+			}
+		}
+	}
+}
+
+// Every HTTP listener treats every client as external, so that nothing a VM sends can claim a
+// mesh identity or steer the proxy: Envoy then drops its XFCC and x-envoy-* control headers and
+// replaces its x-request-id.
+func TestHTTPListenersTrustNoClientHeader(t *testing.T) {
+	cat, opts := loadGolden(t, "testdata/in/bookinfo.yaml")
+	res, err := Translate(cat, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range res.Listeners {
+		m := &hcm.HttpConnectionManager{}
+		if l.FilterChains[0].Filters[len(l.FilterChains[0].Filters)-1].GetTypedConfig().UnmarshalTo(m) != nil {
+			continue // a TCP proxy
+		}
+		n++
+		if m.ForwardClientCertDetails != hcm.HttpConnectionManager_SANITIZE {
+			t.Errorf("%s: forward_client_cert_details %v, want SANITIZE", l.Name, m.ForwardClientCertDetails)
+		}
+		if !m.GetUseRemoteAddress().GetValue() || m.XffNumTrustedHops != 0 || m.SkipXffAppend || len(m.OriginalIpDetectionExtensions) > 0 {
+			t.Errorf("%s: the client's address is not the one trusted (use_remote_address %v, xff_num_trusted_hops %d, skip_xff_append %v)",
+				l.Name, m.GetUseRemoteAddress(), m.XffNumTrustedHops, m.SkipXffAppend)
+		}
+		if !m.GetGenerateRequestId().GetValue() || m.PreserveExternalRequestId {
+			t.Errorf("%s: a client's x-request-id is kept", l.Name)
+		}
+		// An explicit list, never an empty one: Envoy 1.40 deems RFC 1918 and 127.0.0.1 internal
+		// when internal_address_config has no cidr_ranges.
+		iac := m.GetInternalAddressConfig()
+		if iac == nil || len(iac.CidrRanges) == 0 || iac.UnixSockets {
+			t.Fatalf("%s: internal_address_config %v, want cidr_ranges that match no client", l.Name, iac)
+		}
+		for _, c := range iac.CidrRanges {
+			pfx := netip.PrefixFrom(netip.MustParseAddr(c.AddressPrefix), int(c.GetPrefixLen().GetValue()))
+			if !pfx.Addr().IsUnspecified() || pfx.Bits() != pfx.Addr().BitLen() {
+				t.Errorf("%s: internal CIDR %s could match a client", l.Name, pfx)
+			}
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d HTTP listeners, want 2", n)
+	}
+	for _, r := range res.Routes {
+		for _, h := range []string{"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"} {
+			if !slices.Contains(r.InternalOnlyHeaders, h) {
+				t.Errorf("route %s: internal_only_headers %v lacks %s", r.Name, r.InternalOnlyHeaders, h)
 			}
 		}
 	}

@@ -54,7 +54,8 @@ func TestHTTPByHostAndAlias(t *testing.T) {
 	if !slices.Equal(h.alpn, controlplane.ALPNHTTP11) {
 		t.Errorf("ALPN offered %q, want %q", h.alpn, controlplane.ALPNHTTP11)
 	}
-	// The client's X-Forwarded-For is kept and the peer appended; hop-by-hop headers dropped.
+	// The client's X-Forwarded-For is kept and the peer appended, comma-separated without a space
+	// as Envoy writes it; hop-by-hop headers dropped.
 	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/post", port), strings.NewReader("payload"))
 	req.Host = "reviews.example.com"
 	req.Header.Set("X-Forwarded-For", "10.1.2.3")
@@ -70,7 +71,7 @@ func TestHTTPByHostAndAlias(t *testing.T) {
 	if got := resp.Header.Get("X-Seen-Private"); got != "" {
 		t.Errorf("a header named in Connection was forwarded: %q", got)
 	}
-	if got := resp.Header.Get("X-Seen-Xff"); got != "10.1.2.3, 127.0.0.1" {
+	if got := resp.Header.Get("X-Seen-Xff"); got != "10.1.2.3,127.0.0.1" {
 		t.Errorf("X-Forwarded-For %q", got)
 	}
 	// The other service on the same port has its own cluster (and identity, which this mesh

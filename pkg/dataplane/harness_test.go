@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -207,6 +208,32 @@ type meshServer struct {
 	clients []*x509.Certificate
 	accepts atomic.Int64
 	srv     *http.Server
+	// requests are the HTTP requests received, in order.
+	requests []seenRequest
+}
+
+// seenRequest is what the service behind the mesh server received.
+type seenRequest struct {
+	path   string
+	header http.Header
+}
+
+// received returns the HTTP requests the mesh server received so far.
+func (m *meshServer) received() []seenRequest {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.requests)
+}
+
+// hits counts the requests for path.
+func (m *meshServer) hits(path string) int {
+	n := 0
+	for _, r := range m.received() {
+		if r.path == path {
+			n++
+		}
+	}
+	return n
 }
 
 type hello struct {
@@ -322,6 +349,9 @@ func (l *handshakeListener) Accept() (net.Conn, error) {
 
 func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 	st := r.Context().Value(tlsStateKey{}).(tls.ConnectionState)
+	m.mu.Lock()
+	m.requests = append(m.requests, seenRequest{path: r.URL.Path, header: r.Header.Clone()})
+	m.mu.Unlock()
 	if r.URL.Path == "/fail" {
 		w.WriteHeader(http.StatusInternalServerError)
 		return

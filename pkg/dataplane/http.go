@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
@@ -60,6 +59,14 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if table == nil {
 		table = l.dp.routeTable(hc.routeName)
 	}
+	// Like Envoy's connection manager, settle what the client may tell the service before
+	// routing, so the access log and every reply see the same request (headers.go).
+	peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
+	var internalOnly []string
+	if table != nil {
+		internalOnly = table.internalOnly
+	}
+	hc.headers.sanitize(r.Header, peer, internalOnly)
 	var vh *virtualHost
 	var re *routeEntry
 	if table != nil {
@@ -88,7 +95,6 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				eng = nil
 			}
 		}
-		peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
 		if !eng.allowed(peer) {
 			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
 			info.flags = "RBAC"
@@ -120,24 +126,11 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = info.cluster.name // the endpoint is chosen in RoundTrip
 			pr.Out.Host = pr.In.Host
-			// Rewrite starts from a request without X-Forwarded-*: put back what the client
-			// sent and, with use_remote_address, append the peer's address.
-			prior := pr.In.Header.Values("X-Forwarded-For")
-			xff := strings.Join(prior, ", ")
-			if info.cfg.useRemoteAddress {
-				if ip, _, err := net.SplitHostPort(pr.In.RemoteAddr); err == nil {
-					if xff != "" {
-						xff += ", "
-					}
-					xff += ip
+			// Rewrite starts without these; the request's own, settled in ServeHTTP, go upstream.
+			for _, k := range goStripped {
+				if v := pr.In.Header.Values(k); len(v) > 0 {
+					pr.Out.Header[k] = v
 				}
-			}
-			if xff != "" {
-				pr.Out.Header.Set("X-Forwarded-For", xff)
-			}
-			pr.Out.Header.Set("X-Forwarded-Proto", "http")
-			if pr.Out.Header.Get("X-Request-Id") == "" {
-				pr.Out.Header.Set("X-Request-Id", requestID())
 			}
 		},
 		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {

@@ -97,9 +97,9 @@ type tcpConfig struct {
 }
 
 type httpConfig struct {
-	routeName        string      // RDS route configuration, or
-	inline           *routeTable // an inline one
-	useRemoteAddress bool
+	routeName string      // RDS route configuration, or
+	inline    *routeTable // an inline one
+	headers   requestHeaders
 	// rbac is the HTTP RBAC filter (its name and default rules); nil when the chain has none.
 	rbac        *httpRBAC
 	logs        []*accessLogger
@@ -269,10 +269,14 @@ func (dp *DataPlane) parseTCPProxy(t *tcpproxy.TcpProxy, field string) (*tcpConf
 
 func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*httpConfig, error) {
 	c := &httpConfig{
-		useRemoteAddress: h.GetUseRemoteAddress().GetValue(),
-		idleTimeout:      duration(h.GetCommonHttpProtocolOptions().GetIdleTimeout(), time.Hour),
-		codec:            h.GetCodecType(),
+		idleTimeout: duration(h.GetCommonHttpProtocolOptions().GetIdleTimeout(), time.Hour),
+		codec:       h.GetCodecType(),
 	}
+	rh, err := parseRequestHeaders(h, field)
+	if err != nil {
+		return nil, err
+	}
+	c.headers = rh
 	switch h.GetCodecType() {
 	case hcm.HttpConnectionManager_AUTO, hcm.HttpConnectionManager_HTTP1, hcm.HttpConnectionManager_HTTP2:
 	default:
@@ -295,9 +299,6 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 		c.inline = rt
 	default:
 		return nil, fmt.Errorf("%s: route_specifier must be rds or route_config (scoped routes are not supported)", field)
-	}
-	if h.GetXffNumTrustedHops() != 0 {
-		return nil, fmt.Errorf("%s.xff_num_trusted_hops: not supported; the direct peer address is used", field)
 	}
 	if len(h.GetUpgradeConfigs()) > 0 {
 		// Upgrades (WebSocket) are proxied on HTTP/1.1 upstreams regardless; accept the list.
@@ -427,6 +428,8 @@ type routeTable struct {
 	suffix, prefix []wildcard
 	any            *virtualHost
 	proto          *route.RouteConfiguration
+	// internalOnly are removed from requests that are not internal (canonical names).
+	internalOnly []string
 }
 
 type wildcard struct {
@@ -518,6 +521,11 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 	if len(rc.GetRequestHeadersToAdd()) > 0 || len(rc.GetResponseHeadersToAdd()) > 0 || len(rc.GetRequestHeadersToRemove()) > 0 || len(rc.GetResponseHeadersToRemove()) > 0 {
 		return nil, fail("header manipulation is not supported by the built-in data plane")
 	}
+	internalOnly, err := parseInternalOnly(rc.GetInternalOnlyHeaders(), "internal_only_headers")
+	if err != nil {
+		return nil, fail("%v", err)
+	}
+	t.internalOnly = internalOnly
 	seen := map[string]string{}
 	for i, v := range rc.GetVirtualHosts() {
 		vf := fmt.Sprintf("virtual_hosts[%d] (%s)", i, v.GetName())

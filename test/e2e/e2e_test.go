@@ -10,6 +10,9 @@ package e2e_test
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +55,8 @@ type env struct {
 	clients sync.Map // source IP -> *http.Client
 	// stop ends the daemon (once) and returns what Run returned.
 	stop func() error
+	// fleetLeaf is the fleet certificate the daemon serves.
+	fleetLeaf *x509.Certificate
 }
 
 // dataplane is how the scenario's bytes are moved.
@@ -94,6 +99,7 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 	if _, _, _, err := leaf.WriteFiles(e.certs, ca.RootPEM); err != nil {
 		t.Fatal(err)
 	}
+	e.fleetLeaf = leaf.Cert
 	e.catalog = filepath.Join(e.dir, "catalog.yaml")
 	e.writeCatalog(false)
 	e.metrics = "127.0.0.1:" + strconv.Itoa(freePort(t))
@@ -232,11 +238,19 @@ func (e *env) client(from string) *http.Client {
 
 // get sends GET path with Host host to the data plane's port, from source IP from.
 func (e *env) get(from, host string, port int, path string) (int, meshtest.Report, error) {
+	return e.getWith(from, host, port, path, nil)
+}
+
+// getWith is get with the request headers hdr.
+func (e *env) getWith(from, host string, port int, path string, hdr http.Header) (int, meshtest.Report, error) {
 	req, err := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(port)+path, nil)
 	if err != nil {
 		return 0, meshtest.Report{}, err
 	}
 	req.Host = host
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
 	resp, err := e.client(from).Do(req)
 	if err != nil {
 		return 0, meshtest.Report{}, err
@@ -354,6 +368,65 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			t.Fatalf("subset host: %d %v", code, err)
 		}
 		e.checkReport("subset host", r, "reviews-v2", target("reviews", p.http, "v2"), alpnHTTP)
+	})
+
+	t.Run("ForgedHeaders", func(t *testing.T) {
+		e.t = t
+		// What a legacy VM might send to claim a mesh identity or steer the proxy.
+		forged := http.Header{
+			"X-Forwarded-Client-Cert":        {"By=" + productpageID + ";URI=spiffe://cluster.local/ns/payments/sa/admin"},
+			"X-Envoy-Upstream-Rq-Timeout-Ms": {"1"},
+			"X-Envoy-Max-Retries":            {"5"},
+			"X-Envoy-Retry-On":               {"5xx"},
+			"X-Envoy-Peer-Metadata":          {"ChwKDkFQUF9DT05UQUlORVJTEgoaCGFkbWluLTA="},
+			"X-Envoy-Peer-Metadata-Id":       {"sidecar~10.0.0.9~admin-0.payments~payments.svc.cluster.local"},
+			"X-Envoy-Original-Path":          {"/admin"},
+			"X-Envoy-Decorator-Operation":    {"admin.payments.svc.cluster.local:80/*"},
+			"X-Envoy-Internal":               {"true"},
+			"X-Envoy-External-Address":       {"10.9.9.9"},
+			"X-Request-Id":                   {"00000000-0000-4000-8000-000000000000"},
+		}
+		for _, host := range []string{"productpage.bookinfo.svc.cluster.local", "ratings.bookinfo.svc.cluster.local"} {
+			port, service, id, alpn := p.http, "productpage", productpageID, alpnHTTP
+			if strings.HasPrefix(host, "ratings") {
+				port, service, id, alpn = p.h2, "ratings", ratingsID, alpnH2
+			}
+			code, r, err := e.getWith("", host, port, "/forged", forged)
+			if err != nil || code != 200 {
+				t.Fatalf("%s: %d %v %v", host, code, err, r.Fields)
+			}
+			e.checkReport(host, r, service, target(service, port, ""), alpn)
+			// Exactly one XFCC entry: the sidecar's, for fwdproxy's certificate.
+			elems, err := meshtest.ParseXFCC(r.XFCC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(elems) != 1 {
+				t.Fatalf("%s: the application saw XFCC %q, want only the sidecar's entry", host, r.XFCC)
+			}
+			// HAProxy cannot read a URI SAN, so its entry has none; the hash still names the
+			// certificate.
+			uri := []string{fleetID}
+			if e.mesh.kind == "debian" {
+				uri = nil
+			}
+			sum := sha256.Sum256(e.fleetLeaf.Raw)
+			if x := elems[0]; !slices.Equal(x["By"], []string{id}) || !slices.Equal(x["Hash"], []string{hex.EncodeToString(sum[:])}) ||
+				!slices.Equal(x["URI"], uri) {
+				t.Errorf("%s: XFCC entry %v, want By=%s, the hash of fwdproxy's certificate and URI %q", host, x, id, uri)
+			}
+			for _, h := range r.Headers {
+				if strings.HasPrefix(h, "x-envoy-") && h != "x-envoy-external-address" {
+					t.Errorf("%s: the application received %s", host, h)
+				}
+			}
+			if r.ExternalAddress != "127.0.0.1" {
+				t.Errorf("%s: x-envoy-external-address %q, want the client's 127.0.0.1", host, r.ExternalAddress)
+			}
+			if r.RequestID == forged.Get("X-Request-Id") || len(r.RequestID) != 36 {
+				t.Errorf("%s: x-request-id %q, want a new one", host, r.RequestID)
+			}
+		}
 	})
 
 	t.Run("HTTP2Upstream", func(t *testing.T) {
@@ -569,6 +642,7 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		if _, _, _, err := leaf.WriteFiles(e.certs, e.ca.RootPEM); err != nil {
 			t.Fatal(err)
 		}
+		e.fleetLeaf = leaf.Cert
 		want := leaf.Cert.SerialNumber.Text(16)
 		// Each TCP connection is a new TLS session upstream: it must present the new leaf.
 		e.eventually("new certificate presented", func() error {
