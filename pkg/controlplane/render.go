@@ -17,6 +17,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -293,6 +294,25 @@ func containsEndpoint(list []*endpoint.LbEndpoint, e *endpoint.LbEndpoint) bool 
 		}
 	}
 	return false
+}
+
+// StaticSecretFiles are the contents of the SDS files StaticBootstrap's config reads from its
+// SDSDir, by file name (default.json, ROOTCA.json): each a DiscoveryResponse holding one of
+// StaticSecrets, which reference the PEM files by path.
+func StaticSecretFiles(certChain, privateKey, roots string) (map[string][]byte, error) {
+	out := map[string][]byte{}
+	for name, secret := range StaticSecrets(certChain, privateKey, roots) {
+		a, err := anypb.New(secret)
+		if err != nil {
+			return nil, err
+		}
+		doc, err := MarshalJSON(&discoverypb.DiscoveryResponse{Resources: []*anypb.Any{a}})
+		if err != nil {
+			return nil, err
+		}
+		out[name+".json"] = doc
+	}
+	return out, nil
 }
 
 // StaticSecrets are the file-based SDS documents for a static config: each references the PEM
