@@ -45,6 +45,7 @@ identity:
 		{"bad xds address", base + "xds: {address: localhost}\n", `xds.address: "localhost" is not host:port`},
 		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},
 		{"envoy without binary", base + "dataplane: envoy\n", "envoy.binary: required with dataplane: envoy"},
+		{"envoy admin host name", base + "envoy: {adminAddress: \"localhost:15000\"}\n", `envoy.adminAddress: "localhost:15000": Envoy needs an IP address there`},
 		{"bad listen", base + "listen: {address: any}\n", `listen.address: "any" is not an IP address`},
 	}
 	for _, tc := range cases {

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,6 +71,11 @@ func safeFileName(s string) string {
 func (c *Config) dataplaneProblems(p *problems) {
 	if err := checkHostPort(c.Envoy.AdminAddress); err != nil {
 		p.Addf("envoy.adminAddress", "%v", err)
+	} else if host, _, _ := net.SplitHostPort(c.Envoy.AdminAddress); host != "" {
+		// Envoy binds its admin address without resolving names.
+		if _, err := netip.ParseAddr(host); err != nil {
+			p.Addf("envoy.adminAddress", "%q: Envoy needs an IP address there, such as 127.0.0.1:15000", c.Envoy.AdminAddress)
+		}
 	}
 	switch c.Dataplane {
 	case "builtin", "none":

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -112,9 +113,9 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 	if err != nil {
 		return nil, fmt.Errorf("xds address: %w", err)
 	}
-	admin, err := hostPort(o.AdminAddress)
+	admin, err := adminAddress(o.AdminAddress)
 	if err != nil {
-		return nil, fmt.Errorf("envoy admin address: %w", err)
+		return nil, err
 	}
 	h2 := mustAny(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{
 		ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
@@ -137,7 +138,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 		},
 		StaticResources: &bootstrap.Bootstrap_StaticResources{Clusters: []*cluster.Cluster{{
 			Name:                          XDSClusterName,
-			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
+			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: xdsClusterType(xdsAddr)},
 			ConnectTimeout:                durationpb.New(time.Second),
 			TypedExtensionProtocolOptions: map[string]*anypb.Any{HTTPProtocolOptionsKey: h2},
 			LoadAssignment: &endpoint.ClusterLoadAssignment{
@@ -156,6 +157,28 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 type hp struct {
 	host string
 	port uint32
+}
+
+// xdsClusterType is STATIC for an IP address; a host name (e.g. localhost, which the daemon's
+// xds.address may be) Envoy resolves itself, since a STATIC cluster takes only IP addresses.
+func xdsClusterType(a hp) cluster.Cluster_DiscoveryType {
+	if _, err := netip.ParseAddr(a.host); err == nil {
+		return cluster.Cluster_STATIC
+	}
+	return cluster.Cluster_STRICT_DNS
+}
+
+// adminAddress is Envoy's admin host:port, which Envoy binds without resolving names: the host
+// must be an IP address (empty means 127.0.0.1).
+func adminAddress(s string) (hp, error) {
+	a, err := hostPort(s)
+	if err != nil {
+		return hp{}, fmt.Errorf("envoy admin address: %w", err)
+	}
+	if _, err := netip.ParseAddr(a.host); err != nil {
+		return hp{}, fmt.Errorf("envoy admin address %q: Envoy needs an IP address there, not a host name", s)
+	}
+	return a, nil
 }
 
 func hostPort(s string) (hp, error) {
@@ -198,9 +221,9 @@ type StaticOptions struct {
 // their listeners, clusters resolving the gateways by DNS, and secrets read from SDS files so the
 // key never appears in the config and rotates by replacing files.
 func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string) (*bootstrap.Bootstrap, error) {
-	admin, err := hostPort(o.AdminAddress)
+	admin, err := adminAddress(o.AdminAddress)
 	if err != nil {
-		return nil, fmt.Errorf("envoy admin address: %w", err)
+		return nil, err
 	}
 	routes := map[string]*route.RouteConfiguration{}
 	for _, r := range res.Routes {
