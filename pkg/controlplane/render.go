@@ -14,8 +14,10 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	overload "github.com/envoyproxy/go-control-plane/envoy/config/overload/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	downstreamconns "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -146,12 +148,29 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{lbEndpoint(xdsAddr)}}},
 			},
 		}}},
-		Admin: &bootstrap.Admin{Address: xdsSocket(admin)},
+		Admin:           &bootstrap.Admin{Address: xdsSocket(admin)},
+		OverloadManager: overloadManager(),
 	}
 	if err := ValidateDeep(b); err != nil {
 		return nil, fmt.Errorf("bootstrap: %w", err)
 	}
 	return b, nil
+}
+
+// MaxDownstreamConnections bounds the connections Envoy accepts from clients at once. Each can
+// hold an upstream connection too, so the bound stays under half the machine image's file limit
+// (LimitNOFILE=1048576): past it Envoy refuses new client connections rather than run out of
+// descriptors for its xDS stream, upstreams and admin. Envoy warns at startup without a bound.
+const MaxDownstreamConnections = 500000
+
+// overloadManager is Envoy's global downstream connection limit.
+func overloadManager() *overload.OverloadManager {
+	return &overload.OverloadManager{ResourceMonitors: []*overload.ResourceMonitor{{
+		Name: "envoy.resource_monitors.global_downstream_max_connections",
+		ConfigType: &overload.ResourceMonitor_TypedConfig{TypedConfig: mustAny(&downstreamconns.DownstreamConnectionsConfig{
+			MaxActiveDownstreamConnections: MaxDownstreamConnections,
+		})},
+	}}}
 }
 
 type hp struct {
@@ -303,6 +322,7 @@ func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string
 		Node:            &core.Node{Id: nodeID, Cluster: nodeCluster},
 		StaticResources: static,
 		Admin:           &bootstrap.Admin{Address: xdsSocket(admin)},
+		OverloadManager: overloadManager(),
 	}
 	if err := ValidateDeep(b); err != nil {
 		return nil, fmt.Errorf("static config: %w", err)
