@@ -187,6 +187,7 @@ func adsEquivalent(t testing.TB, res *Resources, secrets []*tlsv3.Secret) *boots
 		Node:            &core.Node{Id: "envoy-validate", Cluster: "fwdproxy"},
 		StaticResources: static,
 		Admin:           &bootstrap.Admin{Address: socketAddress("127.0.0.1", 15000)},
+		OverloadManager: overloadManager(),
 	}
 	if err := ValidateDeep(b); err != nil {
 		t.Fatal(err)
