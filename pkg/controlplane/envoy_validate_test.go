@@ -35,7 +35,7 @@ import (
 //     only the delivery changed (RDS -> inline route_config, EDS -> the served load assignment
 //     on a STATIC cluster, SDS over ADS -> static secrets by name).
 
-const validateTimeout = 5 * time.Minute
+const validateTimeout = 10 * time.Minute
 
 // writeJSON writes m as Envoy proto-JSON to dir/name and returns the path.
 func writeJSON(t testing.TB, dir, name string, m proto.Message) string {
