@@ -273,9 +273,9 @@ func (e *envoyInstance) scrape() (metrics, error) {
 	return parseExposition(string(body))
 }
 
-// traffic sends what makes every statistic the dashboards use appear: HTTP requests through the
-// mesh (200), one to the service whose sidecar has the wrong identity (SAN check fails: 503), a
-// TCP connection, and one to a port nothing listens on.
+// traffic sends what makes the statistics the dashboards and alerts read move: three HTTP
+// requests that reach reviews (200), one to each service whose upstream mTLS fails (503), and a
+// TCP connection to mysql.
 func (e *envoyInstance) traffic(t *testing.T) {
 	t.Helper()
 	client := &http.Client{Timeout: 10 * time.Second}
@@ -312,9 +312,9 @@ func (e *envoyInstance) traffic(t *testing.T) {
 	}
 }
 
-// TestEnvoyStatsListenerServesOnlyStats runs the stats listener for real: it serves Envoy's Prometheus stats and
-// nothing else of the admin API, and Envoy accepts and uses everything the daemon serves over
-// ADS without a warning (deprecated fields are logged at warning level).
+// TestEnvoyStatsListenerServesOnlyStats runs the stats listener for real: it serves Envoy's
+// Prometheus stats and nothing else of the admin API, and Envoy accepts and uses everything the
+// daemon serves over ADS without a warning (deprecated fields are logged at warning level).
 func TestEnvoyStatsListenerServesOnlyStats(t *testing.T) {
 	e := startEnvoyInstance(t)
 	e.traffic(t)
