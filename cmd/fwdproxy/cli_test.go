@@ -190,3 +190,46 @@ func TestUnknownCommand(t *testing.T) {
 		t.Fatalf("err=%v stderr=%s", err, stderr)
 	}
 }
+
+// TestEnvoyAcceptsCLIOutput hands what `fwdproxy bootstrap` and `fwdproxy render --static
+// --write-sds` print to Envoy (`envoy --mode validate`), with a gateway given by DNS name for
+// Envoy to resolve: Envoy must accept both without a warning. The stats listener the machine
+// image merges in is checked in deploy/deploytest; every translation case in pkg/controlplane.
+func TestEnvoyAcceptsCLIOutput(t *testing.T) {
+	cfg := cliConfig(t)
+	body, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := strings.Replace(string(body), "{name: eastwest-b, address: 10.30.0.10, port: 15444}", "{name: eastwest-b, address: eastwest.mesh.example.internal, port: 15444}", 1)
+	if named == string(body) {
+		t.Fatal("config has no eastwest-b gateway to rename")
+	}
+	if err := os.WriteFile(cfg, []byte(named), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	out, stderr, err := run(t, "bootstrap", "--config", cfg)
+	if err != nil {
+		t.Fatalf("bootstrap: %v\n%s", err, stderr)
+	}
+	bootstrapPath := filepath.Join(dir, "bootstrap.json")
+	os.WriteFile(bootstrapPath, []byte(out), 0o644)
+	if _, err := meshtest.EnvoyValidate(bootstrapPath, 2*time.Minute); err != nil {
+		t.Error(err)
+	}
+
+	sds := filepath.Join(dir, "sds")
+	out, stderr, err = run(t, "render", "--static", "--write-sds", "--sds-dir", sds, "--config", cfg)
+	if err != nil {
+		t.Fatalf("render --static: %v\n%s", err, stderr)
+	}
+	if !strings.Contains(out, "eastwest.mesh.example.internal") {
+		t.Fatal("the static config does not resolve the named gateway itself")
+	}
+	staticPath := filepath.Join(dir, "static.json")
+	os.WriteFile(staticPath, []byte(out), 0o644)
+	if _, err := meshtest.EnvoyValidate(staticPath, 2*time.Minute); err != nil {
+		t.Error(err)
+	}
+}

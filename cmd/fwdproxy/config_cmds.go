@@ -14,9 +14,7 @@ import (
 	"path/filepath"
 	"syscall"
 
-	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
@@ -168,16 +166,12 @@ func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
-		for name, secret := range controlplane.StaticSecrets(abs(f.CertChain), abs(f.PrivateKey), abs(f.Roots)) {
-			a, err := anypb.New(secret)
-			if err != nil {
-				return err
-			}
-			doc, err := controlplane.MarshalJSON(&discoverypb.DiscoveryResponse{Resources: []*anypb.Any{a}})
-			if err != nil {
-				return err
-			}
-			if err := writeFileAtomic(filepath.Join(dir, name+".json"), doc, 0o644); err != nil {
+		files, err := controlplane.StaticSecretFiles(abs(f.CertChain), abs(f.PrivateKey), abs(f.Roots))
+		if err != nil {
+			return err
+		}
+		for name, doc := range files {
+			if err := writeFileAtomic(filepath.Join(dir, name), doc, 0o644); err != nil {
 				return err
 			}
 		}

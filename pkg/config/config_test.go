@@ -46,6 +46,7 @@ identity:
 		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},
 		{"envoy without binary", base + "dataplane: envoy\n", "envoy.binary: required with dataplane: envoy"},
 		{"envoy admin off loopback", base + "envoy: {binary: envoy, adminAddress: 0.0.0.0:15000}\n", `c.yaml:7: envoy.adminAddress: "0.0.0.0:15000" is not a loopback address`},
+		{"envoy admin host name", base + "envoy: {adminAddress: \"localhost:15000\"}\n", `envoy.adminAddress: "localhost:15000": Envoy needs an IP address there`},
 		{"bad listen", base + "listen: {address: any}\n", `listen.address: "any" is not an IP address`},
 	}
 	for _, tc := range cases {

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,6 +71,9 @@ func safeFileName(s string) string {
 func (c *Config) dataplaneProblems(p *problems) {
 	if err := checkHostPort(c.Envoy.AdminAddress); err != nil {
 		p.Addf("envoy.adminAddress", "%v", err)
+	} else if host, _, _ := net.SplitHostPort(c.Envoy.AdminAddress); host != "" && !isIP(host) {
+		// Envoy binds its admin address without resolving names.
+		p.Addf("envoy.adminAddress", "%q: Envoy needs an IP address there, such as 127.0.0.1:15000", c.Envoy.AdminAddress)
 	} else if !isLoopbackAddr(c.Envoy.AdminAddress) {
 		// Envoy's admin has no authentication and can stop Envoy, drain it or dump its config.
 		p.Addf("envoy.adminAddress", "%q is not a loopback address; Envoy's admin API is unauthenticated, keep it on 127.0.0.1 (e.g. 127.0.0.1:15000)", c.Envoy.AdminAddress)
@@ -95,4 +100,9 @@ func (c *Config) dataplaneProblems(p *problems) {
 			p.Addf(fieldf("envoy.args[%d]", i), "%q is set by the daemon; use envoy.bootstrapPath or envoy.drainTime instead", a)
 		}
 	}
+}
+
+func isIP(host string) bool {
+	_, err := netip.ParseAddr(host)
+	return err == nil
 }

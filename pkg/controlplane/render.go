@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -13,10 +14,13 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	overload "github.com/envoyproxy/go-control-plane/envoy/config/overload/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	downstreamconns "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	discoverypb "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -111,9 +115,9 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 	if err != nil {
 		return nil, fmt.Errorf("xds address: %w", err)
 	}
-	admin, err := hostPort(o.AdminAddress)
+	admin, err := adminAddress(o.AdminAddress)
 	if err != nil {
-		return nil, fmt.Errorf("envoy admin address: %w", err)
+		return nil, err
 	}
 	h2 := mustAny(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{
 		ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
@@ -136,7 +140,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 		},
 		StaticResources: &bootstrap.Bootstrap_StaticResources{Clusters: []*cluster.Cluster{{
 			Name:                          XDSClusterName,
-			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
+			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: xdsClusterType(xdsAddr)},
 			ConnectTimeout:                durationpb.New(time.Second),
 			TypedExtensionProtocolOptions: map[string]*anypb.Any{HTTPProtocolOptionsKey: h2},
 			LoadAssignment: &endpoint.ClusterLoadAssignment{
@@ -144,7 +148,8 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{lbEndpoint(xdsAddr)}}},
 			},
 		}}},
-		Admin: &bootstrap.Admin{Address: xdsSocket(admin)},
+		Admin:           &bootstrap.Admin{Address: xdsSocket(admin)},
+		OverloadManager: overloadManager(),
 	}
 	if err := ValidateDeep(b); err != nil {
 		return nil, fmt.Errorf("bootstrap: %w", err)
@@ -152,9 +157,47 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 	return b, nil
 }
 
+// MaxDownstreamConnections bounds the connections Envoy accepts from clients at once. Each can
+// hold an upstream connection too, so the bound stays under half the machine image's file limit
+// (LimitNOFILE=1048576): past it Envoy refuses new client connections rather than run out of
+// descriptors for its xDS stream, upstreams and admin. Envoy warns at startup without a bound.
+const MaxDownstreamConnections = 500000
+
+// overloadManager is Envoy's global downstream connection limit.
+func overloadManager() *overload.OverloadManager {
+	return &overload.OverloadManager{ResourceMonitors: []*overload.ResourceMonitor{{
+		Name: "envoy.resource_monitors.global_downstream_max_connections",
+		ConfigType: &overload.ResourceMonitor_TypedConfig{TypedConfig: mustAny(&downstreamconns.DownstreamConnectionsConfig{
+			MaxActiveDownstreamConnections: MaxDownstreamConnections,
+		})},
+	}}}
+}
+
 type hp struct {
 	host string
 	port uint32
+}
+
+// xdsClusterType is STATIC for an IP address; a host name (e.g. localhost, which the daemon's
+// xds.address may be) Envoy resolves itself, since a STATIC cluster takes only IP addresses.
+func xdsClusterType(a hp) cluster.Cluster_DiscoveryType {
+	if _, err := netip.ParseAddr(a.host); err == nil {
+		return cluster.Cluster_STATIC
+	}
+	return cluster.Cluster_STRICT_DNS
+}
+
+// adminAddress is Envoy's admin host:port, which Envoy binds without resolving names: the host
+// must be an IP address (empty means 127.0.0.1).
+func adminAddress(s string) (hp, error) {
+	a, err := hostPort(s)
+	if err != nil {
+		return hp{}, fmt.Errorf("envoy admin address: %w", err)
+	}
+	if _, err := netip.ParseAddr(a.host); err != nil {
+		return hp{}, fmt.Errorf("envoy admin address %q: Envoy needs an IP address there, not a host name", s)
+	}
+	return a, nil
 }
 
 func hostPort(s string) (hp, error) {
@@ -197,9 +240,9 @@ type StaticOptions struct {
 // their listeners, clusters resolving the gateways by DNS, and secrets read from SDS files so the
 // key never appears in the config and rotates by replacing files.
 func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string) (*bootstrap.Bootstrap, error) {
-	admin, err := hostPort(o.AdminAddress)
+	admin, err := adminAddress(o.AdminAddress)
 	if err != nil {
-		return nil, fmt.Errorf("envoy admin address: %w", err)
+		return nil, err
 	}
 	routes := map[string]*route.RouteConfiguration{}
 	for _, r := range res.Routes {
@@ -279,6 +322,7 @@ func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string
 		Node:            &core.Node{Id: nodeID, Cluster: nodeCluster},
 		StaticResources: static,
 		Admin:           &bootstrap.Admin{Address: xdsSocket(admin)},
+		OverloadManager: overloadManager(),
 	}
 	if err := ValidateDeep(b); err != nil {
 		return nil, fmt.Errorf("static config: %w", err)
@@ -293,6 +337,25 @@ func containsEndpoint(list []*endpoint.LbEndpoint, e *endpoint.LbEndpoint) bool 
 		}
 	}
 	return false
+}
+
+// StaticSecretFiles are the contents of the SDS files StaticBootstrap's config reads from its
+// SDSDir, by file name (default.json, ROOTCA.json): each a DiscoveryResponse holding one of
+// StaticSecrets, which reference the PEM files by path.
+func StaticSecretFiles(certChain, privateKey, roots string) (map[string][]byte, error) {
+	out := map[string][]byte{}
+	for name, secret := range StaticSecrets(certChain, privateKey, roots) {
+		a, err := anypb.New(secret)
+		if err != nil {
+			return nil, err
+		}
+		doc, err := MarshalJSON(&discoverypb.DiscoveryResponse{Resources: []*anypb.Any{a}})
+		if err != nil {
+			return nil, err
+		}
+		out[name+".json"] = doc
+	}
+	return out, nil
 }
 
 // StaticSecrets are the file-based SDS documents for a static config: each references the PEM

