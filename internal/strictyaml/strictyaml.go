@@ -21,17 +21,22 @@ type Doc struct {
 	root *yaml.Node
 }
 
-// Decode parses data into out. Unknown fields, type mismatches and syntax errors are returned as
-// errors prefixed with the file name and line. An empty document decodes to out's zero value.
+// ErrEmpty is wrapped by Decode's error for a file that holds no YAML document, or only a null
+// one: empty, only comments, a lone "---", "~". Callers add what to write instead, since an empty
+// file is more often a file caught half-written or truncated than a deliberate choice.
+var ErrEmpty = errors.New("the file holds no YAML document (it is empty, only comments, or null)")
+
+// Decode parses data, which must hold exactly one YAML document, into out. Unknown fields, type
+// mismatches and syntax errors are returned as errors prefixed with the file name and line. A
+// second document is an error (a decoder would silently ignore it), and so is a file with no
+// document or a null one (ErrEmpty).
 func Decode(file string, data []byte, out any) (*Doc, error) {
 	doc := &Doc{File: file}
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
+	root, err := oneDocument(file, data)
+	if err != nil {
+		return nil, err
 	}
-	if len(root.Content) > 0 {
-		doc.root = root.Content[0]
-	}
+	doc.root = root
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(out); err != nil && !errors.Is(err, io.EOF) {
@@ -46,6 +51,39 @@ func Decode(file string, data []byte, out any) (*Doc, error) {
 		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
 	}
 	return doc, nil
+}
+
+// oneDocument returns the content of data's only document, refusing a second one and an empty or
+// null one. It reads at most two documents.
+func oneDocument(file string, data []byte) (*yaml.Node, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var first, second yaml.Node
+	if err := dec.Decode(&first); errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%s: %w", file, ErrEmpty)
+	} else if err != nil {
+		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
+	}
+	switch err := dec.Decode(&second); {
+	case err == nil:
+		// The document node's line is its "---" marker.
+		return nil, fmt.Errorf("%s:%d: a second YAML document starts here (\"---\"); this file holds exactly one document, and one after the first would be ignored: merge it into the first or move it to a file of its own", file, second.Line)
+	case !errors.Is(err, io.EOF):
+		return nil, fmt.Errorf("%s:%s", file, cleanYAMLError(err.Error()))
+	}
+	if len(first.Content) == 0 || first.Content[0].Kind == yaml.ScalarNode && first.Content[0].ShortTag() == "!!null" {
+		return nil, fmt.Errorf("%s: %w", file, ErrEmpty)
+	}
+	return first.Content[0], nil
+}
+
+// Field reports whether the mapping key at path (e.g. "services") is present, whether its value
+// is null ("services:" with nothing after it, or "~"), and its line.
+func (d *Doc) Field(path string) (present, null bool, line int) {
+	n := d.node(path)
+	if n == nil {
+		return false, false, 0
+	}
+	return true, n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null", n.Line
 }
 
 var (
@@ -75,8 +113,21 @@ var pathToken = regexp.MustCompile(`([^.\[\]]+)|\[(\d+)\]`)
 // Line returns the line of the node at a field path such as "services[2].ports[0].number", or of
 // its deepest existing ancestor; 0 when unknown.
 func (d *Doc) Line(path string) int {
+	_, line := d.walk(path)
+	return line
+}
+
+// node returns the node at path, or nil when it does not exist.
+func (d *Doc) node(path string) *yaml.Node {
+	n, _ := d.walk(path)
+	return n
+}
+
+// walk follows path from the root: the node there (nil if missing) and the line of the deepest
+// node found on the way.
+func (d *Doc) walk(path string) (*yaml.Node, int) {
 	if d == nil || d.root == nil {
-		return 0
+		return nil, 0
 	}
 	n := d.root
 	line := n.Line
@@ -97,11 +148,11 @@ func (d *Doc) Line(path string) int {
 			}
 		}
 		if next == nil {
-			break
+			return nil, line
 		}
 		n, line = next, next.Line
 	}
-	return line
+	return n, line
 }
 
 // Problem is one validation failure: the field path and what to do about it.

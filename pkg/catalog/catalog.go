@@ -4,7 +4,7 @@
 package catalog
 
 import (
-	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -86,16 +86,24 @@ func Load(path string, opts Options) (*Catalog, error) {
 
 // Parse parses a catalog document; errors name the file, line and field.
 //
-// An empty document is an error, not an empty catalog: a file caught half-written (or truncated by
-// mistake) must not withdraw every service. To serve none, write "services: []".
+// Empty means empty on purpose: a file with no document (blank, only comments, a lone "---"),
+// without a services key, or with a null one ("services:" and nothing after it) is an error, not
+// an empty catalog, since a file caught half-written or truncated by mistake must not withdraw
+// every service. To serve none, write "services: []". A second YAML document is an error too.
 func Parse(file string, data []byte, opts Options) (*Catalog, error) {
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, fmt.Errorf("%s: the catalog is empty; to serve no services write \"services: []\"", file)
-	}
 	var c Catalog
 	doc, err := strictyaml.Decode(file, data, &c)
+	if errors.Is(err, strictyaml.ErrEmpty) {
+		return nil, fmt.Errorf("%s: the catalog is empty (no YAML document: the file is blank, only comments or null); list the services, or to serve none deliberately write \"services: []\"", file)
+	}
 	if err != nil {
 		return nil, err
+	}
+	switch present, null, line := doc.Field("services"); {
+	case !present:
+		return nil, fmt.Errorf("%s:%d: no services key; a catalog is services: [{host, ports, identities}, ...], or to serve none deliberately write \"services: []\"", file, doc.Line(""))
+	case null:
+		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
 	// Validate before normalizing so field paths match the file's own order.
 	if err := c.Problems(opts).In(doc); err != nil {

@@ -156,11 +156,41 @@ services:
 }
 
 func TestEmptyFileIsNotAnEmptyCatalog(t *testing.T) {
-	if _, err := Parse("c.yaml", []byte(" \n"), Options{}); err == nil || !strings.Contains(err.Error(), `write "services: []"`) {
-		t.Fatalf("err = %v", err)
+	// A file caught half-written, truncated, or holding only comments must not withdraw every
+	// service: each is an error that names the file and says how to serve none on purpose.
+	cases := []struct{ name, doc, want string }{
+		{"blank", " \n", `c.yaml: the catalog is empty`},
+		{"only a comment", "# services moved to the fleet store\n", `c.yaml: the catalog is empty`},
+		{"only a marker", "---\n", `c.yaml: the catalog is empty`},
+		{"null document", "~\n", `c.yaml: the catalog is empty`},
+		{"no services key", "{}\n", `c.yaml:1: no services key`},
+		{"null services", "# the list\nservices:\n", `c.yaml:2: services is null`},
+		{"null services, tilde", "services: ~\n", `c.yaml:1: services is null`},
+		{"second document", goodCatalog + "---\n" + goodCatalog, `c.yaml:5: a second YAML document starts here`},
+		{"empty first document", "---\n---\n" + goodCatalog, `c.yaml:2: a second YAML document starts here`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.doc), Options{})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+			if !strings.Contains(tc.name, "document") && !strings.Contains(err.Error(), `write "services: []"`) {
+				t.Errorf("the error does not say how to serve none deliberately: %v", err)
+			}
+		})
 	}
 	c, err := Parse("c.yaml", []byte("services: []\n"), Options{})
 	if err != nil || len(c.Services) != 0 {
 		t.Fatalf("explicitly empty catalog: %v", err)
 	}
+	if c, err := Parse("c.yaml", []byte("---\n"+goodCatalog+"...\n"), Options{}); err != nil || len(c.Services) != 1 {
+		t.Fatalf("one document with explicit markers: %v", err)
+	}
 }
+
+const goodCatalog = `services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -140,6 +141,9 @@ func Load(path string) (*Config, error) {
 func Parse(file string, data []byte) (*Config, error) {
 	var c Config
 	doc, err := strictyaml.Decode(file, data, &c)
+	if errors.Is(err, strictyaml.ErrEmpty) {
+		return nil, fmt.Errorf("%s: the config file is empty (no YAML document: the file is blank, only comments or null); it needs at least gateways and identity, see examples/config.yaml", file)
+	}
 	if err != nil {
 		return nil, err
 	}

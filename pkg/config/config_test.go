@@ -58,6 +58,28 @@ identity:
 	}
 }
 
+func TestEmptyOrSeveralDocuments(t *testing.T) {
+	base := `gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+`
+	cases := []struct{ name, doc, want string }{
+		{"empty", "", "c.yaml: the config file is empty"},
+		{"only comments", "# TODO\n", "c.yaml: the config file is empty"},
+		{"null", "---\n~\n", "c.yaml: the config file is empty"},
+		{"second document", base + "---\nxds: {address: 127.0.0.1:18001}\n", "c.yaml:5: a second YAML document starts here"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
 func TestMissingFile(t *testing.T) {
 	_, err := Load(os.DevNull + "/nope.yaml")
 	if err == nil || !strings.Contains(err.Error(), "read config") {
