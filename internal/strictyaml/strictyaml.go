@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -37,6 +39,13 @@ func Decode(file string, data []byte, out any) (*Doc, error) {
 		return nil, err
 	}
 	doc.root = root
+	// yaml truncates a float into an integer field (80.5 becomes port 80) and says nothing of the
+	// field when a string is given instead: check the integer fields first.
+	var p Problems
+	checkIntegers(root, reflect.TypeOf(out), "", &p)
+	if err := p.In(doc); err != nil {
+		return nil, err
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(out); err != nil && !errors.Is(err, io.EOF) {
@@ -74,6 +83,110 @@ func oneDocument(file string, data []byte) (*yaml.Node, error) {
 		return nil, fmt.Errorf("%s: %w", file, ErrEmpty)
 	}
 	return first.Content[0], nil
+}
+
+var (
+	durationType    = reflect.TypeOf(time.Duration(0))
+	unmarshalerType = reflect.TypeOf((*yaml.Unmarshaler)(nil)).Elem()
+)
+
+// checkIntegers walks n alongside the Go type t and records a problem for every integer field
+// whose value is not a YAML integer (a float such as 80.5 or 80.0, a quoted "80", a word). Null
+// values are left to validation (a required field), anything else that does not fit t to the
+// decoder's own errors.
+func checkIntegers(n *yaml.Node, t reflect.Type, path string, p *Problems) {
+	for n != nil && n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if n == nil || t == nil || t == durationType || reflect.PointerTo(t).Implements(unmarshalerType) {
+		return
+	}
+	join := func(key string) string {
+		if path == "" {
+			return key
+		}
+		return path + "." + key
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		if n.Kind != yaml.ScalarNode {
+			return
+		}
+		switch n.ShortTag() {
+		case "!!int", "!!null":
+		case "!!str":
+			if _, err := strconv.ParseInt(strings.TrimSpace(n.Value), 10, 64); err == nil {
+				p.Addf(path, "%q is a string; the field wants an integer: write %s without quotes", n.Value, strings.TrimSpace(n.Value))
+			} else {
+				p.Addf(path, "%q is not an integer; the field wants a whole number, e.g. 8080", n.Value)
+			}
+		default:
+			p.Addf(path, "%s is not an integer; the field wants a whole number, e.g. 8080", n.Value)
+		}
+	case reflect.Struct:
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := n.Content[i].Value
+			if f, ok := yamlField(t, key); ok {
+				checkIntegers(n.Content[i+1], f.Type, join(key), p)
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		if n.Kind != yaml.SequenceNode {
+			return
+		}
+		for i, item := range n.Content {
+			checkIntegers(item, t.Elem(), fmt.Sprintf("%s[%d]", path, i), p)
+		}
+	case reflect.Map:
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			checkIntegers(n.Content[i+1], t.Elem(), join(n.Content[i].Value), p)
+		}
+	}
+}
+
+// yamlField finds the struct field that the mapping key decodes into, as the yaml package names
+// fields: the yaml tag's name, else the lower-cased field name; inlined structs are searched too.
+func yamlField(t reflect.Type, key string) (reflect.StructField, bool) {
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		tag := f.Tag.Get("yaml")
+		name, opts, _ := strings.Cut(tag, ",")
+		if name == "-" {
+			continue
+		}
+		if strings.Contains(","+opts+",", ",inline,") {
+			ft := f.Type
+			for ft.Kind() == reflect.Pointer {
+				ft = ft.Elem()
+			}
+			if ft.Kind() == reflect.Struct {
+				if inner, ok := yamlField(ft, key); ok {
+					return inner, true
+				}
+			}
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		if name == key {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
 }
 
 // Field reports whether the mapping key at path (e.g. "services") is present, whether its value

@@ -48,3 +48,26 @@ func TestNoDocumentIsEmpty(t *testing.T) {
 		}
 	}
 }
+
+func TestIntegerFieldsWantIntegers(t *testing.T) {
+	cases := []struct{ name, doc, want string }{
+		{"float", "port: 80.5\n", `f.yaml:1: port: 80.5 is not an integer; the field wants a whole number, e.g. 8080`},
+		{"whole float", "ports: [{number: 80.0}]\n", `f.yaml:1: ports[0].number: 80.0 is not an integer`},
+		{"quoted", "ports:\n  - name: a\n    number: \"80\"\n", `f.yaml:3: ports[0].number: "80" is a string; the field wants an integer: write 80 without quotes`},
+		{"word", "count: many\n", `f.yaml:1: count: "many" is not an integer`},
+		{"map value", "named:\n  a: {number: 1e3}\n", `f.yaml:2: named.a.number: 1e3 is not an integer`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var out testDoc
+			_, err := Decode("f.yaml", []byte(tc.doc), &out)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
+	}
+	var out testDoc
+	if _, err := Decode("f.yaml", []byte("port: 0x50\nports: [{number: 1_000}]\ncount: ~\n"), &out); err != nil || out.Port != 80 || out.Ports[0].Number != 1000 {
+		t.Fatalf("YAML integers rejected: %v, %+v", err, out)
+	}
+}

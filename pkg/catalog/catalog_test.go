@@ -124,6 +124,20 @@ services:
     subsets: [{name: v1, hosts: [v1.a.example.com]}]
 `, []string{`services[0].subsets[0]: subsets are selected by Host and need an http, http2 or grpc port`}},
 		{"yaml syntax", "services: [\n", []string{"c.yaml:1: did not find expected node content"}},
+		{"fractional port", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80.5, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`, []string{"c.yaml:4: services[0].ports[0].number: 80.5 is not an integer; the field wants a whole number"}},
+		{"quoted port", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports:
+      - protocol: http
+        number: "80"
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`, []string{`c.yaml:6: services[0].ports[0].number: "80" is a string; the field wants an integer: write 80 without quotes`}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -37,6 +37,8 @@ identity:
 	cases := []struct{ name, doc, want string }{
 		{"no gateways", strings.Replace(base, "gateways: [{name: gw, address: 10.0.0.1}]", "", 1), "gateways: at least one east-west gateway is required"},
 		{"bad gateway address", strings.Replace(base, "10.0.0.1", "not_a host", 1), `c.yaml:3: gateways[0].address: "not_a host" is neither an IP address nor a DNS name`},
+		{"fractional gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 15443.5}", 1), "c.yaml:3: gateways[0].port: 15443.5 is not an integer"},
+		{"quoted outlier count", base + "upstream: {outlierDetection: {consecutiveErrors: \"5\"}}\n", `c.yaml:7: upstream.outlierDetection.consecutiveErrors: "5" is a string; the field wants an integer`},
 		{"bad gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 70000}", 1), "gateways[0].port: 70000 is not a valid port"},
 		{"trust domain mismatch", strings.Replace(base, "spiffe://cluster.local/ns", "spiffe://other.org/ns", 1), `identity.spiffeID: trust domain "other.org" differs from mesh.trustDomain "cluster.local"`},
 		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
