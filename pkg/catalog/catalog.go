@@ -263,12 +263,19 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 			}
 		}
 		for j, cidr := range s.AllowedClients {
-			if _, err := netip.ParsePrefix(cidr); err != nil {
+			cf := fmt.Sprintf("%s.allowedClients[%d]", f, j)
+			pfx, err := netip.ParsePrefix(cidr)
+			switch {
+			case err != nil:
 				hint := ""
 				if a, err2 := netip.ParseAddr(cidr); err2 == nil {
 					hint = fmt.Sprintf("; for one address write %s/%d", cidr, a.BitLen())
 				}
-				p.Addf(fmt.Sprintf("%s.allowedClients[%d]", f, j), "%q is not a CIDR such as 10.0.0.0/8%s", cidr, hint)
+				p.Addf(cf, "%q is not a CIDR such as 10.0.0.0/8%s", cidr, hint)
+			case pfx != pfx.Masked():
+				// 10.0.0.5/8 is most likely a typo for a network or for one address; guessing
+				// either would allow clients the operator did not mean to (or refuse ones they did).
+				p.Addf(cf, "%q has host bits set; did you mean %s? (for the one address write %s/%d)", cidr, pfx.Masked(), pfx.Addr(), pfx.Addr().BitLen())
 			}
 		}
 		for j, g := range s.Gateways {

@@ -104,6 +104,13 @@ services:
     identities: [spiffe://cluster.local/ns/ns/sa/a]
     allowedClients: [10.0.0.1, 10.0.0.0/33]
 `, []string{`allowedClients[0]: "10.0.0.1" is not a CIDR such as 10.0.0.0/8; for one address write 10.0.0.1/32`, `allowedClients[1]: "10.0.0.0/33"`}},
+		{"cidr with host bits", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+    allowedClients: [10.0.0.0/8, 10.0.0.5/8, "fd00::1/64"]
+`, []string{`c.yaml:6: services[0].allowedClients[1]: "10.0.0.5/8" has host bits set; did you mean 10.0.0.0/8? (for the one address write 10.0.0.5/32)`, `services[0].allowedClients[2]: "fd00::1/64" has host bits set; did you mean fd00::/64?`}},
 		{"unknown gateway", `
 services:
   - host: a.ns.svc.cluster.local
