@@ -184,6 +184,44 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	}
 }
 
+// TestValidateRefusesUnsafeInput: what would otherwise fail only at run time, or serve something
+// other than what was written, is refused by validate with the file, the field and the fix.
+func TestValidateRefusesUnsafeInput(t *testing.T) {
+	cases := []struct {
+		name    string
+		catalog string
+		want    string
+	}{
+		{"the daemon's own port", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 18000, protocol: tcp}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+`, "catalog.yaml:3: services[0].ports[0].number: port 18000 is the daemon's own xds.address (127.0.0.1:18000)"},
+		{"a fractional port", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 80.5, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+`, "catalog.yaml:3: services[0].ports[0].number: 80.5 is not an integer"},
+		{"host bits", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+    allowedClients: [10.0.0.5/8]
+`, "did you mean 10.0.0.0/8?"},
+		{"only a comment", "# empty for now\n", `the catalog is empty`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := cliConfig(t)
+			os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644)
+			_, stderr, err := run(t, "validate", "--config", cfg)
+			if err == nil || !strings.Contains(stderr, tc.want) {
+				t.Fatalf("validate: err=%v, stderr lacks %q:\n%s", err, tc.want, stderr)
+			}
+		})
+	}
+}
+
 func TestUnknownCommand(t *testing.T) {
 	_, stderr, err := run(t, "frobnicate")
 	if err == nil || !strings.Contains(stderr, `unknown command "frobnicate"`) || !strings.Contains(stderr, "render") {

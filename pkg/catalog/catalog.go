@@ -73,6 +73,17 @@ type Subset struct {
 type Options struct {
 	// Gateways are the names of the configured east-west gateways; nil skips the check.
 	Gateways []string
+	// Reserved are the ports the daemon itself listens on where the service listeners would
+	// collide with them (config.Config.ReservedPorts); nil skips the check.
+	Reserved []ReservedPort
+}
+
+// ReservedPort is a port the daemon listens on itself: Field is the config field that sets it
+// (metrics.address), Address its value.
+type ReservedPort struct {
+	Port    uint32
+	Field   string
+	Address string
 }
 
 // Load reads, parses, normalizes and validates a catalog file.
@@ -206,6 +217,11 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 				continue
 			}
 			seen[port.Number] = true
+			if i := slices.IndexFunc(opts.Reserved, func(r ReservedPort) bool { return r.Port == port.Number }); i >= 0 {
+				r := opts.Reserved[i]
+				p.Addf(pf+".number", "port %d is the daemon's own %s (%s), which the service's listener would collide with; give the service another port or move %s", port.Number, r.Field, r.Address, r.Field)
+				continue
+			}
 			proto := Protocol(strings.ToLower(string(port.Protocol)))
 			switch proto {
 			case HTTP, HTTP2, GRPC, TCP:

@@ -161,6 +161,24 @@ services:
 	}
 }
 
+func TestDaemonPortsAreReserved(t *testing.T) {
+	doc := `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 8080, protocol: http}, {number: 9102, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`
+	opts := Options{Reserved: []ReservedPort{{Port: 9102, Field: "metrics.address", Address: ":9102"}}}
+	_, err := Parse("c.yaml", []byte(doc), opts)
+	want := `c.yaml:4: services[0].ports[1].number: port 9102 is the daemon's own metrics.address (:9102), which the service's listener would collide with; give the service another port or move metrics.address`
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+	if _, err := Parse("c.yaml", []byte(doc), Options{}); err != nil {
+		t.Fatalf("without reserved ports: %v", err)
+	}
+}
+
 func TestHTTPPortsMayBeShared(t *testing.T) {
 	doc := `
 services:

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -77,6 +78,41 @@ identity:
 			_, err := Parse("c.yaml", []byte(tc.doc))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestReservedPorts(t *testing.T) {
+	base := `gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+`
+	cases := []struct {
+		name, extra string
+		want        []string // "port field", sorted by port
+	}{
+		{"defaults on 0.0.0.0", "", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
+		{"gossip and envoy admin", "peers: {bind: 0.0.0.0:7946, allowUnencrypted: true}\ndataplane: envoy\nenvoy: {binary: envoy}\n",
+			[]string{"7946 peers.bind", "9102 metrics.address", "9180 admin.address", "15000 envoy.adminAddress", "18000 xds.address"}},
+		{"envoy admin unused by the built-in data plane", "envoy: {adminAddress: 127.0.0.1:15001}\ndataplane: builtin\n", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
+		{"listeners on another address", "listen: {address: 10.0.0.5}\n", []string{"9102 metrics.address"}},
+		{"same address", "listen: {address: 10.0.0.5}\nmetrics: {address: 127.0.0.1:9102}\nxds: {address: 10.0.0.5:18000}\n", []string{"18000 xds.address"}},
+		{"ephemeral ports", "metrics: {address: 127.0.0.1:0}\nxds: {address: 127.0.0.1:0}\nadmin: {address: 127.0.0.1:0}\n", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse("c.yaml", []byte(base+tc.extra))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, r := range c.CatalogOptions().Reserved {
+				got = append(got, fmt.Sprintf("%d %s", r.Port, r.Field))
+			}
+			if strings.Join(got, ", ") != strings.Join(tc.want, ", ") {
+				t.Fatalf("reserved %v, want %v", got, tc.want)
 			}
 		})
 	}

@@ -97,7 +97,7 @@ func (d *Daemon) catalogOptions(resolved []controlplane.Gateway) catalog.Options
 		}
 	}
 	slices.Sort(names)
-	return catalog.Options{Gateways: names}
+	return catalog.Options{Gateways: names, Reserved: d.cfg.ReservedPorts()}
 }
 
 // kubernetesSources are the configured Kubernetes clusters' discovery sources.
