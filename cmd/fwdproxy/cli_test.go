@@ -209,11 +209,16 @@ func TestValidateRefusesUnsafeInput(t *testing.T) {
     allowedClients: [10.0.0.5/8]
 `, "did you mean 10.0.0.0/8?"},
 		{"only a comment", "# empty for now\n", `the catalog is empty`},
+		{"a key others can read", "", `key.pem is mode 0644, readable by group or others; only the daemon may read the fleet's key: chmod 600 `},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := cliConfig(t)
-			os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644)
+			if tc.catalog != "" {
+				os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644)
+			} else if err := os.Chmod(filepath.Join(filepath.Dir(cfg), "key.pem"), 0o644); err != nil {
+				t.Fatal(err)
+			}
 			_, stderr, err := run(t, "validate", "--config", cfg)
 			if err == nil || !strings.Contains(stderr, tc.want) {
 				t.Fatalf("validate: err=%v, stderr lacks %q:\n%s", err, tc.want, stderr)
