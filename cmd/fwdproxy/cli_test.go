@@ -227,6 +227,22 @@ func TestValidateRefusesUnsafeInput(t *testing.T) {
 	}
 }
 
+// TestValidateSaysWhatIsLeftOut: a service whose gateways did not resolve offline is a warning
+// (they may resolve where the daemon runs); any other reason to leave one out fails validate.
+func TestValidateSaysWhatIsLeftOut(t *testing.T) {
+	var w strings.Builder
+	err := reportSkipped(&w, []controlplane.SkippedService{
+		{Host: "a.ns.svc.cluster.local", Reason: controlplane.SkipNoGatewayAddress, Detail: `none of its gateways ("b") has a known address yet`},
+	}, true)
+	if err != nil || w.String() != "warning: service a.ns.svc.cluster.local left out (no_gateway_address): none of its gateways (\"b\") has a known address yet\n" {
+		t.Fatalf("err %v, output %q", err, w.String())
+	}
+	err = reportSkipped(&w, []controlplane.SkippedService{{Host: "b.ns.svc.cluster.local", Reason: controlplane.SkipConflict, Detail: "TCP port 80 is already served by a.ns.svc.cluster.local"}}, true)
+	if err == nil || !strings.Contains(err.Error(), "service b.ns.svc.cluster.local would be left out of the configuration (conflict): TCP port 80") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
 func TestUnknownCommand(t *testing.T) {
 	_, stderr, err := run(t, "frobnicate")
 	if err == nil || !strings.Contains(stderr, `unknown command "frobnicate"`) || !strings.Contains(stderr, "render") {
