@@ -207,11 +207,11 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	if err != nil {
 		return d.setErr(fmt.Errorf("translate: %w", err))
 	}
-	d.recordSkipped(res.Skipped) // left out, and reported; the rest is served
 	snap, err := d.builder.Build(res, bundle)
 	if err != nil {
 		return d.setErr(fmt.Errorf("snapshot: %w", err))
 	}
+	d.recordSkipped(res.Skipped) // left out of what is served, and reported; the rest is served
 	if cur := d.XDS.Current(); cur != nil && cur.ConfigVersion == snap.ConfigVersion && cur.SecretsVersion == snap.SecretsVersion {
 		return d.setErr(nil)
 	}
