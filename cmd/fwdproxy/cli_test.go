@@ -184,6 +184,65 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	}
 }
 
+// TestValidateRefusesUnsafeInput: what would otherwise fail only at run time, or serve something
+// other than what was written, is refused by validate with the file, the field and the fix.
+func TestValidateRefusesUnsafeInput(t *testing.T) {
+	cases := []struct {
+		name    string
+		catalog string
+		want    string
+	}{
+		{"the daemon's own port", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 18000, protocol: tcp}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+`, "catalog.yaml:3: services[0].ports[0].number: port 18000 is the daemon's own xds.address (127.0.0.1:18000)"},
+		{"a fractional port", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 80.5, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+`, "catalog.yaml:3: services[0].ports[0].number: 80.5 is not an integer"},
+		{"host bits", `services:
+  - host: x.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/x]
+    allowedClients: [10.0.0.5/8]
+`, "did you mean 10.0.0.0/8?"},
+		{"only a comment", "# empty for now\n", `the catalog is empty`},
+		{"a key others can read", "", `key.pem is mode 0644, readable by group or others; only the daemon may read the fleet's key: chmod 600 `},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := cliConfig(t)
+			if tc.catalog != "" {
+				os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644)
+			} else if err := os.Chmod(filepath.Join(filepath.Dir(cfg), "key.pem"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, stderr, err := run(t, "validate", "--config", cfg)
+			if err == nil || !strings.Contains(stderr, tc.want) {
+				t.Fatalf("validate: err=%v, stderr lacks %q:\n%s", err, tc.want, stderr)
+			}
+		})
+	}
+}
+
+// TestValidateSaysWhatIsLeftOut: a service whose gateways did not resolve offline is a warning
+// (they may resolve where the daemon runs); any other reason to leave one out fails validate.
+func TestValidateSaysWhatIsLeftOut(t *testing.T) {
+	var w strings.Builder
+	err := reportSkipped(&w, []controlplane.SkippedService{
+		{Host: "a.ns.svc.cluster.local", Reason: controlplane.SkipNoGatewayAddress, Detail: `none of its gateways ("b") has a known address yet`},
+	}, true)
+	if err != nil || w.String() != "warning: service a.ns.svc.cluster.local left out (no_gateway_address): none of its gateways (\"b\") has a known address yet\n" {
+		t.Fatalf("err %v, output %q", err, w.String())
+	}
+	err = reportSkipped(&w, []controlplane.SkippedService{{Host: "b.ns.svc.cluster.local", Reason: controlplane.SkipConflict, Detail: "TCP port 80 is already served by a.ns.svc.cluster.local"}}, true)
+	if err == nil || !strings.Contains(err.Error(), "service b.ns.svc.cluster.local would be left out of the configuration (conflict): TCP port 80") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
 func TestUnknownCommand(t *testing.T) {
 	_, stderr, err := run(t, "frobnicate")
 	if err == nil || !strings.Contains(stderr, `unknown command "frobnicate"`) || !strings.Contains(stderr, "render") {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -90,11 +91,29 @@ func validateCmd(args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := reportSkipped(os.Stderr, res.Skipped, true); err != nil {
+		return err
+	}
 	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
 		return err
 	}
-	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services), len(res.Listeners), len(res.Clusters), id)
+	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services)-len(res.Skipped), len(res.Listeners), len(res.Clusters), id)
 	return nil
+}
+
+// reportSkipped says on w which services translation left out. Offline, a service whose gateways
+// did not resolve here is only a warning (they may resolve where the daemon runs); with strict,
+// any other reason is an error, since the daemon would leave the service out too.
+func reportSkipped(w io.Writer, skipped []controlplane.SkippedService, strict bool) error {
+	var errs []error
+	for _, s := range skipped {
+		if strict && s.Reason != controlplane.SkipNoGatewayAddress {
+			errs = append(errs, fmt.Errorf("service %s would be left out of the configuration (%s): %s", s.Host, s.Reason, s.Detail))
+			continue
+		}
+		fmt.Fprintf(w, "warning: service %s left out (%s): %s\n", s.Host, s.Reason, s.Detail)
+	}
+	return errors.Join(errs...)
 }
 
 func renderCmd(args []string) error {
@@ -121,6 +140,7 @@ func renderCmd(args []string) error {
 	if err != nil {
 		return err
 	}
+	_ = reportSkipped(os.Stderr, res.Skipped, false)
 	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
 		return err
 	}
@@ -149,6 +169,7 @@ func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
 	if err != nil {
 		return err
 	}
+	_ = reportSkipped(os.Stderr, res.Skipped, false)
 	dir, err := filepath.Abs(sdsDir)
 	if err != nil {
 		return err

@@ -23,7 +23,7 @@ import (
 func init() {
 	register("apply", "upsert the services of a catalog file into the fleet (-f FILE, or - for stdin)", applyCmd)
 	register("delete", "delete operator entries from the fleet by host: fwdproxy delete HOST...", deleteCmd)
-	register("status", "show this instance and the fleet: members, their configuration digests, convergence, identity expiry", statusCmd)
+	register("status", "show this instance and the fleet: members, their configuration digests, convergence, identity expiry, services left out", statusCmd)
 	register("keygen", "print a new random gossip key (a line for the peers.keyring file)", keygenCmd)
 }
 
@@ -208,6 +208,16 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 			when = "EXPIRED"
 		}
 		fmt.Fprintf(w, "identity:\t%s, expires %s (%s)\n", id.SPIFFEID, id.NotAfter.UTC().Format(time.RFC3339), when)
+	}
+	if n := len(st.Skipped); n > 0 {
+		noun := "services"
+		if n == 1 {
+			noun = "service"
+		}
+		fmt.Fprintf(w, "left out:\t%d %s not in the configuration; every other service is served\n", n, noun)
+		for _, s := range st.Skipped {
+			fmt.Fprintf(w, "\t%s (%s): %s\n", s.Host, s.Reason, s.Detail)
+		}
 	}
 	if st.Gossip {
 		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)

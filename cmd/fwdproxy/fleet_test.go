@@ -29,7 +29,8 @@ func TestFleetVerbs(t *testing.T) {
 			d, n := node.Digest()
 			return admin.Status{Node: "cli-node", Gossip: true, Leader: node.Leader(), Digest: d, Entries: n, Converged: node.Converged(),
 				Members: node.Members(), Ready: true, ReadyReason: "ready",
-				Identity: &admin.Identity{SPIFFEID: "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", NotAfter: time.Now().Add(48 * time.Hour)}}
+				Identity: &admin.Identity{SPIFFEID: "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", NotAfter: time.Now().Add(48 * time.Hour)},
+				Skipped:  []admin.SkippedService{{Host: "ratings.default.svc.cluster.local", Reason: "no_gateway_address", Detail: `none of its gateways ("eastwest-b") has a known address yet`}}}
 		},
 	}).Handler())
 	defer srv.Close()
@@ -66,6 +67,13 @@ func TestFleetVerbs(t *testing.T) {
 	if err != nil || !strings.Contains(out, "cli-node (member, runs discovery)") || !strings.Contains(out, "converged:  yes") ||
 		!strings.Contains(out, "digest "+d+", 1 entries") || !strings.Contains(out, "expires ") {
 		t.Fatalf("status: %v\n%s", err, out)
+	}
+	// The services this instance leaves out of its configuration, each with its reason.
+	for _, want := range []string{"left out:   1 service not in the configuration; every other service is served",
+		`ratings.default.svc.cluster.local (no_gateway_address): none of its gateways ("eastwest-b") has a known address yet`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
 	}
 	out, err = run(append([]string{"delete"}, append(common, "reviews.default.svc.cluster.local", "nope.default.svc.cluster.local")...)...)
 	if err == nil || !strings.Contains(out, "deleted reviews.default.svc.cluster.local") || !strings.Contains(out, "no operator entry for nope.default.svc.cluster.local") {

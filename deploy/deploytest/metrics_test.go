@@ -31,6 +31,7 @@ var daemonMetrics = []string{
 	"fwdproxy_catalog_services",
 	"fwdproxy_catalog_ports",
 	"fwdproxy_config_build_errors_total",
+	"fwdproxy_translation_services_skipped",
 	"fwdproxy_identity_expiry_timestamp_seconds",
 	"fwdproxy_identity_rotations_total",
 	"fwdproxy_identity_rotation_errors_total",

@@ -2,7 +2,8 @@
 // fwdproxy apply, delete and status. It listens on loopback by default; elsewhere it requires a
 // bearer token or client certificates (see config.Admin).
 //
-//	GET    /v1/status            this instance, the members and their digests, identity expiry
+//	GET    /v1/status            this instance, the members and their digests, identity expiry,
+//	                             the services left out of the configuration
 //	GET    /v1/services          the operator entries
 //	POST   /v1/services          upsert the services of a catalog document (YAML or JSON)
 //	DELETE /v1/services/{host}   delete an operator entry
@@ -50,6 +51,17 @@ type Status struct {
 	Ready         bool      `json:"ready"`
 	ReadyReason   string    `json:"readyReason"`
 	Identity      *Identity `json:"identity,omitempty"`
+	// Skipped are the services this instance leaves out of the configuration it serves, because
+	// translation cannot place them (every other service is served), sorted by host.
+	Skipped []SkippedService `json:"skipped,omitempty"`
+}
+
+// SkippedService is a service left out of the configuration: Reason is the reason label of
+// fwdproxy_translation_services_skipped (conflict, invalid, no_gateway_address).
+type SkippedService struct {
+	Host   string `json:"host"`
+	Reason string `json:"reason"`
+	Detail string `json:"detail"`
 }
 
 // Identity is the fleet certificate as this instance holds it (never the key).

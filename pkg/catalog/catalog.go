@@ -4,7 +4,7 @@
 package catalog
 
 import (
-	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -73,6 +73,17 @@ type Subset struct {
 type Options struct {
 	// Gateways are the names of the configured east-west gateways; nil skips the check.
 	Gateways []string
+	// Reserved are the ports the daemon itself listens on where the service listeners would
+	// collide with them (config.Config.ReservedPorts); nil skips the check.
+	Reserved []ReservedPort
+}
+
+// ReservedPort is a port the daemon listens on itself: Field is the config field that sets it
+// (metrics.address), Address its value.
+type ReservedPort struct {
+	Port    uint32
+	Field   string
+	Address string
 }
 
 // Load reads, parses, normalizes and validates a catalog file.
@@ -86,16 +97,24 @@ func Load(path string, opts Options) (*Catalog, error) {
 
 // Parse parses a catalog document; errors name the file, line and field.
 //
-// An empty document is an error, not an empty catalog: a file caught half-written (or truncated by
-// mistake) must not withdraw every service. To serve none, write "services: []".
+// Empty means empty on purpose: a file with no document (blank, only comments, a lone "---"),
+// without a services key, or with a null one ("services:" and nothing after it) is an error, not
+// an empty catalog, since a file caught half-written or truncated by mistake must not withdraw
+// every service. To serve none, write "services: []". A second YAML document is an error too.
 func Parse(file string, data []byte, opts Options) (*Catalog, error) {
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, fmt.Errorf("%s: the catalog is empty; to serve no services write \"services: []\"", file)
-	}
 	var c Catalog
 	doc, err := strictyaml.Decode(file, data, &c)
+	if errors.Is(err, strictyaml.ErrEmpty) {
+		return nil, fmt.Errorf("%s: the catalog is empty (no YAML document: the file is blank, only comments or null); list the services, or to serve none deliberately write \"services: []\"", file)
+	}
 	if err != nil {
 		return nil, err
+	}
+	switch present, null, line := doc.Field("services"); {
+	case !present:
+		return nil, fmt.Errorf("%s:%d: no services key; a catalog is services: [{host, ports, identities}, ...], or to serve none deliberately write \"services: []\"", file, doc.Line(""))
+	case null:
+		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
 	// Validate before normalizing so field paths match the file's own order.
 	if err := c.Problems(opts).In(doc); err != nil {
@@ -198,6 +217,11 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 				continue
 			}
 			seen[port.Number] = true
+			if i := slices.IndexFunc(opts.Reserved, func(r ReservedPort) bool { return r.Port == port.Number }); i >= 0 {
+				r := opts.Reserved[i]
+				p.Addf(pf+".number", "port %d is the daemon's own %s (%s), which the service's listener would collide with; give the service another port or move %s", port.Number, r.Field, r.Address, r.Field)
+				continue
+			}
 			proto := Protocol(strings.ToLower(string(port.Protocol)))
 			switch proto {
 			case HTTP, HTTP2, GRPC, TCP:
@@ -255,12 +279,19 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 			}
 		}
 		for j, cidr := range s.AllowedClients {
-			if _, err := netip.ParsePrefix(cidr); err != nil {
+			cf := fmt.Sprintf("%s.allowedClients[%d]", f, j)
+			pfx, err := netip.ParsePrefix(cidr)
+			switch {
+			case err != nil:
 				hint := ""
 				if a, err2 := netip.ParseAddr(cidr); err2 == nil {
 					hint = fmt.Sprintf("; for one address write %s/%d", cidr, a.BitLen())
 				}
-				p.Addf(fmt.Sprintf("%s.allowedClients[%d]", f, j), "%q is not a CIDR such as 10.0.0.0/8%s", cidr, hint)
+				p.Addf(cf, "%q is not a CIDR such as 10.0.0.0/8%s", cidr, hint)
+			case pfx != pfx.Masked():
+				// 10.0.0.5/8 is most likely a typo for a network or for one address; guessing
+				// either would allow clients the operator did not mean to (or refuse ones they did).
+				p.Addf(cf, "%q has host bits set; did you mean %s? (for the one address write %s/%d)", cidr, pfx.Masked(), pfx.Addr(), pfx.Addr().BitLen())
 			}
 		}
 		for j, g := range s.Gateways {

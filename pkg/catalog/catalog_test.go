@@ -104,6 +104,13 @@ services:
     identities: [spiffe://cluster.local/ns/ns/sa/a]
     allowedClients: [10.0.0.1, 10.0.0.0/33]
 `, []string{`allowedClients[0]: "10.0.0.1" is not a CIDR such as 10.0.0.0/8; for one address write 10.0.0.1/32`, `allowedClients[1]: "10.0.0.0/33"`}},
+		{"cidr with host bits", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+    allowedClients: [10.0.0.0/8, 10.0.0.5/8, "fd00::1/64"]
+`, []string{`c.yaml:6: services[0].allowedClients[1]: "10.0.0.5/8" has host bits set; did you mean 10.0.0.0/8? (for the one address write 10.0.0.5/32)`, `services[0].allowedClients[2]: "fd00::1/64" has host bits set; did you mean fd00::/64?`}},
 		{"unknown gateway", `
 services:
   - host: a.ns.svc.cluster.local
@@ -124,6 +131,20 @@ services:
     subsets: [{name: v1, hosts: [v1.a.example.com]}]
 `, []string{`services[0].subsets[0]: subsets are selected by Host and need an http, http2 or grpc port`}},
 		{"yaml syntax", "services: [\n", []string{"c.yaml:1: did not find expected node content"}},
+		{"fractional port", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80.5, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`, []string{"c.yaml:4: services[0].ports[0].number: 80.5 is not an integer; the field wants a whole number"}},
+		{"quoted port", `
+services:
+  - host: a.ns.svc.cluster.local
+    ports:
+      - protocol: http
+        number: "80"
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`, []string{`c.yaml:6: services[0].ports[0].number: "80" is a string; the field wants an integer: write 80 without quotes`}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -137,6 +158,24 @@ services:
 				}
 			}
 		})
+	}
+}
+
+func TestDaemonPortsAreReserved(t *testing.T) {
+	doc := `
+services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 8080, protocol: http}, {number: 9102, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`
+	opts := Options{Reserved: []ReservedPort{{Port: 9102, Field: "metrics.address", Address: ":9102"}}}
+	_, err := Parse("c.yaml", []byte(doc), opts)
+	want := `c.yaml:4: services[0].ports[1].number: port 9102 is the daemon's own metrics.address (:9102), which the service's listener would collide with; give the service another port or move metrics.address`
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+	if _, err := Parse("c.yaml", []byte(doc), Options{}); err != nil {
+		t.Fatalf("without reserved ports: %v", err)
 	}
 }
 
@@ -156,11 +195,41 @@ services:
 }
 
 func TestEmptyFileIsNotAnEmptyCatalog(t *testing.T) {
-	if _, err := Parse("c.yaml", []byte(" \n"), Options{}); err == nil || !strings.Contains(err.Error(), `write "services: []"`) {
-		t.Fatalf("err = %v", err)
+	// A file caught half-written, truncated, or holding only comments must not withdraw every
+	// service: each is an error that names the file and says how to serve none on purpose.
+	cases := []struct{ name, doc, want string }{
+		{"blank", " \n", `c.yaml: the catalog is empty`},
+		{"only a comment", "# services moved to the fleet store\n", `c.yaml: the catalog is empty`},
+		{"only a marker", "---\n", `c.yaml: the catalog is empty`},
+		{"null document", "~\n", `c.yaml: the catalog is empty`},
+		{"no services key", "{}\n", `c.yaml:1: no services key`},
+		{"null services", "# the list\nservices:\n", `c.yaml:2: services is null`},
+		{"null services, tilde", "services: ~\n", `c.yaml:1: services is null`},
+		{"second document", goodCatalog + "---\n" + goodCatalog, `c.yaml:5: a second YAML document starts here`},
+		{"empty first document", "---\n---\n" + goodCatalog, `c.yaml:2: a second YAML document starts here`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.doc), Options{})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+			if !strings.Contains(tc.name, "document") && !strings.Contains(err.Error(), `write "services: []"`) {
+				t.Errorf("the error does not say how to serve none deliberately: %v", err)
+			}
+		})
 	}
 	c, err := Parse("c.yaml", []byte("services: []\n"), Options{})
 	if err != nil || len(c.Services) != 0 {
 		t.Fatalf("explicitly empty catalog: %v", err)
 	}
+	if c, err := Parse("c.yaml", []byte("---\n"+goodCatalog+"...\n"), Options{}); err != nil || len(c.Services) != 1 {
+		t.Fatalf("one document with explicit markers: %v", err)
+	}
 }
+
+const goodCatalog = `services:
+  - host: a.ns.svc.cluster.local
+    ports: [{number: 80, protocol: http}]
+    identities: [spiffe://cluster.local/ns/ns/sa/a]
+`

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -140,6 +141,9 @@ func Load(path string) (*Config, error) {
 func Parse(file string, data []byte) (*Config, error) {
 	var c Config
 	doc, err := strictyaml.Decode(file, data, &c)
+	if errors.Is(err, strictyaml.ErrEmpty) {
+		return nil, fmt.Errorf("%s: the config file is empty (no YAML document: the file is blank, only comments or null); it needs at least gateways and identity, see examples/config.yaml", file)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -297,7 +301,61 @@ func (c *Config) GatewayNames() []string {
 
 // CatalogOptions is what catalog validation needs from the config.
 func (c *Config) CatalogOptions() catalog.Options {
-	return catalog.Options{Gateways: slices.Sorted(slices.Values(append(c.GatewayNames(), c.DiscoveredGatewayNames()...)))}
+	return catalog.Options{
+		Gateways: slices.Sorted(slices.Values(append(c.GatewayNames(), c.DiscoveredGatewayNames()...))),
+		Reserved: c.ReservedPorts(),
+	}
+}
+
+// ReservedPorts are the daemon's own listening ports that a service listener on listen.address
+// would collide with (the bind would fail, or take the port from the daemon): xds, metrics and
+// admin, the gossip port, and Envoy's admin when the daemon runs Envoy. Sorted by port; port 0
+// (any free port) reserves nothing.
+func (c *Config) ReservedPorts() []catalog.ReservedPort {
+	listen, err := netip.ParseAddr(c.Listen.Address)
+	if err != nil {
+		return nil // reported by Problems
+	}
+	own := []struct{ field, addr string }{
+		{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}, {"admin.address", c.Admin.Address},
+		{"peers.bind", c.Peers.Bind},
+	}
+	if c.Dataplane == "envoy" {
+		own = append(own, struct{ field, addr string }{"envoy.adminAddress", c.Envoy.AdminAddress})
+	}
+	var out []catalog.ReservedPort
+	for _, o := range own {
+		host, port, err := net.SplitHostPort(o.addr)
+		if err != nil {
+			continue
+		}
+		n, err := strconv.ParseUint(port, 10, 16)
+		if err != nil || n == 0 || !addrsOverlap(listen, host) {
+			continue
+		}
+		out = append(out, catalog.ReservedPort{Port: uint32(n), Field: o.field, Address: o.addr})
+	}
+	slices.SortStableFunc(out, func(a, b catalog.ReservedPort) int { return int(a.Port) - int(b.Port) })
+	return out
+}
+
+// addrsOverlap reports whether a listener on listen and one on host (from host:port) would claim
+// the same address: equal, or either unspecified ("" and "::" take every address, 0.0.0.0 every
+// IPv4 one). A DNS name other than localhost overlaps only an unspecified listen address.
+func addrsOverlap(listen netip.Addr, host string) bool {
+	if host == "" {
+		return true
+	}
+	if host == "localhost" {
+		host = "127.0.0.1"
+	}
+	a, err := netip.ParseAddr(host)
+	if err != nil {
+		return listen.IsUnspecified()
+	}
+	a, listen = a.Unmap(), listen.Unmap()
+	covers := func(x, y netip.Addr) bool { return x.IsUnspecified() && (x.Is6() || y.Is4()) }
+	return a == listen || covers(a, listen) || covers(listen, a)
 }
 
 type problems = strictyaml.Problems

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -37,6 +38,8 @@ identity:
 	cases := []struct{ name, doc, want string }{
 		{"no gateways", strings.Replace(base, "gateways: [{name: gw, address: 10.0.0.1}]", "", 1), "gateways: at least one east-west gateway is required"},
 		{"bad gateway address", strings.Replace(base, "10.0.0.1", "not_a host", 1), `c.yaml:3: gateways[0].address: "not_a host" is neither an IP address nor a DNS name`},
+		{"fractional gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 15443.5}", 1), "c.yaml:3: gateways[0].port: 15443.5 is not an integer"},
+		{"quoted outlier count", base + "upstream: {outlierDetection: {consecutiveErrors: \"5\"}}\n", `c.yaml:7: upstream.outlierDetection.consecutiveErrors: "5" is a string; the field wants an integer`},
 		{"bad gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 70000}", 1), "gateways[0].port: 70000 is not a valid port"},
 		{"trust domain mismatch", strings.Replace(base, "spiffe://cluster.local/ns", "spiffe://other.org/ns", 1), `identity.spiffeID: trust domain "other.org" differs from mesh.trustDomain "cluster.local"`},
 		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
@@ -54,6 +57,63 @@ identity:
 			_, err := Parse("c.yaml", []byte(tc.doc))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestEmptyOrSeveralDocuments(t *testing.T) {
+	base := `gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+`
+	cases := []struct{ name, doc, want string }{
+		{"empty", "", "c.yaml: the config file is empty"},
+		{"only comments", "# TODO\n", "c.yaml: the config file is empty"},
+		{"null", "---\n~\n", "c.yaml: the config file is empty"},
+		{"second document", base + "---\nxds: {address: 127.0.0.1:18001}\n", "c.yaml:5: a second YAML document starts here"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestReservedPorts(t *testing.T) {
+	base := `gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+`
+	cases := []struct {
+		name, extra string
+		want        []string // "port field", sorted by port
+	}{
+		{"defaults on 0.0.0.0", "", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
+		{"gossip and envoy admin", "peers: {bind: 0.0.0.0:7946, allowUnencrypted: true}\ndataplane: envoy\nenvoy: {binary: envoy}\n",
+			[]string{"7946 peers.bind", "9102 metrics.address", "9180 admin.address", "15000 envoy.adminAddress", "18000 xds.address"}},
+		{"envoy admin unused by the built-in data plane", "envoy: {adminAddress: 127.0.0.1:15001}\ndataplane: builtin\n", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
+		{"listeners on another address", "listen: {address: 10.0.0.5}\n", []string{"9102 metrics.address"}},
+		{"same address", "listen: {address: 10.0.0.5}\nmetrics: {address: 127.0.0.1:9102}\nxds: {address: 10.0.0.5:18000}\n", []string{"18000 xds.address"}},
+		{"ephemeral ports", "metrics: {address: 127.0.0.1:0}\nxds: {address: 127.0.0.1:0}\nadmin: {address: 127.0.0.1:0}\n", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse("c.yaml", []byte(base+tc.extra))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, r := range c.CatalogOptions().Reserved {
+				got = append(got, fmt.Sprintf("%d %s", r.Port, r.Field))
+			}
+			if strings.Join(got, ", ") != strings.Join(tc.want, ", ") {
+				t.Fatalf("reserved %v, want %v", got, tc.want)
 			}
 		})
 	}

@@ -88,6 +88,9 @@ func identityFiles(t testing.TB, dir string) (chain, key, roots string, bundle *
 func staticGateways(opts Options) []StaticGateway {
 	var out []StaticGateway
 	for _, g := range opts.Gateways {
+		if len(g.Addresses) == 0 {
+			continue // not resolved (yet): translation left its services out
+		}
 		ap := g.Addresses[0]
 		out = append(out, StaticGateway{Name: g.Name, Address: ap.Addr().String(), Port: uint32(ap.Port())})
 	}

@@ -4,6 +4,7 @@
 package controlplane
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -112,6 +113,9 @@ type Resources struct {
 	Routes    []*route.RouteConfiguration
 	Clusters  []*cluster.Cluster
 	Endpoints []*endpoint.ClusterLoadAssignment
+	// Skipped are the services left out, sorted by host (see skipped.go); the resources serve
+	// every other service. Not an xDS resource: no part of the snapshot or its version.
+	Skipped []SkippedService
 }
 
 // ListenerName is the plain listener for a port, Istio style: ADDRESS_PORT.
@@ -134,21 +138,21 @@ func StatPrefix(port uint32) string { return "outbound_" + strconv.Itoa(int(port
 // envoy_cluster_bookinfo_svc_cluster_local_upstream_cx_total.
 func ClusterStatName(name string) string { return strings.ReplaceAll(name, ".", "_") }
 
-// Translate builds the listeners, routes, clusters and endpoints for cat. It expects a catalog
-// that passed catalog validation; it still returns an error rather than emit a conflicting
-// listener, since the config served is only as good as this check.
+// Translate builds the listeners, routes, clusters and endpoints for cat, best effort: a service
+// it cannot place (one that breaks the catalog's rules or collides with an earlier one, since a
+// catalog may slip past validation, or one that no gateway with a known address reaches) is left
+// out and listed in Resources.Skipped, and every other service is translated. The error is for
+// what no one service causes (a bad listen address); then there are no resources.
 func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	if _, err := netip.ParseAddr(opts.ListenAddress); err != nil {
 		return nil, fmt.Errorf("listen address %q: %v", opts.ListenAddress, err)
 	}
-	if err := cat.Validate(catalog.Options{}); err != nil {
-		return nil, err
-	}
+	res := &Resources{}
+	services := placeable(cat, res)
 	gateways := map[string]Gateway{}
 	for _, g := range opts.Gateways {
 		gateways[g.Name] = g
 	}
-	res := &Resources{}
 	type httpPort struct {
 		port  uint32
 		hosts []*route.VirtualHost
@@ -156,11 +160,17 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	}
 	httpPorts := map[uint32]*httpPort{}
 	tcpPorts := map[uint32]*listener.Listener{}
-	for i := range cat.Services {
-		svc := &cat.Services[i]
+	httpUsed, tcpOwner := map[uint32]bool{}, map[uint32]string{}
+	for i := range services {
+		svc := &services[i]
 		eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
 		if err != nil {
-			return nil, err
+			res.skip(svc.Host, SkipNoGatewayAddress, err.Error())
+			continue
+		}
+		if err := portConflict(svc, httpUsed, tcpOwner); err != nil {
+			res.skip(svc.Host, SkipConflict, err.Error())
+			continue
 		}
 		for _, p := range svc.Ports {
 			subsets := []string{""}
@@ -178,18 +188,11 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				})
 			}
 			if !p.Protocol.IsHTTP() {
-				if _, taken := httpPorts[p.Number]; taken {
-					return nil, fmt.Errorf("port %d of %s is TCP but another service uses it for HTTP", p.Number, svc.Host)
-				}
-				if _, taken := tcpPorts[p.Number]; taken {
-					return nil, fmt.Errorf("TCP port %d of %s is already served by another service", p.Number, svc.Host)
-				}
 				tcpPorts[p.Number] = tcpListener(svc, p, opts)
+				tcpOwner[p.Number] = svc.Host
 				continue
 			}
-			if _, taken := tcpPorts[p.Number]; taken {
-				return nil, fmt.Errorf("HTTP port %d of %s is already a TCP port of another service", p.Number, svc.Host)
-			}
+			httpUsed[p.Number] = true
 			hp := httpPorts[p.Number]
 			if hp == nil {
 				hp = &httpPort{port: p.Number}
@@ -216,21 +219,22 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
+	res.sortSkipped()
 	return res, nil
 }
 
-// serviceEndpoints lists the gateway endpoints that reach svc: its named gateways, or all.
+// serviceEndpoints lists the gateway endpoints that reach svc: its named gateways, or all. A
+// named gateway missing from the options has no known address (the catalog's rules refuse
+// unknown names): the service goes through its other gateways, or is left out if none has one.
 func serviceEndpoints(svc *catalog.Service, all []Gateway, byName map[string]Gateway) ([]*endpoint.LbEndpoint, error) {
 	var gws []Gateway
 	if len(svc.Gateways) == 0 {
 		gws = all
 	} else {
 		for _, name := range svc.Gateways {
-			g, ok := byName[name]
-			if !ok {
-				return nil, fmt.Errorf("service %s names gateway %q, which is not configured", svc.Host, name)
+			if g, ok := byName[name]; ok {
+				gws = append(gws, g)
 			}
-			gws = append(gws, g)
 		}
 	}
 	var eps []*endpoint.LbEndpoint
@@ -245,7 +249,10 @@ func serviceEndpoints(svc *catalog.Service, all []Gateway, byName map[string]Gat
 		}
 	}
 	if len(eps) == 0 {
-		return nil, fmt.Errorf("service %s: no gateway address is known yet", svc.Host)
+		if len(svc.Gateways) == 0 {
+			return nil, errors.New("no gateway address is known yet")
+		}
+		return nil, fmt.Errorf("none of its gateways (%s) has a known address yet; it is served once one resolves", quoteAll(svc.Gateways))
 	}
 	slices.SortFunc(eps, func(a, b *endpoint.LbEndpoint) int {
 		sa, sb := a.GetEndpoint().GetAddress().GetSocketAddress(), b.GetEndpoint().GetAddress().GetSocketAddress()

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"bytes"
+	"encoding/json"
 	"flag"
 	"net/netip"
 	"os"
@@ -32,7 +33,10 @@ type goldenInput struct {
 		Network   string   `yaml:"network"`
 		Addresses []string `yaml:"addresses"`
 	} `yaml:"gateways"`
-	Catalog yaml.Node `yaml:"catalog"`
+	// Unchecked decodes the catalog without the catalog's rules, as if it slipped past them, to
+	// show what translation leaves out.
+	Unchecked bool      `yaml:"unchecked"`
+	Catalog   yaml.Node `yaml:"catalog"`
 }
 
 func loadGolden(t *testing.T, path string) (*catalog.Catalog, Options) {
@@ -63,6 +67,14 @@ func loadGolden(t *testing.T, path string) (*catalog.Catalog, Options) {
 		}
 		opts.Gateways = append(opts.Gateways, gw)
 		names = append(names, g.Name)
+	}
+	if in.Unchecked {
+		cat := &catalog.Catalog{}
+		if err := yaml.Unmarshal(catYAML, cat); err != nil {
+			t.Fatal(err)
+		}
+		cat.Normalize()
+		return cat, opts
 	}
 	cat, err := catalog.Parse(path, catYAML, catalog.Options{Gateways: names})
 	if err != nil {
@@ -107,7 +119,41 @@ func TestGolden(t *testing.T) {
 			if !bytes.Equal(got, want) {
 				t.Errorf("%s differs from the translation; if the change is intended, run with -update and review the diff", out)
 			}
+			checkGoldenSkipped(t, filepath.Join("testdata/out", name+".skipped.json"), res.Skipped)
 		})
+	}
+}
+
+// checkGoldenSkipped pins the services a case leaves out, in NAME.skipped.json next to the
+// resources; a case that leaves none out has no such file.
+func checkGoldenSkipped(t *testing.T, path string, skipped []SkippedService) {
+	t.Helper()
+	var got []byte
+	if len(skipped) > 0 {
+		var err error
+		if got, err = json.MarshalIndent(skipped, "", "  "); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, '\n')
+	}
+	if *update {
+		if got == nil {
+			if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+				t.Fatal(err)
+			}
+		} else if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		want, err = nil, nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("the services left out differ from %s (absent: none left out); if intended, run with -update and review the diff:\n%s", path, got)
 	}
 }
 
@@ -373,16 +419,64 @@ func TestInvalidResourceIsNotServed(t *testing.T) {
 	}
 }
 
-func TestTranslateRefusesConflicts(t *testing.T) {
+// TestTranslateLeavesOutWhatItCannotPlace: one service that cannot be placed is left out with
+// its reason; the rest is translated, and the same inputs give the same resources and the same
+// list on every peer, whatever order the catalog came in.
+func TestTranslateLeavesOutWhatItCannotPlace(t *testing.T) {
+	svc := func(host string, port uint32, proto catalog.Protocol, gateways ...string) catalog.Service {
+		return catalog.Service{Host: host, Ports: []catalog.Port{{Number: port, Protocol: proto}}, Identities: []string{"spiffe://cluster.local/ns/ns/sa/x"}, Gateways: gateways}
+	}
 	cat := &catalog.Catalog{Services: []catalog.Service{
-		{Host: "a.ns.svc.cluster.local", Ports: []catalog.Port{{Number: 80, Protocol: catalog.TCP}}, Identities: []string{"spiffe://cluster.local/ns/ns/sa/a"}},
-		{Host: "b.ns.svc.cluster.local", Ports: []catalog.Port{{Number: 80, Protocol: catalog.HTTP}}, Identities: []string{"spiffe://cluster.local/ns/ns/sa/b"}},
+		svc("a.ns.svc.cluster.local", 80, catalog.TCP),
+		svc("b.ns.svc.cluster.local", 80, catalog.HTTP),
+		svc("c.ns.svc.cluster.local", 81, catalog.HTTP, "pending"),
+		svc("d.ns.svc.cluster.local", 82, catalog.HTTP),
 	}}
-	_, err := Translate(cat, Options{ListenAddress: "0.0.0.0", Gateways: []Gateway{{Name: "gw", Addresses: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:15443")}}}})
-	if err == nil || !strings.Contains(err.Error(), "port 80") {
-		t.Fatalf("err = %v", err)
+	_, opts := loadGolden(t, "testdata/in/minimal-tcp.yaml")
+	opts.ListenAddress = "0.0.0.0"
+	res, err := Translate(cat, opts)
+	if err != nil {
+		t.Fatalf("one unplaceable service failed the whole translation: %v", err)
+	}
+	var listeners []string
+	for _, l := range res.Listeners {
+		listeners = append(listeners, l.Name)
+	}
+	if strings.Join(listeners, " ") != "0.0.0.0_80 0.0.0.0_82" {
+		t.Errorf("listeners %v; want a's TCP port 80 and d's HTTP port 82", listeners)
+	}
+	if len(res.Skipped) != 2 {
+		t.Fatalf("skipped %+v", res.Skipped)
+	}
+	if s := res.Skipped[0]; s.Host != "b.ns.svc.cluster.local" || s.Reason != SkipConflict || !strings.Contains(s.Detail, "port 80") || !strings.Contains(s.Detail, "a.ns.svc.cluster.local") {
+		t.Errorf("b: %+v", s)
+	}
+	if s := res.Skipped[1]; s.Host != "c.ns.svc.cluster.local" || s.Reason != SkipNoGatewayAddress || !strings.Contains(s.Detail, `"pending"`) {
+		t.Errorf("c: %+v", s)
+	}
+	s1, err := NewSnapshot(res, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := &catalog.Catalog{}
+	for i := len(cat.Services) - 1; i >= 0; i-- {
+		rev.Services = append(rev.Services, cat.Services[i])
+	}
+	rev.Normalize()
+	again, err := Translate(rev, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, _ := NewSnapshot(again, nil)
+	if s1.ConfigVersion != s2.ConfigVersion || !slices.Equal(res.Skipped, again.Skipped) {
+		t.Fatalf("not deterministic: versions %s %s, skipped %+v and %+v", s1.ConfigVersion, s2.ConfigVersion, res.Skipped, again.Skipped)
+	}
+	// A bad listen address is no one service's fault: the whole translation fails.
+	if _, err := Translate(cat, Options{ListenAddress: "any", Gateways: opts.Gateways}); err == nil {
+		t.Fatal("a bad listen address was accepted")
 	}
 }
+
 func protoMarshal(m proto.Message) ([]byte, error) { return proto.Marshal(m) }
 
 func TestBuilderStillValidatesChangedResources(t *testing.T) {

@@ -43,6 +43,8 @@ type Daemon struct {
 	bundle   *identity.Bundle
 	gateways []controlplane.Gateway
 	lastErr  error
+	// skipped are the services the latest translation left out (skipped.go).
+	skipped []controlplane.SkippedService
 	// kube holds the gateways discovered in Kubernetes (kubernetes.go); nil without any.
 	kube *kubeGateways
 
@@ -209,6 +211,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	if err != nil {
 		return d.setErr(fmt.Errorf("snapshot: %w", err))
 	}
+	d.recordSkipped(res.Skipped) // left out of what is served, and reported; the rest is served
 	if cur := d.XDS.Current(); cur != nil && cur.ConfigVersion == snap.ConfigVersion && cur.SecretsVersion == snap.SecretsVersion {
 		return d.setErr(nil)
 	}
@@ -216,7 +219,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 		return d.setErr(err)
 	}
 	d.log.Info("serving configuration", "config_version", snap.ConfigVersion, "secrets_version", snap.SecretsVersion,
-		"services", len(cat.Services), "listeners", len(res.Listeners), "clusters", len(res.Clusters))
+		"services", len(cat.Services)-len(res.Skipped), "skipped", len(res.Skipped), "listeners", len(res.Listeners), "clusters", len(res.Clusters))
 	return d.setErr(nil)
 }
 
@@ -350,6 +353,7 @@ type daemonMetrics struct {
 	catalogPorts    prometheus.Gauge
 	buildErrors     prometheus.Counter
 	identityExpiry  prometheus.Gauge
+	servicesSkipped *prometheus.GaugeVec
 }
 
 func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
@@ -360,5 +364,6 @@ func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
 		identityExpiry:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_identity_expiry_timestamp_seconds", Help: "When the fleet identity certificate expires."}),
 	}
 	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry)
+	m.servicesSkipped = newSkippedGauge(reg)
 	return m
 }

@@ -96,9 +96,13 @@ func (d *Daemon) runSources(ctx context.Context, g *errgroup.Group, sources []di
 func (d *Daemon) startPeers() (*peers.Node, error) {
 	pc := d.cfg.Peers
 	log := d.log.With("component", "peers")
+	// The store checks entries without this instance's own ports: a peer configured with other
+	// ports must not make the stores differ. The merged catalog checks them here (Inputs).
+	storeOpts := d.cfg.CatalogOptions()
+	storeOpts.Reserved = nil
 	cfg := peers.Config{
 		Name: d.cfg.Node.ID, Bind: pc.Bind, Advertise: pc.Advertise, Seeds: pc.Seeds,
-		Profile: pc.Timing, CatalogOptions: d.cfg.CatalogOptions(),
+		Profile: pc.Timing, CatalogOptions: storeOpts,
 		Store: peers.StoreOptions{TombstoneTTL: pc.TombstoneTTL},
 		Log:   log, Registerer: d.Registry,
 	}
@@ -244,7 +248,7 @@ func (d *Daemon) Identity() *identity.Bundle {
 // advertised configuration digest.
 func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
 	ok, why := d.Ready()
-	st := admin.Status{Node: d.cfg.Node.ID, Ready: ok, ReadyReason: why, Leader: true, Converged: true}
+	st := admin.Status{Node: d.cfg.Node.ID, Ready: ok, ReadyReason: why, Leader: true, Converged: true, Skipped: d.skippedStatus()}
 	if cur := d.XDS.Current(); cur != nil {
 		st.ConfigVersion = cur.ConfigVersion
 	}

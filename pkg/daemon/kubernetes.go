@@ -85,19 +85,19 @@ func (t gatewayTarget) resolve(ctx context.Context) ([]netip.AddrPort, error) {
 	return slices.Compact(out), nil
 }
 
-// catalogOptions validates the merged catalog against the configured gateways and the
-// discovered gateways that currently have addresses: a Kubernetes service whose cluster's
-// gateway has no load-balancer address yet is left out (and reported) rather than failing the
-// whole translation.
+// catalogOptions validates the merged catalog against the gateways the config names (configured,
+// and to be discovered in Kubernetes) and any other gateway that currently has addresses. A
+// service whose gateways have no address yet passes here: translation leaves it out, reported
+// as no_gateway_address, until one resolves.
 func (d *Daemon) catalogOptions(resolved []controlplane.Gateway) catalog.Options {
-	names := d.cfg.GatewayNames()
+	opts := d.cfg.CatalogOptions()
 	for _, g := range resolved {
-		if !slices.Contains(names, g.Name) {
-			names = append(names, g.Name)
+		if !slices.Contains(opts.Gateways, g.Name) {
+			opts.Gateways = append(opts.Gateways, g.Name)
 		}
 	}
-	slices.Sort(names)
-	return catalog.Options{Gateways: names}
+	slices.Sort(opts.Gateways)
+	return opts
 }
 
 // kubernetesSources are the configured Kubernetes clusters' discovery sources.

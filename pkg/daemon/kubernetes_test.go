@@ -61,7 +61,7 @@ func gatewayAddrs(d *Daemon, name string) []netip.AddrPort {
 }
 
 // A gateway discovered in Kubernetes is resolved like a configured one, at once when it changes,
-// and services naming it are kept out of the catalog until it has an address.
+// and services naming it are left out of the configuration until it has an address.
 func TestDiscoveredGateway(t *testing.T) {
 	cfg := kubeConfig(t)
 	d := New(cfg, slog.New(slog.DiscardHandler))
@@ -71,9 +71,15 @@ func TestDiscoveredGateway(t *testing.T) {
 	svc := catalog.Service{Host: "reviews.bookinfo.svc.cluster.local", Ports: []catalog.Port{{Number: 9080, Protocol: catalog.HTTP}},
 		Identities: []string{"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"}, Gateways: []string{"primary"}}
 	d.SetCatalog("kubernetes:primary", &catalog.Catalog{Services: []catalog.Service{svc}})
-	cat, _, _, conflicts := d.Inputs()
-	if len(cat.Services) != 0 || len(conflicts) != 1 || !strings.Contains(conflicts[0].Error(), "unknown gateway") {
+	cat, opts, _, conflicts := d.Inputs()
+	if len(cat.Services) != 1 || len(conflicts) != 0 {
 		t.Fatalf("before the gateway has an address: services %v, conflicts %v", cat.Services, conflicts)
+	}
+	// Translation leaves it out, reported; a gateway elsewhere would still serve the rest.
+	opts.Gateways = []controlplane.Gateway{{Name: "elsewhere", Addresses: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.9:15443")}}}
+	res, err := controlplane.Translate(cat, opts)
+	if err != nil || len(res.Clusters) != 0 || len(res.Skipped) != 1 || res.Skipped[0].Reason != controlplane.SkipNoGatewayAddress {
+		t.Fatalf("before the gateway has an address: %v, clusters %d, skipped %+v", err, len(res.Clusters), res.Skipped)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -84,11 +90,11 @@ func TestDiscoveredGateway(t *testing.T) {
 	d.kube.set(discovery.DiscoveredGateway{Name: "primary", Port: 15443, Addresses: []string{"127.0.0.2", "127.0.0.1"}})
 	want := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:15443"), netip.MustParseAddrPort("127.0.0.2:15443")}
 	eventually(t, "the discovered gateway resolved", func() bool { return slices.Equal(gatewayAddrs(d, "primary"), want) })
-	cat, opts, _, conflicts := d.Inputs()
+	cat, opts, _, conflicts = d.Inputs()
 	if len(cat.Services) != 1 || len(conflicts) != 0 {
 		t.Fatalf("with the gateway resolved: services %v, conflicts %v", cat.Services, conflicts)
 	}
-	res, err := controlplane.Translate(cat, opts)
+	res, err = controlplane.Translate(cat, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

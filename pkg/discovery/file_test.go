@@ -64,6 +64,29 @@ func TestFileSourceReloadsAndKeepsLastGood(t *testing.T) {
 		t.Fatalf("bad catalog published: %+v", c)
 	default:
 	}
+	// So is an edit that leaves no services: only a comment, a null list, a second document.
+	// Publishing it would withdraw every service while /ready stays 200.
+	for _, edit := range []struct{ doc, want string }{
+		{"# moved to the fleet store\n", "the catalog is empty"},
+		{"services:\n", "catalog.yaml:1: services is null"},
+		{"---\n---\n" + goodCatalog, "catalog.yaml:2: a second YAML document starts here"},
+	} {
+		if err := os.WriteFile(path, []byte(edit.doc), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !strings.Contains(logs.String(), edit.want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("edit %q not reported; logs:\n%s", edit.doc, logs.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		select {
+		case c := <-updates:
+			t.Fatalf("edit %q published a catalog of %d services", edit.doc, len(c.Services))
+		default:
+		}
+	}
 	// A good edit, written by atomic rename as config tools do, is picked up.
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, []byte(goodCatalog+`  - host: b.ns.svc.cluster.local

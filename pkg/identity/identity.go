@@ -11,7 +11,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"runtime"
 	"time"
 )
 
@@ -59,13 +61,17 @@ func (b *Bundle) RootPool() *x509.CertPool {
 // ErrExpired marks an identity past its validity.
 var ErrExpired = errors.New("identity certificate has expired")
 
+// ErrNotYetValid marks an identity whose validity has not started: most often a clock behind
+// the issuer's, which renewing would not fix.
+var ErrNotYetValid = errors.New("identity certificate is not valid yet")
+
 // LoadFiles reads and verifies an identity from PEM files.
 func LoadFiles(spiffeID, chainPath, keyPath, rootsPath string, now time.Time) (*Bundle, error) {
 	chain, err := os.ReadFile(chainPath)
 	if err != nil {
 		return nil, fmt.Errorf("identity.files.certChain: %w", err)
 	}
-	key, err := os.ReadFile(keyPath)
+	key, err := readPrivateKey(keyPath)
 	if err != nil {
 		return nil, fmt.Errorf("identity.files.privateKey: %w", err)
 	}
@@ -74,6 +80,26 @@ func LoadFiles(spiffeID, chainPath, keyPath, rootsPath string, now time.Time) (*
 		return nil, fmt.Errorf("identity.files.roots: %w", err)
 	}
 	return New(spiffeID, chain, key, roots, now)
+}
+
+// readPrivateKey reads a key file that only its owner may read: a key readable by group or
+// others is refused rather than served, since whoever reads it can act as the fleet.
+func readPrivateKey(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if runtime.GOOS != "windows" { // Windows has no such mode bits; its ACLs are another matter
+		fi, err := f.Stat()
+		if err != nil {
+			return nil, err
+		}
+		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+			return nil, fmt.Errorf("%s is mode %04o, readable by group or others; only the daemon may read the fleet's key: chmod 600 %s", path, perm, path)
+		}
+	}
+	return io.ReadAll(f)
 }
 
 // New verifies an identity: the key matches the leaf, the leaf's URI SAN is spiffeID, and the
@@ -121,6 +147,15 @@ func New(spiffeID string, chainPEM, keyPEM, rootsPEM []byte, now time.Time) (*Bu
 	if verr != nil {
 		var inv x509.CertificateInvalidError
 		if errors.As(verr, &inv) && inv.Reason == x509.Expired {
+			// x509 says "expired or is not yet valid" for both; they call for different fixes.
+			which := "leaf certificate"
+			if inv.Cert != nil && inv.Cert != leaf {
+				which = fmt.Sprintf("CA certificate %q", inv.Cert.Subject.String())
+			}
+			if inv.Cert != nil && now.Before(inv.Cert.NotBefore) {
+				return nil, fmt.Errorf("%w: the %s is not valid until %s (now %s); check this machine's clock (NTP) and the issuer's, or wait until then",
+					ErrNotYetValid, which, inv.Cert.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+			}
 			return nil, fmt.Errorf("%w (leaf valid %s to %s, now %s): renew it",
 				ErrExpired, leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 		}

@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -73,6 +74,7 @@ func TestRejectsBadIdentities(t *testing.T) {
 	good, _ := ca.IssueFor(fleetID, time.Hour)
 	wrongSAN, _ := ca.IssueFor("spiffe://cluster.local/ns/other/sa/x", time.Hour)
 	expired, _ := ca.Issue(fleetID, time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour))
+	notYet, _ := ca.Issue(fleetID, time.Now().Add(time.Hour), time.Now().Add(2*time.Hour))
 	foreign, _ := other.IssueFor(fleetID, time.Hour)
 	leafOnly := firstPEM(good.ChainPEM)
 	cases := []struct {
@@ -83,6 +85,7 @@ func TestRejectsBadIdentities(t *testing.T) {
 	}{
 		{"wrong SAN", wrongSAN.ChainPEM, wrongSAN.KeyPEM, ca.RootPEM, `do not include identity.spiffeID "` + fleetID + `"`, nil},
 		{"expired", expired.ChainPEM, expired.KeyPEM, ca.RootPEM, "has expired", identity.ErrExpired},
+		{"not yet valid", notYet.ChainPEM, notYet.KeyPEM, ca.RootPEM, "leaf certificate is not valid until " + notYet.Cert.NotBefore.UTC().Format(time.RFC3339), identity.ErrNotYetValid},
 		{"other CA", foreign.ChainPEM, foreign.KeyPEM, ca.RootPEM, "does not verify to the root bundle", nil},
 		{"missing intermediate", leafOnly, good.KeyPEM, ca.RootPEM, "does not verify to the root bundle", nil},
 		{"key mismatch", good.ChainPEM, wrongSAN.KeyPEM, ca.RootPEM, "private key does not match", nil},
@@ -98,6 +101,9 @@ func TestRejectsBadIdentities(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %q does not contain %q", err, tc.want)
 			}
+			if tc.is == identity.ErrNotYetValid && (errors.Is(err, identity.ErrExpired) || strings.Contains(err.Error(), "expired")) {
+				t.Fatalf("a certificate that is not valid yet is reported as expired: %v", err)
+			}
 			if tc.is != nil && !errors.Is(err, tc.is) {
 				t.Fatalf("error %v is not %v", err, tc.is)
 			}
@@ -105,6 +111,36 @@ func TestRejectsBadIdentities(t *testing.T) {
 				t.Fatal("error leaks key material")
 			}
 		})
+	}
+}
+
+// TestKeyReadableByOthersIsRefused: the fleet's private key must be readable by the daemon only.
+func TestKeyReadableByOthersIsRefused(t *testing.T) {
+	ca := newCA(t)
+	leaf, _ := ca.IssueFor(fleetID, time.Hour)
+	dir := t.TempDir()
+	chain, key, root, err := leaf.WriteFiles(dir, ca.RootPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := identity.Files{SPIFFEID: fleetID, CertChain: chain, PrivateKey: key, Roots: root}
+	for _, mode := range []os.FileMode{0o640, 0o604, 0o644} {
+		if err := os.Chmod(key, mode); err != nil {
+			t.Fatal(err)
+		}
+		_, err := files.Load()
+		want := "identity.files.privateKey: " + key + " is mode " + fmt.Sprintf("%04o", mode) + ", readable by group or others; only the daemon may read the fleet's key: chmod 600 " + key
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("mode %v: err = %v, want %q", mode, err, want)
+		}
+	}
+	for _, mode := range []os.FileMode{0o600, 0o400} {
+		if err := os.Chmod(key, mode); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := files.Load(); err != nil {
+			t.Fatalf("mode %v refused: %v", mode, err)
+		}
 	}
 }
 
