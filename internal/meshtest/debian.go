@@ -169,7 +169,8 @@ func writeIdentity(dir, name string, ca *CA, spiffeID string) error {
 // StartHAProxySidecars runs one HAProxy with an HTTP sidecar per option, each on its o.Addr
 // (required): it terminates TLS with an Istio-style leaf for o.SPIFFEID, requires a client chain
 // to the root only (verify required, ca-file root), negotiates only Istio's ALPN names, appends
-// its XFCC entry (without URI=, which HAProxy cannot read) and answers every request with a
+// its XFCC entry (without URI=, which HAProxy cannot read), takes out the caller's peer metadata
+// headers as Istio's inbound filter does (reporting them raw) and answers every request with a
 // Report line built from its own view of the connection (ssl_c_verify, ssl_c_der, ssl_fc_sni,
 // ssl_fc_alpn) and of the request's headers. HTTP/2 with prior knowledge is detected from the
 // connection preface.
@@ -202,12 +203,26 @@ defaults
 		// subject is in OpenSSL's /K=V form, not RFC 2253 (the same for Istio's empty subjects);
 		// it keeps only the last of several incoming XFCC headers.
 		entry := fmt.Sprintf(`By=%s;Hash=%%[ssl_c_der,sha2(256),hex,lower];Subject=\"%%[ssl_c_s_dn]\"`, o.SPIFFEID)
+		// Istio's inbound peer_metadata filter: the caller's peer metadata headers are taken out
+		// before the application (reported raw: HAProxy cannot decode a protobuf Struct, the
+		// report's reader does), and the sidecar answers with its own for each one received.
+		own, err := PeerMetadataValue(sidecarMetadata(o.Name))
+		if err != nil {
+			return nil, err
+		}
 		fmt.Fprintf(&b, `frontend %s
   bind %s ssl crt %s ca-file %s verify required alpn %s
   http-request set-header x-forwarded-client-cert "%%[req.fhdr(x-forwarded-client-cert)],%s" if { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
   http-request set-header x-forwarded-client-cert "%s" unless { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
-  http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path] xfcc=%%[req.fhdr(x-forwarded-client-cert),url_enc] requestid=%%[req.fhdr(x-request-id),url_enc] external=%%[req.fhdr(x-envoy-external-address),url_enc] headers=%%[req.hdr_names,lower]"
-`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), entry, entry, o.Name)
+  http-request set-var(txn.peerid) req.fhdr(x-envoy-peer-metadata-id) if { req.fhdr_cnt(x-envoy-peer-metadata-id) gt 0 }
+  http-request set-var(txn.peermd) req.fhdr(x-envoy-peer-metadata) if { req.fhdr_cnt(x-envoy-peer-metadata) gt 0 }
+  http-request del-header x-envoy-peer-metadata-id
+  http-request del-header x-envoy-peer-metadata
+  http-after-response set-header x-envoy-peer-metadata-id "%s" if { var(txn.peerid) -m found }
+  http-after-response set-header x-envoy-peer-metadata "%s" if { var(txn.peermd) -m found }
+  http-request return status 200 content-type text/plain lf-string "service=%s verify=%%[ssl_c_verify] cert=%%[ssl_c_der,base64] serial=%%[ssl_c_serial,hex] sni=%%[ssl_fc_sni] alpn=%%[ssl_fc_alpn] host=%%[req.hdr(host)] proto=HTTP/%%[req.ver] method=%%[method] path=%%[path] peerid=%%[var(txn.peerid),url_enc] peermetadata=%%[var(txn.peermd),url_enc] xfcc=%%[req.fhdr(x-forwarded-client-cert),url_enc] requestid=%%[req.fhdr(x-request-id),url_enc] external=%%[req.fhdr(x-envoy-external-address),url_enc] headers=%%[req.hdr_names,lower]"
+`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), entry, entry,
+			sidecarNodeID(o.Name), own, o.Name)
 		addrs = append(addrs, o.Addr)
 	}
 	if len(addrs) == 0 {

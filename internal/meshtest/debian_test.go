@@ -81,6 +81,7 @@ func TestDebianStandIns(t *testing.T) {
 			if r.RequestID != "id 1+2" || !slices.Contains(r.Headers, "x-request-id") {
 				t.Errorf("%v: request id %q, headers %q", tc.alpn, r.RequestID, r.Headers)
 			}
+			checkPeerMetadata(t, c, "http://productpage/p", "productpage.example.internal")
 			c.CloseIdleConnections()
 		}
 	})

@@ -148,6 +148,13 @@ func TestEnvoyStandIns(t *testing.T) {
 		}
 	})
 
+	t.Run("peer metadata", func(t *testing.T) {
+		conf, _ := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, productpageID)
+		c := MeshHTTPClient(m.gw.Addr, conf, false)
+		defer c.CloseIdleConnections()
+		checkPeerMetadata(t, c, "http://productpage/", "productpage.example.internal")
+	})
+
 	t.Run("xfcc", func(t *testing.T) {
 		// A caller's own x-forwarded-client-cert is kept, and the sidecar appends the element
 		// naming the caller's verified URI SAN; the application trusts only that last one.

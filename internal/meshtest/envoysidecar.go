@@ -405,8 +405,10 @@ func (a *envoyApp) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			delete(app, k)
 		}
 	}
+	// Upstream Envoy has no peer_metadata filter: the application does its part.
+	peer := inboundPeerMetadata(a.name, app, w.Header())
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s\n", envoyReport(a.name, caller, r.Header), r.Host, proto, r.Method, r.URL.Path, headerReport(app))
+	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s %s\n", envoyReport(a.name, caller, r.Header), r.Host, proto, r.Method, r.URL.Path, peer, headerReport(app))
 }
 
 func (a *envoyApp) serveTunnel(w http.ResponseWriter, r *http.Request) {

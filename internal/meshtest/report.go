@@ -32,6 +32,11 @@ import (
 //	         sees, query-escaped
 //	headers  HTTP: the names of the request headers the application received, lower case,
 //	         comma separated
+//	peer     HTTP: the caller's workload, WORKLOAD_NAME.NAMESPACE, as Istio's inbound
+//	         peer_metadata filter decodes x-envoy-peer-metadata (Go, Envoy); taken from
+//	         peermetadata when absent (HAProxy cannot decode it)
+//	peerid, peermetadata   HTTP: the x-envoy-peer-metadata-id and x-envoy-peer-metadata the
+//	         sidecar received (and removed before the application), query-escaped
 //
 // An empty or "-" value is no value.
 type Report struct {
@@ -48,6 +53,10 @@ type Report struct {
 	XFCC, RequestID, ExternalAddress string
 	// Headers are the header names the application received.
 	Headers []string
+	// Peer is the caller's workload as Istio decodes its peer metadata (WORKLOAD_NAME.NAMESPACE),
+	// PeerID and PeerMetadata what the sidecar received; empty and nil when none came.
+	Peer, PeerID string
+	PeerMetadata *PeerWorkload
 }
 
 // ParseReport parses a report line.
@@ -71,7 +80,9 @@ func ParseReport(line string) (Report, error) {
 	if h := r.Fields["headers"]; h != "" && h != "-" {
 		r.Headers = strings.Split(h, ",")
 	}
-	for k, dst := range map[string]*string{"xfcc": &r.XFCC, "requestid": &r.RequestID, "external": &r.ExternalAddress} {
+	var peerMetadata string
+	for k, dst := range map[string]*string{"xfcc": &r.XFCC, "requestid": &r.RequestID, "external": &r.ExternalAddress,
+		"peerid": &r.PeerID, "peermetadata": &peerMetadata} {
 		if v := r.Fields[k]; v != "" && v != "-" {
 			u, err := url.QueryUnescape(v)
 			if err != nil {
@@ -79,6 +90,19 @@ func ParseReport(line string) (Report, error) {
 			}
 			*dst = u
 		}
+	}
+	if peerMetadata != "" {
+		p, err := DecodePeerMetadata(peerMetadata)
+		if err != nil {
+			return r, fmt.Errorf("report peermetadata: %w", err)
+		}
+		r.PeerMetadata = &p
+	}
+	switch p := r.Fields["peer"]; {
+	case p != "" && p != "-":
+		r.Peer = p
+	case p == "" && r.PeerMetadata != nil:
+		r.Peer = r.PeerMetadata.String()
 	}
 	switch r.Fields["verify"] {
 	case "SUCCESS", "0":

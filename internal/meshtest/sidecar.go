@@ -336,6 +336,7 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		xfcc = strings.Join(prior, ",") + "," + xfcc
 	}
 	r.Header.Set(XFCCHeader, xfcc)
+	peer := inboundPeerMetadata(s.opts.Name, r.Header, w.Header())
 	// ?delay=DURATION holds the answer, for requests that must be in flight during a drain.
 	if d, err := time.ParseDuration(r.URL.Query().Get("delay")); err == nil && d > 0 {
 		select {
@@ -345,7 +346,7 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path, headerReport(r.Header))
+	fmt.Fprintf(w, "%s host=%s proto=%s method=%s path=%s %s %s\n", mc.report(s.opts.Name), r.Host, r.Proto, r.Method, r.URL.Path, peer, headerReport(r.Header))
 }
 
 // XFCCHeader is the header Envoy passes client certificate details in.

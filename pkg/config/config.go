@@ -57,6 +57,8 @@ type Node struct {
 type Mesh struct {
 	// TrustDomain of the mesh's SPIFFE IDs; default "cluster.local".
 	TrustDomain string `yaml:"trustDomain"`
+	// PeerMetadata names the fleet as a workload to Istio's telemetry (see peermetadata.go).
+	PeerMetadata PeerMetadata `yaml:"peerMetadata"`
 }
 
 // Gateway is one east-west gateway in AUTO_PASSTHROUGH mode.
@@ -203,6 +205,7 @@ func (c *Config) applyDefaults() {
 	c.dataplaneDefaults()
 	c.kubernetesDefaults()
 	c.acmpcaDefaults()
+	c.peerMetadataDefaults()
 }
 
 // Problems lists every problem in a defaulted config, by field path.
@@ -256,6 +259,7 @@ func (c *Config) Problems() strictyaml.Problems {
 	c.kubernetesProblems(&p)
 	c.peersProblems(&p)
 	c.dataplaneProblems(&p)
+	c.peerMetadataProblems(&p)
 	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}} {
 		if err := checkHostPort(s.addr); err != nil {
 			p.Addf(s.field, "%v", err)

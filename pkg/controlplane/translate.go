@@ -97,6 +97,9 @@ type Options struct {
 	ConnectTimeout time.Duration
 	Outlier        Outlier
 	AccessLog      bool
+	// PeerMetadata, when set, is sent on every HTTP request as Istio's peer metadata headers
+	// (peermetadata.go), so the mesh's telemetry names the fleet as that workload.
+	PeerMetadata *PeerMetadata
 }
 
 // Outlier is passive health checking of gateway endpoints.
@@ -153,6 +156,10 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	for _, g := range opts.Gateways {
 		gateways[g.Name] = g
 	}
+	peerHeaders, err := peerMetadataHeaders(opts.PeerMetadata)
+	if err != nil {
+		return nil, err
+	}
 	type httpPort struct {
 		port  uint32
 		hosts []*route.VirtualHost
@@ -204,12 +211,20 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	}
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
-		res.Routes = append(res.Routes, &route.RouteConfiguration{
+		rc := &route.RouteConfiguration{
 			Name:                RouteName(hp.port),
 			VirtualHosts:        hp.hosts,
 			ValidateClusters:    wrapperspb.Bool(false),
 			InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
-		})
+		}
+		if peerHeaders != nil {
+			for _, h := range peerHeaders {
+				rc.RequestHeadersToAdd = append(rc.RequestHeadersToAdd, proto.Clone(h).(*core.HeaderValueOption))
+			}
+			// The sidecar answers with its own peer metadata; it is not the VM's business.
+			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
+		}
+		res.Routes = append(res.Routes, rc)
 		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, opts))
 	}
 	for _, l := range tcpPorts {
@@ -433,8 +448,9 @@ func cidrRanges(cidrs []string) []*core.CidrRange {
 
 // InternalOnlyHeaders are removed from every request a client sends, besides the x-envoy-*
 // headers Envoy itself cleans: Istio's metadata exchange headers, with which a caller tells the
-// sidecar which workload it is (for telemetry), so a VM cannot pose as another workload.
-var InternalOnlyHeaders = []string{"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"}
+// sidecar which workload it is (for telemetry), so a VM cannot pose as another workload. With
+// Options.PeerMetadata the route configurations then add fwdproxy's own.
+var InternalOnlyHeaders = []string{HeaderPeerMetadata, HeaderPeerMetadataID}
 
 // noInternalAddresses makes Envoy deem no client internal. Legacy VMs are on private addresses,
 // and Envoy trusts those (RFC 1918 and 127.0.0.1) when internal_address_config is unset (before

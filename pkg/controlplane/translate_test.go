@@ -37,6 +37,16 @@ type goldenInput struct {
 	// show what translation leaves out.
 	Unchecked bool      `yaml:"unchecked"`
 	Catalog   yaml.Node `yaml:"catalog"`
+	// PeerMetadata, when present, is Options.PeerMetadata.
+	PeerMetadata *struct {
+		WorkloadName      string `yaml:"workloadName"`
+		Namespace         string `yaml:"namespace"`
+		CanonicalService  string `yaml:"canonicalService"`
+		CanonicalRevision string `yaml:"canonicalRevision"`
+		App               string `yaml:"app"`
+		Version           string `yaml:"version"`
+		ClusterID         string `yaml:"clusterID"`
+	} `yaml:"peerMetadata"`
 }
 
 func loadGolden(t *testing.T, path string) (*catalog.Catalog, Options) {
@@ -58,6 +68,10 @@ func loadGolden(t *testing.T, path string) (*catalog.Catalog, Options) {
 		ConnectTimeout: 5 * time.Second,
 		Outlier:        Outlier{ConsecutiveErrors: 5, Interval: 10 * time.Second, BaseEjectionTime: 30 * time.Second, MaxEjectionPercent: 50},
 		AccessLog:      in.AccessLog == nil || *in.AccessLog,
+	}
+	if pm := in.PeerMetadata; pm != nil {
+		opts.PeerMetadata = &PeerMetadata{WorkloadName: pm.WorkloadName, Namespace: pm.Namespace, CanonicalService: pm.CanonicalService,
+			CanonicalRevision: pm.CanonicalRevision, App: pm.App, Version: pm.Version, ClusterID: pm.ClusterID}
 	}
 	var names []string
 	for _, g := range in.Gateways {

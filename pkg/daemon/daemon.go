@@ -176,7 +176,7 @@ func (d *Daemon) Inputs() (*catalog.Catalog, controlplane.Options, *identity.Bun
 // TranslateOptions derives translation options from the config and resolved gateways.
 func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlplane.Options {
 	o := cfg.Upstream.Outlier
-	return controlplane.Options{
+	opts := controlplane.Options{
 		ListenAddress:  cfg.Listen.Address,
 		Gateways:       gws,
 		ConnectTimeout: cfg.Upstream.ConnectTimeout,
@@ -186,6 +186,14 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 		},
 		AccessLog: *cfg.Listen.AccessLog,
 	}
+	if pm := cfg.Mesh.PeerMetadata; pm.Enabled {
+		opts.PeerMetadata = &controlplane.PeerMetadata{
+			WorkloadName: pm.WorkloadName, Namespace: pm.Namespace,
+			CanonicalService: pm.CanonicalService, CanonicalRevision: pm.CanonicalRevision,
+			App: pm.Labels.App, Version: pm.Labels.Version, ClusterID: pm.ClusterID,
+		}
+	}
+	return opts
 }
 
 func (d *Daemon) rebuild(ctx context.Context) error {

@@ -51,6 +51,7 @@ func startEcho(t *testing.T) *echoServer {
 		e.mu.Lock()
 		e.seen[r.Header.Get("X-Case")] = r.Clone(context.Background())
 		e.mu.Unlock()
+		answerPeerMetadata(w, r)
 	})}
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() { srv.Close() })

@@ -370,6 +370,7 @@ func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/slow" {
 		time.Sleep(500 * time.Millisecond)
 	}
+	answerPeerMetadata(w, r)
 	w.Header().Set("X-Seen-Sni", st.ServerName)
 	w.Header().Set("X-Seen-Client", st.PeerCertificates[0].URIs[0].String())
 	w.Header().Set("X-Seen-Serial", st.PeerCertificates[0].SerialNumber.String())
@@ -483,5 +484,17 @@ func (c *tcpConn) ping(t testing.TB, msg string) {
 	}
 	if got := c.line(t); got != msg+"\n" {
 		t.Fatalf("echo %q, want %q", got, msg)
+	}
+}
+
+// answerPeerMetadata answers as an Istio sidecar's inbound filter does a caller that sent peer
+// metadata: with its own.
+func answerPeerMetadata(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get(meshtest.PeerMetadataIDHeader) != "" {
+		w.Header().Set(meshtest.PeerMetadataIDHeader, "sidecar~10.1.0.7~reviews-v1-0.bookinfo~bookinfo.svc.cluster.local")
+	}
+	if r.Header.Get(meshtest.PeerMetadataHeader) != "" {
+		own, _ := meshtest.PeerMetadataValue(map[string]string{"NAME": "reviews-v1-0", "NAMESPACE": "bookinfo", "WORKLOAD_NAME": "reviews-v1"})
+		w.Header().Set(meshtest.PeerMetadataHeader, own)
 	}
 }

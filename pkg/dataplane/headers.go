@@ -6,8 +6,10 @@ import (
 	"net/netip"
 	"strings"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	uuidrid "github.com/envoyproxy/go-control-plane/envoy/extensions/request_id/uuid/v3"
+	"golang.org/x/net/http/httpguts"
 )
 
 // Request headers as Envoy's HTTP connection manager treats them (conn_manager_utility.cc
@@ -220,14 +222,7 @@ func parseRequestHeaders(h *hcm.HttpConnectionManager, field string) (requestHea
 
 // parseInternalOnly reads a route configuration's internal_only_headers as canonical names.
 func parseInternalOnly(names []string, field string) ([]string, error) {
-	out := make([]string, 0, len(names))
-	for i, n := range names {
-		if !validHeaderName(n) {
-			return nil, fmt.Errorf("%s[%d]: %q is not a header name", field, i, n)
-		}
-		out = append(out, http.CanonicalHeaderKey(n))
-	}
-	return out, nil
+	return parseHeaderNames(names, field)
 }
 
 // validHeaderName reports whether s is an HTTP field name (an RFC 9110 token).
@@ -242,4 +237,57 @@ func validHeaderName(s string) bool {
 		}
 	}
 	return true
+}
+
+// headerToSet is one of a route configuration's request_headers_to_add, as the built-in data plane
+// carries it out: a fixed value that replaces whatever the request has (canonical name).
+type headerToSet struct {
+	name, value string
+}
+
+// headerMutationsSupported says what the built-in data plane does with headers, for errors.
+const headerMutationsSupported = "the built-in data plane supports, at route configuration level only, " +
+	"request_headers_to_add with fixed values and append_action OVERWRITE_IF_EXISTS_OR_ADD, and response_headers_to_remove"
+
+// parseHeadersToAdd reads request_headers_to_add, accepting only what Envoy would apply exactly as
+// the built-in data plane does: fixed values (Envoy reads '%' as the start of a formatter
+// command) that overwrite the request's own (OVERWRITE_IF_EXISTS_OR_ADD). Envoy's router adds
+// them after the connection manager removed internal_only_headers, and so does ServeHTTP.
+func parseHeadersToAdd(opts []*core.HeaderValueOption, field string) ([]headerToSet, error) {
+	var out []headerToSet
+	for i, o := range opts {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		h := o.GetHeader()
+		key, value := h.GetKey(), h.GetValue()
+		switch {
+		case !validHeaderName(key) || strings.EqualFold(key, "host"):
+			return nil, fmt.Errorf("%s.header.key: %q cannot be added; use a header name other than Host and the pseudo-headers", f, key)
+		case len(h.GetRawValue()) > 0:
+			return nil, fmt.Errorf("%s.header.raw_value: not supported; set value", f)
+		case value == "":
+			return nil, fmt.Errorf("%s.header.value: empty; the built-in data plane adds fixed, non-empty values", f)
+		case strings.ContainsRune(value, '%'):
+			return nil, fmt.Errorf("%s.header.value: %q holds '%%', which Envoy reads as a substitution formatter; only fixed values are supported", f, value)
+		case !httpguts.ValidHeaderFieldValue(value):
+			return nil, fmt.Errorf("%s.header.value: not a valid header value", f)
+		case o.GetAppend() != nil: //nolint:staticcheck // rejected, not used
+			return nil, fmt.Errorf("%s.append: deprecated and not supported; set append_action OVERWRITE_IF_EXISTS_OR_ADD", f)
+		case o.GetAppendAction() != core.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD:
+			return nil, fmt.Errorf("%s.append_action: %s is not supported; %s", f, o.GetAppendAction(), headerMutationsSupported)
+		}
+		out = append(out, headerToSet{name: http.CanonicalHeaderKey(key), value: value})
+	}
+	return out, nil
+}
+
+// parseHeaderNames reads a list of header names (response_headers_to_remove) as canonical names.
+func parseHeaderNames(names []string, field string) ([]string, error) {
+	out := make([]string, 0, len(names))
+	for i, n := range names {
+		if !validHeaderName(n) {
+			return nil, fmt.Errorf("%s[%d]: %q is not a header name", field, i, n)
+		}
+		out = append(out, http.CanonicalHeaderKey(n))
+	}
+	return out, nil
 }

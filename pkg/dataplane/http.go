@@ -23,6 +23,8 @@ type proxyInfo struct {
 	retries  int    // connect failures retried on another endpoint (the route's retry policy)
 	upstream string // endpoint used, for the access log
 	flags    string // Envoy-style response flags, "-" when none
+	// respRemove are the route configuration's response_headers_to_remove.
+	respRemove []string
 }
 
 type proxyKey struct{}
@@ -109,7 +111,12 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		localReply(rec, http.StatusServiceUnavailable, "no healthy upstream")
 		return
 	}
-	info.cluster, info.cfg, info.retries = c, hc, re.connectRetries
+	info.cluster, info.cfg, info.retries, info.respRemove = c, hc, re.connectRetries, table.responseRemove
+	// The route configuration's request_headers_to_add, as Envoy's router adds them: after the
+	// client's copies of internal_only_headers went in sanitize, replacing any left.
+	for _, h := range table.requestAdd {
+		r.Header[h.name] = []string{h.value}
+	}
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
@@ -132,6 +139,16 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 					pr.Out.Header[k] = v
 				}
 			}
+		},
+		// The route configuration's response_headers_to_remove (http.ReadResponse and the HTTP/2
+		// transport give every response its request).
+		ModifyResponse: func(resp *http.Response) error {
+			if info, ok := resp.Request.Context().Value(proxyKey{}).(*proxyInfo); ok {
+				for _, k := range info.respRemove {
+					delete(resp.Header, k) // canonical names
+				}
+			}
+			return nil
 		},
 		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
 			return r.Context().Value(proxyKey{}).(*proxyInfo).cluster.RoundTrip(r)

@@ -430,6 +430,10 @@ type routeTable struct {
 	proto          *route.RouteConfiguration
 	// internalOnly are removed from requests that are not internal (canonical names).
 	internalOnly []string
+	// requestAdd are set on every request routed by this table, after internalOnly are removed;
+	// responseRemove are removed from every upstream response (canonical names).
+	requestAdd     []headerToSet
+	responseRemove []string
 }
 
 type wildcard struct {
@@ -518,14 +522,20 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 	if len(rc.GetTypedPerFilterConfig()) > 0 {
 		return nil, fail("typed_per_filter_config: not supported at route configuration level; set it on virtual hosts")
 	}
-	if len(rc.GetRequestHeadersToAdd()) > 0 || len(rc.GetResponseHeadersToAdd()) > 0 || len(rc.GetRequestHeadersToRemove()) > 0 || len(rc.GetResponseHeadersToRemove()) > 0 {
-		return nil, fail("header manipulation is not supported by the built-in data plane")
+	if len(rc.GetResponseHeadersToAdd()) > 0 || len(rc.GetRequestHeadersToRemove()) > 0 {
+		return nil, fail("response_headers_to_add and request_headers_to_remove: not supported; %s", headerMutationsSupported)
 	}
 	internalOnly, err := parseInternalOnly(rc.GetInternalOnlyHeaders(), "internal_only_headers")
 	if err != nil {
 		return nil, fail("%v", err)
 	}
 	t.internalOnly = internalOnly
+	if t.requestAdd, err = parseHeadersToAdd(rc.GetRequestHeadersToAdd(), "request_headers_to_add"); err != nil {
+		return nil, fail("%v", err)
+	}
+	if t.responseRemove, err = parseHeaderNames(rc.GetResponseHeadersToRemove(), "response_headers_to_remove"); err != nil {
+		return nil, fail("%v", err)
+	}
 	seen := map[string]string{}
 	for i, v := range rc.GetVirtualHosts() {
 		vf := fmt.Sprintf("virtual_hosts[%d] (%s)", i, v.GetName())
@@ -537,7 +547,7 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 			return nil, fail("%s: retry, hedge, rate limit and CORS policies are not supported", vf)
 		}
 		if len(v.GetRequestHeadersToAdd()) > 0 || len(v.GetResponseHeadersToAdd()) > 0 || len(v.GetRequestHeadersToRemove()) > 0 || len(v.GetResponseHeadersToRemove()) > 0 {
-			return nil, fail("%s: header manipulation is not supported", vf)
+			return nil, fail("%s: header manipulation is not supported here; %s", vf, headerMutationsSupported)
 		}
 		pr, err := parsePerFilter(v.GetTypedPerFilterConfig(), vf+".typed_per_filter_config")
 		if err != nil {
@@ -652,7 +662,7 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 	case len(ra.GetHashPolicy()) > 0 || ra.GetMetadataMatch() != nil:
 		return nil, fmt.Errorf("%s.route: hash policies and metadata matches are not supported", field)
 	case len(r.GetRequestHeadersToAdd()) > 0 || len(r.GetResponseHeadersToAdd()) > 0 || len(r.GetRequestHeadersToRemove()) > 0 || len(r.GetResponseHeadersToRemove()) > 0:
-		return nil, fmt.Errorf("%s: header manipulation is not supported", field)
+		return nil, fmt.Errorf("%s: header manipulation is not supported here; %s", field, headerMutationsSupported)
 	}
 	if rp := ra.GetRetryPolicy(); rp != nil {
 		n, err := parseRetryPolicy(rp, field+".route.retry_policy")

@@ -108,7 +108,10 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 		host, port, _ := net.SplitHostPort(g)
 		fmt.Fprintf(&gws, "  - {name: eastwest-%d, address: %s, port: %s}\n", i, host, port)
 	}
+	// mesh.peerMetadata is on: harmless to every other step, and ForgedHeaders checks what the
+	// sidecars decode of it.
 	cfgYAML := fmt.Sprintf(`node: {id: e2e}
+mesh: {peerMetadata: {enabled: true, labels: {app: legacy-vms, version: v1}}}
 gateways:
 %sidentity:
   spiffeID: %s
@@ -243,9 +246,15 @@ func (e *env) get(from, host string, port int, path string) (int, meshtest.Repor
 
 // getWith is get with the request headers hdr.
 func (e *env) getWith(from, host string, port int, path string, hdr http.Header) (int, meshtest.Report, error) {
+	code, _, r, err := e.exchange(from, host, port, path, hdr)
+	return code, r, err
+}
+
+// exchange is getWith that also returns the response headers the client received.
+func (e *env) exchange(from, host string, port int, path string, hdr http.Header) (int, http.Header, meshtest.Report, error) {
 	req, err := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(port)+path, nil)
 	if err != nil {
-		return 0, meshtest.Report{}, err
+		return 0, nil, meshtest.Report{}, err
 	}
 	req.Host = host
 	for k, v := range hdr {
@@ -253,18 +262,18 @@ func (e *env) getWith(from, host string, port int, path string, hdr http.Header)
 	}
 	resp, err := e.client(from).Do(req)
 	if err != nil {
-		return 0, meshtest.Report{}, err
+		return 0, nil, meshtest.Report{}, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return resp.StatusCode, meshtest.Report{}, err
+		return resp.StatusCode, resp.Header, meshtest.Report{}, err
 	}
 	if resp.StatusCode != 200 {
-		return resp.StatusCode, meshtest.Report{Fields: map[string]string{"body": string(body)}}, nil
+		return resp.StatusCode, resp.Header, meshtest.Report{Fields: map[string]string{"body": string(body)}}, nil
 	}
 	r, err := meshtest.ParseReport(string(body))
-	return resp.StatusCode, r, err
+	return resp.StatusCode, resp.Header, r, err
 }
 
 // tcp opens a connection to the TCP service port from source IP from, reads the sidecar's
@@ -391,9 +400,21 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 			if strings.HasPrefix(host, "ratings") {
 				port, service, id, alpn = p.h2, "ratings", ratingsID, alpnH2
 			}
-			code, r, err := e.getWith("", host, port, "/forged", forged)
+			code, answer, r, err := e.exchange("", host, port, "/forged", forged)
 			if err != nil || code != 200 {
 				t.Fatalf("%s: %d %v %v", host, code, err, r.Fields)
+			}
+			// The sidecar decoded fwdproxy's peer metadata (mesh.peerMetadata), not the VM's, and
+			// its answer in kind stayed in the mesh.
+			if r.Peer != "fwdproxy.fwdproxy" || r.PeerMetadata == nil || r.PeerMetadata.CanonicalService != "legacy-vms" ||
+				r.PeerMetadata.CanonicalRevision != "v1" || r.PeerMetadata.App != "legacy-vms" || r.PeerMetadata.Version != "v1" ||
+				!strings.HasPrefix(r.PeerID, "sidecar~0.0.0.0~fwdproxy-") {
+				t.Errorf("%s: the sidecar decoded peer %q (%+v), id %q; want the fleet's workload fwdproxy.fwdproxy", host, r.Peer, r.PeerMetadata, r.PeerID)
+			}
+			for _, k := range []string{"X-Envoy-Peer-Metadata", "X-Envoy-Peer-Metadata-Id"} {
+				if v := answer.Values(k); len(v) > 0 {
+					t.Errorf("%s: the VM received the sidecar's %s %q", host, k, v)
+				}
 			}
 			e.checkReport(host, r, service, target(service, port, ""), alpn)
 			// Exactly one XFCC entry: the sidecar's, for fwdproxy's certificate.
