@@ -31,10 +31,21 @@ func AsUser(t testing.TB, uid, gid uint32, name string, args ...string) (string,
 			t.Fatal(err)
 		}
 	}
+	return RunAs(t, uid, gid, []string{helperEnv + "=" + name}, bin, args...)
+}
+
+// RunAs runs the program bin (which uid must be able to execute) as uid:gid, with no
+// supplementary groups and only env and PATH in its environment, for at most 30 s, and returns
+// its combined output and exit error. It needs root, like AsUser.
+func RunAs(t testing.TB, uid, gid uint32, env []string, bin string, args ...string) (string, error) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatalf("this test runs a client as uid %d to show other local users are refused: run it as root (CI does)", uid)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Env = []string{helperEnv + "=" + name, "PATH=/usr/bin:/bin"}
+	cmd.Env = append([]string{"PATH=/usr/bin:/bin"}, env...)
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
 	out, err := cmd.CombinedOutput()

@@ -17,3 +17,10 @@ func SharedDir(t testing.TB) string {
 	t.Fatal("this test needs Linux and root")
 	return ""
 }
+
+// RunAs needs Linux, like AsUser.
+func RunAs(t testing.TB, uid, gid uint32, env []string, bin string, args ...string) (string, error) {
+	t.Helper()
+	t.Fatal("this test runs a program as another uid, which needs Linux and root")
+	return "", nil
+}
