@@ -120,9 +120,10 @@ func TestBootstrapIsValidEnvoyConfig(t *testing.T) {
 	if b.Node.Id != "cli-test" || b.DynamicResources.AdsConfig.GrpcServices[0].GetEnvoyGrpc().ClusterName != controlplane.XDSClusterName {
 		t.Fatalf("bootstrap: %v", b.Node)
 	}
-	sa := b.StaticResources.Clusters[0].LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress()
-	if sa.Address != "127.0.0.1" || sa.GetPortValue() != 18000 {
-		t.Fatalf("xds endpoint %v", sa)
+	// Envoy reaches the daemon on its Unix socket, never over TCP.
+	addr := b.StaticResources.Clusters[0].LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address
+	if addr.GetPipe().GetPath() != "/run/fwdproxy/xds.sock" || addr.GetSocketAddress() != nil {
+		t.Fatalf("xds endpoint %v, want the pipe /run/fwdproxy/xds.sock", addr)
 	}
 }
 
@@ -181,6 +182,19 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 		if !strings.Contains(stderr, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, stderr)
 		}
+	}
+}
+
+// TestDataplaneXDSFlag: the standalone data plane takes the daemon's socket; TCP only with a
+// client certificate, since the daemon serves the fleet's key on TCP to no one else.
+func TestDataplaneXDSFlag(t *testing.T) {
+	_, stderr, err := run(t, "dataplane", "--xds", "127.0.0.1:18000")
+	if err == nil || !strings.Contains(stderr, "--xds 127.0.0.1:18000 is TCP, which the daemon serves only to clients with a certificate") || !strings.Contains(stderr, "--xds-cert") {
+		t.Fatalf("TCP without a certificate: %v\n%s", err, stderr)
+	}
+	_, stderr, err = run(t, "dataplane", "--xds", "localhost")
+	if err == nil || !strings.Contains(stderr, "neither a socket path") {
+		t.Fatalf("a bad address: %v\n%s", err, stderr)
 	}
 }
 

@@ -241,7 +241,7 @@ func TestEnvoyStatsListener(t *testing.T) {
 	if err := protojson.Unmarshal(j, &frag); err != nil {
 		t.Fatalf("envoy-stats.yaml is not a bootstrap fragment: %v", err)
 	}
-	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSAddress: "127.0.0.1:18000", AdminAddress: "127.0.0.1:15000"})
+	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: "127.0.0.1:15000"})
 	if err != nil {
 		t.Fatal(err)
 	}

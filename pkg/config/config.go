@@ -27,7 +27,7 @@ type Config struct {
 	Identity  Identity  `yaml:"identity"`
 	Discovery Discovery `yaml:"discovery"`
 	Listen    Listen    `yaml:"listen"`
-	XDS       Server    `yaml:"xds"`
+	XDS       XDS       `yaml:"xds"`
 	Metrics   Server    `yaml:"metrics"`
 	Admin     Admin     `yaml:"admin"`
 	Peers     Peers     `yaml:"peers"`
@@ -173,9 +173,6 @@ func (c *Config) applyDefaults() {
 		t := true
 		c.Listen.AccessLog = &t
 	}
-	if c.XDS.Address == "" {
-		c.XDS.Address = "127.0.0.1:18000"
-	}
 	if c.Metrics.Address == "" {
 		c.Metrics.Address = ":9102"
 	}
@@ -195,6 +192,7 @@ func (c *Config) applyDefaults() {
 	if u.Outlier.MaxEjectionPercent == 0 {
 		u.Outlier.MaxEjectionPercent = 50
 	}
+	c.xdsDefaults()
 	c.peersDefaults()
 	c.dataplaneDefaults()
 	c.kubernetesDefaults()
@@ -250,12 +248,11 @@ func (c *Config) Problems() strictyaml.Problems {
 	}
 	c.acmpcaProblems(&p)
 	c.kubernetesProblems(&p)
+	c.xdsProblems(&p)
 	c.peersProblems(&p)
 	c.dataplaneProblems(&p)
-	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}} {
-		if err := checkHostPort(s.addr); err != nil {
-			p.Addf(s.field, "%v", err)
-		}
+	if err := checkHostPort(c.Metrics.Address); err != nil {
+		p.Addf("metrics.address", "%v", err)
 	}
 	if _, err := netip.ParseAddr(c.Listen.Address); err != nil {
 		p.Addf("listen.address", "%q is not an IP address; use 0.0.0.0 to listen on all IPv4 addresses", c.Listen.Address)

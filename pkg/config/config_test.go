@@ -15,7 +15,7 @@ func TestExampleConfig(t *testing.T) {
 	if c.Gateways[1].Port != 15443 {
 		t.Errorf("gateway port default = %d", c.Gateways[1].Port)
 	}
-	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Address != "127.0.0.1:18000" {
+	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Socket != DefaultXDSSocket || c.XDS.Address != "" {
 		t.Errorf("defaults: %+v", c)
 	}
 	if got := c.Path("catalog.yaml"); !strings.HasSuffix(got, "examples/catalog.yaml") {
@@ -42,7 +42,7 @@ identity:
 		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
 		{"unknown field", base + "xds: {adress: 1}\n", `c.yaml:7: unknown field "adress"`},
 		{"bad duration", base + "upstream: {connectTimeout: fast}\n", "c.yaml:7:"},
-		{"bad xds address", base + "xds: {address: localhost}\n", `xds.address: "localhost" is not host:port`},
+		{"bad xds address", base + "xds: {address: localhost, tls: {certChain: a, privateKey: b, clientCA: c}}\n", `xds.address: "localhost" is not host:port`},
 		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},
 		{"envoy without binary", base + "dataplane: envoy\n", "envoy.binary: required with dataplane: envoy"},
 		{"envoy admin off loopback", base + "envoy: {binary: envoy, adminAddress: 0.0.0.0:15000}\n", `c.yaml:7: envoy.adminAddress: "0.0.0.0:15000" is not a loopback address`},

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -99,17 +100,18 @@ const XDSClusterName = "xds_cluster"
 // BootstrapOptions describe the Envoy instance a bootstrap is for.
 type BootstrapOptions struct {
 	NodeID, NodeCluster string
-	// XDSAddress is the daemon's xDS host:port.
-	XDSAddress string
+	// XDSSocket is the path of the daemon's xDS Unix socket (xds.socket). Envoy reaches it as a
+	// pipe address; the daemon admits it by its user or group.
+	XDSSocket string
 	// AdminAddress is Envoy's admin host:port (keep it on loopback).
 	AdminAddress string
 }
 
-// Bootstrap is an Envoy bootstrap that takes everything from the daemon over ADS.
+// Bootstrap is an Envoy bootstrap that takes everything from the daemon over ADS, on the
+// daemon's Unix socket.
 func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
-	xdsAddr, err := hostPort(o.XDSAddress)
-	if err != nil {
-		return nil, fmt.Errorf("xds address: %w", err)
+	if !filepath.IsAbs(o.XDSSocket) {
+		return nil, fmt.Errorf("xds socket %q: need an absolute path", o.XDSSocket)
 	}
 	admin, err := hostPort(o.AdminAddress)
 	if err != nil {
@@ -141,7 +143,9 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 			TypedExtensionProtocolOptions: map[string]*anypb.Any{HTTPProtocolOptionsKey: h2},
 			LoadAssignment: &endpoint.ClusterLoadAssignment{
 				ClusterName: XDSClusterName,
-				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{lbEndpoint(xdsAddr)}}},
+				Endpoints: []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{{HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+					Address: &core.Address{Address: &core.Address_Pipe{Pipe: &core.Pipe{Path: o.XDSSocket}}},
+				}}}}}},
 			},
 		}}},
 		Admin: &bootstrap.Admin{Address: xdsSocket(admin)},

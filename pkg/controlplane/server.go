@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
@@ -17,12 +18,15 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 )
 
-// fleetKey is the one snapshot key: every data plane that connects, whatever its node ID, is
-// served the fleet's configuration.
+// fleetKey is the one snapshot key: every data plane that connects (and authenticates, see
+// transport.go), whatever its node ID, is served the fleet's configuration.
 const fleetKey = "fleet"
 
 type fleetHash struct{}
@@ -49,6 +53,7 @@ type Server struct {
 
 type stream struct {
 	node  string
+	peer  Peer
 	acked map[string]string // type URL -> version acknowledged
 }
 
@@ -110,15 +115,42 @@ func (s *Server) Current() *Snapshot {
 	return s.current
 }
 
-// Register adds the ADS and SDS services to g.
+// Register adds the ADS and SDS services to g. Its connections carry no Peer transport.
 func (s *Server) Register(g *grpc.Server) {
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
 	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
 }
 
-// Serve listens on addr until ctx is done.
-func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+// ServeUnix serves on a Unix socket listener (see localsock.Listen) until ctx is done,
+// admitting only the connections whose peer credentials p allows; refusals are logged.
+func (s *Server) ServeUnix(ctx context.Context, lis net.Listener, p localsock.Policy) error {
+	guarded := localsock.Guard(lis, p, func(c localsock.Cred, err error) {
+		s.log.Warn("xDS connection refused: this local user may not fetch the fleet's configuration and key",
+			"peer", c.String(), "reason", err.Error())
+	})
+	return s.Serve(ctx, guarded, localCreds{transport: UnixSocket})
+}
+
+// ServeInProcess serves the in-process listener (the built-in data plane) until ctx is done.
+func (s *Server) ServeInProcess(ctx context.Context, lis *InProcessListener) error {
+	return s.Serve(ctx, lis.l, localCreds{transport: InProcess})
+}
+
+// ServeTLS serves on a TCP listener until ctx is done, with cfg, which must require and verify
+// client certificates.
+func (s *Server) ServeTLS(ctx context.Context, lis net.Listener, cfg *tls.Config) error {
+	creds, err := tlsCreds(cfg)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ctx, lis, creds)
+}
+
+// Serve serves on lis until ctx is done, authenticating connections with creds. The daemon
+// uses ServeUnix, ServeInProcess and ServeTLS; insecure credentials are for tests only.
+func (s *Server) Serve(ctx context.Context, lis net.Listener, creds credentials.TransportCredentials) error {
 	g := grpc.NewServer(
+		grpc.Creds(creds),
 		grpc.MaxConcurrentStreams(1000),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
@@ -186,9 +218,10 @@ func (s *Server) Status() Status {
 	return st
 }
 
-func (s *Server) open(id int64) {
+func (s *Server) open(ctx context.Context, id int64) {
+	p := peerOf(ctx)
 	s.mu.Lock()
-	s.streams[id] = &stream{acked: map[string]string{}}
+	s.streams[id] = &stream{peer: p, acked: map[string]string{}}
 	n := len(s.streams)
 	s.mu.Unlock()
 	s.metrics.clients.Set(float64(n))
@@ -211,9 +244,9 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 	if st != nil && node != nil && node.GetId() != "" {
 		st.node = node.GetId()
 	}
-	nodeID := ""
+	nodeID, peer := "", Peer{}
 	if st != nil {
-		nodeID = st.node
+		nodeID, peer = st.node, st.peer
 	}
 	if !isErr && st != nil && version != "" {
 		st.acked[typeURL] = version
@@ -222,15 +255,15 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 	if isErr {
 		s.metrics.nacks.WithLabelValues(TypeName(typeURL)).Inc()
 		s.log.Error("xDS client rejected configuration; it keeps its last good one",
-			"node", nodeID, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+			"node", nodeID, "peer", peer.String(), "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
 	}
 }
 
 func (s *Server) callbacks() serverv3.CallbackFuncs {
 	return serverv3.CallbackFuncs{
-		StreamOpenFunc:      func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		StreamOpenFunc:      func(ctx context.Context, id int64, _ string) error { s.open(ctx, id); return nil },
 		StreamClosedFunc:    func(id int64, _ *core.Node) { s.closed(id) },
-		DeltaStreamOpenFunc: func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, _ string) error { s.open(ctx, id); return nil },
 		DeltaStreamClosedFunc: func(id int64, _ *core.Node) {
 			s.closed(id)
 		},

@@ -53,7 +53,7 @@ identity:
   files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: 127.0.0.1:%d}
+xds: {socket: xds.sock}
 metrics: {address: 127.0.0.1:%d}
 admin: {address: 127.0.0.1:%d}
 dataplane: none
@@ -62,7 +62,7 @@ peers:
   seeds: [%s]
   keyring: %s
   timing: local
-`, name, freePort(t), freePort(t), freePort(t), adminPort, gossipPort, joinComma(seedList), keyring)
+`, name, freePort(t), freePort(t), adminPort, gossipPort, joinComma(seedList), keyring)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
 		t.Fatal(err)

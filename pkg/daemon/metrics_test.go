@@ -114,7 +114,7 @@ identity:
 %s
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: "127.0.0.1:0"}
+xds: {socket: xds.sock}
 metrics: {address: %s}
 admin: {address: "127.0.0.1:0"}
 `, gwPort, identityBlock, f.metricsAddr)
