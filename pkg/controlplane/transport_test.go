@@ -16,6 +16,7 @@ import (
 	client "github.com/envoyproxy/go-control-plane/pkg/client/sotw/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -149,6 +150,43 @@ func ackAll(t *testing.T, conn func(*testing.T) *grpc.ClientConn, node, nack str
 		if err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestOnlyTheDataPlaneCounts: clients that are not this instance's data plane (another node ID,
+// or the right node ID over another transport) are served, but neither make the instance
+// current nor raise fwdproxy_xds_nacks_total; their NACKs are counted apart.
+func TestOnlyTheDataPlaneCounts(t *testing.T) {
+	tr := startTransports(t)
+	tr.s.SetDataPlane(func(c Client) bool { return c.Peer.Transport == InProcess && c.Node == "node-a" })
+	nacks := func() float64 { return testutil.ToFloat64(tr.s.metrics.nacks.WithLabelValues("listener")) }
+	foreign := func() float64 { return testutil.ToFloat64(tr.s.metrics.foreignNacks.WithLabelValues("listener")) }
+
+	ackAll(t, tr.unix, "node-a", "")                                                        // the right node ID on the socket
+	ackAll(t, tr.inProcess, "node-b", "")                                                   // another node in process
+	ackAll(t, func(t *testing.T) *grpc.ClientConn { return tr.tls(t, true) }, "node-a", "") // TCP
+	ackAll(t, tr.unix, "intruder", "rejected by the intruder")
+	waitFor(t, "the foreign NACK", func() bool { return foreign() == 1 })
+	if st := tr.s.Status(); st.AckedAny != 0 || st.AckedCurrent != 0 || st.Clients != 12 {
+		t.Fatalf("status with only foreign clients: %+v", st)
+	}
+	if nacks() != 0 {
+		t.Fatal("a foreign client's NACK raised fwdproxy_xds_nacks_total")
+	}
+	if logs := tr.logs.String(); !strings.Contains(logs, "level=WARN msg=\"xDS client that is not this instance's data plane rejected configuration\" node=intruder peer=\"unix uid 0") ||
+		strings.Contains(logs, "level=ERROR") {
+		t.Fatalf("log:\n%s", logs)
+	}
+
+	ackAll(t, tr.inProcess, "node-a", "")
+	waitFor(t, "the data plane's ACK", func() bool { return tr.s.Status().AckedCurrent == 1 })
+	if st := tr.s.Status(); st.AckedAny != 1 {
+		t.Fatalf("status with the data plane: %+v", st)
+	}
+	ackAll(t, tr.inProcess, "node-a", "rejected by the data plane")
+	waitFor(t, "the data plane's NACK", func() bool { return nacks() == 1 })
+	if !strings.Contains(tr.logs.String(), "level=ERROR msg=\"xDS client rejected configuration; it keeps its last good one\" node=node-a") {
+		t.Fatalf("log:\n%s", tr.logs.String())
 	}
 }
 

@@ -35,6 +35,8 @@ type Daemon struct {
 	sources  []discovery.Source
 	// inproc is the built-in data plane's in-process connection to the xDS server (set by Run).
 	inproc *controlplane.InProcessListener
+	// envoyUID is the user a supervised Envoy runs as (this daemon's); see isDataPlane.
+	envoyUID uint32
 
 	changed chan struct{}
 	mu      sync.Mutex

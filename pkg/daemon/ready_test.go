@@ -312,3 +312,51 @@ func getHealthz(addr string) (int, string, error) {
 	b, err := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b), err
 }
+
+// TestReadyIgnoresOtherClients: only the data plane the daemon configured counts for readiness
+// and the NACK alert. Any other xDS client (here one with another node ID on the socket) is
+// served, but its ACKs do not make the instance ready, and its NACKs do not raise
+// fwdproxy_xds_nacks_total: they are counted in fwdproxy_xds_foreign_nacks_total.
+func TestReadyIgnoresOtherClients(t *testing.T) {
+	cfg, _ := readyFixture(t)
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	runDaemon(t, d)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
+
+	other := dialADS(t, ctx, cfg, "someone-else")
+	other.answerBoth(t, "")
+	time.Sleep(300 * time.Millisecond)
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
+	if st := d.XDS.Status(); st.Clients != 1 || st.AckedAny != 0 {
+		t.Fatalf("status %+v: another node's ACK counted", st)
+	}
+
+	// Its NACK of the next configuration is not this instance's problem.
+	nacker := dialADS(t, ctx, cfg, "someone-else")
+	nacker.answerBoth(t, "listener rejected by someone else")
+	metric := func(name string) string {
+		resp, err := http.Get("http://" + cfg.Metrics.Address + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, name+`{type="listener"} `) {
+				return strings.TrimPrefix(l, name+`{type="listener"} `)
+			}
+		}
+		return "missing"
+	}
+	meshtest.Eventually(t, 5*time.Second, "the foreign NACK counted", func() bool { return metric("fwdproxy_xds_foreign_nacks_total") == "1" })
+	if n := metric("fwdproxy_xds_nacks_total"); n != "0" {
+		t.Fatalf("fwdproxy_xds_nacks_total{type=listener} = %s after another client's NACK", n)
+	}
+
+	// The data plane itself.
+	dp := dialADS(t, ctx, cfg, cfg.Node.ID)
+	dp.answerBoth(t, "")
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
+}

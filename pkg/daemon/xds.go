@@ -56,6 +56,8 @@ func (d *Daemon) listenXDS() (*xdsListeners, error) {
 	if d.cfg.Dataplane == "builtin" {
 		d.inproc = controlplane.NewInProcessListener()
 	}
+	d.envoyUID = uint32(os.Geteuid())
+	d.XDS.SetDataPlane(d.isDataPlane)
 	return l, nil
 }
 
@@ -84,4 +86,24 @@ func (l *xdsListeners) describe() string {
 		s += " tcp:" + l.tcp.Addr().String() + " (client certificates)"
 	}
 	return s
+}
+
+// isDataPlane says whether an xDS client is this instance's own data plane, the one /ready and
+// the NACK alert are about: it names the node ID the daemon gave it (Envoy's bootstrap, the
+// built-in data plane's options) and comes the way that data plane comes. The built-in data
+// plane connects in process; a supervised Envoy on the socket as the daemon's own user; with
+// dataplane: none, the data plane on this host (systemd's Envoy, fwdproxy dataplane) on the
+// socket. Any other client (another node ID, a TCP client on another host) is served but says
+// nothing about whether this instance carries traffic.
+func (d *Daemon) isDataPlane(c controlplane.Client) bool {
+	if c.Node != d.cfg.Node.ID {
+		return false
+	}
+	switch d.cfg.Dataplane {
+	case "builtin":
+		return c.Peer.Transport == controlplane.InProcess
+	case "envoy":
+		return c.Peer.Transport == controlplane.UnixSocket && (!c.Peer.CredKnown || c.Peer.Cred.UID == d.envoyUID)
+	}
+	return c.Peer.Transport == controlplane.UnixSocket
 }

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 )
@@ -171,5 +172,39 @@ func TestXDSOverTCPNeedsAClientCertificate(t *testing.T) {
 	})
 	if ok, why := d.Ready(); ok {
 		t.Fatalf("ready (%s) with only a TCP client", why)
+	}
+}
+
+// TestIsDataPlane: the clients that count for readiness, per data plane setting.
+func TestIsDataPlane(t *testing.T) {
+	cfg, _ := readyFixture(t)
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	d.envoyUID = 1000
+	inproc := controlplane.Peer{Transport: controlplane.InProcess}
+	unixAs := func(uid uint32) controlplane.Peer {
+		return controlplane.Peer{Transport: controlplane.UnixSocket, CredKnown: true, Cred: localsock.Cred{UID: uid}}
+	}
+	tcp := controlplane.Peer{Transport: controlplane.TCP, Identity: "spiffe://cluster.local/ns/laptops/sa/dp"}
+	node := cfg.Node.ID
+	for _, c := range []struct {
+		dataplane string
+		client    controlplane.Client
+		want      bool
+	}{
+		{"builtin", controlplane.Client{Node: node, Peer: inproc}, true},
+		{"builtin", controlplane.Client{Node: node, Peer: unixAs(0)}, false},
+		{"builtin", controlplane.Client{Node: "other", Peer: inproc}, false},
+		{"envoy", controlplane.Client{Node: node, Peer: unixAs(1000)}, true},
+		{"envoy", controlplane.Client{Node: node, Peer: unixAs(998)}, false},
+		{"envoy", controlplane.Client{Node: node, Peer: tcp}, false},
+		{"none", controlplane.Client{Node: node, Peer: unixAs(998)}, true},
+		{"none", controlplane.Client{Node: "other", Peer: unixAs(998)}, false},
+		{"none", controlplane.Client{Node: node, Peer: tcp}, false},
+		{"none", controlplane.Client{Node: node}, false},
+	} {
+		d.cfg.Dataplane = c.dataplane
+		if got := d.isDataPlane(c.client); got != c.want {
+			t.Errorf("dataplane %s, client %s %s: %v, want %v", c.dataplane, c.client.Node, c.client.Peer, got, c.want)
+		}
 	}
 }
