@@ -48,6 +48,7 @@ identity:
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
 xds: {socket: xds.sock}
+admin: {socket: admin.sock}
 metrics: {address: %s}
 dataplane: none
 `, demoFleetID, metrics)), 0o644)

@@ -193,6 +193,7 @@ func (c *Config) applyDefaults() {
 		u.Outlier.MaxEjectionPercent = 50
 	}
 	c.xdsDefaults()
+	c.adminDefaults()
 	c.peersDefaults()
 	c.dataplaneDefaults()
 	c.kubernetesDefaults()
@@ -249,6 +250,7 @@ func (c *Config) Problems() strictyaml.Problems {
 	c.acmpcaProblems(&p)
 	c.kubernetesProblems(&p)
 	c.xdsProblems(&p)
+	c.adminProblems(&p)
 	c.peersProblems(&p)
 	c.dataplaneProblems(&p)
 	if err := checkHostPort(c.Metrics.Address); err != nil {

@@ -35,9 +35,11 @@ type ServerTLS struct {
 	ClientCA   string `yaml:"clientCA"`
 }
 
-// DefaultXDSSocket is in the directory the machine image's systemd unit creates
-// (RuntimeDirectory).
-const DefaultXDSSocket = "/run/fwdproxy/xds.sock"
+// Default sockets, in the directory the machine image's systemd unit creates (RuntimeDirectory).
+const (
+	DefaultXDSSocket   = "/run/fwdproxy/xds.sock"
+	DefaultAdminSocket = "/run/fwdproxy/admin.sock"
+)
 
 func (c *Config) xdsDefaults() {
 	if c.XDS.Socket == "" {

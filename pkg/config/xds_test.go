@@ -14,12 +14,15 @@ func TestXDSDefaults(t *testing.T) {
 	if c.XDS.Socket != "/run/fwdproxy/xds.sock" || c.XDS.Group != "" || c.XDS.Address != "" || c.XDS.TLS != nil {
 		t.Fatalf("xds defaults: %+v", c.XDS)
 	}
-	c, err = Parse("/srv/fp/c.yaml", []byte(peersBase+"xds: {socket: run/xds.sock, group: envoy}\n"))
+	if c.Admin.Socket != "/run/fwdproxy/admin.sock" || c.Admin.Address != "" {
+		t.Fatalf("admin defaults: %+v", c.Admin)
+	}
+	c, err = Parse("/srv/fp/c.yaml", []byte(peersBase+"xds: {socket: run/xds.sock, group: envoy}\nadmin: {socket: /run/fp/admin.sock, group: '998'}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.XDSSocket() != filepath.FromSlash("/srv/fp/run/xds.sock") {
-		t.Fatalf("socket resolved to %s", c.XDSSocket())
+	if c.XDSSocket() != filepath.FromSlash("/srv/fp/run/xds.sock") || c.AdminSocket() != "/run/fp/admin.sock" {
+		t.Fatalf("sockets resolved to %s and %s", c.XDSSocket(), c.AdminSocket())
 	}
 	withTLS := "xds: {address: '0.0.0.0:18000', tls: {certChain: xds.pem, privateKey: xds-key.pem, clientCA: dataplanes-ca.pem}}\n"
 	if _, err := Parse("c.yaml", []byte(peersBase+withTLS)); err != nil {

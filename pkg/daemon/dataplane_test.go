@@ -187,6 +187,7 @@ identity:
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
 xds: {socket: xds.sock}
+admin: {socket: admin.sock}
 metrics: {address: 127.0.0.1:%d}
 builtin: {drainTime: 1s}
 `, gwPort, metricsPort)

@@ -130,6 +130,7 @@ discovery:
 listen: {address: 127.0.0.1}
 dataplane: none
 xds: {socket: xds.sock}
+admin: {socket: admin.sock}
 metrics: {address: %q}
 `, metricsAddr)
 	path := filepath.Join(dir, "config.yaml")

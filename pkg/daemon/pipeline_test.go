@@ -113,6 +113,7 @@ discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
 xds: {socket: xds.sock}
 metrics: {address: 127.0.0.1:%d}
+admin: {socket: admin.sock}
 `, freePort(t), freePort(t))
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {

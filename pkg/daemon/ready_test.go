@@ -82,10 +82,12 @@ discovery:
 listen: {address: 127.0.0.1, accessLog: false}
 dataplane: none  # the test's own ADS clients are the data planes
 metrics: {address: %q}
-admin: {address: %q}
-%s`, chain, key, root, freeAddr(t), freeAddr(t), extra)
+%s`, chain, key, root, freeAddr(t), extra)
 	if !strings.Contains(extra, "xds:") {
 		doc += "xds: {socket: xds.sock}\n"
+	}
+	if !strings.Contains(extra, "admin:") {
+		doc += "admin: {socket: admin.sock}\n"
 	}
 	path := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {

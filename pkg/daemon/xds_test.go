@@ -27,7 +27,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	meshtest.RunHelper(map[string]func([]string) int{"fetch-key": fetchKeyHelper})
+	meshtest.RunHelper(map[string]func([]string) int{"fetch-key": fetchKeyHelper, "admin-status": adminStatusHelper})
 	os.Exit(m.Run())
 }
 
