@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -112,7 +113,7 @@ func TestPackerInstallScript(t *testing.T) {
 	if check < 0 || install < 0 || check > install {
 		t.Error("install.sh must verify Envoy's SHA-256 (sha256sum --check) before installing it")
 	}
-	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate"} {
+	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate", "groupadd --system fwdproxy-admin"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("install.sh lacks %q", want)
 		}
@@ -178,8 +179,16 @@ func TestSystemdUnits(t *testing.T) {
 			}
 		}
 	}
-	if rw := unit(t, "fwdproxy.service")["ReadWritePaths"]; len(rw) != 1 || !strings.Contains(rw[0], "/var/lib/fwdproxy") {
+	daemon := unit(t, "fwdproxy.service")
+	if rw := daemon["ReadWritePaths"]; len(rw) != 1 || !strings.Contains(rw[0], "/var/lib/fwdproxy") {
 		t.Errorf("fwdproxy.service ReadWritePaths=%v, want the state directory", rw)
+	}
+	// The sockets' directory, and the syscall that gives them to their groups.
+	if rd, mode := daemon["RuntimeDirectory"], daemon["RuntimeDirectoryMode"]; len(rd) != 1 || rd[0] != "fwdproxy" || len(mode) != 1 || mode[0] != "0755" {
+		t.Errorf("fwdproxy.service RuntimeDirectory=%v RuntimeDirectoryMode=%v, want fwdproxy 0755", rd, mode)
+	}
+	if f := daemon["SystemCallFilter"]; !slices.Contains(f, "~@privileged @resources") || f[len(f)-1] != "@chown" {
+		t.Errorf("fwdproxy.service SystemCallFilter=%v: after denying @privileged, allow @chown again (the sockets' groups)", f)
 	}
 	envoy := unit(t, "fwdproxy-envoy.service")
 	if pre := envoy["ExecStartPre"]; len(pre) != 1 || !strings.Contains(pre[0], "/usr/local/bin/fwdproxy bootstrap --config /etc/fwdproxy/config.yaml") {
