@@ -57,7 +57,7 @@ func meshCmd(args []string) error {
 	fs := flag.NewFlagSet("mesh", flag.ContinueOnError)
 	dir := fs.String("dir", "", "directory for the generated files (required)")
 	ports := map[string]*int{}
-	for _, n := range []string{"fwdproxy-http", "fwdproxy-tcp", "haproxy-http", "haproxy-tcp", "xds", "metrics", "admin"} {
+	for _, n := range []string{"fwdproxy-http", "fwdproxy-tcp", "haproxy-http", "haproxy-tcp", "metrics"} {
 		ports[n] = fs.Int(n, 0, n+" port (0: any free port)")
 	}
 	if err := fs.Parse(args); err != nil {
@@ -160,11 +160,11 @@ identity:
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: 127.0.0.1:%d}
+xds: {socket: xds.sock}
 metrics: {address: 127.0.0.1:%d}
-admin: {address: 127.0.0.1:%d}
+admin: {socket: admin.sock}
 dataplane: builtin
-`, gwHost, gwPort, fleetID, *ports["xds"], *ports["metrics"], *ports["admin"]),
+`, gwHost, gwPort, fleetID, *ports["metrics"]),
 		// The same origination as fwdproxy's clusters: client chain, Istio SNI and ALPN, server
 		// chain verified against the mesh root and one name checked. HAProxy checks the server
 		// name against the SNI and cannot match a URI SAN, so the benchmark's sidecars also

@@ -120,9 +120,10 @@ func TestBootstrapIsValidEnvoyConfig(t *testing.T) {
 	if b.Node.Id != "cli-test" || b.DynamicResources.AdsConfig.GrpcServices[0].GetEnvoyGrpc().ClusterName != controlplane.XDSClusterName {
 		t.Fatalf("bootstrap: %v", b.Node)
 	}
-	sa := b.StaticResources.Clusters[0].LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetSocketAddress()
-	if sa.Address != "127.0.0.1" || sa.GetPortValue() != 18000 {
-		t.Fatalf("xds endpoint %v", sa)
+	// Envoy reaches the daemon on its Unix socket, never over TCP.
+	addr := b.StaticResources.Clusters[0].LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address
+	if addr.GetPipe().GetPath() != "/run/fwdproxy/xds.sock" || addr.GetSocketAddress() != nil {
+		t.Fatalf("xds endpoint %v, want the pipe /run/fwdproxy/xds.sock", addr)
 	}
 }
 
@@ -194,9 +195,9 @@ func TestValidateRefusesUnsafeInput(t *testing.T) {
 	}{
 		{"the daemon's own port", `services:
   - host: x.ns.svc.cluster.local
-    ports: [{number: 18000, protocol: tcp}]
+    ports: [{number: 9102, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/x]
-`, "catalog.yaml:3: services[0].ports[0].number: port 18000 is the daemon's own xds.address (127.0.0.1:18000)"},
+`, "catalog.yaml:3: services[0].ports[0].number: port 9102 is the daemon's own metrics.address (:9102)"},
 		{"a fractional port", `services:
   - host: x.ns.svc.cluster.local
     ports: [{number: 80.5, protocol: http}]
@@ -240,6 +241,19 @@ func TestValidateSaysWhatIsLeftOut(t *testing.T) {
 	err = reportSkipped(&w, []controlplane.SkippedService{{Host: "b.ns.svc.cluster.local", Reason: controlplane.SkipConflict, Detail: "TCP port 80 is already served by a.ns.svc.cluster.local"}}, true)
 	if err == nil || !strings.Contains(err.Error(), "service b.ns.svc.cluster.local would be left out of the configuration (conflict): TCP port 80") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestDataplaneXDSFlag: the standalone data plane takes the daemon's socket; TCP only with a
+// client certificate, since the daemon serves the fleet's key on TCP to no one else.
+func TestDataplaneXDSFlag(t *testing.T) {
+	_, stderr, err := run(t, "dataplane", "--xds", "127.0.0.1:18000")
+	if err == nil || !strings.Contains(stderr, "--xds 127.0.0.1:18000 is TCP, which the daemon serves only to clients with a certificate") || !strings.Contains(stderr, "--xds-cert") {
+		t.Fatalf("TCP without a certificate: %v\n%s", err, stderr)
+	}
+	_, stderr, err = run(t, "dataplane", "--xds", "localhost")
+	if err == nil || !strings.Contains(stderr, "neither a socket path") {
+		t.Fatalf("a bad address: %v\n%s", err, stderr)
 	}
 }
 

@@ -27,7 +27,7 @@ import (
 func init() {
 	register("run", "run the daemon: discovery, identity, xDS server and data plane", runCmd)
 	register("render", "print the Envoy resources the daemon would serve, as JSON (--static: a complete static Envoy config)", renderCmd)
-	register("bootstrap", "print an Envoy bootstrap that points at the daemon's xDS server", bootstrapCmd)
+	register("bootstrap", "print an Envoy bootstrap that points at the daemon's xDS socket (xds.socket)", bootstrapCmd)
 	register("validate", "check a config, its catalog files and its identity; exit 0 or print every problem", validateCmd)
 }
 
@@ -212,7 +212,7 @@ func bootstrapCmd(args []string) error {
 		return err
 	}
 	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
-		NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSAddress: cfg.XDS.Address, AdminAddress: cfg.Envoy.AdminAddress,
+		NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSSocket: cfg.XDSSocket(), AdminAddress: cfg.Envoy.AdminAddress,
 	})
 	if err != nil {
 		return err

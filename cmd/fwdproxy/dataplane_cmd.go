@@ -9,12 +9,16 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/fwdproxy/fwdproxy/internal/tlsfiles"
+	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/dataplane"
 )
 
@@ -24,9 +28,13 @@ func init() {
 
 func dataplaneCmd(args []string) error {
 	fs := flag.NewFlagSet("dataplane", flag.ContinueOnError)
-	xds := fs.String("xds", "127.0.0.1:18000", "the daemon's xDS address (keep it on loopback: it serves the fleet's key over SDS)")
+	xds := fs.String("xds", config.DefaultXDSSocket, "the daemon's xDS server: its Unix socket (a path or unix:PATH: xds.socket), or host:port of its TCP listener (xds.address), which needs --xds-cert, --xds-key and --xds-ca")
+	cert := fs.String("xds-cert", "", "with a TCP --xds: this data plane's client certificate chain (PEM), signed by the daemon's xds.tls.clientCA")
+	key := fs.String("xds-key", "", "with a TCP --xds: the client certificate's private key (PEM)")
+	ca := fs.String("xds-ca", "", "with a TCP --xds: the CA bundle that signed the daemon's xDS certificate")
+	serverName := fs.String("xds-server-name", "", "with a TCP --xds: the name to verify in the daemon's certificate (default: the host of --xds)")
 	host, _ := os.Hostname()
-	nodeID := fs.String("node-id", host, "node ID reported to the control plane")
+	nodeID := fs.String("node-id", host, "node ID reported to the control plane; the daemon's /ready counts this data plane only under its node.id (default: the host name, like node.id)")
 	nodeCluster := fs.String("node-cluster", "fwdproxy", "node cluster reported to the control plane")
 	listen := fs.String("listen-address", "", "bind every listener on this IP instead of the configured one")
 	metrics := fs.String("metrics", "", "serve /metrics on this address (empty: no metrics)")
@@ -36,8 +44,32 @@ func dataplaneCmd(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if _, _, err := net.SplitHostPort(*xds); err != nil {
-		return fmt.Errorf("--xds %q: %v", *xds, err)
+	opts := dataplane.Options{ServerAddress: *xds, NodeID: *nodeID, NodeCluster: *nodeCluster, ListenAddress: *listen, DrainTime: *drain}
+	switch {
+	case strings.HasPrefix(*xds, "unix:"), strings.HasPrefix(*xds, "/"), strings.HasPrefix(*xds, "."):
+		p := strings.TrimPrefix(strings.TrimPrefix(*xds, "unix:"), "//")
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return fmt.Errorf("--xds %q: %v", *xds, err)
+		}
+		opts.ServerAddress = abs
+	default:
+		h, _, err := net.SplitHostPort(*xds)
+		if err != nil {
+			return fmt.Errorf("--xds %q is neither a socket path (/run/fwdproxy/xds.sock, unix:PATH) nor host:port: %v", *xds, err)
+		}
+		if *cert == "" || *key == "" || *ca == "" {
+			return fmt.Errorf("--xds %s is TCP, which the daemon serves only to clients with a certificate (it hands out the fleet's key): pass --xds-cert, --xds-key and --xds-ca, or use its Unix socket (--xds %s)", *xds, config.DefaultXDSSocket)
+		}
+		tc, err := tlsfiles.Client(*cert, *key, *ca)
+		if err != nil {
+			return fmt.Errorf("--xds-cert/--xds-key/--xds-ca: %w", err)
+		}
+		tc.ServerName = h
+		if *serverName != "" {
+			tc.ServerName = *serverName
+		}
+		opts.TLS = tc
 	}
 	if *listen != "" && net.ParseIP(*listen) == nil {
 		return fmt.Errorf("--listen-address %q is not an IP address", *listen)
@@ -63,11 +95,10 @@ func dataplaneCmd(args []string) error {
 		}()
 		defer srv.Close()
 	}
-	opts := dataplane.Options{ServerAddress: *xds, NodeID: *nodeID, NodeCluster: *nodeCluster, Log: log,
-		ListenAddress: *listen, DrainTime: *drain}
+	opts.Log = log
 	if reg != nil {
 		opts.Registerer = reg
 	}
-	log.Info("built-in data plane starting", "xds", *xds, "node", *nodeID)
+	log.Info("built-in data plane starting", "xds", opts.ServerAddress, "node", *nodeID, "tls", opts.TLS != nil)
 	return dataplane.New(opts).Run(ctx)
 }

@@ -30,7 +30,6 @@ type demoOptions struct {
 	HTTPPort    int
 	TCPPort     int
 	GatewayPort int
-	XDSPort     int
 	MetricsPort int
 	// Dir keeps the generated files (kept afterwards); empty: a temporary directory, removed.
 	Dir      string
@@ -52,9 +51,8 @@ func demoCmd(args []string) error {
 	fs.IntVar(&o.HTTPPort, "http-port", 9080, "port of the HTTP services (routed by Host); 0: any free port")
 	fs.IntVar(&o.TCPPort, "tcp-port", 9000, "port of the TCP echo service; 0: any free port")
 	fs.IntVar(&o.GatewayPort, "gateway-port", 0, "port of the stand-in east-west gateway; 0: any free port")
-	fs.IntVar(&o.XDSPort, "xds-port", 0, "port of the daemon's xDS server; 0: any free port")
 	fs.IntVar(&o.MetricsPort, "metrics-port", 0, "port of /metrics, /ready and /healthz; 0: any free port")
-	fs.StringVar(&o.Dir, "dir", "", "keep the generated CA, identities, config and catalog in this directory (default: a temporary directory, removed on exit)")
+	fs.StringVar(&o.Dir, "dir", "", "keep the generated CA, identities, config and catalog in this directory, where the daemon's xDS and admin sockets go too (default: a temporary directory, removed on exit)")
 	fs.StringVar(&o.LogLevel, "log-level", "warn", "daemon log level: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -80,7 +78,7 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 	for _, p := range []struct {
 		flag string
 		port *int
-	}{{"--http-port", &o.HTTPPort}, {"--tcp-port", &o.TCPPort}, {"--gateway-port", &o.GatewayPort}, {"--xds-port", &o.XDSPort}, {"--metrics-port", &o.MetricsPort}} {
+	}{{"--http-port", &o.HTTPPort}, {"--tcp-port", &o.TCPPort}, {"--gateway-port", &o.GatewayPort}, {"--metrics-port", &o.MetricsPort}} {
 		if *p.port < 0 || *p.port > 65535 {
 			return fmt.Errorf("%s %d: use 1-65535, or 0 for any free port", p.flag, *p.port)
 		}
@@ -163,10 +161,6 @@ services:
     ports: [{number: %[4]d, protocol: tcp}]
     identities: [%[5]s]
 `, o.HTTPPort, demoProductpageID, demoReviewsID, o.TCPPort, demoEchoID)
-	adminPort, err := meshtest.FreePort()
-	if err != nil {
-		return err
-	}
 	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
 	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.MetricsPort))
 	configYAML := fmt.Sprintf(`# fwdproxy demo configuration (see examples/config.yaml for every field).
@@ -179,11 +173,14 @@ identity:
 discovery:
   files: [catalog.yaml]
 listen: {address: %s}
-xds: {address: 127.0.0.1:%d}
+# The built-in data plane takes its configuration in process; the xDS socket is for another
+# data plane on this host (fwdproxy dataplane --xds), the admin socket for fwdproxy status.
+# Only root and this user may connect to either.
+xds: {socket: xds.sock}
 metrics: {address: %s}
-admin: {address: 127.0.0.1:%d}
+admin: {socket: admin.sock}
 dataplane: builtin
-`, gwHost, gwPort, demoFleetID, o.Listen, o.XDSPort, metricsAddr, adminPort)
+`, gwHost, gwPort, demoFleetID, o.Listen, metricsAddr)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(catalogYAML), 0o644); err != nil {
 		return err
@@ -222,6 +219,7 @@ Try (each answer shows the identity, SNI and ALPN the sidecar saw):
   echo hello | nc -q 2 %[4]s %[5]d
   curl -sS http://%[6]s/metrics | grep '^fwdproxy_'
   fwdproxy render --config %[7]s
+  fwdproxy status --config %[7]s
 
 Press Ctrl-C to stop.
 `, gw.Addr(), dir, httpURL, host, o.TCPPort, metricsAddr, cfgPath)

@@ -135,6 +135,16 @@ wait:
 		t.Errorf("metrics lack fwdproxy_catalog_services 3")
 	}
 
+	// The printed status command reaches the admin API on its socket in the demo's directory.
+	status := regexp.MustCompile(`fwdproxy status --config (\S+)`).FindStringSubmatch(out)
+	if status == nil {
+		t.Fatalf("no status command printed:\n%s", out)
+	}
+	if got, err := exec.Command(binary, "status", "--config", status[1]).CombinedOutput(); err != nil ||
+		!strings.Contains(string(got), "demo (alone (gossip off))") || !strings.Contains(string(got), "yes (ready)") {
+		t.Errorf("fwdproxy status: %v\n%s", err, got)
+	}
+
 	cancel()
 	select {
 	case err := <-done:

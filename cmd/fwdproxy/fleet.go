@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -27,57 +26,59 @@ func init() {
 	register("keygen", "print a new random gossip key (a line for the peers.keyring file)", keygenCmd)
 }
 
-// adminFlags locate and authenticate to a daemon's admin API: from its config file by default.
+// adminFlags locate and authenticate to a daemon's admin API: its Unix socket from the config
+// file by default, where the caller is known by its user; a TCP URL with a token or a client
+// certificate otherwise.
 type adminFlags struct {
 	config, url, tokenFile, cert, key, ca string
 	timeout                               time.Duration
 }
 
 func (a *adminFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&a.config, "config", "/etc/fwdproxy/config.yaml", "daemon config file (for admin.address, admin.tokenFile, admin.tls)")
-	fs.StringVar(&a.url, "admin", "", "admin API URL, e.g. https://10.0.1.5:9180 (default: from the config, else http://127.0.0.1:9180)")
-	fs.StringVar(&a.tokenFile, "token-file", "", "file holding the admin bearer token (default: admin.tokenFile of the config)")
-	fs.StringVar(&a.cert, "cert", "", "client certificate chain (PEM) for an admin API with admin.tls")
+	fs.StringVar(&a.config, "config", "/etc/fwdproxy/config.yaml", "daemon config file (for admin.socket, or admin.tokenFile and admin.tls with an http(s) --admin)")
+	fs.StringVar(&a.url, "admin", "", "admin API: its Unix socket (a path or unix:PATH), or an http(s):// URL of its TCP listener, e.g. https://10.0.1.5:9180 (default: admin.socket of the config, else "+config.DefaultAdminSocket+")")
+	fs.StringVar(&a.tokenFile, "token-file", "", "with an http(s) --admin: file holding the bearer token (default: admin.tokenFile of the config)")
+	fs.StringVar(&a.cert, "cert", "", "with an https --admin: client certificate chain (PEM) for an admin API with admin.tls")
 	fs.StringVar(&a.key, "key", "", "client private key (PEM)")
 	fs.StringVar(&a.ca, "ca", "", "CA bundle that signed the admin API's certificate")
 	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "request timeout")
 }
 
 func (a *adminFlags) client() (*admin.Client, error) {
-	base, tokenFile := a.url, a.tokenFile
-	tlsOn := strings.HasPrefix(base, "https://")
+	target, tokenFile := a.url, a.tokenFile
 	cfg, err := config.Load(a.config)
 	switch {
 	case err == nil:
-		if base == "" {
-			host, port, _ := net.SplitHostPort(cfg.Admin.Address)
-			if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-				host = "127.0.0.1"
-			}
-			scheme := "http"
-			if cfg.Admin.TLS != nil {
-				scheme, tlsOn = "https", true
-			}
-			base = scheme + "://" + net.JoinHostPort(host, port)
+		if target == "" {
+			target = cfg.AdminSocket()
 		}
 		if tokenFile == "" && cfg.Admin.TokenFile != "" {
 			tokenFile = cfg.Path(cfg.Admin.TokenFile)
 		}
-	case errors.Is(err, fs.ErrNotExist) && a.url == "":
-		base = "http://127.0.0.1:9180" // no config here: the default loopback address
-	case a.url == "":
+	case target != "":
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, fs.ErrPermission):
+		// No config here, or one this user may not read (an operator in admin.group need not
+		// read the daemon's config): the default socket.
+		target = config.DefaultAdminSocket
+	default:
 		return nil, err
 	}
-	c := &admin.Client{BaseURL: base}
+	if !strings.HasPrefix(target, "http://") && !strings.HasPrefix(target, "https://") {
+		path := strings.TrimPrefix(strings.TrimPrefix(target, "unix:"), "//")
+		return &admin.Client{Socket: path, HTTP: &http.Client{Timeout: a.timeout}}, nil
+	}
+	c := &admin.Client{BaseURL: target}
 	if tokenFile != "" {
 		b, err := os.ReadFile(tokenFile)
 		if err != nil {
 			return nil, fmt.Errorf("token file: %w", err)
 		}
-		c.Token = strings.TrimSpace(string(b))
+		if c.Token, err = admin.TokenSecret(b); err != nil {
+			return nil, fmt.Errorf("token file %s: %w", tokenFile, err)
+		}
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if tlsOn || a.cert != "" || a.ca != "" {
+	if strings.HasPrefix(target, "https://") || a.cert != "" || a.ca != "" {
 		tc, err := admin.ClientTLS(a.cert, a.key, a.ca)
 		if err != nil {
 			return nil, err

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"fmt"
 	"log/slog"
 	"net/http/httptest"
 	"os"
@@ -11,11 +13,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
 
-// fleetCLI runs the built binary against an admin API backed by a real (single) gossip peer.
+// TestFleetVerbs runs the built binary against an admin API backed by a real (single) gossip
+// peer: on its Unix socket, found through the config, and on TCP with a named token.
 func TestFleetVerbs(t *testing.T) {
 	node, err := peers.Start(peers.Config{Name: "cli-node", Bind: "127.0.0.1:0", Profile: "local"})
 	if err != nil {
@@ -23,8 +28,10 @@ func TestFleetVerbs(t *testing.T) {
 	}
 	defer node.Close()
 	token := "0123456789abcdef0123"
-	srv := httptest.NewServer((&admin.Server{
-		Fleet: node, Token: token, Log: slog.New(slog.DiscardHandler),
+	logs := &meshtest.SyncBuffer{}
+	srv := &admin.Server{
+		Fleet: node, Tokens: []admin.Token{{Name: "ci", Secret: token}}, Log: slog.New(slog.NewTextHandler(logs, nil)),
+		Local: localsock.Policy{UID: uint32(os.Geteuid()), GID: -1, Field: "admin.group"},
 		Status: func() admin.Status {
 			d, n := node.Digest()
 			return admin.Status{Node: "cli-node", Gossip: true, Leader: node.Leader(), Digest: d, Entries: n, Converged: node.Converged(),
@@ -32,11 +39,29 @@ func TestFleetVerbs(t *testing.T) {
 				Identity: &admin.Identity{SPIFFEID: "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", NotAfter: time.Now().Add(48 * time.Hour)},
 				Skipped:  []admin.SkippedService{{Host: "ratings.default.svc.cluster.local", Reason: "no_gateway_address", Detail: `none of its gateways ("eastwest-b") has a known address yet`}}}
 		},
-	}).Handler())
-	defer srv.Close()
+	}
+	tcp := httptest.NewServer(srv.Handler())
+	defer tcp.Close()
+	shared := meshtest.SharedDir(t)
+	socket := filepath.Join(shared, "admin.sock")
+	sock, err := localsock.Listen(socket, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.ServeSocket(ctx, sock)
+
 	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`gateways: [{name: gw, address: 10.0.0.1}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
+admin: {socket: %s}
+`, socket)), 0o644)
 	tokenFile := filepath.Join(dir, "token")
-	os.WriteFile(tokenFile, []byte(token+"\n"), 0o600)
+	os.WriteFile(tokenFile, []byte("ci "+token+"\n"), 0o600)
 	file := filepath.Join(dir, "svc.yaml")
 	os.WriteFile(file, []byte(`services:
   - host: reviews.default.svc.cluster.local
@@ -50,19 +75,22 @@ func TestFleetVerbs(t *testing.T) {
 		err := cmd.Run()
 		return out.String(), err
 	}
-	common := []string{"--config", filepath.Join(dir, "none.yaml"), "--admin", srv.URL, "--token-file", tokenFile}
-
-	out, err := run(append([]string{"apply"}, append(common, "-f", file)...)...)
+	// By default the verbs use the config's admin socket; the caller is known by its user.
+	out, err := run("apply", "--config", cfgPath, "-f", file)
 	if err != nil || !strings.Contains(out, "applied 1 service(s), 1 changed: reviews.default.svc.cluster.local") {
 		t.Fatalf("apply: %v\n%s", err, out)
 	}
 	if got := node.OperatorServices(); len(got) != 1 {
 		t.Fatalf("store: %+v", got)
 	}
+	me := localsock.Cred{UID: uint32(os.Geteuid())}.Principal()
+	if !strings.Contains(logs.String(), fmt.Sprintf(`msg="operator entries applied" services=1 hosts=reviews.default.svc.cluster.local changed=1 principal="%s (uid %d)" via="unix socket pid `, me, os.Geteuid())) {
+		t.Fatalf("audit log:\n%s", logs.String())
+	}
 	for deadline := time.Now().Add(5 * time.Second); !node.Converged() && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond) // the digest is advertised asynchronously
 	}
-	out, err = run(append([]string{"status"}, common...)...)
+	out, err = run("status", "--config", cfgPath)
 	d, _ := node.Digest()
 	if err != nil || !strings.Contains(out, "cli-node (member, runs discovery)") || !strings.Contains(out, "converged:  yes") ||
 		!strings.Contains(out, "digest "+d+", 1 entries") || !strings.Contains(out, "expires ") {
@@ -75,6 +103,24 @@ func TestFleetVerbs(t *testing.T) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
 	}
+
+	// Another user gets nothing from the socket, whether its mode or its credentials stop it.
+	os.Chmod(filepath.Dir(binary), 0o755)
+	out, err = meshtest.RunAs(t, meshtest.Nobody, meshtest.Nobody, nil, binary, "delete", "--admin", socket, "reviews.default.svc.cluster.local")
+	if err == nil || !strings.Contains(out, "permission denied") || !strings.Contains(out, "admin.group") {
+		t.Fatalf("delete as nobody: %v\n%s", err, out)
+	}
+	os.Chmod(socket, 0o666)
+	out, err = meshtest.RunAs(t, meshtest.Nobody, meshtest.Nobody, nil, binary, "delete", "--admin", "unix:"+socket, "reviews.default.svc.cluster.local")
+	if err == nil || !strings.Contains(out, "permission denied: nobody is not root or the daemon's user") {
+		t.Fatalf("delete as nobody through a 0666 socket: %v\n%s", err, out)
+	}
+	if len(node.OperatorServices()) != 1 {
+		t.Fatal("another user deleted an entry")
+	}
+
+	// On TCP, with a token.
+	common := []string{"--config", filepath.Join(dir, "none.yaml"), "--admin", tcp.URL, "--token-file", tokenFile}
 	out, err = run(append([]string{"delete"}, append(common, "reviews.default.svc.cluster.local", "nope.default.svc.cluster.local")...)...)
 	if err == nil || !strings.Contains(out, "deleted reviews.default.svc.cluster.local") || !strings.Contains(out, "no operator entry for nope.default.svc.cluster.local") {
 		t.Fatalf("delete: %v\n%s", err, out)
@@ -82,14 +128,17 @@ func TestFleetVerbs(t *testing.T) {
 	if len(node.OperatorServices()) != 0 {
 		t.Fatal("entry not deleted")
 	}
+	if !strings.Contains(logs.String(), `msg="operator entry deleted" host=reviews.default.svc.cluster.local principal="token ci" via="tcp 127.0.0.1:`) {
+		t.Fatalf("audit log:\n%s", logs.String())
+	}
 	// Without the token the API refuses, and the CLI says why.
-	out, err = run("status", "--config", filepath.Join(dir, "none.yaml"), "--admin", srv.URL)
+	out, err = run("status", "--config", filepath.Join(dir, "none.yaml"), "--admin", tcp.URL)
 	if err == nil || !strings.Contains(out, "bearer token") {
 		t.Fatalf("status without token: %v\n%s", err, out)
 	}
 	// A bad file is refused with its line.
 	os.WriteFile(file, []byte("services:\n  - host: x.default.svc.cluster.local\n    ports: [{number: 0, protocol: http}]\n"), 0o644)
-	out, err = run(append([]string{"apply"}, append(common, "-f", file)...)...)
+	out, err = run("apply", "--config", cfgPath, "-f", file)
 	if err == nil || !strings.Contains(out, "svc.yaml:3") {
 		t.Fatalf("bad apply: %v\n%s", err, out)
 	}

@@ -18,7 +18,10 @@ locals {
   # served (the NLB health check and the security groups use the port), the gossip port, and the
   # data plane. With Envoy, systemd runs it (fwdproxy-envoy.service), so it keeps serving while
   # the daemon restarts; the daemon serves xDS only (dataplane: none). The admin address is the
-  # one `fwdproxy bootstrap` writes and the image's stats listener reads.
+  # one `fwdproxy bootstrap` writes and the image's stats listener reads. The image's groups own
+  # the daemon's sockets in /run/fwdproxy: envoy the xDS socket (Envoy's user is in it), and
+  # fwdproxy-admin the admin socket (operators: usermod -aG fwdproxy-admin NAME) unless the
+  # configuration names another.
   fwdproxy_config = merge(var.fwdproxy_config, {
     metrics = { address = "0.0.0.0:${var.metrics_port}" }
     # Gossip is encrypted with the keyring cloud-init fetches; peers are this group's instances.
@@ -30,6 +33,8 @@ locals {
     discovery = merge(try(var.fwdproxy_config.discovery, {}), { files = concat(try(var.fwdproxy_config.discovery.files, []), var.catalog_yaml == null ? [] : ["catalog.yaml"]) })
     dataplane = var.dataplane == "envoy" ? "none" : "builtin"
     envoy     = { adminAddress = "127.0.0.1:15000" }
+    xds       = merge(try(var.fwdproxy_config.xds, {}), { group = "envoy" })
+    admin     = merge({ group = "fwdproxy-admin" }, try(var.fwdproxy_config.admin, {}))
   })
 
   units = concat(["fwdproxy.service", "fwdproxy-lifecycle.service"], var.dataplane == "envoy" ? ["fwdproxy-envoy.service"] : [])

@@ -153,7 +153,7 @@ variable "dataplane" {
 
 variable "fwdproxy_config" {
   type        = any
-  description = "The daemon's configuration (the structure of examples/config.yaml) as an object; at least gateways and identity. The module sets metrics.address, peers.bind, dataplane and envoy.adminAddress, and adds catalog.yaml to discovery.files when catalog_yaml is set. Rendered to /etc/fwdproxy/config.yaml at boot; never put private keys here (user data is readable through the EC2 API)."
+  description = "The daemon's configuration (the structure of examples/config.yaml) as an object; at least gateways and identity. The module sets metrics.address, peers.bind, dataplane, envoy.adminAddress and xds.group (envoy), defaults admin.group to fwdproxy-admin, and adds catalog.yaml to discovery.files when catalog_yaml is set. Rendered to /etc/fwdproxy/config.yaml at boot; never put private keys here (user data is readable through the EC2 API)."
 
   validation {
     condition     = can(var.fwdproxy_config.gateways) && can(var.fwdproxy_config.identity.spiffeID)

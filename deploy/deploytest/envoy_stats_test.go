@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -136,17 +137,21 @@ func startEnvoyInstance(t *testing.T) *envoyInstance {
 	if err := e.xds.Set(context.Background(), snap); err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	sock := filepath.Join(t.TempDir(), "xds.sock")
+	lis, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
-	go func() { defer close(served); _ = e.xds.Serve(ctx, lis) }()
+	go func() {
+		defer close(served)
+		_ = e.xds.ServeUnix(ctx, lis, localsock.Policy{UID: uint32(os.Geteuid()), GID: -1, Field: "xds.group"})
+	}()
 	t.Cleanup(func() { cancel(); <-served })
 
 	e.adminAddr = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSAddress: lis.Addr().String(), AdminAddress: e.adminAddr})
+	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSSocket: sock, AdminAddress: e.adminAddr})
 	if err != nil {
 		t.Fatal(err)
 	}

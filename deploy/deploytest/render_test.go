@@ -165,6 +165,23 @@ func TestRenderedConfig(t *testing.T) {
 	if cfg.Metrics.Address != "0.0.0.0:9102" || cfg.Peers.Bind != "0.0.0.0:7946" || cfg.Dataplane != "none" || cfg.Envoy.AdminAddress != "127.0.0.1:15000" {
 		t.Errorf("rendered config: metrics %q, peers.bind %q, dataplane %q, envoy admin %q", cfg.Metrics.Address, cfg.Peers.Bind, cfg.Dataplane, cfg.Envoy.AdminAddress)
 	}
+	// The daemon's sockets are where its unit creates the runtime directory, and belong to the
+	// groups the image creates and the daemon's unit joins: Envoy's group and the operators'.
+	daemonUnit, envoyUnit := unit(t, "fwdproxy.service"), unit(t, "fwdproxy-envoy.service")
+	for _, s := range []struct{ field, path, group string }{{"xds", cfg.XDSSocket(), cfg.XDS.Group}, {"admin", cfg.AdminSocket(), cfg.Admin.Group}} {
+		if rd := daemonUnit["RuntimeDirectory"]; len(rd) != 1 || filepath.Dir(s.path) != "/run/"+rd[0] {
+			t.Errorf("%s.socket %s is not in the daemon unit's RuntimeDirectory=%v", s.field, s.path, rd)
+		}
+		if !slices.Contains(strings.Fields(strings.Join(daemonUnit["SupplementaryGroups"], " ")), s.group) {
+			t.Errorf("%s.group %q: the daemon's unit is not in it (SupplementaryGroups=%v), so it cannot give the socket to it", s.field, s.group, daemonUnit["SupplementaryGroups"])
+		}
+	}
+	if g := envoyUnit["Group"]; len(g) != 1 || g[0] != cfg.XDS.Group {
+		t.Errorf("xds.group %q, but Envoy's unit runs as Group=%v: Envoy could not connect to the xDS socket", cfg.XDS.Group, g)
+	}
+	if cfg.XDS.Address != "" || cfg.Admin.Address != "" {
+		t.Errorf("rendered config turns TCP on: xds.address %q, admin.address %q", cfg.XDS.Address, cfg.Admin.Address)
+	}
 	if cfg.Peers.Keyring != "/etc/fwdproxy/gossip.keys" || cfg.Peers.AWS == nil || cfg.Peers.AWS.AutoScalingGroup != vars["name"].AsString() {
 		t.Errorf("rendered peers %+v: want the fetched keyring and this group's instances as peers", cfg.Peers)
 	}

@@ -1,6 +1,8 @@
 // Package admin is the daemon's fleet admin API (JSON over HTTP) and its client, used by
-// fwdproxy apply, delete and status. It listens on loopback by default; elsewhere it requires a
-// bearer token or client certificates (see config.Admin).
+// fwdproxy apply, delete and status. It changes every instance's configuration, so every caller
+// authenticates: on the Unix socket (the default) by its user, which the kernel reports (root,
+// the daemon's user or the admin group), on TCP by a named bearer token or a client
+// certificate, loopback included (see config.Admin). The audit log names the principal.
 //
 //	GET    /v1/status            this instance, the members and their digests, identity expiry,
 //	                             the services left out of the configuration
@@ -22,6 +24,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
+	"github.com/fwdproxy/fwdproxy/internal/tlsfiles"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
@@ -73,11 +77,65 @@ type Identity struct {
 // Server serves the admin API.
 type Server struct {
 	// Fleet is nil when gossip is off: apply and delete then answer 409 with the fix.
-	Fleet   Fleet
-	Status  func() Status
-	Token   string
+	Fleet  Fleet
+	Status func() Status
+	// Tokens authenticate TCP callers (Authorization: Bearer SECRET). A TCP caller needs one of
+	// them, or a verified client certificate when the listener is TLS with client
+	// certificates, or both when both are configured; with neither, TCP callers are refused.
+	Tokens []Token
+	// Local admits callers on the Unix socket (ServeSocket) by their peer credentials.
+	Local   localsock.Policy
 	Catalog catalog.Options
 	Log     *slog.Logger
+}
+
+// Token is a named bearer token; the name appears in the audit log, never the secret.
+type Token struct{ Name, Secret string }
+
+// MinTokenLength is the shortest secret accepted.
+const MinTokenLength = 16
+
+// ParseTokens reads a token file: one token per line, "NAME SECRET" or just "SECRET" (named
+// "default"); blank lines and lines starting with # are skipped.
+func ParseTokens(data []byte) ([]Token, error) {
+	var out []Token
+	names := map[string]bool{}
+	for i, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		t := Token{Name: "default"}
+		switch len(f) {
+		case 1:
+			t.Secret = f[0]
+		case 2:
+			t.Name, t.Secret = f[0], f[1]
+		default:
+			return nil, fmt.Errorf("line %d: want NAME TOKEN or TOKEN", i+1)
+		}
+		if len(t.Secret) < MinTokenLength {
+			return nil, fmt.Errorf("line %d: the token of %s is shorter than %d characters; use e.g. openssl rand -hex 32", i+1, t.Name, MinTokenLength)
+		}
+		if names[t.Name] {
+			return nil, fmt.Errorf("line %d: token name %s is used twice", i+1, t.Name)
+		}
+		names[t.Name] = true
+		out = append(out, t)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no token in the file")
+	}
+	return out, nil
+}
+
+// TokenSecret is the secret a CLI sends from a token file: the first token's.
+func TokenSecret(data []byte) (string, error) {
+	ts, err := ParseTokens(data)
+	if err != nil {
+		return "", err
+	}
+	return ts[0].Secret, nil
 }
 
 type apiError struct {
@@ -96,7 +154,7 @@ func fail(w http.ResponseWriter, code int, format string, args ...any) {
 	writeJSON(w, code, apiError{Error: fmt.Sprintf(format, args...)})
 }
 
-// Handler routes the API, behind the token check when a token is set.
+// Handler routes the API, behind authentication (see auth).
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, s.Status()) })
@@ -116,7 +174,7 @@ func (s *Server) Handler() http.Handler {
 			fail(w, http.StatusNotFound, "no operator entry for %s (discovered services cannot be deleted here; change their source)", host)
 			return
 		}
-		s.Log.Info("operator entry deleted", "host", host, "client", r.RemoteAddr)
+		s.Log.Info("operator entry deleted", append([]any{"host", host}, audit(r)...)...)
 		writeJSON(w, 200, map[string]any{"deleted": host})
 	})
 	return s.auth(mux)
@@ -161,29 +219,126 @@ func (s *Server) apply(w http.ResponseWriter, r *http.Request) {
 	for i, sv := range c.Services {
 		hosts[i] = sv.Host
 	}
-	s.Log.Info("operator entries applied", "services", len(c.Services), "changed", n, "client", r.RemoteAddr)
+	s.Log.Info("operator entries applied", append([]any{"services", len(c.Services), "hosts", strings.Join(hosts, ","), "changed", n}, audit(r)...)...)
 	writeJSON(w, 200, map[string]any{"applied": hosts, "changed": n})
 }
 
+type ctxKey int
+
+const (
+	socketKey ctxKey = iota
+	principalKey
+)
+
+// socketPeer is what ServeSocket learnt of a connection.
+type socketPeer struct {
+	cred  localsock.Cred
+	known bool
+	err   error
+}
+
+// caller is who made a request, once authenticated.
+type caller struct {
+	principal string // "alice (uid 1000)", "token ci", "cert spiffe://..."
+	via       string // "unix socket pid 4711", "tcp 10.0.0.5:40112"
+}
+
+// audit is the request's principal and transport, for the audit log.
+func audit(r *http.Request) []any {
+	c, _ := r.Context().Value(principalKey).(caller)
+	return []any{"principal", c.principal, "via", c.via}
+}
+
+// auth lets a request through once its caller is authenticated, recording who it is.
 func (s *Server) auth(next http.Handler) http.Handler {
-	if s.Token == "" {
-		return next
-	}
-	want := []byte("Bearer " + s.Token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got := []byte(r.Header.Get("Authorization"))
-		if subtle.ConstantTimeCompare(got, want) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="fwdproxy"`)
-			fail(w, http.StatusUnauthorized, "missing or wrong bearer token (see admin.tokenFile; fwdproxy CLI: --token-file)")
+		c, code, why := s.authenticate(r)
+		if code != 0 {
+			s.Log.Warn("admin API request refused", "method", r.Method, "path", r.URL.Path, "caller", c.principal, "via", c.via, "reason", why)
+			if code == http.StatusUnauthorized {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="fwdproxy"`)
+			}
+			fail(w, code, "%s", why)
 			return
 		}
-		next.ServeHTTP(w, r)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey, c)))
 	})
 }
 
-// Serve serves on lis until ctx ends.
+// authenticate names the caller, or says why it is refused (an HTTP status and a message).
+func (s *Server) authenticate(r *http.Request) (caller, int, string) {
+	if sp, ok := r.Context().Value(socketKey).(socketPeer); ok {
+		c := caller{principal: "local user", via: "unix socket"}
+		switch {
+		case sp.err != nil:
+			return c, http.StatusForbidden, "cannot read the caller's credentials: " + sp.err.Error()
+		case !sp.known: // no peer credentials on this platform: the socket's mode admitted it
+			return c, 0, ""
+		}
+		c.principal = sp.cred.Principal() + " (uid " + fmt.Sprint(sp.cred.UID) + ")"
+		if sp.cred.PID > 0 {
+			c.via += fmt.Sprintf(" pid %d", sp.cred.PID)
+		}
+		if err := s.Local.Allows(sp.cred); err != nil {
+			return c, http.StatusForbidden, "permission denied: " + err.Error()
+		}
+		return c, 0, ""
+	}
+	c := caller{principal: "anonymous", via: "tcp " + r.RemoteAddr}
+	var parts []string
+	tlsAuth := r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.PeerCertificates) > 0
+	if tlsAuth {
+		parts = append(parts, "cert "+tlsfiles.Identity(r.TLS.PeerCertificates[0]))
+	}
+	if len(s.Tokens) > 0 {
+		name := s.token(r.Header.Get("Authorization"))
+		if name == "" {
+			c.principal = strings.Join(append(parts, "no valid token"), ", ")
+			return c, http.StatusUnauthorized, "missing or wrong bearer token (see admin.tokenFile; fwdproxy CLI: --token-file)"
+		}
+		parts = append(parts, "token "+name)
+	}
+	if len(parts) == 0 {
+		return c, http.StatusUnauthorized, "this TCP listener authenticates no one (neither admin.tokenFile nor admin.tls with client certificates); use the Unix socket admin.socket"
+	}
+	c.principal = strings.Join(parts, ", ")
+	return c, 0, ""
+}
+
+// token names the token an Authorization header carries, or "". Every token is compared, in
+// constant time, so the time taken says nothing about which one nearly matched.
+func (s *Server) token(header string) string {
+	got := []byte(header)
+	found := ""
+	for _, t := range s.Tokens {
+		if subtle.ConstantTimeCompare(got, []byte("Bearer "+t.Secret)) == 1 {
+			found = t.Name
+		}
+	}
+	return found
+}
+
+// ServeSocket serves on a Unix socket listener (see localsock.Listen) until ctx ends; each
+// caller is authenticated by its peer credentials against s.Local.
+func (s *Server) ServeSocket(ctx context.Context, lis net.Listener) error {
+	return s.serve(ctx, lis, func(ctx context.Context, c net.Conn) context.Context {
+		cred, err := localsock.PeerCred(c)
+		sp := socketPeer{cred: cred, known: err == nil}
+		if err != nil && !errors.Is(err, localsock.ErrUnsupported) {
+			sp.err = err
+		}
+		return context.WithValue(ctx, socketKey, sp)
+	})
+}
+
+// Serve serves TCP callers on lis (a TLS listener with admin.tls) until ctx ends; each is
+// authenticated by its token and/or client certificate.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
+	return s.serve(ctx, lis, nil)
+}
+
+func (s *Server) serve(ctx context.Context, lis net.Listener, connContext func(context.Context, net.Conn) context.Context) error {
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, ConnContext: connContext}
 	go func() {
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

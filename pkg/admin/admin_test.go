@@ -2,14 +2,18 @@ package admin
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
@@ -32,7 +36,11 @@ func startNode(t *testing.T) *peers.Node {
 }
 
 func newServer(fleet Fleet, token string) *Server {
-	s := &Server{Token: token, Catalog: catalog.Options{Gateways: []string{"gw"}}, Log: slog.New(slog.DiscardHandler)}
+	s := &Server{Local: localsock.Policy{UID: uint32(os.Geteuid()), GID: -1, Field: "admin.group"},
+		Catalog: catalog.Options{Gateways: []string{"gw"}}, Log: slog.New(slog.DiscardHandler)}
+	if token != "" {
+		s.Tokens = []Token{{Name: "ci", Secret: token}}
+	}
 	if fleet != nil {
 		s.Fleet = fleet
 	}
@@ -44,7 +52,10 @@ func newServer(fleet Fleet, token string) *Server {
 
 func TestApplyListDeleteWithToken(t *testing.T) {
 	n := startNode(t)
-	srv := httptest.NewServer(newServer(n, "s3cret").Handler())
+	s := newServer(n, "s3cret")
+	logs := &meshtest.SyncBuffer{}
+	s.Log = slog.New(slog.NewTextHandler(logs, nil))
+	srv := httptest.NewServer(s.Handler())
 	defer srv.Close()
 	ctx := context.Background()
 
@@ -67,6 +78,11 @@ func TestApplyListDeleteWithToken(t *testing.T) {
 	}
 	if got := n.OperatorServices(); len(got) != 1 || got[0].Ports[0].Number != 9080 {
 		t.Fatalf("store holds %+v", got)
+	}
+	// The audit log names the token, never its secret.
+	if l := logs.String(); !strings.Contains(l, `msg="operator entries applied" services=1 hosts=reviews.default.svc.cluster.local changed=1 principal="token ci" via="tcp 127.0.0.1:`) ||
+		!strings.Contains(l, `msg="admin API request refused" method=POST path=/v1/services caller="no valid token"`) || strings.Contains(l, "s3cret") {
+		t.Fatalf("audit log:\n%s", l)
 	}
 	list, err := c.Services(ctx)
 	if err != nil || !strings.Contains(string(list), "reviews.default.svc.cluster.local") {
@@ -99,9 +115,7 @@ func TestApplyListDeleteWithToken(t *testing.T) {
 }
 
 func TestWithoutGossipApplyExplainsTheFix(t *testing.T) {
-	srv := httptest.NewServer(newServer(nil, "").Handler())
-	defer srv.Close()
-	c := &Client{BaseURL: srv.URL}
+	c := &Client{Socket: serveSocket(t, newServer(nil, ""), t.TempDir(), -1)}
 	if _, _, err := c.Apply(context.Background(), "svc.yaml", []byte(doc)); err == nil || !strings.Contains(err.Error(), "set peers.bind") {
 		t.Fatalf("apply without gossip: %v", err)
 	}
@@ -136,7 +150,10 @@ func TestMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(newServer(nil, "").Handler())
+	s := newServer(startNode(t), "")
+	logs := &meshtest.SyncBuffer{}
+	s.Log = slog.New(slog.NewTextHandler(logs, nil))
+	srv := httptest.NewUnstartedServer(s.Handler())
 	srv.Listener.Close()
 	srv.Listener = lis
 	srv.TLS = stls
@@ -152,10 +169,126 @@ func TestMutualTLS(t *testing.T) {
 	if _, err := ok.Status(context.Background()); err != nil {
 		t.Fatalf("with a client certificate: %v", err)
 	}
+	if _, _, err := ok.Apply(context.Background(), "svc.yaml", []byte(doc)); err != nil {
+		t.Fatalf("apply with a client certificate: %v", err)
+	}
+	if !strings.Contains(logs.String(), `principal="cert spiffe://cluster.local/ns/ops/sa/operator" via="tcp 127.0.0.1:`) {
+		t.Fatalf("audit log does not name the certificate:\n%s", logs.String())
+	}
 	nocert, _ := ClientTLS("", "", root)
 	nocert.ServerName = "admin.fwdproxy.test"
 	anon := &Client{BaseURL: srv.URL, HTTP: &http.Client{Transport: &http.Transport{TLSClientConfig: nocert}}}
 	if _, err := anon.Status(context.Background()); err == nil {
 		t.Fatal("a client without a certificate was served")
 	}
+}
+
+// TestTCPWithoutAuthenticationRefusesEveryone: a TCP listener with neither tokens nor client
+// certificates (which validation refuses to configure) serves no one, loopback included.
+func TestTCPWithoutAuthenticationRefusesEveryone(t *testing.T) {
+	srv := httptest.NewServer(newServer(nil, "").Handler())
+	defer srv.Close()
+	if _, err := (&Client{BaseURL: srv.URL}).Status(context.Background()); err == nil || !strings.Contains(err.Error(), "authenticates no one") {
+		t.Fatalf("status over unauthenticated TCP: %v", err)
+	}
+}
+
+// serveSocket serves s on a socket in dir, with gid as its group.
+func serveSocket(t *testing.T, s *Server, dir string, gid int) string {
+	t.Helper()
+	path := filepath.Join(dir, "admin.sock")
+	lis, err := localsock.Listen(path, gid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.ServeSocket(ctx, lis) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return path
+}
+
+// applyHelper applies doc through the admin socket args[0] and prints the outcome.
+func applyHelper(args []string) int {
+	_, _, err := (&Client{Socket: args[0]}).Apply(context.Background(), "svc.yaml", []byte(doc))
+	if err != nil {
+		fmt.Println("apply:", err)
+		return 1
+	}
+	fmt.Println("applied")
+	return 0
+}
+
+// TestSocketAuthenticatesByUser: on the admin socket the caller is known by its user. Another
+// user (nobody, uid 65534) is refused by the socket's mode, and by its credentials when the mode
+// would let it in; the daemon's own user is let in and named in the audit log.
+func TestSocketAuthenticatesByUser(t *testing.T) {
+	n := startNode(t)
+	s := newServer(n, "")
+	logs := &meshtest.SyncBuffer{}
+	s.Log = slog.New(slog.NewTextHandler(logs, nil))
+	path := serveSocket(t, s, meshtest.SharedDir(t), -1)
+
+	out, err := meshtest.AsUser(t, meshtest.Nobody, meshtest.Nobody, "apply", path)
+	if err == nil || !strings.Contains(out, "permission denied") || !strings.Contains(out, "admin.group") {
+		t.Fatalf("nobody on the 0600 socket: %v\n%s", err, out)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	out, err = meshtest.AsUser(t, meshtest.Nobody, meshtest.Nobody, "apply", path)
+	if err == nil || !strings.Contains(out, "permission denied: nobody is not root or the daemon's user") {
+		t.Fatalf("nobody on a socket its mode lets it into: %v\n%s", err, out)
+	}
+	if len(n.OperatorServices()) != 0 {
+		t.Fatal("another user changed the fleet")
+	}
+	if !strings.Contains(logs.String(), `msg="admin API request refused" method=POST path=/v1/services caller="nobody (uid 65534)" via="unix socket pid `) {
+		t.Fatalf("the refusal is not logged with the caller:\n%s", logs.String())
+	}
+
+	me := localsock.Cred{UID: uint32(os.Geteuid())}.Principal()
+	if code := applyHelper([]string{path}); code != 0 || len(n.OperatorServices()) != 1 {
+		t.Fatalf("the daemon's own user was refused (exit %d)", code)
+	}
+	want := fmt.Sprintf(`msg="operator entries applied" services=1 hosts=reviews.default.svc.cluster.local changed=1 principal="%s (uid %d)" via="unix socket pid %d"`, me, os.Geteuid(), os.Getpid())
+	if !strings.Contains(logs.String(), want) {
+		t.Fatalf("audit log lacks %s:\n%s", want, logs.String())
+	}
+
+	// The admin group gets in.
+	s.Local.GID = meshtest.Nobody
+	if out, err := meshtest.AsUser(t, meshtest.Nobody, meshtest.Nobody, "apply", path); err != nil || !strings.Contains(out, "applied") {
+		t.Fatalf("nobody in admin.group: %v\n%s", err, out)
+	}
+}
+
+func TestParseTokens(t *testing.T) {
+	ts, err := ParseTokens([]byte("# operators\nalice 0123456789abcdef0123\n\nci   fedcba9876543210fedc\n"))
+	if err != nil || len(ts) != 2 || ts[0] != (Token{"alice", "0123456789abcdef0123"}) || ts[1].Name != "ci" {
+		t.Fatalf("tokens %v, %v", ts, err)
+	}
+	if ts, err := ParseTokens([]byte("0123456789abcdef0123\n")); err != nil || ts[0].Name != "default" {
+		t.Fatalf("an unnamed token: %v, %v", ts, err)
+	}
+	for doc, want := range map[string]string{
+		"short": "shorter than 16",
+		"a 0123456789abcdef0123\na fedcba9876543210fedc": "used twice",
+		"a b c":  "want NAME TOKEN",
+		"# none": "no token",
+	} {
+		if _, err := ParseTokens([]byte(doc)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %q", doc, err, want)
+		}
+	}
+}
+
+func TestMain(m *testing.M) {
+	meshtest.RunHelper(map[string]func([]string) int{"apply": applyHelper})
+	os.Exit(m.Run())
 }

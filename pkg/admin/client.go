@@ -4,20 +4,55 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
 )
 
-// Client calls a daemon's admin API.
+// Client calls a daemon's admin API, on its Unix socket or over TCP.
 type Client struct {
-	// BaseURL, e.g. http://127.0.0.1:9180 (https:// with admin.tls).
+	// Socket is the admin socket's path (admin.socket); when set, BaseURL is not used.
+	Socket string
+	// BaseURL of a TCP admin API, e.g. https://10.0.1.5:9180 (http:// without admin.tls).
 	BaseURL string
-	Token   string
-	HTTP    *http.Client
+	// Token is sent as a bearer token to a TCP admin API.
+	Token string
+	// HTTP is the client for a TCP admin API; default: a 30 s timeout.
+	HTTP *http.Client
+}
+
+// where names the API in errors.
+func (c *Client) where() string {
+	if c.Socket != "" {
+		return "unix:" + c.Socket
+	}
+	return c.BaseURL
+}
+
+func (c *Client) httpClient() *http.Client {
+	if c.Socket == "" {
+		if c.HTTP != nil {
+			return c.HTTP
+		}
+		return &http.Client{Timeout: 30 * time.Second}
+	}
+	timeout := 30 * time.Second
+	if c.HTTP != nil && c.HTTP.Timeout > 0 {
+		timeout = c.HTTP.Timeout
+	}
+	path := c.Socket
+	return &http.Client{Timeout: timeout, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body []byte, out any) error {
@@ -25,23 +60,28 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.BaseURL, "/")+path, rd)
+	base := strings.TrimSuffix(c.BaseURL, "/")
+	if c.Socket != "" {
+		base = "http://fwdproxy-admin" // the socket is the address; the host is a placeholder
+	}
+	req, err := http.NewRequestWithContext(ctx, method, base+path, rd)
 	if err != nil {
 		return err
 	}
-	if c.Token != "" {
+	if c.Token != "" && c.Socket == "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/yaml")
 	}
-	hc := c.HTTP
-	if hc == nil {
-		hc = &http.Client{Timeout: 30 * time.Second}
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("admin API at %s: %w (is the daemon running? see admin.address)", c.BaseURL, err)
+	resp, err := c.httpClient().Do(req)
+	switch {
+	case err != nil && c.Socket != "" && errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("admin API at %s: %w (only root, the daemon's user and members of the group admin.group may use it)", c.where(), err)
+	case err != nil && c.Socket != "":
+		return fmt.Errorf("admin API at %s: %w (is the daemon running? see admin.socket)", c.where(), err)
+	case err != nil:
+		return fmt.Errorf("admin API at %s: %w (is the daemon running? see admin.address)", c.where(), err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, MaxBody))

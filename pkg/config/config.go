@@ -28,7 +28,7 @@ type Config struct {
 	Identity  Identity  `yaml:"identity"`
 	Discovery Discovery `yaml:"discovery"`
 	Listen    Listen    `yaml:"listen"`
-	XDS       Server    `yaml:"xds"`
+	XDS       XDS       `yaml:"xds"`
 	Metrics   Server    `yaml:"metrics"`
 	Admin     Admin     `yaml:"admin"`
 	Peers     Peers     `yaml:"peers"`
@@ -179,9 +179,6 @@ func (c *Config) applyDefaults() {
 		t := true
 		c.Listen.AccessLog = &t
 	}
-	if c.XDS.Address == "" {
-		c.XDS.Address = "127.0.0.1:18000"
-	}
 	if c.Metrics.Address == "" {
 		c.Metrics.Address = ":9102"
 	}
@@ -201,6 +198,8 @@ func (c *Config) applyDefaults() {
 	if u.Outlier.MaxEjectionPercent == 0 {
 		u.Outlier.MaxEjectionPercent = 50
 	}
+	c.xdsDefaults()
+	c.adminDefaults()
 	c.peersDefaults()
 	c.dataplaneDefaults()
 	c.kubernetesDefaults()
@@ -257,13 +256,13 @@ func (c *Config) Problems() strictyaml.Problems {
 	}
 	c.acmpcaProblems(&p)
 	c.kubernetesProblems(&p)
+	c.xdsProblems(&p)
+	c.adminProblems(&p)
 	c.peersProblems(&p)
 	c.dataplaneProblems(&p)
 	c.peerMetadataProblems(&p)
-	for _, s := range []struct{ field, addr string }{{"xds.address", c.XDS.Address}, {"metrics.address", c.Metrics.Address}} {
-		if err := checkHostPort(s.addr); err != nil {
-			p.Addf(s.field, "%v", err)
-		}
+	if err := checkHostPort(c.Metrics.Address); err != nil {
+		p.Addf("metrics.address", "%v", err)
 	}
 	if _, err := netip.ParseAddr(c.Listen.Address); err != nil {
 		p.Addf("listen.address", "%q is not an IP address; use 0.0.0.0 to listen on all IPv4 addresses", c.Listen.Address)

@@ -16,7 +16,7 @@ func TestExampleConfig(t *testing.T) {
 	if c.Gateways[1].Port != 15443 {
 		t.Errorf("gateway port default = %d", c.Gateways[1].Port)
 	}
-	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Address != "127.0.0.1:18000" {
+	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Socket != DefaultXDSSocket || c.XDS.Address != "" {
 		t.Errorf("defaults: %+v", c)
 	}
 	if got := c.Path("catalog.yaml"); !strings.HasSuffix(got, "examples/catalog.yaml") {
@@ -45,7 +45,7 @@ identity:
 		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
 		{"unknown field", base + "xds: {adress: 1}\n", `c.yaml:7: unknown field "adress"`},
 		{"bad duration", base + "upstream: {connectTimeout: fast}\n", "c.yaml:7:"},
-		{"bad xds address", base + "xds: {address: localhost}\n", `xds.address: "localhost" is not host:port`},
+		{"bad xds address", base + "xds: {address: localhost, tls: {certChain: a, privateKey: b, clientCA: c}}\n", `xds.address: "localhost" is not host:port`},
 		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},
 		{"envoy without binary", base + "dataplane: envoy\n", "envoy.binary: required with dataplane: envoy"},
 		{"envoy admin off loopback", base + "envoy: {binary: envoy, adminAddress: 0.0.0.0:15000}\n", `c.yaml:7: envoy.adminAddress: "0.0.0.0:15000" is not a loopback address`},
@@ -94,13 +94,14 @@ identity:
 		name, extra string
 		want        []string // "port field", sorted by port
 	}{
-		{"defaults on 0.0.0.0", "", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
+		// xDS and the admin API are Unix sockets unless a TCP address (with authentication) is set.
+		{"defaults on 0.0.0.0", "", []string{"9102 metrics.address"}},
 		{"gossip and envoy admin", "peers: {bind: 0.0.0.0:7946, allowUnencrypted: true}\ndataplane: envoy\nenvoy: {binary: envoy}\n",
-			[]string{"7946 peers.bind", "9102 metrics.address", "9180 admin.address", "15000 envoy.adminAddress", "18000 xds.address"}},
-		{"envoy admin unused by the built-in data plane", "envoy: {adminAddress: 127.0.0.1:15001}\ndataplane: builtin\n", []string{"9102 metrics.address", "9180 admin.address", "18000 xds.address"}},
-		{"listeners on another address", "listen: {address: 10.0.0.5}\n", []string{"9102 metrics.address"}},
-		{"same address", "listen: {address: 10.0.0.5}\nmetrics: {address: 127.0.0.1:9102}\nxds: {address: 10.0.0.5:18000}\n", []string{"18000 xds.address"}},
-		{"ephemeral ports", "metrics: {address: 127.0.0.1:0}\nxds: {address: 127.0.0.1:0}\nadmin: {address: 127.0.0.1:0}\n", nil},
+			[]string{"7946 peers.bind", "9102 metrics.address", "15000 envoy.adminAddress"}},
+		{"envoy admin unused by the built-in data plane", "envoy: {adminAddress: 127.0.0.1:15001}\ndataplane: builtin\n", []string{"9102 metrics.address"}},
+		{"listeners on another address", "listen: {address: 10.0.0.5}\nmetrics: {address: 127.0.0.1:9102}\n", nil},
+		{"same address", "listen: {address: 10.0.0.5}\nmetrics: {address: 10.0.0.5:9102}\n", []string{"9102 metrics.address"}},
+		{"ephemeral ports", "metrics: {address: 127.0.0.1:0}\n", nil},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

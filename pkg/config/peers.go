@@ -41,28 +41,7 @@ type PeersAWS struct {
 	Endpoint string `yaml:"endpoint"`
 }
 
-// Admin is the fleet admin API used by fwdproxy apply, delete and status.
-type Admin struct {
-	// Address of the admin API; default 127.0.0.1:9180 (loopback). Any other address requires
-	// tokenFile or tls.
-	Address string `yaml:"address"`
-	// TokenFile holds the bearer token clients must send (Authorization: Bearer TOKEN).
-	TokenFile string `yaml:"tokenFile"`
-	// TLS serves the admin API over TLS and requires client certificates signed by clientCA.
-	TLS *AdminTLS `yaml:"tls"`
-}
-
-// AdminTLS is the admin API's server certificate and the CA of allowed client certificates.
-type AdminTLS struct {
-	CertChain  string `yaml:"certChain"`
-	PrivateKey string `yaml:"privateKey"`
-	ClientCA   string `yaml:"clientCA"`
-}
-
 func (c *Config) peersDefaults() {
-	if c.Admin.Address == "" {
-		c.Admin.Address = "127.0.0.1:9180"
-	}
 	if c.Peers.Timing == "" {
 		c.Peers.Timing = "lan"
 	}
@@ -70,9 +49,6 @@ func (c *Config) peersDefaults() {
 		c.Peers.TombstoneTTL = 24 * time.Hour
 	}
 }
-
-// AdminIsLoopback reports whether the admin API listens on loopback only.
-func (c *Config) AdminIsLoopback() bool { return isLoopbackAddr(c.Admin.Address) }
 
 // isLoopbackAddr reports whether host:port names a loopback host.
 func isLoopbackAddr(addr string) bool {
@@ -88,18 +64,6 @@ func isLoopbackAddr(addr string) bool {
 }
 
 func (c *Config) peersProblems(p *problems) {
-	if err := checkHostPort(c.Admin.Address); err != nil {
-		p.Addf("admin.address", "%v", err)
-	} else if !c.AdminIsLoopback() && c.Admin.TokenFile == "" && c.Admin.TLS == nil {
-		p.Addf("admin.address", "%q is not a loopback address: set admin.tokenFile (a bearer token) or admin.tls (client certificates), or use 127.0.0.1:9180", c.Admin.Address)
-	}
-	if t := c.Admin.TLS; t != nil {
-		for _, f := range []struct{ field, path string }{{"certChain", t.CertChain}, {"privateKey", t.PrivateKey}, {"clientCA", t.ClientCA}} {
-			if f.path == "" {
-				p.Addf("admin.tls."+f.field, "required with admin.tls: path to a PEM file")
-			}
-		}
-	}
 	pe := c.Peers
 	if pe.Bind == "" {
 		if len(pe.Seeds) > 0 || pe.AWS != nil {

@@ -19,13 +19,14 @@ func TestPeersDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Peers.Timing != "lan" || c.Peers.TombstoneTTL != 24*time.Hour || c.Admin.Address != "127.0.0.1:9180" || !c.AdminIsLoopback() {
+	if c.Peers.Timing != "lan" || c.Peers.TombstoneTTL != 24*time.Hour || c.Admin.Address != "" || c.Admin.Socket != DefaultAdminSocket {
 		t.Fatalf("defaults: %+v %+v", c.Peers, c.Admin)
 	}
 	for _, ok := range []string{
 		"admin: {address: '0.0.0.0:9180', tokenFile: /etc/fwdproxy/admin.token}",
 		"admin: {address: '10.0.0.5:9180', tls: {certChain: a.pem, privateKey: b.pem, clientCA: c.pem}}",
-		"admin: {address: 'localhost:9180'}",
+		"admin: {address: 'localhost:9180', tokenFile: admin.token}",
+		"admin: {socket: /run/fwdproxy/admin.sock, group: fwdproxy-admin}",
 		"peers: {bind: 0.0.0.0:7946, allowUnencrypted: true, aws: {}}",
 		"peers: {bind: 0.0.0.0:7946, keyring: k, aws: {region: eu-west-3, autoScalingGroup: fleet, endpoint: 'http://127.0.0.1:4566'}}",
 	} {
@@ -37,9 +38,14 @@ func TestPeersDefaults(t *testing.T) {
 
 func TestPeersErrors(t *testing.T) {
 	cases := []struct{ name, doc, want string }{
-		{"admin elsewhere without auth", "admin: {address: '0.0.0.0:9180'}", `admin.address: "0.0.0.0:9180" is not a loopback address: set admin.tokenFile`},
+		{"admin elsewhere without auth", "admin: {address: '0.0.0.0:9180'}", `admin.address: "0.0.0.0:9180" would let whoever connects over TCP change the whole fleet`},
 		{"admin any without auth", "admin: {address: ':9180'}", "admin.address"},
-		{"admin tls incomplete", "admin: {tls: {certChain: a.pem}}", "admin.tls.clientCA: required"},
+		// Loopback is no exception: every local user reaches it.
+		{"admin loopback without auth", "admin: {address: '127.0.0.1:9180'}", `admin.address: "127.0.0.1:9180" would let whoever connects over TCP change the whole fleet, loopback included`},
+		{"admin tls incomplete", "admin: {address: '10.0.0.5:9180', tls: {certChain: a.pem}}", "admin.tls.clientCA: required"},
+		{"admin token without address", "admin: {tokenFile: admin.token}", "admin.address: required with admin.tokenFile"},
+		{"admin bad group", "admin: {group: 'ops team'}", `admin.group: "ops team" is not a group name`},
+		{"admin socket is the xds socket", "admin: {socket: /run/fwdproxy/xds.sock}", "admin.socket: /run/fwdproxy/xds.sock is also xds.socket"},
 		{"no keyring", "peers: {bind: 0.0.0.0:7946}", "peers.keyring: required when gossip is on"},
 		{"keyring and unencrypted", "peers: {bind: 0.0.0.0:7946, keyring: k, allowUnencrypted: true}", "peers.allowUnencrypted: contradicts"},
 		{"bad bind", "peers: {bind: 7946, keyring: k}", `peers.bind: "7946" is not host:port`},

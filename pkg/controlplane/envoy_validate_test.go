@@ -198,15 +198,14 @@ func adsEquivalent(t testing.TB, res *Resources, secrets []*tlsv3.Secret) *boots
 	return b
 }
 
-// TestEnvoyAcceptsBootstrap: the ADS bootstrap `fwdproxy bootstrap` prints, for IPv4, IPv6,
-// empty and host-name xDS addresses (the config accepts each). Envoy binds its admin address
-// without resolving it, so a host name there is refused before Envoy sees it.
+// TestEnvoyAcceptsBootstrap: the ADS bootstrap `fwdproxy bootstrap` prints (the xDS cluster is
+// the daemon's Unix socket, a pipe address), for IPv4, IPv6 and empty admin hosts. Envoy binds
+// its admin address without resolving it, so a host name there is refused before Envoy sees it.
 func TestEnvoyAcceptsBootstrap(t *testing.T) {
 	for _, o := range []BootstrapOptions{
-		{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSAddress: "127.0.0.1:18000", AdminAddress: "127.0.0.1:15000"},
-		{NodeID: "laptop", NodeCluster: "fwdproxy", XDSAddress: "[::1]:18000", AdminAddress: "[::1]:15000"},
-		{NodeID: "vm", NodeCluster: "fwdproxy", XDSAddress: ":18000", AdminAddress: ":15000"},
-		{NodeID: "named", NodeCluster: "fwdproxy", XDSAddress: "localhost:18000", AdminAddress: "127.0.0.1:15000"},
+		{NodeID: "i-0123", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: "127.0.0.1:15000"},
+		{NodeID: "laptop", NodeCluster: "fwdproxy", XDSSocket: "/tmp/fwdproxy/xds.sock", AdminAddress: "[::1]:15000"},
+		{NodeID: "vm", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: ":15000"},
 	} {
 		b, err := Bootstrap(o)
 		if err != nil {
@@ -214,7 +213,7 @@ func TestEnvoyAcceptsBootstrap(t *testing.T) {
 		}
 		envoyValidate(t, writeJSON(t, t.TempDir(), "bootstrap.json", b))
 	}
-	_, err := Bootstrap(BootstrapOptions{NodeID: "n", NodeCluster: "fwdproxy", XDSAddress: "127.0.0.1:18000", AdminAddress: "localhost:15000"})
+	_, err := Bootstrap(BootstrapOptions{NodeID: "n", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: "localhost:15000"})
 	if err == nil || !strings.Contains(err.Error(), "IP address") {
 		t.Errorf("admin address localhost: %v, want an error asking for an IP address", err)
 	}
@@ -269,7 +268,7 @@ func TestEnvoyAccepts10kServices(t *testing.T) {
 // TestEnvoyValidateCatchesWarnings: the check itself, against this Envoy: a deprecated field
 // fails it although Envoy accepts the config, and so does a config Envoy rejects.
 func TestEnvoyValidateCatchesWarnings(t *testing.T) {
-	b, err := Bootstrap(BootstrapOptions{NodeID: "n", NodeCluster: "fwdproxy", XDSAddress: "127.0.0.1:18000", AdminAddress: "127.0.0.1:15000"})
+	b, err := Bootstrap(BootstrapOptions{NodeID: "n", NodeCluster: "fwdproxy", XDSSocket: "/run/fwdproxy/xds.sock", AdminAddress: "127.0.0.1:15000"})
 	if err != nil {
 		t.Fatal(err)
 	}

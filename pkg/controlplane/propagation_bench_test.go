@@ -30,7 +30,7 @@ func BenchmarkPropagation100Clients(b *testing.B) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go s.Serve(ctx, lis)
+	go s.Serve(ctx, lis, insecure.NewCredentials())
 
 	cat := largeCatalog(1000)
 	opts := benchOptions()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -103,17 +104,18 @@ const XDSClusterName = "xds_cluster"
 // BootstrapOptions describe the Envoy instance a bootstrap is for.
 type BootstrapOptions struct {
 	NodeID, NodeCluster string
-	// XDSAddress is the daemon's xDS host:port.
-	XDSAddress string
+	// XDSSocket is the path of the daemon's xDS Unix socket (xds.socket). Envoy reaches it as a
+	// pipe address; the daemon admits it by its user or group.
+	XDSSocket string
 	// AdminAddress is Envoy's admin host:port (keep it on loopback).
 	AdminAddress string
 }
 
-// Bootstrap is an Envoy bootstrap that takes everything from the daemon over ADS.
+// Bootstrap is an Envoy bootstrap that takes everything from the daemon over ADS, on the
+// daemon's Unix socket.
 func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
-	xdsAddr, err := hostPort(o.XDSAddress)
-	if err != nil {
-		return nil, fmt.Errorf("xds address: %w", err)
+	if !filepath.IsAbs(o.XDSSocket) {
+		return nil, fmt.Errorf("xds socket %q: need an absolute path", o.XDSSocket)
 	}
 	admin, err := adminAddress(o.AdminAddress)
 	if err != nil {
@@ -140,12 +142,14 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 		},
 		StaticResources: &bootstrap.Bootstrap_StaticResources{Clusters: []*cluster.Cluster{{
 			Name:                          XDSClusterName,
-			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: xdsClusterType(xdsAddr)},
+			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
 			ConnectTimeout:                durationpb.New(time.Second),
 			TypedExtensionProtocolOptions: map[string]*anypb.Any{HTTPProtocolOptionsKey: h2},
 			LoadAssignment: &endpoint.ClusterLoadAssignment{
 				ClusterName: XDSClusterName,
-				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{lbEndpoint(xdsAddr)}}},
+				Endpoints: []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{{HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+					Address: &core.Address{Address: &core.Address_Pipe{Pipe: &core.Pipe{Path: o.XDSSocket}}},
+				}}}}}},
 			},
 		}}},
 		Admin:           &bootstrap.Admin{Address: xdsSocket(admin)},
@@ -176,15 +180,6 @@ func overloadManager() *overload.OverloadManager {
 type hp struct {
 	host string
 	port uint32
-}
-
-// xdsClusterType is STATIC for an IP address; a host name (e.g. localhost, which the daemon's
-// xds.address may be) Envoy resolves itself, since a STATIC cluster takes only IP addresses.
-func xdsClusterType(a hp) cluster.Cluster_DiscoveryType {
-	if _, err := netip.ParseAddr(a.host); err == nil {
-		return cluster.Cluster_STATIC
-	}
-	return cluster.Cluster_STRICT_DNS
 }
 
 // adminAddress is Envoy's admin host:port, which Envoy binds without resolving names: the host

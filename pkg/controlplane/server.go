@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
@@ -17,12 +18,15 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 )
 
-// fleetKey is the one snapshot key: every data plane that connects, whatever its node ID, is
-// served the fleet's configuration.
+// fleetKey is the one snapshot key: every data plane that connects (and authenticates, see
+// transport.go), whatever its node ID, is served the fleet's configuration.
 const fleetKey = "fleet"
 
 type fleetHash struct{}
@@ -45,12 +49,17 @@ type Server struct {
 	// sent maps a SotW response nonce to the version it carried, so a NACK can name the version
 	// that was rejected.
 	sent map[string]string
+	// dataPlane says which clients are this instance's data plane (SetDataPlane).
+	dataPlane func(Client) bool
 }
 
 type stream struct {
 	node  string
+	peer  Peer
 	acked map[string]string // type URL -> version acknowledged
 }
+
+func (st *stream) client() Client { return Client{Node: st.node, Peer: st.peer} }
 
 // NewServer makes a server; reg receives its metrics (nil for none).
 func NewServer(log *slog.Logger, reg prometheus.Registerer) *Server {
@@ -110,15 +119,58 @@ func (s *Server) Current() *Snapshot {
 	return s.current
 }
 
-// Register adds the ADS and SDS services to g.
+// SetDataPlane tells the server which clients are this instance's own data plane: only they
+// count in Status (readiness) and in fwdproxy_xds_nacks_total; the NACKs of any other client
+// are logged at warning level and counted in fwdproxy_xds_foreign_nacks_total. Without it
+// every client counts. f is called with the server's lock held and must not call back.
+func (s *Server) SetDataPlane(f func(Client) bool) {
+	s.mu.Lock()
+	s.dataPlane = f
+	s.mu.Unlock()
+}
+
+// isDataPlane applies the SetDataPlane predicate; callers hold s.mu.
+func (s *Server) isDataPlane(st *stream) bool {
+	return s.dataPlane == nil || s.dataPlane(st.client())
+}
+
+// Register adds the ADS and SDS services to g. Its connections carry no Peer transport, so
+// with SetDataPlane they count as foreign clients.
 func (s *Server) Register(g *grpc.Server) {
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
 	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
 }
 
-// Serve listens on addr until ctx is done.
-func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+// ServeUnix serves on a Unix socket listener (see localsock.Listen) until ctx is done,
+// admitting only the connections whose peer credentials p allows; refusals are logged.
+func (s *Server) ServeUnix(ctx context.Context, lis net.Listener, p localsock.Policy) error {
+	guarded := localsock.Guard(lis, p, func(c localsock.Cred, err error) {
+		s.log.Warn("xDS connection refused: this local user may not fetch the fleet's configuration and key",
+			"peer", c.String(), "reason", err.Error())
+	})
+	return s.Serve(ctx, guarded, localCreds{transport: UnixSocket})
+}
+
+// ServeInProcess serves the in-process listener (the built-in data plane) until ctx is done.
+func (s *Server) ServeInProcess(ctx context.Context, lis *InProcessListener) error {
+	return s.Serve(ctx, lis.l, localCreds{transport: InProcess})
+}
+
+// ServeTLS serves on a TCP listener until ctx is done, with cfg, which must require and verify
+// client certificates.
+func (s *Server) ServeTLS(ctx context.Context, lis net.Listener, cfg *tls.Config) error {
+	creds, err := tlsCreds(cfg)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ctx, lis, creds)
+}
+
+// Serve serves on lis until ctx is done, authenticating connections with creds. The daemon
+// uses ServeUnix, ServeInProcess and ServeTLS; insecure credentials are for tests only.
+func (s *Server) Serve(ctx context.Context, lis net.Listener, creds credentials.TransportCredentials) error {
 	g := grpc.NewServer(
+		grpc.Creds(creds),
 		grpc.MaxConcurrentStreams(1000),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
@@ -133,10 +185,10 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 
 // Status describes the clients and what they acknowledged.
 type Status struct {
-	// Clients counts open xDS streams.
+	// Clients counts open xDS streams, of any client.
 	Clients int
-	// AckedCurrent counts data planes (by node ID, over all their streams) that acknowledged the
-	// current listeners, clusters and secrets.
+	// AckedCurrent counts data planes (by node ID, over all their streams; only this instance's
+	// own, see SetDataPlane) that acknowledged the current listeners, clusters and secrets.
 	AckedCurrent int
 	// AckedAny counts data planes that acknowledged some listeners and clusters, current or not:
 	// after a NACK they keep serving the last configuration they accepted.
@@ -159,6 +211,9 @@ func (s *Server) Status() Status {
 	type acks struct{ listeners, clusters, secrets, anyListeners, anyClusters, anySecrets bool }
 	nodes := map[string]*acks{}
 	for id, str := range s.streams {
+		if !s.isDataPlane(str) {
+			continue // another client: served, but it says nothing about this instance
+		}
 		key := str.node
 		if key == "" {
 			key = fmt.Sprintf("stream-%d", id)
@@ -186,9 +241,10 @@ func (s *Server) Status() Status {
 	return st
 }
 
-func (s *Server) open(id int64) {
+func (s *Server) open(ctx context.Context, id int64) {
+	p := peerOf(ctx)
 	s.mu.Lock()
-	s.streams[id] = &stream{acked: map[string]string{}}
+	s.streams[id] = &stream{peer: p, acked: map[string]string{}}
 	n := len(s.streams)
 	s.mu.Unlock()
 	s.metrics.clients.Set(float64(n))
@@ -203,34 +259,47 @@ func (s *Server) closed(id int64) {
 }
 
 // request records an ACK or a NACK. A NACK keeps the client on its last good configuration
-// (Envoy's behaviour); we log it loudly and count it, since it means translation emitted
-// something a client could not apply.
+// (Envoy's behaviour). From this instance's data plane we log it loudly and count it, since it
+// means translation emitted something the data plane could not apply; from another client it is
+// that client's business, so it is only a warning, counted apart, and raises no alert.
 func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce string, status interface{ GetMessage() string }, isErr bool) {
 	s.mu.Lock()
 	st := s.streams[id]
-	if st != nil && node != nil && node.GetId() != "" {
+	named := false
+	if st != nil && node != nil && node.GetId() != "" && st.node != node.GetId() {
 		st.node = node.GetId()
+		named = true
 	}
-	nodeID := ""
+	var c Client
+	own := true
 	if st != nil {
-		nodeID = st.node
+		c, own = st.client(), s.isDataPlane(st)
 	}
 	if !isErr && st != nil && version != "" {
 		st.acked[typeURL] = version
 	}
 	s.mu.Unlock()
-	if isErr {
+	if named && !own {
+		s.log.Info("xDS client is not this instance's data plane: served, but it does not count for readiness or NACK alerts",
+			"node", c.Node, "peer", c.Peer.String())
+	}
+	switch {
+	case isErr && own:
 		s.metrics.nacks.WithLabelValues(TypeName(typeURL)).Inc()
 		s.log.Error("xDS client rejected configuration; it keeps its last good one",
-			"node", nodeID, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+			"node", c.Node, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+	case isErr:
+		s.metrics.foreignNacks.WithLabelValues(TypeName(typeURL)).Inc()
+		s.log.Warn("xDS client that is not this instance's data plane rejected configuration",
+			"node", c.Node, "peer", c.Peer.String(), "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
 	}
 }
 
 func (s *Server) callbacks() serverv3.CallbackFuncs {
 	return serverv3.CallbackFuncs{
-		StreamOpenFunc:      func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		StreamOpenFunc:      func(ctx context.Context, id int64, _ string) error { s.open(ctx, id); return nil },
 		StreamClosedFunc:    func(id int64, _ *core.Node) { s.closed(id) },
-		DeltaStreamOpenFunc: func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, _ string) error { s.open(ctx, id); return nil },
 		DeltaStreamClosedFunc: func(id int64, _ *core.Node) {
 			s.closed(id)
 		},
@@ -297,19 +366,22 @@ func TypeName(typeURL string) string {
 }
 
 type xdsMetrics struct {
-	clients  prometheus.Gauge
-	pushes   *prometheus.CounterVec
-	nacks    *prometheus.CounterVec
-	info     *prometheus.GaugeVec
-	updates  prometheus.Counter
-	snapTime prometheus.Gauge
+	clients      prometheus.Gauge
+	pushes       *prometheus.CounterVec
+	nacks        *prometheus.CounterVec
+	foreignNacks *prometheus.CounterVec
+	info         *prometheus.GaugeVec
+	updates      prometheus.Counter
+	snapTime     prometheus.Gauge
 }
 
 func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
 	m := &xdsMetrics{
 		clients: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_xds_connected_clients", Help: "xDS streams currently open."}),
 		pushes:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_pushes_total", Help: "xDS responses sent, by resource type."}, []string{"type"}),
-		nacks:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_nacks_total", Help: "xDS responses rejected by clients, by resource type."}, []string{"type"}),
+		nacks:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_nacks_total", Help: "xDS responses rejected by this instance's data plane, by resource type."}, []string{"type"}),
+		foreignNacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_foreign_nacks_total",
+			Help: "xDS responses rejected by clients that are not this instance's data plane (not alerted on), by resource type."}, []string{"type"}),
 		info: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fwdproxy_snapshot_info",
 			Help: "The snapshot being served (value 1); config_version is identical on converged peers."}, []string{"config_version", "secrets_version"}),
 		updates:  prometheus.NewCounter(prometheus.CounterOpts{Name: "fwdproxy_snapshot_updates_total", Help: "Snapshots published to the xDS cache."}),
@@ -318,9 +390,10 @@ func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
 	for _, t := range []string{"listener", "route", "cluster", "endpoint", "secret"} {
 		m.pushes.WithLabelValues(t)
 		m.nacks.WithLabelValues(t)
+		m.foreignNacks.WithLabelValues(t)
 	}
 	if reg != nil {
-		reg.MustRegister(m.clients, m.pushes, m.nacks, m.info, m.updates, m.snapTime)
+		reg.MustRegister(m.clients, m.pushes, m.nacks, m.foreignNacks, m.info, m.updates, m.snapTime)
 	}
 	return m
 }

@@ -42,7 +42,7 @@ func startServer(t *testing.T) *testServer {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ts := &testServer{Server: s, addr: lis.Addr().String(), reg: reg, stop: cancel, done: make(chan struct{})}
-	go func() { defer close(ts.done); _ = s.Serve(ctx, lis) }()
+	go func() { defer close(ts.done); _ = s.Serve(ctx, lis, insecure.NewCredentials()) }()
 	t.Cleanup(func() { cancel(); <-ts.done })
 	return ts
 }

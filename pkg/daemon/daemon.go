@@ -33,8 +33,10 @@ type Daemon struct {
 	Registry *prometheus.Registry
 	XDS      *controlplane.Server
 	sources  []discovery.Source
-	// xdsAddr is the address the xDS server is bound to, for the data plane (set by Run).
-	xdsAddr string
+	// inproc is the built-in data plane's in-process connection to the xDS server (set by Run).
+	inproc *controlplane.InProcessListener
+	// envoyUID is the user a supervised Envoy runs as (this daemon's); see isDataPlane.
+	envoyUID uint32
 
 	changed chan struct{}
 	mu      sync.Mutex
@@ -75,19 +77,18 @@ func New(cfg *config.Config, log *slog.Logger) *Daemon {
 
 // Run serves until ctx is done or a component fails.
 func (d *Daemon) Run(ctx context.Context) error {
-	xdsLis, err := net.Listen("tcp", d.cfg.XDS.Address)
+	xds, err := d.listenXDS()
 	if err != nil {
-		return fmt.Errorf("xds.address: %w", err)
+		return err
 	}
-	d.xdsAddr = xdsLis.Addr().String()
 	metricsLis, err := net.Listen("tcp", d.cfg.Metrics.Address)
 	if err != nil {
-		xdsLis.Close()
+		xds.close()
 		return fmt.Errorf("metrics.address: %w", err)
 	}
 	bundle, watchIdentity, err := d.identitySource()
 	if err != nil {
-		xdsLis.Close()
+		xds.close()
 		metricsLis.Close()
 		return fmt.Errorf("identity: %w", err)
 	}
@@ -96,7 +97,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return d.XDS.Serve(ctx, xdsLis) })
+	xds.serve(ctx, g, d)
 	g.Go(func() error { return d.serveHTTP(ctx, metricsLis) })
 	g.Go(func() error { return watchIdentity(ctx) })
 	g.Go(func() error { return d.resolveGateways(ctx) })
@@ -107,7 +108,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		_ = g.Wait()
 		return err
 	}
-	d.log.Info("fwdproxy started", "node", d.cfg.Node.ID, "xds", xdsLis.Addr().String(), "metrics", metricsLis.Addr().String())
+	d.log.Info("fwdproxy started", "node", d.cfg.Node.ID, "xds", xds.describe(), "metrics", metricsLis.Addr().String())
 	return g.Wait()
 }
 

@@ -27,13 +27,10 @@ import (
 // data plane in this process, or a supervised Envoy. Both take their configuration from this
 // daemon's xDS server.
 func (d *Daemon) startDataplane(ctx context.Context, g *errgroup.Group) error {
-	addr := dialable(d.xdsAddr)
-	if addr == "" {
-		addr = dialable(d.cfg.XDS.Address)
-	}
+	socket := d.cfg.XDSSocket()
 	switch d.cfg.Dataplane {
 	case "none":
-		d.log.Info("no data plane in this process (dataplane: none); serving xDS only", "xds", addr)
+		d.log.Info("no data plane in this process (dataplane: none); serving xDS only", "xds", socket, "node", d.cfg.Node.ID)
 	case "envoy":
 		bin, err := exec.LookPath(d.cfg.Envoy.Binary)
 		if err != nil {
@@ -47,13 +44,14 @@ func (d *Daemon) startDataplane(ctx context.Context, g *errgroup.Group) error {
 			Args:          d.cfg.Envoy.Args,
 			Log:           d.log.With("component", "envoy"),
 		}
-		if err := p.WriteBootstrap(d.cfg.Node.ID, d.cfg.Node.Cluster, addr); err != nil {
+		if err := p.WriteBootstrap(d.cfg.Node.ID, d.cfg.Node.Cluster, socket); err != nil {
 			return err
 		}
 		g.Go(func() error { return p.Run(ctx) })
 	default:
 		dp := dataplane.New(dataplane.Options{
-			ServerAddress: addr,
+			ServerAddress: "in-process",
+			Dialer:        d.inproc.Dial,
 			NodeID:        d.cfg.Node.ID,
 			NodeCluster:   d.cfg.Node.Cluster,
 			Log:           d.log.With("component", "dataplane"),
@@ -98,11 +96,11 @@ type envoyProcess struct {
 	starts atomic.Int64
 }
 
-// WriteBootstrap writes the bootstrap that points Envoy at the daemon's xDS server. It holds
+// WriteBootstrap writes the bootstrap that points Envoy at the daemon's xDS socket. It holds
 // no secret (certificates come over SDS), so it is world-readable.
-func (p *envoyProcess) WriteBootstrap(nodeID, nodeCluster, xdsAddr string) error {
+func (p *envoyProcess) WriteBootstrap(nodeID, nodeCluster, xdsSocket string) error {
 	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
-		NodeID: nodeID, NodeCluster: nodeCluster, XDSAddress: xdsAddr, AdminAddress: p.AdminAddress,
+		NodeID: nodeID, NodeCluster: nodeCluster, XDSSocket: xdsSocket, AdminAddress: p.AdminAddress,
 	})
 	if err != nil {
 		return fmt.Errorf("envoy bootstrap: %w", err)

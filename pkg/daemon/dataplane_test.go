@@ -56,7 +56,7 @@ func TestEnvoySupervisor(t *testing.T) {
 		Args: []string{"--concurrency", "1"}, Log: slog.New(slog.DiscardHandler),
 		MinBackoff: 50 * time.Millisecond, MaxBackoff: 100 * time.Millisecond, StopTimeout: 5 * time.Second,
 	}
-	if err := p.WriteBootstrap("node-1", "fwdproxy", "127.0.0.1:18000"); err != nil {
+	if err := p.WriteBootstrap("node-1", "fwdproxy", "/run/fwdproxy/xds.sock"); err != nil {
 		t.Fatal(err)
 	}
 	raw, err := os.ReadFile(p.BootstrapPath)
@@ -66,7 +66,7 @@ func TestEnvoySupervisor(t *testing.T) {
 	var boot struct {
 		Node struct{ ID, Cluster string } `json:"node"`
 	}
-	if err := json.Unmarshal(raw, &boot); err != nil || boot.Node.ID != "node-1" || !strings.Contains(string(raw), `"port_value":18000`) {
+	if err := json.Unmarshal(raw, &boot); err != nil || boot.Node.ID != "node-1" || !strings.Contains(string(raw), `"pipe":{"path":"/run/fwdproxy/xds.sock"}`) {
 		t.Fatalf("bootstrap %s (%v)", raw, err)
 	}
 
@@ -186,7 +186,8 @@ identity:
   files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: "127.0.0.1:0"}
+xds: {socket: xds.sock}
+admin: {socket: admin.sock}
 metrics: {address: 127.0.0.1:%d}
 builtin: {drainTime: 1s}
 `, gwPort, metricsPort)

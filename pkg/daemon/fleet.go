@@ -9,13 +9,13 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
@@ -264,51 +264,68 @@ func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
 	return st
 }
 
-// startAdmin serves the admin API on admin.address: plain on loopback, otherwise with the
-// bearer token of admin.tokenFile and/or the client certificates of admin.tls (config
-// validation refuses a non-loopback address with neither).
+// startAdmin serves the admin API on its Unix socket (callers known by their user: root, the
+// daemon's user, admin.group) and, with admin.address, on TCP with the named tokens of
+// admin.tokenFile and/or the client certificates of admin.tls (config validation refuses TCP with
+// neither, loopback included).
 func (d *Daemon) startAdmin(ctx context.Context, g *errgroup.Group, node *peers.Node) error {
 	ac := d.cfg.Admin
+	gid, err := localsock.LookupGroup(ac.Group)
+	if err != nil {
+		return fmt.Errorf("admin.group: %w", err)
+	}
 	srv := &admin.Server{
 		Status:  func() admin.Status { return d.FleetStatus(node) },
+		Local:   localsock.Policy{UID: uint32(os.Geteuid()), GID: gid, Field: "admin.group"},
 		Catalog: d.cfg.CatalogOptions(),
 		Log:     d.log.With("component", "admin"),
 	}
 	if node != nil {
 		srv.Fleet = node
 	}
+	// Alone, the API only reports status: not worth refusing to carry traffic for.
+	unavailable := func(err error) error {
+		if node == nil {
+			d.log.Error("admin API not started; fwdproxy status will not reach this instance", "error", err)
+			return nil
+		}
+		return err
+	}
+	sock, err := localsock.Listen(d.cfg.AdminSocket(), gid)
+	if err != nil {
+		return unavailable(fmt.Errorf("admin.socket: %w", err))
+	}
+	d.log.Info("admin API listening", "socket", d.cfg.AdminSocket(), "group", ac.Group)
+	g.Go(func() error { return srv.ServeSocket(ctx, sock) })
+	if ac.Address == "" {
+		return nil
+	}
 	if ac.TokenFile != "" {
 		b, err := os.ReadFile(d.cfg.Path(ac.TokenFile))
 		if err != nil {
 			return fmt.Errorf("admin.tokenFile: %w", err)
 		}
-		if srv.Token = strings.TrimSpace(string(b)); len(srv.Token) < 16 {
-			return errors.New("admin.tokenFile: the token is shorter than 16 characters; use e.g. openssl rand -hex 32")
+		if srv.Tokens, err = admin.ParseTokens(b); err != nil {
+			return fmt.Errorf("admin.tokenFile %s: %w", ac.TokenFile, err)
 		}
 	}
 	var tlsCfg *tls.Config
 	if t := ac.TLS; t != nil {
-		var err error
 		if tlsCfg, err = admin.ServerTLS(d.cfg.Path(t.CertChain), d.cfg.Path(t.PrivateKey), d.cfg.Path(t.ClientCA)); err != nil {
 			return err
 		}
 	}
-	if !d.cfg.AdminIsLoopback() && srv.Token == "" && tlsCfg == nil {
-		return fmt.Errorf("admin.address %s is not loopback: set admin.tokenFile or admin.tls", ac.Address)
+	if len(srv.Tokens) == 0 && tlsCfg == nil {
+		return errors.New("admin.address needs admin.tokenFile or admin.tls: a TCP admin API authenticates every caller, loopback included")
 	}
 	lis, err := net.Listen("tcp", ac.Address)
 	if err != nil {
-		if node == nil {
-			// Alone, the API only reports status: not worth refusing to carry traffic for.
-			d.log.Error("admin API not started; fwdproxy status will not reach this instance", "error", fmt.Errorf("admin.address: %w", err))
-			return nil
-		}
-		return fmt.Errorf("admin.address: %w", err)
+		return unavailable(fmt.Errorf("admin.address: %w", err))
 	}
 	if tlsCfg != nil {
 		lis = tls.NewListener(lis, tlsCfg)
 	}
-	d.log.Info("admin API listening", "addr", lis.Addr().String(), "token", srv.Token != "", "mtls", tlsCfg != nil)
+	d.log.Info("admin API listening", "addr", lis.Addr().String(), "tokens", len(srv.Tokens), "mtls", tlsCfg != nil)
 	g.Go(func() error { return srv.Serve(ctx, lis) })
 	return nil
 }

@@ -135,7 +135,8 @@ discovery:
     - {name: primary, namespaces: [bookinfo], gateway: {namespace: istio-system}}
 listen: {address: 127.0.0.1}
 dataplane: none
-xds: {address: "127.0.0.1:0"}
+xds: {socket: xds.sock}
+admin: {socket: admin.sock}
 metrics: {address: %q}
 `, metricsAddr)
 	path := filepath.Join(dir, "config.yaml")

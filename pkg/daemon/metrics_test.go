@@ -114,9 +114,9 @@ identity:
 %s
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: "127.0.0.1:0"}
+xds: {socket: xds.sock}
 metrics: {address: %s}
-admin: {address: "127.0.0.1:0"}
+admin: {socket: admin.sock}
 `, gwPort, identityBlock, f.metricsAddr)
 	cfgPath := filepath.Join(f.dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -33,6 +34,11 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 		bundle = b
 	case cfg.Identity.ACMPCA != nil:
 		notes = append(notes, "the identity is issued by AWS Private CA at run time; secrets are not included")
+	}
+	for _, g := range []struct{ field, name string }{{"xds.group", cfg.XDS.Group}, {"admin.group", cfg.Admin.Group}} {
+		if _, err := localsock.LookupGroup(g.name); err != nil {
+			notes = append(notes, fmt.Sprintf("%s: %v here; the daemon will not start on a host without it (create it, e.g. groupadd --system %s)", g.field, err, g.name))
+		}
 	}
 	var gws []controlplane.Gateway
 	for _, g := range cfg.Gateways {

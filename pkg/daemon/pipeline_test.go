@@ -111,9 +111,10 @@ identity:
   files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: 127.0.0.1:%d}
+xds: {socket: xds.sock}
 metrics: {address: 127.0.0.1:%d}
-`, freePort(t), freePort(t), freePort(t))
+admin: {socket: admin.sock}
+`, freePort(t), freePort(t))
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
 		t.Fatal(err)
@@ -168,7 +169,7 @@ func adsClusters(t *testing.T, addr string) (client.ADSClient, func() []string) 
 func TestPipelineCatalogEdits(t *testing.T) {
 	env := startPipeline(t)
 	eventually(t, "first snapshot", func() bool { return env.d.XDS.Current() != nil })
-	_, next := adsClusters(t, env.cfg.XDS.Address)
+	_, next := adsClusters(t, "unix:"+env.cfg.XDSSocket())
 	if got := next(); len(got) != 1 {
 		t.Fatalf("clusters: %v", got)
 	}

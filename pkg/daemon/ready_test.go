@@ -47,10 +47,14 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// readyFixture writes an identity issued by an Istio-like CA, a catalog and a daemon config.
+// readyFixture writes an identity issued by an Istio-like CA, a catalog and a daemon config
+// (with extra appended) into a new temporary directory, where the daemon's sockets go too.
 func readyFixture(t *testing.T) (cfg *config.Config, catalogPath string) {
+	return readyFixtureIn(t, t.TempDir(), "")
+}
+
+func readyFixtureIn(t *testing.T, dir, extra string) (cfg *config.Config, catalogPath string) {
 	t.Helper()
-	dir := t.TempDir()
 	ca, err := meshtest.NewCA("cluster.local")
 	if err != nil {
 		t.Fatal(err)
@@ -77,10 +81,14 @@ discovery:
   files: [catalog.yaml]
 listen: {address: 127.0.0.1, accessLog: false}
 dataplane: none  # the test's own ADS clients are the data planes
-xds: {address: %q}
 metrics: {address: %q}
-admin: {address: %q}
-`, chain, key, root, freeAddr(t), freeAddr(t), freeAddr(t))
+%s`, chain, key, root, freeAddr(t), extra)
+	if !strings.Contains(extra, "xds:") {
+		doc += "xds: {socket: xds.sock}\n"
+	}
+	if !strings.Contains(extra, "admin:") {
+		doc += "admin: {socket: admin.sock}\n"
+	}
 	path := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
@@ -133,9 +141,10 @@ type adsClient struct {
 	sawSecrets bool
 }
 
-func dialADS(t *testing.T, ctx context.Context, addr string) *adsClient {
+// dialADS connects to the daemon's xDS socket as node.
+func dialADS(t *testing.T, ctx context.Context, cfg *config.Config, node string) *adsClient {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("unix:"+cfg.XDSSocket(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +160,7 @@ func dialADS(t *testing.T, ctx context.Context, addr string) *adsClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &adsClient{stream: stream, node: &core.Node{Id: "envoy-test", Cluster: "fwdproxy"}, acked: map[string]string{}}
+	c := &adsClient{stream: stream, node: &core.Node{Id: node, Cluster: "fwdproxy"}, acked: map[string]string{}}
 	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.SecretType} {
 		if err := stream.Send(&discoverypb.DiscoveryRequest{Node: c.node, TypeUrl: typ}); err != nil {
 			t.Fatal(err)
@@ -237,14 +246,15 @@ func TestReadyTransitions(t *testing.T) {
 
 	// A data plane that rejects the configuration does not make the instance ready.
 	sctx, stop := context.WithCancel(ctx)
-	nacker := dialADS(t, sctx, cfg.XDS.Address)
+	nacker := dialADS(t, sctx, cfg, cfg.Node.ID)
 	nacker.answerBoth(t, "listener rejected by test")
 	time.Sleep(200 * time.Millisecond)
 	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
 	stop()
 
-	// A data plane that ACKs clusters and listeners makes it ready.
-	client := dialADS(t, ctx, cfg.XDS.Address)
+	// The data plane (the node ID of Envoy's bootstrap, on the daemon's socket) ACKs clusters,
+	// listeners and secrets: ready.
+	client := dialADS(t, ctx, cfg, cfg.Node.ID)
 	client.answerBoth(t, "")
 	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
 	if st := d.XDS.Status(); st.AckedCurrent != 1 {
@@ -303,4 +313,52 @@ func getHealthz(addr string) (int, string, error) {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b), err
+}
+
+// TestReadyIgnoresOtherClients: only the data plane the daemon configured counts for readiness
+// and the NACK alert. Any other xDS client (here one with another node ID on the socket) is
+// served, but its ACKs do not make the instance ready, and its NACKs do not raise
+// fwdproxy_xds_nacks_total: they are counted in fwdproxy_xds_foreign_nacks_total.
+func TestReadyIgnoresOtherClients(t *testing.T) {
+	cfg, _ := readyFixture(t)
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	runDaemon(t, d)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
+
+	other := dialADS(t, ctx, cfg, "someone-else")
+	other.answerBoth(t, "")
+	time.Sleep(300 * time.Millisecond)
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
+	if st := d.XDS.Status(); st.Clients != 1 || st.AckedAny != 0 {
+		t.Fatalf("status %+v: another node's ACK counted", st)
+	}
+
+	// Its NACK of the next configuration is not this instance's problem.
+	nacker := dialADS(t, ctx, cfg, "someone-else")
+	nacker.answerBoth(t, "listener rejected by someone else")
+	metric := func(name string) string {
+		resp, err := http.Get("http://" + cfg.Metrics.Address + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, name+`{type="listener"} `) {
+				return strings.TrimPrefix(l, name+`{type="listener"} `)
+			}
+		}
+		return "missing"
+	}
+	meshtest.Eventually(t, 5*time.Second, "the foreign NACK counted", func() bool { return metric("fwdproxy_xds_foreign_nacks_total") == "1" })
+	if n := metric("fwdproxy_xds_nacks_total"); n != "0" {
+		t.Fatalf("fwdproxy_xds_nacks_total{type=listener} = %s after another client's NACK", n)
+	}
+
+	// The data plane itself.
+	dp := dialADS(t, ctx, cfg, cfg.Node.ID)
+	dp.answerBoth(t, "")
+	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
 }

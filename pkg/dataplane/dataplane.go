@@ -30,16 +30,18 @@
 //
 // Use:
 //
-//	dp := dataplane.New(dataplane.Options{ServerAddress: "127.0.0.1:18000", NodeID: "a", Log: log})
+//	dp := dataplane.New(dataplane.Options{ServerAddress: "/run/fwdproxy/xds.sock", NodeID: "a", Log: log})
 //	go dp.Run(ctx) // returns when ctx ends, after draining
 //	dp.Ready()     // true once listeners, clusters and everything they reference are applied
 package dataplane
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"net/http/httputil"
 	"os"
 	"slices"
@@ -52,8 +54,15 @@ import (
 
 // Options configure a data plane.
 type Options struct {
-	// ServerAddress is the control plane's ADS address, host:port.
+	// ServerAddress is the control plane's ADS address: a Unix socket (an absolute path or
+	// unix:PATH; the daemon's xds.socket), or host:port for TCP, which then needs TLS.
 	ServerAddress string
+	// TLS is the client configuration for a TCP control plane (its CA, this data plane's
+	// certificate). Without it a TCP connection is plain text, for tests only.
+	TLS *tls.Config
+	// Dialer, when set, makes the connection to the control plane instead (the daemon's
+	// in-process listener); ServerAddress then only names it in logs.
+	Dialer func(ctx context.Context, addr string) (net.Conn, error)
 	// NodeID and NodeCluster identify this data plane to the control plane.
 	NodeID, NodeCluster string
 	// Log receives operational logs; nil discards them.

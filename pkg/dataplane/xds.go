@@ -21,6 +21,7 @@ import (
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
@@ -67,11 +68,35 @@ func typeName(typeURL string) string {
 	return typeURL[strings.LastIndex(typeURL, ".")+1:]
 }
 
+// Target turns a control plane address into a gRPC target: a path or unix:PATH is a Unix
+// socket, anything else host:port.
+func Target(addr string) string {
+	switch {
+	case strings.HasPrefix(addr, "unix:"):
+		return addr
+	case strings.HasPrefix(addr, "/"):
+		return "unix://" + addr
+	}
+	return addr
+}
+
 func (dp *DataPlane) runXDS(ctx context.Context) error {
-	conn, err := grpc.NewClient(dp.opts.ServerAddress,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	target := Target(dp.opts.ServerAddress)
+	creds := insecure.NewCredentials() // a Unix socket (the server checks who connects) or in process
+	switch {
+	case dp.opts.Dialer != nil:
+		target = "passthrough:///" + dp.opts.ServerAddress
+	case dp.opts.TLS != nil:
+		creds = credentials.NewTLS(dp.opts.TLS)
+	}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	if dp.opts.Dialer != nil {
+		opts = append(opts, grpc.WithContextDialer(dp.opts.Dialer))
+	}
+	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return fmt.Errorf("control plane address %q: %w", dp.opts.ServerAddress, err)
 	}

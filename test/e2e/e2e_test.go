@@ -118,13 +118,13 @@ gateways:
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: 127.0.0.1:%d}
+xds: {socket: xds.sock}
 metrics: {address: %s}
-admin: {address: 127.0.0.1:%d}
+admin: {socket: admin.sock}
 upstream:
   connectTimeout: 2s
   outlierDetection: {consecutiveErrors: %d, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
-%s`, gws.String(), fleetID, freePort(t), e.metrics, freePort(t), consecutiveErrors, dp.configure(t, e.dir))
+%s`, gws.String(), fleetID, e.metrics, consecutiveErrors, dp.configure(t, e.dir))
 	cfgPath := filepath.Join(e.dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
 		t.Fatal(err)

