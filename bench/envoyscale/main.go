@@ -54,6 +54,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -143,7 +144,7 @@ func run(ctx context.Context) error {
 
 	fmt.Fprintf(stdout, "\nEnvoy at scale: %s, run by the daemon (dataplane: envoy); ADS %s; %d cores; %s; open-file limit %d; %d run(s), medians\n\n",
 		envoyVersion(string(version)), ads, runtime.NumCPU(), workersNote, limit, *runs)
-	fmt.Fprintln(stdout, "| step | services | write → served s | → last CDS update s | → last LDS update s | → ACK s | → first HTTP OK s | → first TCP OK s | Envoy CPU s | xDS streams lost | Envoy RSS MiB | Envoy peak RSS MiB | daemon RSS MiB |")
+	fmt.Fprintln(stdout, "| step | services | write → served s | → CDS applied s | → LDS applied s | → ACK s | → first HTTP OK s | → first TCP OK s | Envoy CPU s | xDS streams lost | Envoy RSS MiB | Envoy peak RSS MiB | daemon RSS after GC MiB |")
 	fmt.Fprintln(stdout, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for i := range all[0] {
 		col := func(f func(step) float64) []float64 {
@@ -164,13 +165,13 @@ func run(ctx context.Context) error {
 			num(col(func(s step) float64 { return s.daemonRSS })))
 	}
 	fmt.Fprintln(stdout, "\nTimes count from the snapshot being served (catalog changes) or from Envoy's start (start, restart).")
-	fmt.Fprintln(stdout, "Last CDS/LDS update: Envoy's update_time of those subscriptions at the end of the step (when a stream is lost,")
-	fmt.Fprintln(stdout, "Envoy gets and applies the whole state again). ACK: the daemon's xDS server saw Envoy acknowledge the current")
-	fmt.Fprintln(stdout, "listeners, clusters and secrets. First HTTP/TCP OK: a request by Host and a TCP echo through Envoy")
+	fmt.Fprintln(stdout, "CDS/LDS applied: Envoy's update_time of those subscriptions, over the runs where the step lost no xDS stream (after")
+	fmt.Fprintln(stdout, "a lost stream Envoy gets the whole state again and the last update is a re-application). ACK: the daemon's xDS server")
+	fmt.Fprintln(stdout, "saw Envoy acknowledge the current listeners, clusters and secrets. First HTTP/TCP OK: a request by Host and a TCP echo through Envoy")
 	fmt.Fprintln(stdout, "to a service new in that step. Envoy CPU: utime+stime of the envoy process over the same span (from its start on")
 	fmt.Fprintln(stdout, "a restart), steadier than the times on a shared machine. After each step Envoy held every listener and cluster,")
 	fmt.Fprintln(stdout, "warming none, and sent no NACK.")
-	fmt.Fprintln(stdout, "The daemon RSS is this process's: the daemon, its xDS server and the mesh stand-ins.")
+	fmt.Fprintln(stdout, "The daemon RSS is this process's (the daemon, its xDS server and the mesh stand-ins) after a GC returned free memory.")
 	var sec, mb, lines []float64
 	for _, sc := range scrapes {
 		sec, mb, lines = append(sec, sc.seconds), append(mb, sc.bytes/1e6), append(lines, sc.lines)
@@ -407,6 +408,14 @@ func (m *measurer) scrape() (scrape, error) {
 	return sc, nil
 }
 
+// dropUpdates forgets Envoy's update times when the step lost a stream: they are those of the
+// state re-sent on the new stream.
+func (s *step) dropUpdates() {
+	if s.drops > 0 {
+		s.cds, s.lds = math.NaN(), math.NaN()
+	}
+}
+
 // catalogFile writes the generated catalog atomically (the daemon watches the file).
 type catalogFile struct {
 	path     string
@@ -488,6 +497,7 @@ func (m *measurer) envoyStart(name string, services, old int) (step, error) {
 	}
 	err := m.settle(&s, t0, services, deadline)
 	s.drops = int(m.lost.Load() - lost)
+	s.dropUpdates()
 	return s, err
 }
 
@@ -518,6 +528,7 @@ func (m *measurer) change(name string, cat *catalogFile, n, probe int) (step, er
 	}
 	err = m.settle(&s, t0, n, deadline)
 	s.drops = int(m.lost.Load() - lost)
+	s.dropUpdates()
 	return s, err
 }
 
@@ -602,6 +613,7 @@ func (m *measurer) settle(s *step, t0 time.Time, services int, deadline time.Tim
 	if s.rssMiB, s.hwmMiB, err = memMiB(m.pid); err != nil {
 		return err
 	}
+	debug.FreeOSMemory() // the same measure in every run of this process
 	s.daemonRSS, _, err = memMiB(os.Getpid())
 	return err
 }
