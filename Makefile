@@ -1,7 +1,7 @@
 # fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
 GO ?= go
 
-.PHONY: build deps test check bench bench-dataplane demo golden clean
+.PHONY: build deps test check bench bench-dataplane bench-envoy demo golden clean
 
 build:
 	$(GO) build -o bin/fwdproxy ./cmd/fwdproxy
@@ -23,6 +23,17 @@ check:
 # Go benchmarks (translation, propagation, gossip, data plane).
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Data path: direct, HAProxy, Envoy (dataplane: envoy) and the built-in data plane in one run
+# (needs wrk, haproxy and Envoy: make deps). Tunables: DURATION, CONNS, THREADS, TCP_WORKERS.
+bench-dataplane:
+	bench/dataplane.sh
+
+# Envoy at scale: RSS and snapshot-served-to-ACK for a 10,000-service catalog and a one-service
+# change, through the daemon with dataplane: envoy. Each step is bounded by -timeout (5m).
+ENVOYSCALE_FLAGS ?=
+bench-envoy:
+	$(GO) run ./bench/envoyscale $(ENVOYSCALE_FLAGS)
 
 demo:
 	$(GO) run ./cmd/fwdproxy demo

@@ -7,11 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -51,13 +53,17 @@ func main() {
 
 // meshCmd starts a gateway, an HTTP sidecar and a TCP sidecar, plus plain-text twins of their
 // applications for the direct baseline, and writes into -dir: the fleet identity (certs/),
-// fwdproxy's config.yaml and catalog.yaml, haproxy.cfg doing the same TLS origination, and
-// env.sh with the addresses. It serves until SIGINT/SIGTERM.
+// fwdproxy's config.yaml and catalog.yaml (dataplane: builtin), with -envoy also
+// config-envoy.yaml and catalog-envoy.yaml (a second daemon with dataplane: envoy: the same two
+// services on their own ports, routed by the same gateway to the same sidecars), haproxy.cfg
+// doing the same TLS origination, and env.sh with the addresses. It serves until SIGINT/SIGTERM.
 func meshCmd(args []string) error {
 	fs := flag.NewFlagSet("mesh", flag.ContinueOnError)
 	dir := fs.String("dir", "", "directory for the generated files (required)")
+	envoyBin := fs.String("envoy", "", "envoy binary: also write config-envoy.yaml, a daemon with dataplane: envoy")
 	ports := map[string]*int{}
-	for _, n := range []string{"fwdproxy-http", "fwdproxy-tcp", "haproxy-http", "haproxy-tcp", "metrics"} {
+	for _, n := range []string{"fwdproxy-http", "fwdproxy-tcp", "haproxy-http", "haproxy-tcp", "metrics",
+		"envoy-http", "envoy-tcp", "envoy-metrics", "envoy-proxy-admin"} {
 		ports[n] = fs.Int(n, 0, n+" port (0: any free port)")
 	}
 	if err := fs.Parse(args); err != nil {
@@ -66,6 +72,11 @@ func meshCmd(args []string) error {
 	if *dir == "" {
 		return fmt.Errorf("-dir is required")
 	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		return err
+	}
+	*dir = abs
 	for n, p := range ports {
 		if *p == 0 {
 			var err error
@@ -85,6 +96,10 @@ func meshCmd(args []string) error {
 	defer gw.Close()
 	httpT := meshtest.Target{Host: httpHost, Port: uint32(*ports["fwdproxy-http"])}
 	tcpT := meshtest.Target{Host: tcpHost, Port: uint32(*ports["fwdproxy-tcp"])}
+	// The Envoy daemon's catalog has the same services on other ports (both daemons listen on
+	// loopback), so their SNIs differ by the port only.
+	envoyHTTPT := meshtest.Target{Host: httpHost, Port: uint32(*ports["envoy-http"])}
+	envoyTCPT := meshtest.Target{Host: tcpHost, Port: uint32(*ports["envoy-tcp"])}
 	hs, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: "productpage", SPIFFEID: productpageID, CA: ca, Protocol: meshtest.HTTP, DNSNames: []string{httpT.SNI()}})
 	if err != nil {
 		return err
@@ -97,6 +112,8 @@ func meshCmd(args []string) error {
 	defer ts.Close()
 	gw.Route(httpT, hs.Addr())
 	gw.Route(tcpT, ts.Addr())
+	gw.Route(envoyHTTPT, hs.Addr())
+	gw.Route(envoyTCPT, ts.Addr())
 
 	// Direct baseline: the same applications without TLS or proxies.
 	directHTTP, err := net.Listen("tcp", "127.0.0.1:0")
@@ -144,34 +161,40 @@ func meshCmd(args []string) error {
 	_ = chain
 	_ = key
 	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
-	files := map[string]string{
-		"catalog.yaml": fmt.Sprintf(`services:
+	catalogYAML := func(httpPort, tcpPort uint32) string {
+		return fmt.Sprintf(`services:
   - host: %s
     ports: [{number: %d, protocol: http}]
     identities: [%s]
   - host: %s
     ports: [{number: %d, protocol: tcp}]
     identities: [%s]
-`, httpHost, httpT.Port, productpageID, tcpHost, tcpT.Port, echoID),
-		"config.yaml": fmt.Sprintf(`node: {id: bench}
+`, httpHost, httpPort, productpageID, tcpHost, tcpPort, echoID)
+	}
+	configYAML := func(node, catalogFile string, metrics int, dataplane string) string {
+		return fmt.Sprintf(`node: {id: %s}
 gateways: [{name: eastwest, address: %s, port: %s}]
 identity:
   spiffeID: %s
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
-discovery: {files: [catalog.yaml]}
+discovery: {files: [%s]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {socket: xds.sock}
+xds: {socket: xds-%s.sock}
 metrics: {address: 127.0.0.1:%d}
-admin: {socket: admin.sock}
-dataplane: builtin
-`, gwHost, gwPort, fleetID, *ports["metrics"]),
+admin: {socket: admin-%s.sock}
+%s`, node, gwHost, gwPort, fleetID, catalogFile, node, metrics, node, dataplane)
+	}
+	files := map[string]string{
+		"catalog.yaml": catalogYAML(httpT.Port, tcpT.Port),
+		"config.yaml": configYAML("bench", "catalog.yaml", *ports["metrics"],
+			"dataplane: builtin\nbuiltin: {drainTime: 1s}\n"),
 		// The same origination as fwdproxy's clusters: client chain, Istio SNI and ALPN, server
 		// chain verified against the mesh root and one name checked. HAProxy checks the server
 		// name against the SNI and cannot match a URI SAN, so the benchmark's sidecars also
 		// carry the SNI as a DNS SAN (fwdproxy still checks the SPIFFE ID).
 		"haproxy.cfg": fmt.Sprintf(`global
   maxconn 4000
-  nbthread 2
+  nbthread %d
   ssl-server-verify required
 defaults
   timeout connect 5s
@@ -192,7 +215,7 @@ frontend tcp
 backend echo
   mode tcp
   server gw %s ssl crt %s ca-file %s sni str(%s) alpn istio verify required
-`, *ports["haproxy-http"], gw.Addr(), fleetPEM, root, httpT.SNI(),
+`, runtime.NumCPU(), *ports["haproxy-http"], gw.Addr(), fleetPEM, root, httpT.SNI(),
 			*ports["haproxy-tcp"], gw.Addr(), fleetPEM, root, tcpT.SNI()),
 		"env.sh": fmt.Sprintf(`HTTP_HOST=%s
 FWDPROXY_HTTP=127.0.0.1:%d
@@ -202,10 +225,26 @@ HAPROXY_TCP=127.0.0.1:%d
 DIRECT_HTTP=%s
 DIRECT_TCP=%s
 METRICS=127.0.0.1:%d
-`, httpHost, httpT.Port, tcpT.Port, *ports["haproxy-http"], *ports["haproxy-tcp"], directHTTP.Addr(), directTCP.Addr(), *ports["metrics"]),
+ENVOY_HTTP=127.0.0.1:%d
+ENVOY_TCP=127.0.0.1:%d
+ENVOY_METRICS=127.0.0.1:%d
+ENVOY_ADMIN=127.0.0.1:%d
+`, httpHost, httpT.Port, tcpT.Port, *ports["haproxy-http"], *ports["haproxy-tcp"], directHTTP.Addr(), directTCP.Addr(), *ports["metrics"],
+			envoyHTTPT.Port, envoyTCPT.Port, *ports["envoy-metrics"], *ports["envoy-proxy-admin"]),
 	}
-	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(*dir, name), []byte(content), 0o644); err != nil {
+	if *envoyBin != "" {
+		// The daemon writes Envoy's bootstrap itself and supervises it; Envoy runs with its
+		// default concurrency (one worker per core), as in production.
+		files["catalog-envoy.yaml"] = catalogYAML(envoyHTTPT.Port, envoyTCPT.Port)
+		files["config-envoy.yaml"] = configYAML("bench-envoy", "catalog-envoy.yaml", *ports["envoy-metrics"],
+			fmt.Sprintf("dataplane: envoy\nenvoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s, args: [--log-level, warning]}\n",
+				*envoyBin, *ports["envoy-proxy-admin"], filepath.Join(*dir, "envoy-bootstrap.json")))
+	}
+	// env.sh last: the script starts reading the other files once it exists.
+	names := slices.Sorted(maps.Keys(files))
+	names = append(slices.DeleteFunc(names, func(n string) bool { return n == "env.sh" }), "env.sh")
+	for _, name := range names {
+		if err := os.WriteFile(filepath.Join(*dir, name), []byte(files[name]), 0o644); err != nil {
 			return err
 		}
 	}
@@ -274,7 +313,7 @@ func tcpLoadCmd(args []string) error {
 		}
 		return lat[min(len(lat)-1, int(float64(len(lat))*p))]
 	}
-	fmt.Printf("%s conns/s=%.0f p50_ms=%.3f p99_ms=%.3f errors=%d\n", *label, float64(len(lat))/dur.Seconds(),
+	fmt.Printf("%s conns=%d conns/s=%.0f p50_ms=%.3f p99_ms=%.3f errors=%d\n", *label, len(lat), float64(len(lat))/dur.Seconds(),
 		float64(pct(0.50).Microseconds())/1000, float64(pct(0.99).Microseconds())/1000, errs)
 	if errs > 0 {
 		fmt.Fprintln(os.Stderr, "first error:", firstErr)
