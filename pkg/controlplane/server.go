@@ -172,7 +172,11 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, creds credentials.
 	g := grpc.NewServer(
 		grpc.Creds(creds),
 		grpc.MaxConcurrentStreams(1000),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		// A long ping timeout: Envoy answers pings on its main thread, which applying 20,000
+		// clusters keeps busy for tens of seconds, and a 10s timeout (grpc-go also makes it the
+		// connection's TCP_USER_TIMEOUT) cut the stream mid-update, so Envoy started over
+		// (bench/envoyscale). A dead peer on the Unix socket is seen at once anyway.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 5 * time.Minute}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	s.Register(g)
