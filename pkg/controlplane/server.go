@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
 // fleetKey is the one snapshot key: every data plane that connects, whatever its node ID, is
@@ -120,6 +122,12 @@ func (s *Server) Register(g *grpc.Server) {
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	g := grpc.NewServer(
 		grpc.MaxConcurrentStreams(1000),
+		// A response holds every resource of its type and a request may name every route,
+		// endpoint or secret: both go up to the limit every fwdproxy data plane takes (gRPC
+		// would otherwise receive 4 MiB, about 3,500 services). The snapshot builder keeps
+		// responses under it.
+		grpc.MaxSendMsgSize(xdslimit.MaxMessageBytes),
+		grpc.MaxRecvMsgSize(xdslimit.MaxMessageBytes),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)

@@ -45,6 +45,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
 // Options configure a data plane.
@@ -67,6 +69,9 @@ type Options struct {
 	AccessLog io.Writer
 	// MaxBackoff caps the wait between reconnection attempts; default 10s.
 	MaxBackoff time.Duration
+	// MaxMessageBytes is the largest xDS message received or sent; default
+	// xdslimit.MaxMessageBytes, the most the control plane ever sends.
+	MaxMessageBytes int
 }
 
 // DataPlane is one running data plane. Create it with New and start it with Run.
@@ -110,6 +115,9 @@ func New(o Options) *DataPlane {
 	}
 	if o.MaxBackoff <= 0 {
 		o.MaxBackoff = 10 * time.Second
+	}
+	if o.MaxMessageBytes <= 0 {
+		o.MaxMessageBytes = xdslimit.MaxMessageBytes
 	}
 	dp := &DataPlane{
 		opts:      o,

@@ -71,6 +71,11 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 	conn, err := grpc.NewClient(dp.opts.ServerAddress,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// One state-of-the-world response carries every resource of its type: gRPC's default
+		// 4 MiB receive limit is a catalog of about 3,500 services. The control plane never
+		// builds a response over xdslimit.MaxMessageBytes, so taking that much means every
+		// configuration it can produce is received.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(dp.opts.MaxMessageBytes), grpc.MaxCallSendMsgSize(dp.opts.MaxMessageBytes)),
 	)
 	if err != nil {
 		return fmt.Errorf("control plane address %q: %w", dp.opts.ServerAddress, err)
