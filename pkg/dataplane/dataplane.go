@@ -100,6 +100,7 @@ type DataPlane struct {
 	connected bool
 	lastNACK  string
 	ready     bool
+	serving   bool // ready once: listeners keep serving whatever happens to the stream
 }
 
 // New makes a data plane; nothing runs until Run.
@@ -153,7 +154,12 @@ func (dp *DataPlane) Ready() bool {
 type Status struct {
 	// Connected is true while the ADS stream is open.
 	Connected bool
-	Ready     bool
+	// Ready is true while everything the accepted listeners and clusters reference is applied.
+	Ready bool
+	// Serving is true once the data plane was ready: from then on its listeners serve the last
+	// configuration it accepted, whether or not newer ones arrive (a rejected or unreceivable
+	// response, a lost control plane, a new listener still waiting for its routes).
+	Serving bool
 	// Versions are the last accepted versions by resource type: listener, route, cluster,
 	// endpoint, secret.
 	Versions map[string]string
@@ -168,7 +174,7 @@ type Status struct {
 // Status reports the current state.
 func (dp *DataPlane) Status() Status {
 	dp.mu.Lock()
-	st := Status{Connected: dp.connected, Ready: dp.ready, LastRejection: dp.lastNACK, Versions: map[string]string{}, Listeners: map[string]string{}, Clusters: map[string]string{}}
+	st := Status{Connected: dp.connected, Ready: dp.ready, Serving: dp.serving, LastRejection: dp.lastNACK, Versions: map[string]string{}, Listeners: map[string]string{}, Clusters: map[string]string{}}
 	for _, s := range dp.subs {
 		st.Versions[typeName(s.typeURL)] = s.version
 	}

@@ -75,6 +75,12 @@ type env struct {
 
 func newEnv(t testing.TB, drain time.Duration) *env {
 	t.Helper()
+	return newEnvWith(t, drain, nil)
+}
+
+// newEnvWith is newEnv with the data plane's options edited by tune.
+func newEnvWith(t testing.TB, drain time.Duration, tune func(*Options)) *env {
+	t.Helper()
 	ca, err := meshtest.NewCA("mesh")
 	if err != nil {
 		t.Fatal(err)
@@ -86,8 +92,12 @@ func newEnv(t testing.TB, drain time.Duration) *env {
 	e.startControlPlane("127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
-	e.dp = New(Options{ServerAddress: e.cpAddr, NodeID: "test", NodeCluster: "fwdproxy", Log: testLog(t),
-		Registerer: e.reg, DrainTime: drain, AccessLog: e.access, MaxBackoff: 200 * time.Millisecond})
+	o := Options{ServerAddress: e.cpAddr, NodeID: "test", NodeCluster: "fwdproxy", Log: testLog(t),
+		Registerer: e.reg, DrainTime: drain, AccessLog: e.access, MaxBackoff: 200 * time.Millisecond}
+	if tune != nil {
+		tune(&o)
+	}
+	e.dp = New(o)
 	go func() {
 		defer close(e.done)
 		if err := e.dp.Run(ctx); err != nil {

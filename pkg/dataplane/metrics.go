@@ -21,6 +21,9 @@ type metrics struct {
 	ejections     *prometheus.CounterVec
 	xdsConnected  prometheus.Gauge
 	xdsRejections *prometheus.CounterVec
+	// xdsReceiveErrors counts responses that could not even be received (too_large): unlike a
+	// rejection, there is nothing to NACK, as the stream ends before the response is read.
+	xdsReceiveErrors *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -43,10 +46,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "1 while the data plane has an open ADS stream to the control plane."}),
 		xdsRejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_xds_rejected_total",
 			Help: "Configuration versions the data plane rejected (NACKed), by resource type."}, []string{"type"}),
+		xdsReceiveErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_xds_receive_errors_total",
+			Help: "Responses from the control plane the data plane could not receive (too_large: over its message limit); it keeps its last good configuration."}, []string{"reason"}),
 	}
+	m.xdsReceiveErrors.WithLabelValues("too_large")
 	if reg != nil {
 		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
-			m.xdsConnected, m.xdsRejections)
+			m.xdsConnected, m.xdsRejections, m.xdsReceiveErrors)
 	}
 	return m
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -90,12 +91,27 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if progressed {
+		tooLarge := status.Code(err) == codes.ResourceExhausted
+		if progressed && !tooLarge {
 			backoff = initial
 		}
 		wait := backoff/2 + rand.N(backoff/2+1)
-		dp.log.Warn("control plane stream ended; serving the last configuration and reconnecting",
-			"server", dp.opts.ServerAddress, "error", err, "retry_in", wait.Round(time.Millisecond).String())
+		if tooLarge {
+			// The control plane keeps its responses under xdslimit.MaxMessageBytes, so this is a
+			// control plane with another limit (or a data plane configured lower): the same
+			// response comes back on every attempt, hence the backoff is not reset.
+			dp.metrics.xdsReceiveErrors.WithLabelValues("too_large").Inc()
+			msg := fmt.Sprintf("a response was larger than this data plane takes (limit %d bytes): %s", dp.opts.MaxMessageBytes, status.Convert(err).Message())
+			dp.mu.Lock()
+			dp.lastNACK = msg
+			dp.mu.Unlock()
+			dp.log.Error("configuration from the control plane larger than this data plane takes; keeping the last good one and retrying",
+				"server", dp.opts.ServerAddress, "limit_bytes", dp.opts.MaxMessageBytes, "error", status.Convert(err).Message(),
+				"retry_in", wait.Round(time.Millisecond).String())
+		} else {
+			dp.log.Warn("control plane stream ended; serving the last configuration and reconnecting",
+				"server", dp.opts.ServerAddress, "error", err, "retry_in", wait.Round(time.Millisecond).String())
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -292,6 +308,7 @@ func (dp *DataPlane) updateReady() {
 		dp.log.Info("data plane ready", "listeners", len(dp.listeners), "clusters", len(*dp.clusters.Load()))
 	}
 	dp.ready = ready
+	dp.serving = dp.serving || ready
 	dp.mu.Unlock()
 }
 
