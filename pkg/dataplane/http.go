@@ -19,11 +19,13 @@ import (
 
 // proxyInfo travels with a proxied request from the listener to the upstream and back.
 type proxyInfo struct {
+	listener string
 	cluster  *cluster
 	cfg      *httpConfig
-	retries  int    // connect failures retried on another endpoint (the route's retry policy)
-	upstream string // endpoint used, for the access log
-	flags    string // Envoy-style response flags, "-" when none
+	body     *downstreamBody // the request body, when there is one
+	retries  int             // connect failures retried on another endpoint (the route's retry policy)
+	upstream string          // endpoint used, for the access log
+	flags    string          // Envoy-style response flags, "-" when none
 }
 
 type proxyKey struct{}
@@ -33,7 +35,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cfg := l.cfg.Load()
 	rec := &recorder{ResponseWriter: w}
-	info := &proxyInfo{flags: "-"}
+	info := &proxyInfo{listener: cfg.name, flags: "-"}
 	clusterName := ""
 	var c *cluster
 	defer func() {
@@ -104,6 +106,10 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info.cluster, info.cfg, info.retries = c, hc, re.connectRetries
+	if r.Body != nil && r.Body != http.NoBody {
+		info.body = &downstreamBody{ReadCloser: r.Body}
+		r.Body = info.body
+	}
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
@@ -159,7 +165,22 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 	info := r.Context().Value(proxyKey{}).(*proxyInfo)
 	var ue *upstreamError
 	errors.As(err, &ue)
+	var de *downstreamError
 	switch {
+	case errors.As(err, &de):
+		// The client's fault, answered as Envoy answers a downstream protocol error (400, and
+		// the connection closed, since the rest of the request cannot be found) or not at all
+		// when the client went away.
+		reason := de.reason()
+		dp.metrics.downstreamErrs.WithLabelValues(info.listener, reason).Inc()
+		if reason == downClientClosed {
+			info.flags = "DC"
+			w.WriteHeader(499)
+		} else {
+			info.flags = "DPE"
+			w.Header().Set("Connection", "close")
+			localReply(w, http.StatusBadRequest, "Bad Request")
+		}
 	case ue != nil && ue.reason == reasonNoHealthy:
 		info.flags = "UH"
 		localReply(w, http.StatusServiceUnavailable, "no healthy upstream")
@@ -172,6 +193,7 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 		localReply(w, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
 	case r.Context().Err() != nil && ue == nil:
 		info.flags = "DC" // the client went away
+		dp.metrics.downstreamErrs.WithLabelValues(info.listener, downClientClosed).Inc()
 		w.WriteHeader(499)
 	default:
 		info.flags = "UC"

@@ -12,15 +12,17 @@ const (
 )
 
 type metrics struct {
-	connActive    *prometheus.GaugeVec
-	connTotal     *prometheus.CounterVec
-	requests      *prometheus.CounterVec
-	upstreamErrs  *prometheus.CounterVec
-	tlsFailures   *prometheus.CounterVec
-	rbacDenied    *prometheus.CounterVec
-	ejections     *prometheus.CounterVec
-	xdsConnected  prometheus.Gauge
-	xdsRejections *prometheus.CounterVec
+	connActive   *prometheus.GaugeVec
+	connTotal    *prometheus.CounterVec
+	requests     *prometheus.CounterVec
+	upstreamErrs *prometheus.CounterVec
+	// downstreamErrs are requests and connections that failed because of their client.
+	downstreamErrs *prometheus.CounterVec
+	tlsFailures    *prometheus.CounterVec
+	rbacDenied     *prometheus.CounterVec
+	ejections      *prometheus.CounterVec
+	xdsConnected   prometheus.Gauge
+	xdsRejections  *prometheus.CounterVec
 	// xdsReceiveErrors counts responses that could not even be received (too_large): unlike a
 	// rejection, there is nothing to NACK, as the stream ends before the response is read.
 	xdsReceiveErrors *prometheus.CounterVec
@@ -36,6 +38,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "HTTP requests routed to a cluster, by response code."}, []string{"cluster", "code"}),
 		upstreamErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_upstream_errors_total",
 			Help: "Failures toward a cluster's endpoints: connect, tls, timeout, reset, no_healthy_upstream."}, []string{"cluster", "reason"}),
+		downstreamErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_downstream_errors_total",
+			Help: "Requests and connections that failed because of their client, never counted against a gateway: bad_request, client_closed, headers_too_large, too_many_headers, client_stalled."}, []string{"listener", "reason"}),
 		tlsFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_tls_handshake_failures_total",
 			Help: "TLS handshakes with a cluster's endpoints that failed, including certificate verification."}, []string{"cluster"}),
 		rbacDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_rbac_denied_total",
@@ -51,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	m.xdsReceiveErrors.WithLabelValues("too_large")
 	if reg != nil {
-		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
+		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.downstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
 			m.xdsConnected, m.xdsRejections, m.xdsReceiveErrors)
 	}
 	return m

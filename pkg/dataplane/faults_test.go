@@ -1,0 +1,117 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+)
+
+// rawExchange writes raw to the listener on port, optionally half-closes or closes, and returns
+// what comes back until the data plane closes the connection (or 5s pass).
+func rawExchange(t *testing.T, port uint32, raw string, then string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, raw); err != nil {
+		t.Fatal(err)
+	}
+	switch then {
+	case "close":
+		// The client goes away before sending all it announced.
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		return ""
+	case "half-close":
+		_ = c.(*net.TCPConn).CloseWrite()
+	}
+	b, err := io.ReadAll(c)
+	if err != nil && !errors.Is(err, net.ErrClosed) && !isTimeout(err) && !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("read: %v", err)
+	}
+	return string(b)
+}
+
+// upstreamErrors sums fwdproxy_dataplane_upstream_errors_total of a cluster over every reason.
+func (e *env) upstreamErrors(cl string) float64 {
+	n := 0.0
+	for _, r := range []string{reasonConnect, reasonTLS, reasonTimeout, reasonReset, reasonNoHealthy} {
+		n += counter(e.t, e.dp.metrics.upstreamErrs.WithLabelValues(cl, r))
+	}
+	return n
+}
+
+// Requests a client botched are answered 400 (or not at all, when the client is gone) and are
+// never the gateway's failure: no upstream error is counted and outlier detection, which ejects
+// after two consecutive failures here, ejects nothing.
+func TestMalformedRequestsAreTheClientsFault(t *testing.T) {
+	e := newEnv(t, 0)
+	e.outlier = controlplane.Outlier{ConsecutiveErrors: 2, Interval: 50 * time.Millisecond, BaseEjectionTime: time.Minute, MaxEjectionPercent: 100}
+	mesh := newMeshServer(t, e.ca, reviewsID, false)
+	port := freePort(t)
+	svc := reviews(port, catalog.HTTP)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, e.options(mesh.addr), nil)
+	cl := controlplane.ClusterName(port, "", svc.Host)
+	head := "POST /upload HTTP/1.1\r\nHost: " + svc.Host + "\r\n"
+
+	for _, c := range []struct {
+		name, raw, then, want string
+	}{
+		{"bad chunk size", head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", "", "HTTP/1.1 400 Bad Request"},
+		{"chunk longer than its size", head + "Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n", "", "HTTP/1.1 400 Bad Request"},
+		{"chunked body cut short", head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhel", "half-close", ""},
+		{"body shorter than Content-Length, client gone", head + "Content-Length: 100\r\n\r\nabc", "close", ""},
+		{"body shorter than Content-Length, half-closed", head + "Content-Length: 100\r\n\r\nabc", "half-close", ""},
+		{"invalid header name", "GET / HTTP/1.1\r\nHost: " + svc.Host + "\r\nBad Header: v\r\n\r\n", "", "HTTP/1.1 400 Bad Request"},
+		{"two Content-Lengths", head + "Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "", "HTTP/1.1 400 Bad Request"},
+	} {
+		for range 3 { // more than the two consecutive failures that eject
+			got := rawExchange(t, port, c.raw, c.then)
+			if !strings.HasPrefix(got, c.want) || (c.want == "" && strings.Contains(got, " 503 ")) {
+				t.Errorf("%s: answered %q, want %q", c.name, got, c.want)
+				break
+			}
+			if c.want != "" && !strings.Contains(strings.ToLower(got), "connection: close") {
+				t.Errorf("%s: answered %q without closing the connection", c.name, got)
+			}
+		}
+		eventually(t, c.name+": the connections to end", func() bool {
+			return counter(t, e.dp.metrics.connActive.WithLabelValues(controlplane.ListenerName("127.0.0.1", port))) == 0
+		})
+		if n := e.upstreamErrors(cl); n != 0 {
+			t.Errorf("%s: %v upstream errors counted against the gateway", c.name, n)
+		}
+		if n := counter(t, e.dp.metrics.ejections.WithLabelValues(cl)); n != 0 {
+			t.Fatalf("%s: the gateway was ejected for the client's fault", c.name)
+		}
+	}
+	name := controlplane.ListenerName("127.0.0.1", port)
+	if n := counter(t, e.dp.metrics.downstreamErrs.WithLabelValues(name, downBadRequest)); n != 6 {
+		t.Errorf("downstream_errors_total{bad_request} = %v, want the 6 malformed bodies", n)
+	}
+	if n := counter(t, e.dp.metrics.downstreamErrs.WithLabelValues(name, downClientClosed)); n < 3 {
+		t.Errorf("downstream_errors_total{client_closed} = %v", n)
+	}
+	if got := rawExchange(t, port, head+"Transfer-Encoding: chunked\r\n\r\nzz\r\n", ""); !strings.HasSuffix(got, "\r\n\r\nBad Request") ||
+		!strings.Contains(got, "Content-Type: text/plain\r\n") {
+		t.Errorf("the 400 is not Envoy's text/plain \"Bad Request\": %q", got)
+	}
+	if got := e.dp.Status().Clusters[cl]; strings.Contains(got, "ejected") {
+		t.Errorf("cluster status %q", got)
+	}
+	resp := get(t, &http.Client{}, port, svc.Host, "/")
+	if b := body(t, resp); resp.StatusCode != http.StatusOK {
+		t.Errorf("a good request afterwards: %d %q", resp.StatusCode, b)
+	}
+}
