@@ -1,11 +1,14 @@
 package dataplane
 
 import (
+	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -109,6 +112,147 @@ func TestMalformedRequestsAreTheClientsFault(t *testing.T) {
 	}
 	if got := e.dp.Status().Clusters[cl]; strings.Contains(got, "ejected") {
 		t.Errorf("cluster status %q", got)
+	}
+	resp := get(t, &http.Client{}, port, svc.Host, "/")
+	if b := body(t, resp); resp.StatusCode != http.StatusOK {
+		t.Errorf("a good request afterwards: %d %q", resp.StatusCode, b)
+	}
+}
+
+// stallServer is a mesh-side TCP service for the two ways a connection ends in a reset: after
+// "reset\n" it resets the connection at once (an upstream failure); after "flood\n" it writes
+// until its peer stops taking the bytes, then gives up after 300ms and resets (what a service
+// does to a client that never reads).
+func stallServer(t *testing.T, e *env) netip.AddrPort {
+	t.Helper()
+	leaf, err := e.ca.IssueFor(reviewsID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair(leaf.ChainPEM, leaf.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				tc := c.(*tls.Conn)
+				defer tc.Close()
+				line, err := bufio.NewReader(tc).ReadString('\n')
+				if err != nil {
+					return
+				}
+				reset := func() { _ = tc.NetConn().(*net.TCPConn).SetLinger(0); tc.NetConn().Close() }
+				if line == "reset\n" {
+					reset()
+					return
+				}
+				chunk := make([]byte, 64<<10)
+				for range 4096 { // at most 256 MB
+					_ = tc.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+					if _, err := tc.Write(chunk); err != nil {
+						reset()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// A TCP client that never reads while it keeps sending, until the service gives up on it and
+// resets, is the client's fault: no upstream error, no ejection. An upstream that resets a
+// connection is an upstream error in the metrics but, as in Envoy's tcp_proxy (which reports
+// only connect failures to outlier detection), does not eject the gateway either.
+func TestTCPClientThatNeverReadsIsNotTheGatewaysFault(t *testing.T) {
+	e := newEnv(t, 0)
+	e.outlier = controlplane.Outlier{ConsecutiveErrors: 2, Interval: 50 * time.Millisecond, BaseEjectionTime: time.Minute, MaxEjectionPercent: 100}
+	up := stallServer(t, e)
+	port := freePort(t)
+	svc := reviews(port, catalog.TCP)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, e.options(up), nil)
+	cl := controlplane.ClusterName(port, "", svc.Host)
+	name := controlplane.ListenerName("127.0.0.1", port)
+	idle := func() bool { return counter(t, e.dp.metrics.connActive.WithLabelValues(name)) == 0 }
+
+	for i := range 3 {
+		c := dialTCP(t, port)
+		if _, err := io.WriteString(c, "flood\n"); err != nil {
+			t.Fatal(err)
+		}
+		// Keep sending, never read, until the data plane gives up on the connection.
+		block := make([]byte, 16<<10)
+		for range 16384 { // at most 256 MB
+			_ = c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Write(block); err != nil {
+				break
+			}
+		}
+		c.Close()
+		eventually(t, fmt.Sprintf("flood %d: the connection to end", i), idle)
+	}
+	// The connection is counted once it has ended (the client side closes first).
+	eventually(t, "the three stalled clients counted", func() bool {
+		return counter(t, e.dp.metrics.downstreamErrs.WithLabelValues(name, downClientStalled)) == 3
+	})
+	if n := e.upstreamErrors(cl); n != 0 {
+		t.Errorf("%v upstream errors counted for clients that did not read", n)
+	}
+
+	for i := range 3 {
+		c := dialTCP(t, port)
+		if _, err := io.WriteString(c, "reset\n"); err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.ReadAll(c)
+		eventually(t, fmt.Sprintf("reset %d: the connection to end", i), idle)
+	}
+	eventually(t, "the three upstream resets counted", func() bool {
+		return counter(t, e.dp.metrics.upstreamErrs.WithLabelValues(cl, reasonReset)) == 3
+	})
+	if n := counter(t, e.dp.metrics.ejections.WithLabelValues(cl)); n != 0 {
+		t.Errorf("the gateway was ejected %v times", n)
+	}
+}
+
+// An HTTP client that never reads its response, until the service gives up on the stalled
+// response and resets, is not the gateway's failure either.
+func TestHTTPClientThatNeverReadsIsNotTheGatewaysFault(t *testing.T) {
+	e := newEnv(t, 0)
+	e.outlier = controlplane.Outlier{ConsecutiveErrors: 2, Interval: 50 * time.Millisecond, BaseEjectionTime: time.Minute, MaxEjectionPercent: 100}
+	mesh := newMeshServer(t, e.ca, reviewsID, false)
+	port := freePort(t)
+	svc := reviews(port, catalog.HTTP)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, e.options(mesh.addr), nil)
+	cl := controlplane.ClusterName(port, "", svc.Host)
+	name := controlplane.ListenerName("127.0.0.1", port)
+	for i := range 3 {
+		c := dialTCP(t, port)
+		_ = c.SetReadBuffer(4 << 10) // stall sooner
+		if _, err := io.WriteString(c, "GET /flood HTTP/1.1\r\nHost: "+svc.Host+"\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, fmt.Sprintf("flood %d: the service to give up on the response", i), func() bool { return mesh.floodsAbandoned.Load() == int64(i+1) })
+		c.Close()
+		eventually(t, fmt.Sprintf("flood %d: the connection to end", i), func() bool {
+			return counter(t, e.dp.metrics.connActive.WithLabelValues(name)) == 0
+		})
+	}
+	if n := e.upstreamErrors(cl); n != 0 {
+		t.Errorf("%v upstream errors counted for clients that did not read", n)
+	}
+	if n := counter(t, e.dp.metrics.ejections.WithLabelValues(cl)); n != 0 {
+		t.Errorf("the gateway was ejected %v times", n)
 	}
 	resp := get(t, &http.Client{}, port, svc.Host, "/")
 	if b := body(t, resp); resp.StatusCode != http.StatusOK {

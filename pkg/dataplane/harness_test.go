@@ -217,6 +217,8 @@ type meshServer struct {
 	clients []*x509.Certificate
 	accepts atomic.Int64
 	srv     *http.Server
+	// floodsAbandoned counts /flood answers given up on a reader that stopped reading.
+	floodsAbandoned atomic.Int64
 }
 
 type hello struct {
@@ -345,6 +347,18 @@ func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 		_, _ = bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n")
 		_ = bw.Flush()
 		conn.Close()
+		return
+	}
+	if r.URL.Path == "/flood" { // write until the client stops taking bytes, then give up
+		rc := http.NewResponseController(w)
+		chunk := make([]byte, 64<<10)
+		for range 4096 {
+			_ = rc.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+			if _, err := w.Write(chunk); err != nil {
+				m.floodsAbandoned.Add(1)
+				panic(http.ErrAbortHandler)
+			}
+		}
 		return
 	}
 	if r.URL.Path == "/slow" {
