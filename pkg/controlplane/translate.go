@@ -91,6 +91,8 @@ type Options struct {
 	ConnectTimeout time.Duration
 	Outlier        Outlier
 	AccessLog      bool
+	// Limits on what a client may send and open; zero values are Envoy's defaults (limits.go).
+	Limits
 }
 
 // Outlier is passive health checking of gateway endpoints.
@@ -436,6 +438,7 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 		HttpProtocolOptions: &core.Http1ProtocolOptions{AcceptHttp_10: true},
 		AccessLog:           accessLogs(opts.AccessLog),
 	}
+	requestLimits(manager, opts.Limits)
 	return &listener.Listener{
 		Name:    name,
 		Address: socketAddress(opts.ListenAddress, port),

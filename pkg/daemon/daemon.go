@@ -190,6 +190,10 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 			BaseEjectionTime: o.BaseEjectionTime, MaxEjectionPercent: o.MaxEjectionPercent,
 		},
 		AccessLog: *cfg.Listen.AccessLog,
+		Limits: controlplane.Limits{
+			MaxRequestHeadersKB: cfg.Listen.MaxRequestHeadersKB,
+			MaxHeadersCount:     cfg.Listen.MaxHeadersCount,
+		},
 	}
 }
 

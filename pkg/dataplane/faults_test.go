@@ -259,3 +259,87 @@ func TestHTTPClientThatNeverReadsIsNotTheGatewaysFault(t *testing.T) {
 		t.Errorf("a good request afterwards: %d %q", resp.StatusCode, b)
 	}
 }
+
+// headRequest is a GET whose request head (request line, header lines, blank line: what Envoy
+// counts against max_request_headers_kb) is exactly size bytes, with n headers in all (Host
+// included).
+func headRequest(host string, size, n int) string {
+	var b strings.Builder
+	b.WriteString("GET / HTTP/1.1\r\nHost: " + host + "\r\n")
+	for i := 1; i < n-1; i++ {
+		fmt.Fprintf(&b, "X-H%d: v\r\n", i)
+	}
+	// The last header pads the head to size.
+	pad := size - b.Len() - len("X-Pad: \r\n\r\n")
+	if n == 1 || pad < 0 {
+		panic("headRequest: too small")
+	}
+	b.WriteString("X-Pad: " + strings.Repeat("p", pad) + "\r\n\r\n")
+	return b.String()
+}
+
+// Request headers over Envoy's limits (max_request_headers_kb, default 60; max_headers_count,
+// default 100), which translation sets on every HTTP listener, are answered 431 as Envoy answers
+// them and never forwarded; limits configured otherwise are enforced as configured.
+func TestRequestHeaderLimits(t *testing.T) {
+	e := newEnv(t, 0)
+	mesh := newMeshServer(t, e.ca, reviewsID, false)
+	port := freePort(t)
+	svc := reviews(port, catalog.HTTP)
+	opts := e.options(mesh.addr)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	name := controlplane.ListenerName("127.0.0.1", port)
+	const ok, tooLarge, goTooLarge = 200, 431, -431 // goTooLarge: Go's own 431, not Envoy's text
+	check := func(what, raw string, want int) {
+		t.Helper()
+		before := mesh.handshakes()
+		c := dialTCP(t, port)
+		if _, err := io.WriteString(c, raw); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		b := body(t, resp)
+		if code := resp.StatusCode; code != want && -code != want {
+			t.Errorf("%s: answered %d %.100q, want %d", what, code, b, want)
+			return
+		}
+		if want == tooLarge {
+			if b != "Request Header Fields Too Large" || resp.Header.Get("Content-Type") != "text/plain" || !resp.Close {
+				t.Errorf("%s: not Envoy's 431: %q %v close=%v", what, b, resp.Header, resp.Close)
+			}
+		}
+		if want != ok && mesh.handshakes() != before {
+			t.Errorf("%s: forwarded to the mesh", what)
+		}
+	}
+	check("60 KiB head", headRequest(svc.Host, 60<<10, 50), ok)
+	check("60 KiB + 1 head", headRequest(svc.Host, 60<<10+1, 50), tooLarge)
+	check("100 headers", headRequest(svc.Host, 4<<10, 100), ok)
+	check("101 headers", headRequest(svc.Host, 4<<10, 101), tooLarge)
+	// Far over the limit, Go's HTTP server refuses the head before the data plane sees it.
+	check("1 MB header", headRequest(svc.Host, 1<<20, 2), goTooLarge)
+	check("10,000 headers", headRequest(svc.Host, 200<<10, 10000), goTooLarge)
+	if n := counter(t, e.dp.metrics.downstreamErrs.WithLabelValues(name, downHeadersTooLarge)); n != 1 {
+		t.Errorf("downstream_errors_total{headers_too_large} = %v", n)
+	}
+	if n := counter(t, e.dp.metrics.downstreamErrs.WithLabelValues(name, downTooManyHeaders)); n != 1 {
+		t.Errorf("downstream_errors_total{too_many_headers} = %v", n)
+	}
+
+	// Configured limits replace the defaults, on the listener in place.
+	opts.MaxRequestHeadersKB, opts.MaxHeadersCount = 8, 20
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	check("8 KiB head", headRequest(svc.Host, 8<<10, 5), ok)
+	check("8 KiB + 1 head", headRequest(svc.Host, 8<<10+1, 5), tooLarge)
+	check("20 headers", headRequest(svc.Host, 2<<10, 20), ok)
+	check("21 headers", headRequest(svc.Host, 2<<10, 21), tooLarge)
+	opts.MaxRequestHeadersKB = 96
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	check("96 KiB head", headRequest(svc.Host, 96<<10, 5), ok)
+	if n := e.upstreamErrors(controlplane.ClusterName(port, "", svc.Host)); n != 0 {
+		t.Errorf("%v upstream errors", n)
+	}
+}

@@ -58,6 +58,14 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		localReply(rec, http.StatusServiceUnavailable, "listener reconfigured")
 		return
 	}
+	if reason := hc.checkHead(r); reason != "" {
+		// As Envoy's codec refuses such a request: 431, the connection closed, nothing routed.
+		l.dp.metrics.downstreamErrs.WithLabelValues(cfg.name, reason).Inc()
+		info.flags = "DPE"
+		rec.Header().Set("Connection", "close")
+		localReply(rec, http.StatusRequestHeaderFieldsTooLarge, "Request Header Fields Too Large")
+		return
+	}
 	table := hc.inline
 	if table == nil {
 		table = l.dp.routeTable(hc.routeName)
@@ -117,6 +125,31 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 	}
 	l.dp.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+// checkHead enforces max_request_headers_kb and max_headers_count, counting as Envoy does: the
+// request line and every header line with its line end, and the blank line; Host is a header.
+// It returns the downstream error reason, or "" when the head is within both limits.
+func (hc *httpConfig) checkHead(r *http.Request) string {
+	size := len(r.Method) + 1 + len(r.RequestURI) + 1 + len(r.Proto) + 2 + 2
+	count := 0
+	if r.Host != "" {
+		size += len("Host: ") + len(r.Host) + 2
+		count++
+	}
+	for name, values := range r.Header {
+		for _, v := range values {
+			size += len(name) + 2 + len(v) + 2
+			count++
+		}
+	}
+	switch {
+	case count > hc.maxHeaders:
+		return downTooManyHeaders
+	case size > hc.maxHeadBytes:
+		return downHeadersTooLarge
+	}
+	return ""
 }
 
 func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {

@@ -105,6 +105,10 @@ type httpConfig struct {
 	logs        []*accessLogger
 	idleTimeout time.Duration
 	codec       hcm.HttpConnectionManager_CodecType
+	// maxHeadBytes (max_request_headers_kb) bounds a request head: its request line and header
+	// lines with their line ends, as Envoy counts them; maxHeaders (max_headers_count) bounds
+	// the number of request headers, Host included.
+	maxHeadBytes, maxHeaders int
 }
 
 type httpRBAC struct {
@@ -272,6 +276,21 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 		useRemoteAddress: h.GetUseRemoteAddress().GetValue(),
 		idleTimeout:      duration(h.GetCommonHttpProtocolOptions().GetIdleTimeout(), time.Hour),
 		codec:            h.GetCodecType(),
+		// Envoy's defaults when unset: 60 KiB and 100 headers.
+		maxHeadBytes: 60 << 10,
+		maxHeaders:   100,
+	}
+	if v := h.GetMaxRequestHeadersKb(); v != nil {
+		if v.GetValue() == 0 || v.GetValue() > 8192 {
+			return nil, fmt.Errorf("%s.max_request_headers_kb: %d is outside 1-8192", field, v.GetValue())
+		}
+		c.maxHeadBytes = int(v.GetValue()) << 10
+	}
+	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		if v.GetValue() == 0 {
+			return nil, fmt.Errorf("%s.common_http_protocol_options.max_headers_count: must be at least 1", field)
+		}
+		c.maxHeaders = int(v.GetValue())
 	}
 	switch h.GetCodecType() {
 	case hcm.HttpConnectionManager_AUTO, hcm.HttpConnectionManager_HTTP1, hcm.HttpConnectionManager_HTTP2:

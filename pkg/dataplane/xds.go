@@ -417,6 +417,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 		if keep {
 			if !proto.Equal(l.cfg.Load().proto, cfg.proto) {
 				l.cfg.Store(cfg)
+				l.reconfigure(cfg)
 				dp.log.Info("listener updated in place", "listener", cfg.name, "address", addr)
 			}
 			continue
