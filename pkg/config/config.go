@@ -107,6 +107,9 @@ type Listen struct {
 	// MaxHeadersCount bounds the number of request headers; more are answered 431. Default
 	// 100, Envoy's.
 	MaxHeadersCount uint32 `yaml:"maxHeadersCount"`
+	// MaxConnections is how many connections each service port holds at once; more are closed
+	// at once. Default 10000.
+	MaxConnections uint64 `yaml:"maxConnections"`
 }
 
 // Server is an address the daemon serves on.
@@ -184,6 +187,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Listen.MaxHeadersCount == 0 {
 		c.Listen.MaxHeadersCount = 100
+	}
+	if c.Listen.MaxConnections == 0 {
+		c.Listen.MaxConnections = 10000
 	}
 	if c.XDS.Address == "" {
 		c.XDS.Address = "127.0.0.1:18000"

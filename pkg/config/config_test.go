@@ -16,7 +16,7 @@ func TestExampleConfig(t *testing.T) {
 		t.Errorf("gateway port default = %d", c.Gateways[1].Port)
 	}
 	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Address != "127.0.0.1:18000" ||
-		c.Listen.MaxRequestHeadersKB != 60 || c.Listen.MaxHeadersCount != 100 {
+		c.Listen.MaxRequestHeadersKB != 60 || c.Listen.MaxHeadersCount != 100 || c.Listen.MaxConnections != 10000 {
 		t.Errorf("defaults: %+v", c)
 	}
 	if got := c.Path("catalog.yaml"); !strings.HasSuffix(got, "examples/catalog.yaml") {

@@ -194,6 +194,9 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
 	}
+	for _, l := range res.Listeners {
+		limitConnections(l, opts.Limits)
+	}
 	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })

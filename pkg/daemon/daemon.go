@@ -193,6 +193,7 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 		Limits: controlplane.Limits{
 			MaxRequestHeadersKB: cfg.Listen.MaxRequestHeadersKB,
 			MaxHeadersCount:     cfg.Listen.MaxHeadersCount,
+			MaxConnections:      cfg.Listen.MaxConnections,
 		},
 	}
 }

@@ -72,7 +72,17 @@ type Options struct {
 	// MaxMessageBytes is the largest xDS message received or sent; default
 	// xdslimit.MaxMessageBytes, the most the control plane ever sends.
 	MaxMessageBytes int
+	// MaxConnections caps the downstream connections of all listeners together (Envoy's
+	// overload manager's global_downstream_max_connections); past it a new connection is closed
+	// at once. 0 derives it from the process's file descriptor limit: half of what is left
+	// after the listeners and a reserve for the daemon (its metrics and /ready, xDS, gossip),
+	// since each connection also needs one upstream. Negative: no cap.
+	MaxConnections int
 }
+
+// fdReserve is what the connection cap leaves of the file descriptor limit for everything but
+// proxied connections.
+const fdReserve = 256
 
 // DataPlane is one running data plane. Create it with New and start it with Run.
 type DataPlane struct {
@@ -95,6 +105,10 @@ type DataPlane struct {
 	subs      map[string]*subscription  // by type URL
 	listeners map[string]*listenerRT    // by bind address
 	draining  sync.WaitGroup
+
+	fileLimit     int          // RLIMIT_NOFILE at start, 0 if unknown
+	downstream    atomic.Int64 // downstream connections open, all listeners
+	listenerCount atomic.Int64
 
 	mu        sync.Mutex // guards the status fields below and listeners for readers
 	connected bool
@@ -129,6 +143,7 @@ func New(o Options) *DataPlane {
 		files:     map[string]*accessLogger{},
 		endpoints: map[string][]endpointSpec{},
 		listeners: map[string]*listenerRT{},
+		fileLimit: fileLimit(),
 	}
 	dp.proxy = dp.newReverseProxy()
 	dp.clusters.Store(&map[string]*cluster{})
@@ -136,6 +151,17 @@ func New(o Options) *DataPlane {
 	dp.secrets.Store(&map[string]*secret{})
 	dp.subs = newSubscriptions()
 	return dp
+}
+
+// connectionCap is the most downstream connections all listeners may hold, or 0 for no cap.
+func (dp *DataPlane) connectionCap() int {
+	switch {
+	case dp.opts.MaxConnections > 0:
+		return dp.opts.MaxConnections
+	case dp.opts.MaxConnections < 0 || dp.fileLimit <= 0:
+		return 0
+	}
+	return max((dp.fileLimit-fdReserve-int(dp.listenerCount.Load()))/2, 1)
 }
 
 func (dp *DataPlane) cluster(name string) *cluster       { return (*dp.clusters.Load())[name] }

@@ -343,3 +343,100 @@ func TestRequestHeaderLimits(t *testing.T) {
 		t.Errorf("%v upstream errors", n)
 	}
 }
+
+// A listener takes at most its connection_limit filter's max_connections (listen.maxConnections)
+// at once: one more is closed at once, counted, and never connects upstream; when one closes,
+// the next is taken. The data plane's own cap on all its connections (kept below the process's
+// file limit, so the metrics and /ready stay reachable) refuses the same way.
+func TestConnectionLimits(t *testing.T) {
+	e := newEnvWith(t, 0, func(o *Options) { o.MaxConnections = 5 })
+	mesh := newMeshServer(t, e.ca, reviewsID, true)
+	web := newMeshServer(t, e.ca, reviewsID, false)
+	tcpPort, httpPort := freePort(t), freePort(t)
+	db := reviews(tcpPort, catalog.TCP)
+	db.Gateways = []string{"tcp"}
+	site := catalog.Service{Host: "site.default.svc.cluster.local", Ports: []catalog.Port{{Number: httpPort, Protocol: catalog.HTTP}},
+		Identities: []string{reviewsID}, Gateways: []string{"eastwest"}}
+	opts := e.options(web.addr)
+	opts.Gateways = append(opts.Gateways, controlplane.Gateway{Name: "tcp", Addresses: []netip.AddrPort{mesh.addr}})
+	opts.MaxConnections = 3
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{db, site}}, opts, nil)
+	tcpName, httpName := controlplane.ListenerName("127.0.0.1", tcpPort), controlplane.ListenerName("127.0.0.1", httpPort)
+	refused := func(name, reason string) float64 {
+		return counter(t, e.dp.metrics.connRefused.WithLabelValues(name, reason))
+	}
+	closedAtOnce := func(c *tcpConn) bool {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := c.r.ReadByte()
+		return err != nil && !isTimeout(err) && b == 0
+	}
+
+	var open []*tcpConn
+	for range 3 {
+		c := dialTCP(t, tcpPort)
+		c.line(t) // greeted by the service: connected upstream
+		open = append(open, c)
+	}
+	accepts := mesh.accepts.Load()
+	if c := dialTCP(t, tcpPort); !closedAtOnce(c) {
+		t.Fatal("a 4th connection to a listener limited to 3 was not closed")
+	}
+	if n := refused(tcpName, "limit"); n != 1 {
+		t.Errorf("connections_refused_total{limit} = %v", n)
+	}
+	if mesh.accepts.Load() != accepts {
+		t.Error("the refused connection reached the upstream")
+	}
+	open[0].Close()
+	open = open[1:]
+	eventually(t, "the closed connection to be let go", func() bool {
+		return counter(t, e.dp.metrics.connActive.WithLabelValues(tcpName)) == 2
+	})
+	c := dialTCP(t, tcpPort)
+	c.line(t)
+	open = append(open, c)
+
+	// The HTTP listener has its own limit of 3; the data plane's cap of 5 is reached first.
+	for range 2 {
+		c := dialTCP(t, httpPort)
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: site.default.svc.cluster.local\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(c.r, nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("HTTP within the limits: %v %v", resp, err)
+		}
+		body(t, resp)
+		open = append(open, c)
+	}
+	if c := dialTCP(t, httpPort); !closedAtOnce(c) {
+		t.Fatal("a 6th connection to a data plane capped at 5 was not closed")
+	}
+	if n := refused(httpName, "overload"); n != 1 {
+		t.Errorf("connections_refused_total{overload} = %v", n)
+	}
+	for _, c := range open {
+		c.Close()
+	}
+}
+
+// The data plane's cap on all connections, by default, leaves room under the file limit for
+// every connection's upstream, the listeners and the daemon's own sockets.
+func TestConnectionCapFollowsTheFileLimit(t *testing.T) {
+	dp := New(Options{})
+	dp.fileLimit = 1024
+	dp.listenerCount.Store(1)
+	if got := dp.connectionCap(); got != (1024-fdReserve-1)/2 {
+		t.Errorf("cap with a file limit of 1024 and one listener: %d", got)
+	}
+	dp.listenerCount.Store(2000)
+	if got := dp.connectionCap(); got != 1 {
+		t.Errorf("cap with more listeners than the limit allows: %d, want 1", got)
+	}
+	if got := New(Options{MaxConnections: -1}).connectionCap(); got != 0 {
+		t.Errorf("MaxConnections -1: cap %d, want none", got)
+	}
+	if got := New(Options{MaxConnections: 7}).connectionCap(); got != 7 {
+		t.Errorf("MaxConnections 7: cap %d", got)
+	}
+}

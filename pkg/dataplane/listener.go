@@ -165,6 +165,15 @@ func (l *listenerRT) acceptLoop() {
 			conn.Close()
 			continue
 		}
+		// Envoy's order: the global cap at accept, then the chain's connection_limit filter.
+		if capN := l.dp.connectionCap(); capN > 0 && l.dp.downstream.Load() >= int64(capN) {
+			l.refuse(conn, cfg, "overload", 0)
+			continue
+		}
+		if cfg.maxConns > 0 && l.active() >= cfg.maxConns {
+			l.refuse(conn, cfg, "limit", cfg.limitDelay)
+			continue
+		}
 		tc := l.track(conn, cfg.name)
 		if cfg.tcp != nil {
 			go l.serveTCP(tc, cfg)
@@ -172,6 +181,18 @@ func (l *listenerRT) acceptLoop() {
 		}
 		l.handHTTP(tc)
 	}
+}
+
+// refuse closes a connection past a limit, after delay (connection_limit's delay, which keeps
+// a client from retrying at full speed), without reading from it.
+func (l *listenerRT) refuse(conn net.Conn, cfg *listenerConfig, reason string, delay time.Duration) {
+	l.dp.metrics.connRefused.WithLabelValues(cfg.name, reason).Inc()
+	l.dp.log.Debug("connection refused", "listener", cfg.name, "reason", reason, "peer", conn.RemoteAddr().String())
+	if delay > 0 {
+		time.AfterFunc(delay, func() { conn.Close() })
+		return
+	}
+	conn.Close()
 }
 
 // drain stops accepting, lets open connections finish for up to timeout, then closes them.
@@ -228,6 +249,7 @@ func (l *listenerRT) track(c net.Conn, name string) *trackedConn {
 	l.mu.Lock()
 	l.conns[tc] = struct{}{}
 	l.mu.Unlock()
+	l.dp.downstream.Add(1)
 	l.dp.metrics.connActive.WithLabelValues(name).Inc()
 	l.dp.metrics.connTotal.WithLabelValues(name).Inc()
 	return tc
@@ -239,6 +261,7 @@ func (c *trackedConn) Close() error {
 		c.l.mu.Lock()
 		delete(c.l.conns, c)
 		c.l.mu.Unlock()
+		c.l.dp.downstream.Add(-1)
 		c.l.dp.metrics.connActive.WithLabelValues(c.listener).Dec()
 	})
 	return err

@@ -14,6 +14,7 @@ const (
 type metrics struct {
 	connActive   *prometheus.GaugeVec
 	connTotal    *prometheus.CounterVec
+	connRefused  *prometheus.CounterVec
 	requests     *prometheus.CounterVec
 	upstreamErrs *prometheus.CounterVec
 	// downstreamErrs are requests and connections that failed because of their client.
@@ -34,6 +35,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Downstream connections open on a listener."}, []string{"listener"}),
 		connTotal: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_connections_total",
 			Help: "Downstream connections accepted on a listener."}, []string{"listener"}),
+		connRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_connections_refused_total",
+			Help: "Downstream connections closed at once: limit (the listener's max_connections), overload (the data plane's cap on all connections)."}, []string{"listener", "reason"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_requests_total",
 			Help: "HTTP requests routed to a cluster, by response code."}, []string{"cluster", "code"}),
 		upstreamErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_upstream_errors_total",
@@ -55,7 +58,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	m.xdsReceiveErrors.WithLabelValues("too_large")
 	if reg != nil {
-		reg.MustRegister(m.connActive, m.connTotal, m.requests, m.upstreamErrs, m.downstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
+		reg.MustRegister(m.connActive, m.connTotal, m.connRefused, m.requests, m.upstreamErrs, m.downstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
 			m.xdsConnected, m.xdsRejections, m.xdsReceiveErrors)
 	}
 	return m

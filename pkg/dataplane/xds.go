@@ -431,6 +431,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 		dp.listeners[addr] = l
 		dp.log.Info("listener added", "listener", l.cfg.Load().name, "address", l.ln.Addr().String())
 	}
+	dp.listenerCount.Store(int64(len(dp.listeners)))
 	dp.mu.Unlock()
 	return nil
 }

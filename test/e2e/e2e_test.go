@@ -60,6 +60,8 @@ type dataplane struct {
 	// configure adds the data plane's settings to the daemon config.
 	configure func(t testing.TB, dir string) string
 	failover  bool
+	// listen adds settings to the config's listen section, e.g. ", maxConnections: 2".
+	listen string
 }
 
 var builtin = dataplane{name: "builtin", configure: func(testing.TB, string) string { return "dataplane: builtin\n" }, failover: true}
@@ -108,14 +110,14 @@ gateways:
   spiffeID: %s
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
 discovery: {files: [catalog.yaml]}
-listen: {address: 127.0.0.1, accessLog: false}
+listen: {address: 127.0.0.1, accessLog: false%s}
 xds: {address: 127.0.0.1:%d}
 metrics: {address: %s}
 admin: {address: 127.0.0.1:%d}
 upstream:
   connectTimeout: 2s
   outlierDetection: {consecutiveErrors: %d, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
-%s`, gws.String(), fleetID, freePort(t), e.metrics, freePort(t), consecutiveErrors, dp.configure(t, e.dir))
+%s`, gws.String(), fleetID, dp.listen, freePort(t), e.metrics, freePort(t), consecutiveErrors, dp.configure(t, e.dir))
 	cfgPath := filepath.Join(e.dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
 		t.Fatal(err)
