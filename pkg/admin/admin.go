@@ -15,12 +15,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
@@ -66,6 +68,39 @@ type Server struct {
 	Token   string
 	Catalog catalog.Options
 	Log     *slog.Logger
+	// Refused, when set, is told of every request or connection refused: "unauthorized" (no or
+	// a wrong token) or "tls" (a failed handshake), for a metric. Each kind is logged only a
+	// few times a minute.
+	Refused func(reason string)
+
+	logLimit ratelog.Limiter
+}
+
+// refuse counts a refusal and logs it unless its kind was logged often enough this minute.
+func (s *Server) refuse(reason, msg string, args ...any) {
+	if s.Refused != nil {
+		s.Refused(reason)
+	}
+	if ok, left := s.logLimit.Allow(reason); ok {
+		s.Log.Warn(msg, append(args, "not_logged_since_last", left)...)
+	}
+}
+
+// serverLog takes what Go's HTTP server logs (chiefly "http: TLS handshake error from ...",
+// one line per connection that is not TLS or has no valid client certificate) and counts and
+// rate-limits it instead of writing it to stderr.
+type serverLog struct{ s *Server }
+
+func (l serverLog) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	if strings.Contains(line, "TLS handshake error") {
+		l.s.refuse("tls", "admin connection refused: TLS handshake failed", "detail", line)
+		return len(p), nil
+	}
+	if ok, left := l.s.logLimit.Allow("server"); ok {
+		l.s.Log.Warn("admin server", "detail", line, "not_logged_since_last", left)
+	}
+	return len(p), nil
 }
 
 type apiError struct {
@@ -161,6 +196,7 @@ func (s *Server) auth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := []byte(r.Header.Get("Authorization"))
 		if subtle.ConstantTimeCompare(got, want) != 1 {
+			s.refuse("unauthorized", "admin request refused: missing or wrong bearer token", "client", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
 			w.Header().Set("WWW-Authenticate", `Bearer realm="fwdproxy"`)
 			fail(w, http.StatusUnauthorized, "missing or wrong bearer token (see admin.tokenFile; fwdproxy CLI: --token-file)")
 			return
@@ -171,7 +207,8 @@ func (s *Server) auth(next http.Handler) http.Handler {
 
 // Serve serves on lis until ctx ends.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute,
+		ErrorLog: log.New(serverLog{s}, "", 0)}
 	go func() {
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

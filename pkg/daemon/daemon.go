@@ -377,6 +377,7 @@ type daemonMetrics struct {
 	catalogPorts    prometheus.Gauge
 	buildErrors     prometheus.Counter
 	identityExpiry  prometheus.Gauge
+	adminRefused    *prometheus.CounterVec
 }
 
 func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
@@ -385,7 +386,11 @@ func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
 		catalogPorts:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_catalog_ports", Help: "Service ports in the merged catalog."}),
 		buildErrors:     prometheus.NewCounter(prometheus.CounterOpts{Name: "fwdproxy_config_build_errors_total", Help: "Catalog changes that could not be turned into a valid snapshot."}),
 		identityExpiry:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_identity_expiry_timestamp_seconds", Help: "When the fleet identity certificate expires."}),
+		adminRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_admin_requests_refused_total",
+			Help: "Admin API requests or connections refused: unauthorized (no or a wrong token), tls (failed handshake)."}, []string{"reason"}),
 	}
-	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry)
+	m.adminRefused.WithLabelValues("unauthorized")
+	m.adminRefused.WithLabelValues("tls")
+	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry, m.adminRefused)
 	return m
 }

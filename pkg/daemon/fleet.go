@@ -269,6 +269,7 @@ func (d *Daemon) startAdmin(ctx context.Context, g *errgroup.Group, node *peers.
 		Status:  func() admin.Status { return d.FleetStatus(node) },
 		Catalog: d.cfg.CatalogOptions(),
 		Log:     d.log.With("component", "admin"),
+		Refused: func(reason string) { d.metrics.adminRefused.WithLabelValues(reason).Inc() },
 	}
 	if node != nil {
 		srv.Fleet = node
