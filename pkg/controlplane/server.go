@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
 	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
@@ -47,6 +48,8 @@ type Server struct {
 	// sent maps a SotW response nonce to the version it carried, so a NACK can name the version
 	// that was rejected.
 	sent map[string]string
+	// logLimit keeps a client that NACKs in a loop from flooding the log (each NACK is counted).
+	logLimit ratelog.Limiter
 }
 
 type stream struct {
@@ -233,8 +236,10 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 	s.mu.Unlock()
 	if isErr {
 		s.metrics.nacks.WithLabelValues(TypeName(typeURL)).Inc()
-		s.log.Error("xDS client rejected configuration; it keeps its last good one",
-			"node", nodeID, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+		if ok, left := s.logLimit.Allow(nodeID + "/" + typeURL); ok {
+			s.log.Error("xDS client rejected configuration; it keeps its last good one",
+				"node", nodeID, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage(), "not_logged_since_last", left)
+		}
 	}
 }
 

@@ -46,6 +46,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
 	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
@@ -106,8 +107,9 @@ type DataPlane struct {
 	listeners map[string]*listenerRT    // by bind address
 	draining  sync.WaitGroup
 
-	fileLimit     int          // RLIMIT_NOFILE at start, 0 if unknown
-	downstream    atomic.Int64 // downstream connections open, all listeners
+	logLimit      ratelog.Limiter // repeated warnings (accept failures on every listener)
+	fileLimit     int             // RLIMIT_NOFILE at start, 0 if unknown
+	downstream    atomic.Int64    // downstream connections open, all listeners
 	listenerCount atomic.Int64
 
 	mu        sync.Mutex // guards the status fields below and listeners for readers

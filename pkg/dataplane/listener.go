@@ -149,9 +149,12 @@ func (l *listenerRT) acceptLoop() {
 			if l.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of file descriptors and the like: back off, keep the listener.
+			// Out of file descriptors and the like: back off, keep the listener. Every listener
+			// fails at once then, so the warning is rate-limited across them.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			l.dp.log.Warn("accept failed", "listener", l.cfg.Load().name, "error", err, "retry_in", delay)
+			if ok, left := l.dp.logLimit.Allow("accept"); ok {
+				l.dp.log.Warn("accept failed", "listener", l.cfg.Load().name, "error", err, "retry_in", delay, "not_logged_since_last", left)
+			}
 			time.Sleep(delay)
 			continue
 		}
