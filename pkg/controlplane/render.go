@@ -134,6 +134,8 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 						ClusterName: XDSClusterName,
 						// Envoy's own default is no limit; stating the one the control plane
 						// builds to keeps Envoy and the built-in data plane on one contract.
+						// (The xds cluster's HTTP/2 windows, 16 MiB per stream and 24 MiB per
+						// connection by default, only pace a larger message; they cap nothing.)
 						MaxReceiveMessageLength: wrapperspb.UInt32(xdslimit.MaxMessageBytes),
 					},
 				}}},

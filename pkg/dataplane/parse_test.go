@@ -150,6 +150,25 @@ func TestParseRejectsUnsupported(t *testing.T) {
 			t.Errorf("error %v", err)
 		}
 	})
+	for _, c := range []struct {
+		name string
+		mod  func(*hcm.HttpConnectionManager)
+		want string
+	}{
+		{"header size limit 0", func(m *hcm.HttpConnectionManager) { m.MaxRequestHeadersKb = wrapperspb.UInt32(0) }, "max_request_headers_kb: 0 is outside 1-8192"},
+		{"header size limit past 8 MiB", func(m *hcm.HttpConnectionManager) { m.MaxRequestHeadersKb = wrapperspb.UInt32(8193) }, "max_request_headers_kb: 8193 is outside 1-8192"},
+		{"header count limit 0", func(m *hcm.HttpConnectionManager) { m.CommonHttpProtocolOptions.MaxHeadersCount = wrapperspb.UInt32(0) }, "max_headers_count: must be at least 1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := proto.Clone(translated(t).Listeners[1]).(*listener.Listener)
+			m := hcmOf(l)
+			c.mod(m)
+			setHCM(l, m)
+			if _, err := dp.parseListener(l, ""); err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %v, want %q", err, c.want)
+			}
+		})
+	}
 	t.Run("custom access log format", func(t *testing.T) {
 		l := proto.Clone(translated(t).Listeners[1]).(*listener.Listener)
 		m := hcmOf(l)
