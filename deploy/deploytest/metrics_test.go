@@ -50,6 +50,10 @@ var daemonMetrics = []string{
 	"fwdproxy_dataplane_tls_handshake_failures_total",
 	"fwdproxy_dataplane_rbac_denied_total",
 	"fwdproxy_dataplane_ejections_total",
+	"fwdproxy_dataplane_connections_refused_total",
+	"fwdproxy_dataplane_downstream_errors_total",
+	"fwdproxy_dataplane_xds_receive_errors_total",
+	"fwdproxy_admin_requests_refused_total",
 }
 
 // envoyStats are the Envoy statistics the dashboards and alerts may use, as Envoy's

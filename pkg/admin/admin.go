@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -25,6 +26,7 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/localsock"
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
 	"github.com/fwdproxy/fwdproxy/internal/tlsfiles"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
@@ -87,6 +89,39 @@ type Server struct {
 	Local   localsock.Policy
 	Catalog catalog.Options
 	Log     *slog.Logger
+	// Refused, when set, is told of every request or connection refused: "unauthorized" (no or
+	// a wrong token) or "tls" (a failed handshake), for a metric. Each kind is logged only a
+	// few times a minute.
+	Refused func(reason string)
+
+	logLimit ratelog.Limiter
+}
+
+// refuse counts a refusal and logs it unless its kind was logged often enough this minute.
+func (s *Server) refuse(reason, msg string, args ...any) {
+	if s.Refused != nil {
+		s.Refused(reason)
+	}
+	if ok, left := s.logLimit.Allow(reason); ok {
+		s.Log.Warn(msg, append(args, "not_logged_since_last", left)...)
+	}
+}
+
+// serverLog takes what Go's HTTP server logs (chiefly "http: TLS handshake error from ...",
+// one line per connection that is not TLS or has no valid client certificate) and counts and
+// rate-limits it instead of writing it to stderr.
+type serverLog struct{ s *Server }
+
+func (l serverLog) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	if strings.Contains(line, "TLS handshake error") {
+		l.s.refuse("tls", "admin connection refused: TLS handshake failed", "detail", line)
+		return len(p), nil
+	}
+	if ok, left := l.s.logLimit.Allow("server"); ok {
+		l.s.Log.Warn("admin server", "detail", line, "not_logged_since_last", left)
+	}
+	return len(p), nil
 }
 
 // Token is a named bearer token; the name appears in the audit log, never the secret.
@@ -254,7 +289,11 @@ func (s *Server) auth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, code, why := s.authenticate(r)
 		if code != 0 {
-			s.Log.Warn("admin API request refused", "method", r.Method, "path", r.URL.Path, "caller", c.principal, "via", c.via, "reason", why)
+			reason := "forbidden"
+			if code == http.StatusUnauthorized {
+				reason = "unauthorized"
+			}
+			s.refuse(reason, "admin API request refused", "method", r.Method, "path", r.URL.Path, "caller", c.principal, "via", c.via, "reason", why)
 			if code == http.StatusUnauthorized {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="fwdproxy"`)
 			}
@@ -338,7 +377,8 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 }
 
 func (s *Server) serve(ctx context.Context, lis net.Listener, connContext func(context.Context, net.Conn) context.Context) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, ConnContext: connContext}
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, ConnContext: connContext,
+		ErrorLog: log.New(serverLog{s}, "", 0)}
 	go func() {
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -2,7 +2,9 @@ package admin
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -10,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -291,4 +294,65 @@ func TestParseTokens(t *testing.T) {
 func TestMain(m *testing.M) {
 	meshtest.RunHelper(map[string]func([]string) int{"apply": applyHelper})
 	os.Exit(m.Run())
+}
+
+// Refused requests (no or a wrong token) and failed TLS handshakes are each counted and logged
+// only a few times a minute: whatever reaches the admin port cannot flood the log.
+func TestRefusalsAreCountedAndRateLimited(t *testing.T) {
+	ca, err := meshtest.NewCA("admin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	server, _ := ca.IssueWithDNS("spiffe://cluster.local/ns/fwdproxy/sa/admin", []string{"admin.fwdproxy.test"}, time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+	sChain, sKey, root, err := server.WriteFiles(dir, ca.RootPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stls, err := ServerTLS(sChain, sKey, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &meshtest.SyncBuffer{}
+	s := newServer(nil, "0123456789abcdef")
+	s.Log = slog.New(slog.NewTextHandler(logs, nil))
+	var mu sync.Mutex
+	refused := map[string]int{}
+	s.Refused = func(reason string) { mu.Lock(); refused[reason]++; mu.Unlock() }
+	count := func(reason string) int { mu.Lock(); defer mu.Unlock(); return refused[reason] }
+	plain, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = s.Serve(ctx, plain) }()
+	go func() { _ = s.Serve(ctx, tls.NewListener(tlsLis, stls)) }()
+
+	c := &Client{BaseURL: "http://" + plain.Addr().String(), Token: "wrong"}
+	for range 100 {
+		if _, err := c.Status(context.Background()); err == nil {
+			t.Fatal("a wrong token was accepted")
+		}
+	}
+	for range 50 {
+		conn, err := net.Dial("tcp", tlsLis.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = conn.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")) // plain HTTP to the TLS port
+		_, _ = io.ReadAll(conn)
+		conn.Close()
+	}
+	meshtest.Eventually(t, 5*time.Second, "the refusals counted", func() bool { return count("unauthorized") == 100 && count("tls") == 50 })
+	if n := strings.Count(logs.String(), "\n"); n > 25 {
+		t.Errorf("150 refusals logged %d lines:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "bearer token") || !strings.Contains(logs.String(), "TLS handshake") {
+		t.Errorf("the refusals are not logged at all:\n%s", logs.String())
+	}
 }

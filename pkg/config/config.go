@@ -104,6 +104,15 @@ type Listen struct {
 	Address string `yaml:"address"`
 	// AccessLog enables access logs on stdout; default true.
 	AccessLog *bool `yaml:"accessLog"`
+	// MaxRequestHeadersKB bounds a request's head (request line and header lines); larger
+	// requests are answered 431. Default 60, Envoy's.
+	MaxRequestHeadersKB uint32 `yaml:"maxRequestHeadersKB"`
+	// MaxHeadersCount bounds the number of request headers; more are answered 431. Default
+	// 100, Envoy's.
+	MaxHeadersCount uint32 `yaml:"maxHeadersCount"`
+	// MaxConnections is how many connections each service port holds at once; more are closed
+	// at once. Default 10000.
+	MaxConnections uint64 `yaml:"maxConnections"`
 }
 
 // Server is an address the daemon serves on.
@@ -178,6 +187,15 @@ func (c *Config) applyDefaults() {
 	if c.Listen.AccessLog == nil {
 		t := true
 		c.Listen.AccessLog = &t
+	}
+	if c.Listen.MaxRequestHeadersKB == 0 {
+		c.Listen.MaxRequestHeadersKB = 60
+	}
+	if c.Listen.MaxHeadersCount == 0 {
+		c.Listen.MaxHeadersCount = 100
+	}
+	if c.Listen.MaxConnections == 0 {
+		c.Listen.MaxConnections = 10000
 	}
 	if c.Metrics.Address == "" {
 		c.Metrics.Address = ":9102"
@@ -266,6 +284,9 @@ func (c *Config) Problems() strictyaml.Problems {
 	}
 	if _, err := netip.ParseAddr(c.Listen.Address); err != nil {
 		p.Addf("listen.address", "%q is not an IP address; use 0.0.0.0 to listen on all IPv4 addresses", c.Listen.Address)
+	}
+	if c.Listen.MaxRequestHeadersKB > 8192 {
+		p.Addf("listen.maxRequestHeadersKB", "%d is over 8192 (8 MiB), Envoy's largest", c.Listen.MaxRequestHeadersKB)
 	}
 	if c.Upstream.Outlier.MaxEjectionPercent > 100 {
 		p.Addf("upstream.outlierDetection.maxEjectionPercent", "%d is over 100", c.Upstream.Outlier.MaxEjectionPercent)

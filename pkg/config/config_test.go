@@ -16,7 +16,8 @@ func TestExampleConfig(t *testing.T) {
 	if c.Gateways[1].Port != 15443 {
 		t.Errorf("gateway port default = %d", c.Gateways[1].Port)
 	}
-	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Socket != DefaultXDSSocket || c.XDS.Address != "" {
+	if c.Upstream.ConnectTimeout != 5*time.Second || c.Dataplane != "builtin" || c.XDS.Socket != DefaultXDSSocket || c.XDS.Address != "" ||
+		c.Listen.MaxRequestHeadersKB != 60 || c.Listen.MaxHeadersCount != 100 || c.Listen.MaxConnections != 10000 {
 		t.Errorf("defaults: %+v", c)
 	}
 	if got := c.Path("catalog.yaml"); !strings.HasSuffix(got, "examples/catalog.yaml") {
@@ -51,6 +52,7 @@ identity:
 		{"envoy admin off loopback", base + "envoy: {binary: envoy, adminAddress: 0.0.0.0:15000}\n", `c.yaml:7: envoy.adminAddress: "0.0.0.0:15000" is not a loopback address`},
 		{"envoy admin host name", base + "envoy: {adminAddress: \"localhost:15000\"}\n", `envoy.adminAddress: "localhost:15000": Envoy needs an IP address there`},
 		{"bad listen", base + "listen: {address: any}\n", `listen.address: "any" is not an IP address`},
+		{"header limit too large", base + "listen: {maxRequestHeadersKB: 9000}\n", "listen.maxRequestHeadersKB: 9000 is over 8192"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -26,6 +26,9 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
 // Redacted replaces private key bytes in rendered output.
@@ -133,7 +136,14 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 				ApiType:             core.ApiConfigSource_GRPC,
 				TransportApiVersion: core.ApiVersion_V3,
 				GrpcServices: []*core.GrpcService{{TargetSpecifier: &core.GrpcService_EnvoyGrpc_{
-					EnvoyGrpc: &core.GrpcService_EnvoyGrpc{ClusterName: XDSClusterName},
+					EnvoyGrpc: &core.GrpcService_EnvoyGrpc{
+						ClusterName: XDSClusterName,
+						// Envoy's own default is no limit; stating the one the control plane
+						// builds to keeps Envoy and the built-in data plane on one contract.
+						// (The xds cluster's HTTP/2 windows, 16 MiB per stream and 24 MiB per
+						// connection by default, only pace a larger message; they cap nothing.)
+						MaxReceiveMessageLength: wrapperspb.UInt32(xdslimit.MaxMessageBytes),
+					},
 				}}},
 				SetNodeOnFirstMessageOnly: true,
 			},

@@ -23,6 +23,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fwdproxy/fwdproxy/internal/localsock"
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
 // fleetKey is the one snapshot key: every data plane that connects (and authenticates, see
@@ -51,6 +53,8 @@ type Server struct {
 	sent map[string]string
 	// dataPlane says which clients are this instance's data plane (SetDataPlane).
 	dataPlane func(Client) bool
+	// logLimit keeps a client that NACKs in a loop from flooding the log (each NACK is counted).
+	logLimit ratelog.Limiter
 }
 
 type stream struct {
@@ -172,10 +176,16 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, creds credentials.
 	g := grpc.NewServer(
 		grpc.Creds(creds),
 		grpc.MaxConcurrentStreams(1000),
-		// A long ping timeout: Envoy answers pings on its main thread, which applying 20,000
-		// clusters keeps busy for tens of seconds, and a 10s timeout (grpc-go also makes it the
-		// connection's TCP_USER_TIMEOUT) cut the stream mid-update, so Envoy started over
-		// (bench/envoyscale). A dead peer on the Unix socket is seen at once anyway.
+		// A response holds every resource of its type and a request may name every route,
+		// endpoint or secret: both go up to the limit every fwdproxy data plane takes (gRPC
+		// would otherwise receive 4 MiB, about 3,500 services). The snapshot builder keeps
+		// responses under it.
+		grpc.MaxSendMsgSize(xdslimit.MaxMessageBytes),
+		grpc.MaxRecvMsgSize(xdslimit.MaxMessageBytes),
+		// A data plane busy applying a large configuration answers no ping: Envoy's main thread,
+		// which also runs its ADS stream, takes about 100 s to add 10,000 listeners on 2 cores.
+		// Dropping the stream then would make it fetch (and apply) everything again. A data
+		// plane that dies closes its socket anyway; this only catches a silent network.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 5 * time.Minute}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
@@ -290,8 +300,10 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 	switch {
 	case isErr && own:
 		s.metrics.nacks.WithLabelValues(TypeName(typeURL)).Inc()
-		s.log.Error("xDS client rejected configuration; it keeps its last good one",
-			"node", c.Node, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+		if ok, left := s.logLimit.Allow(c.Node + "/" + typeURL); ok {
+			s.log.Error("xDS client rejected configuration; it keeps its last good one",
+				"node", c.Node, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage(), "not_logged_since_last", left)
+		}
 	case isErr:
 		s.metrics.foreignNacks.WithLabelValues(TypeName(typeURL)).Inc()
 		s.log.Warn("xDS client that is not this instance's data plane rejected configuration",

@@ -17,6 +17,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -331,5 +332,53 @@ func TestNACKDoesNotLoop(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the next version was not sent after a NACK")
+	}
+}
+
+// A client that NACKs over and over (here 100 times the same response) is counted every time
+// but logged only a few times a minute.
+func TestRepeatedNACKsAreCountedAndRateLimited(t *testing.T) {
+	ca, _ := meshtest.NewCA("cluster.local")
+	bundle := testBundle(t, ca)
+	logs := &meshtest.SyncBuffer{}
+	reg := prometheus.NewRegistry()
+	s := NewServer(slog.New(slog.NewTextHandler(logs, nil)), reg)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(ctx, lis, insecure.NewCredentials()) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := &core.Node{Id: "nacker"}
+	if err := stream.Send(&discovery.DiscoveryRequest{Node: node, TypeUrl: resource.ClusterType}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 100 {
+		if err := stream.Send(&discovery.DiscoveryRequest{Node: node, TypeUrl: resource.ClusterType, ResponseNonce: resp.GetNonce(),
+			ErrorDetail: &statuspb.Status{Code: 3, Message: "rejected by the test"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "100 NACKs counted", func() bool { return testutil.ToFloat64(s.metrics.nacks.WithLabelValues("cluster")) == 100 })
+	if n := strings.Count(logs.String(), "rejected configuration"); n == 0 || n > 10 {
+		t.Errorf("100 NACKs logged %d times; want a few", n)
 	}
 }

@@ -10,10 +10,12 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
 )
 
@@ -56,6 +58,30 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 // rebuild after a small catalog change validates only what changed. Safe for one goroutine.
 type Builder struct {
 	validated map[[32]byte]struct{}
+	// MaxMessageBytes is the largest xDS message a data plane takes; a snapshot with a response
+	// larger than that is refused. Zero means xdslimit.MaxMessageBytes.
+	MaxMessageBytes int
+}
+
+func (b *Builder) maxMessageBytes() int {
+	if b.MaxMessageBytes > 0 {
+		return b.MaxMessageBytes
+	}
+	return xdslimit.MaxMessageBytes
+}
+
+// A response adds to its resources' own bytes: per resource, the google.protobuf.Any (counted
+// exactly in responseBytes) and, in a delta response, the Resource's name and version (a 64-hex
+// hash) with their tags; per response, its version, type URL, nonce and control plane. These
+// bound the latter two.
+const (
+	perResourceOverhead = 80
+	perResponseOverhead = 4 << 10
+)
+
+func responseBytes(typ resource.Type, raw []byte, name string) int {
+	any := protowire.SizeTag(1) + protowire.SizeBytes(len(typ)) + protowire.SizeTag(2) + protowire.SizeBytes(len(raw))
+	return protowire.SizeTag(2) + protowire.SizeBytes(any) + len(name) + perResourceOverhead
 }
 
 // Build is NewSnapshot with the builder's validation memory.
@@ -88,12 +114,21 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	configHash := sha256.New()
 	seen := make(map[[32]byte]struct{}, len(b.validated))
 	marshal := proto.MarshalOptions{Deterministic: true}
+	limit := b.maxMessageBytes()
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		typeHash := sha256.New()
+		size := perResponseOverhead
 		for _, r := range byType[typ] {
 			raw, err := marshal.Marshal(r)
 			if err != nil {
 				return nil, fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
+			}
+			// A data plane takes one response of each type whole; one it cannot receive must
+			// never be served (it would drop the stream and retry forever), so refuse it here,
+			// where the last good snapshot keeps serving.
+			if size += responseBytes(typ, raw, cache.GetResourceName(r)); size > limit {
+				return nil, fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
+					TypeName(typ), size, len(byType[typ]), TypeName(typ), limit)
 			}
 			sum := sha256.Sum256(raw)
 			if _, ok := b.validated[sum]; !ok {

@@ -100,6 +100,8 @@ type Options struct {
 	// PeerMetadata, when set, is sent on every HTTP request as Istio's peer metadata headers
 	// (peermetadata.go), so the mesh's telemetry names the fleet as that workload.
 	PeerMetadata *PeerMetadata
+	// Limits on what a client may send and open; zero values are Envoy's defaults (limits.go).
+	Limits
 }
 
 // Outlier is passive health checking of gateway endpoints.
@@ -229,6 +231,9 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	}
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
+	}
+	for _, l := range res.Listeners {
+		limitConnections(l, opts.Limits)
 	}
 	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
@@ -505,6 +510,7 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 		PreserveExternalRequestId: false,
 		AccessLog:                 accessLogs(opts.AccessLog),
 	}
+	requestLimits(manager, opts.Limits)
 	return &listener.Listener{
 		Name:    name,
 		Address: socketAddress(opts.ListenAddress, port),

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -271,9 +272,14 @@ func TestIstioWireConventions(t *testing.T) {
 			// is closed before anything connects upstream (Envoy's network RBAC decides only on
 			// the first byte, too late for server-first protocols).
 			m := l.FilterChains[0].GetFilterChainMatch()
-			if len(m.GetSourcePrefixRanges()) == 0 || len(l.FilterChains) != 1 || len(l.FilterChains[0].Filters) != 1 {
+			if len(m.GetSourcePrefixRanges()) == 0 || len(l.FilterChains) != 1 || len(l.FilterChains[0].Filters) != 2 {
 				t.Errorf("3306: filter chain match %v with %d chains and %d filters; want one chain matching the allowed clients' source ranges", m, len(l.FilterChains), len(l.FilterChains[0].Filters))
 			}
+		}
+		// Every listener first limits its connections (listen.maxConnections).
+		cl := &connlimit.ConnectionLimit{}
+		if err := l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(cl); err != nil || cl.GetMaxConnections().GetValue() != DefaultMaxConnections || cl.GetStatPrefix() != l.Name {
+			t.Errorf("%s: first filter %v (%v), want the connection limit", l.Name, l.FilterChains[0].Filters[0], err)
 		}
 	}
 	for _, r := range res.Routes {
@@ -416,7 +422,7 @@ func TestInvalidResourceIsNotServed(t *testing.T) {
 	res, _ := Translate(cat, opts)
 	// A typed config nested in an Any must be validated too: empty the tcp_proxy's stat prefix.
 	l := res.Listeners[0]
-	f := l.FilterChains[0].Filters[0]
+	f := l.FilterChains[0].Filters[len(l.FilterChains[0].Filters)-1]
 	tp := &tcpproxy.TcpProxy{}
 	_ = f.GetTypedConfig().UnmarshalTo(tp)
 	tp.StatPrefix = ""

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +23,7 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+	"github.com/fwdproxy/fwdproxy/pkg/dataplane"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
 )
@@ -53,6 +55,11 @@ type Daemon struct {
 	metrics *daemonMetrics
 	// builder remembers validated resources between rebuilds; only rebuildLoop uses it.
 	builder controlplane.Builder
+
+	// tuneDataplane, when set (by tests), edits the built-in data plane's options.
+	tuneDataplane func(*dataplane.Options)
+	// builtin is the in-process data plane (dataplane: builtin), set before Run starts it.
+	builtin atomic.Pointer[dataplane.DataPlane]
 }
 
 // New builds a daemon from a validated config.
@@ -186,6 +193,11 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 			BaseEjectionTime: o.BaseEjectionTime, MaxEjectionPercent: o.MaxEjectionPercent,
 		},
 		AccessLog: *cfg.Listen.AccessLog,
+		Limits: controlplane.Limits{
+			MaxRequestHeadersKB: cfg.Listen.MaxRequestHeadersKB,
+			MaxHeadersCount:     cfg.Listen.MaxHeadersCount,
+			MaxConnections:      cfg.Listen.MaxConnections,
+		},
 	}
 	if pm := cfg.Mesh.PeerMetadata; pm.Enabled {
 		opts.PeerMetadata = &controlplane.PeerMetadata{
@@ -324,7 +336,22 @@ func (d *Daemon) Ready() (bool, string) {
 	// the instance still carries traffic (and the NACK is alerted on). Taking it out of the load
 	// balancer instead would take out the whole fleet at once, since every peer serves the same
 	// configuration, and the Auto Scaling group would replace every instance.
-	switch st := d.XDS.Status(); {
+	st := d.XDS.Status()
+	if dp := d.builtin.Load(); dp != nil {
+		// The built-in data plane runs in this process, so it says itself whether it serves: it
+		// keeps its listeners while its stream is down, e.g. when it reconnects after a response
+		// it could not receive, which the xDS server sees only as a stream that closed.
+		switch ds := dp.Status(); {
+		case !ds.Serving:
+			return false, "the data plane has not applied a configuration yet"
+		case st.AckedCurrent == 0 && ds.LastRejection != "":
+			return true, "ready on an earlier configuration: the data plane has not taken the current one (last rejection: " + ds.LastRejection + ")"
+		case st.AckedCurrent == 0:
+			return true, "ready on an earlier configuration: the data plane has not acknowledged the current one yet"
+		}
+		return true, "ready"
+	}
+	switch {
 	case st.AckedAny == 0:
 		return false, "no data plane has acknowledged a configuration yet"
 	case st.AckedCurrent == 0:
@@ -363,6 +390,7 @@ type daemonMetrics struct {
 	buildErrors     prometheus.Counter
 	identityExpiry  prometheus.Gauge
 	servicesSkipped *prometheus.GaugeVec
+	adminRefused    *prometheus.CounterVec
 }
 
 func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
@@ -371,8 +399,12 @@ func newDaemonMetrics(reg prometheus.Registerer) *daemonMetrics {
 		catalogPorts:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_catalog_ports", Help: "Service ports in the merged catalog."}),
 		buildErrors:     prometheus.NewCounter(prometheus.CounterOpts{Name: "fwdproxy_config_build_errors_total", Help: "Catalog changes that could not be turned into a valid snapshot."}),
 		identityExpiry:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_identity_expiry_timestamp_seconds", Help: "When the fleet identity certificate expires."}),
+		adminRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_admin_requests_refused_total",
+			Help: "Admin API requests or connections refused: unauthorized (no or a wrong token), tls (failed handshake)."}, []string{"reason"}),
 	}
-	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry)
+	reg.MustRegister(m.catalogServices, m.catalogPorts, m.buildErrors, m.identityExpiry, m.adminRefused)
 	m.servicesSkipped = newSkippedGauge(reg)
+	m.adminRefused.WithLabelValues("unauthorized")
+	m.adminRefused.WithLabelValues("tls")
 	return m
 }

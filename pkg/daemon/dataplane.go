@@ -49,7 +49,7 @@ func (d *Daemon) startDataplane(ctx context.Context, g *errgroup.Group) error {
 		}
 		g.Go(func() error { return p.Run(ctx) })
 	default:
-		dp := dataplane.New(dataplane.Options{
+		o := dataplane.Options{
 			ServerAddress: "in-process",
 			Dialer:        d.inproc.Dial,
 			NodeID:        d.cfg.Node.ID,
@@ -57,7 +57,12 @@ func (d *Daemon) startDataplane(ctx context.Context, g *errgroup.Group) error {
 			Log:           d.log.With("component", "dataplane"),
 			Registerer:    d.Registry,
 			DrainTime:     d.cfg.Builtin.DrainTime,
-		})
+		}
+		if d.tuneDataplane != nil {
+			d.tuneDataplane(&o)
+		}
+		dp := dataplane.New(o)
+		d.builtin.Store(dp)
 		g.Go(func() error { return dp.Run(ctx) })
 	}
 	return nil

@@ -279,6 +279,7 @@ func (d *Daemon) startAdmin(ctx context.Context, g *errgroup.Group, node *peers.
 		Local:   localsock.Policy{UID: uint32(os.Geteuid()), GID: gid, Field: "admin.group"},
 		Catalog: d.cfg.CatalogOptions(),
 		Log:     d.log.With("component", "admin"),
+		Refused: func(reason string) { d.metrics.adminRefused.WithLabelValues(reason).Inc() },
 	}
 	if node != nil {
 		srv.Fleet = node

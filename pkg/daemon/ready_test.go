@@ -23,6 +23,7 @@ import (
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
+	"github.com/fwdproxy/fwdproxy/pkg/dataplane"
 )
 
 const readyCatalog = `services:
@@ -361,4 +362,75 @@ func TestReadyIgnoresOtherClients(t *testing.T) {
 	dp := dialADS(t, ctx, cfg, cfg.Node.ID)
 	dp.answerBoth(t, "")
 	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
+}
+
+// The built-in data plane cannot receive a newer configuration (its message limit is lowered
+// here; the control plane never builds a response over the real one): it keeps serving the one
+// it has, so the instance stays ready on it the whole time, while the data plane reconnects and
+// fails again. A fleet whose peers all hit the same configuration must not all leave the load
+// balancer at once.
+func TestReadyWhileTheBuiltinCannotTakeANewConfiguration(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFleetIdentity(t, ca, dir, time.Hour)
+	catalogPath := filepath.Join(dir, "catalog.yaml")
+	tcp := fmt.Sprintf("  - host: db.ns.svc.cluster.local\n    ports: [{number: %d, protocol: tcp}]\n    identities: [spiffe://cluster.local/ns/ns/sa/db]\n", freePort(t))
+	if err := os.WriteFile(catalogPath, []byte("services:\n"+tcp), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	metrics := freeAddr(t)
+	cfgText := fmt.Sprintf(`node: {id: big-test}
+gateways: [{name: gw, address: 127.0.0.1, port: 15443}]
+identity:
+  spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
+  files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
+discovery: {files: [catalog.yaml]}
+listen: {address: 127.0.0.1, accessLog: false}
+xds: {address: %q}
+metrics: {address: %q}
+builtin: {drainTime: 1s}
+`, freeAddr(t), metrics)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(cfg, slog.New(slog.DiscardHandler))
+	d.tuneDataplane = func(o *dataplane.Options) { o.MaxMessageBytes = 64 << 10; o.MaxBackoff = 300 * time.Millisecond }
+	runDaemon(t, d)
+	waitReady(t, metrics, http.StatusOK, "ready")
+
+	// 400 HTTP services: about 200 KB of clusters, over the lowered limit.
+	var big strings.Builder
+	big.WriteString("services:\n" + tcp)
+	httpPort := freePort(t)
+	for i := range 400 {
+		fmt.Fprintf(&big, "  - host: svc-%03d.ns.svc.cluster.local\n    ports: [{number: %d, protocol: http}]\n    identities: [spiffe://cluster.local/ns/ns/sa/svc]\n", i, httpPort)
+	}
+	if err := os.WriteFile(catalogPath, []byte(big.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Across several failed attempts (each one a closed stream and a reconnect), every answer is
+	// 200, on the earlier configuration.
+	failures := func() float64 {
+		v, _ := value(scrape(t, metrics), "fwdproxy_dataplane_xds_receive_errors_total", map[string]string{"reason": "too_large"})
+		return v
+	}
+	for i := 0; failures() < 4; i++ {
+		if i == 1000 {
+			t.Fatalf("the data plane did not fail to receive the large configuration 4 times (%v)", failures())
+		}
+		code, body, err := getReady(metrics)
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("/ready while the data plane keeps its last configuration: %d %q %v", code, body, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitReady(t, metrics, http.StatusOK, "ready on an earlier configuration")
 }

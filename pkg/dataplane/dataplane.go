@@ -50,6 +50,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
+	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 )
 
 // Options configure a data plane.
@@ -79,7 +82,20 @@ type Options struct {
 	AccessLog io.Writer
 	// MaxBackoff caps the wait between reconnection attempts; default 10s.
 	MaxBackoff time.Duration
+	// MaxMessageBytes is the largest xDS message received or sent; default
+	// xdslimit.MaxMessageBytes, the most the control plane ever sends.
+	MaxMessageBytes int
+	// MaxConnections caps the downstream connections of all listeners together (Envoy's
+	// overload manager's global_downstream_max_connections); past it a new connection is closed
+	// at once. 0 derives it from the process's file descriptor limit: half of what is left
+	// after the listeners and a reserve for the daemon (its metrics and /ready, xDS, gossip),
+	// since each connection also needs one upstream. Negative: no cap.
+	MaxConnections int
 }
+
+// fdReserve is what the connection cap leaves of the file descriptor limit for everything but
+// proxied connections.
+const fdReserve = 256
 
 // DataPlane is one running data plane. Create it with New and start it with Run.
 type DataPlane struct {
@@ -103,10 +119,16 @@ type DataPlane struct {
 	listeners map[string]*listenerRT    // by bind address
 	draining  sync.WaitGroup
 
+	logLimit      ratelog.Limiter // repeated warnings (accept failures on every listener)
+	fileLimit     int             // RLIMIT_NOFILE at start, 0 if unknown
+	downstream    atomic.Int64    // downstream connections open, all listeners
+	listenerCount atomic.Int64
+
 	mu        sync.Mutex // guards the status fields below and listeners for readers
 	connected bool
 	lastNACK  string
 	ready     bool
+	serving   bool // ready once: listeners keep serving whatever happens to the stream
 }
 
 // New makes a data plane; nothing runs until Run.
@@ -123,6 +145,9 @@ func New(o Options) *DataPlane {
 	if o.MaxBackoff <= 0 {
 		o.MaxBackoff = 10 * time.Second
 	}
+	if o.MaxMessageBytes <= 0 {
+		o.MaxMessageBytes = xdslimit.MaxMessageBytes
+	}
 	dp := &DataPlane{
 		opts:      o,
 		log:       o.Log,
@@ -132,6 +157,7 @@ func New(o Options) *DataPlane {
 		files:     map[string]*accessLogger{},
 		endpoints: map[string][]endpointSpec{},
 		listeners: map[string]*listenerRT{},
+		fileLimit: fileLimit(),
 	}
 	dp.proxy = dp.newReverseProxy()
 	dp.clusters.Store(&map[string]*cluster{})
@@ -139,6 +165,17 @@ func New(o Options) *DataPlane {
 	dp.secrets.Store(&map[string]*secret{})
 	dp.subs = newSubscriptions()
 	return dp
+}
+
+// connectionCap is the most downstream connections all listeners may hold, or 0 for no cap.
+func (dp *DataPlane) connectionCap() int {
+	switch {
+	case dp.opts.MaxConnections > 0:
+		return dp.opts.MaxConnections
+	case dp.opts.MaxConnections < 0 || dp.fileLimit <= 0:
+		return 0
+	}
+	return max((dp.fileLimit-fdReserve-int(dp.listenerCount.Load()))/2, 1)
 }
 
 func (dp *DataPlane) cluster(name string) *cluster       { return (*dp.clusters.Load())[name] }
@@ -157,7 +194,12 @@ func (dp *DataPlane) Ready() bool {
 type Status struct {
 	// Connected is true while the ADS stream is open.
 	Connected bool
-	Ready     bool
+	// Ready is true while everything the accepted listeners and clusters reference is applied.
+	Ready bool
+	// Serving is true once the data plane was ready: from then on its listeners serve the last
+	// configuration it accepted, whether or not newer ones arrive (a rejected or unreceivable
+	// response, a lost control plane, a new listener still waiting for its routes).
+	Serving bool
 	// Versions are the last accepted versions by resource type: listener, route, cluster,
 	// endpoint, secret.
 	Versions map[string]string
@@ -172,7 +214,7 @@ type Status struct {
 // Status reports the current state.
 func (dp *DataPlane) Status() Status {
 	dp.mu.Lock()
-	st := Status{Connected: dp.connected, Ready: dp.ready, LastRejection: dp.lastNACK, Versions: map[string]string{}, Listeners: map[string]string{}, Clusters: map[string]string{}}
+	st := Status{Connected: dp.connected, Ready: dp.ready, Serving: dp.serving, LastRejection: dp.lastNACK, Versions: map[string]string{}, Listeners: map[string]string{}, Clusters: map[string]string{}}
 	for _, s := range dp.subs {
 		st.Versions[typeName(s.typeURL)] = s.version
 	}

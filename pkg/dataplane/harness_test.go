@@ -76,6 +76,12 @@ type env struct {
 
 func newEnv(t testing.TB, drain time.Duration) *env {
 	t.Helper()
+	return newEnvWith(t, drain, nil)
+}
+
+// newEnvWith is newEnv with the data plane's options edited by tune.
+func newEnvWith(t testing.TB, drain time.Duration, tune func(*Options)) *env {
+	t.Helper()
 	ca, err := meshtest.NewCA("mesh")
 	if err != nil {
 		t.Fatal(err)
@@ -87,8 +93,12 @@ func newEnv(t testing.TB, drain time.Duration) *env {
 	e.startControlPlane("127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
-	e.dp = New(Options{ServerAddress: e.cpAddr, NodeID: "test", NodeCluster: "fwdproxy", Log: testLog(t),
-		Registerer: e.reg, DrainTime: drain, AccessLog: e.access, MaxBackoff: 200 * time.Millisecond})
+	o := Options{ServerAddress: e.cpAddr, NodeID: "test", NodeCluster: "fwdproxy", Log: testLog(t),
+		Registerer: e.reg, DrainTime: drain, AccessLog: e.access, MaxBackoff: 200 * time.Millisecond}
+	if tune != nil {
+		tune(&o)
+	}
+	e.dp = New(o)
 	go func() {
 		defer close(e.done)
 		if err := e.dp.Run(ctx); err != nil {
@@ -210,6 +220,8 @@ type meshServer struct {
 	srv     *http.Server
 	// requests are the HTTP requests received, in order.
 	requests []seenRequest
+	// floodsAbandoned counts /flood answers given up on a reader that stopped reading.
+	floodsAbandoned atomic.Int64
 }
 
 // seenRequest is what the service behind the mesh server received.
@@ -365,6 +377,18 @@ func (m *meshServer) handle(w http.ResponseWriter, r *http.Request) {
 		_, _ = bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye\n")
 		_ = bw.Flush()
 		conn.Close()
+		return
+	}
+	if r.URL.Path == "/flood" { // write until the client stops taking bytes, then give up
+		rc := http.NewResponseController(w)
+		chunk := make([]byte, 64<<10)
+		for range 4096 {
+			_ = rc.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+			if _, err := w.Write(chunk); err != nil {
+				m.floodsAbandoned.Add(1)
+				panic(http.ErrAbortHandler)
+			}
+		}
 		return
 	}
 	if r.URL.Path == "/slow" {

@@ -18,11 +18,13 @@ import (
 
 // proxyInfo travels with a proxied request from the listener to the upstream and back.
 type proxyInfo struct {
+	listener string
 	cluster  *cluster
 	cfg      *httpConfig
-	retries  int    // connect failures retried on another endpoint (the route's retry policy)
-	upstream string // endpoint used, for the access log
-	flags    string // Envoy-style response flags, "-" when none
+	body     *downstreamBody // the request body, when there is one
+	retries  int             // connect failures retried on another endpoint (the route's retry policy)
+	upstream string          // endpoint used, for the access log
+	flags    string          // Envoy-style response flags, "-" when none
 	// respRemove are the route configuration's response_headers_to_remove.
 	respRemove []string
 }
@@ -34,7 +36,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cfg := l.cfg.Load()
 	rec := &recorder{ResponseWriter: w}
-	info := &proxyInfo{flags: "-"}
+	info := &proxyInfo{listener: cfg.name, flags: "-"}
 	clusterName := ""
 	var c *cluster
 	defer func() {
@@ -55,6 +57,14 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if hc == nil { // the listener became a TCP proxy; this connection predates the change
 		info.flags = "NR"
 		localReply(rec, http.StatusServiceUnavailable, "listener reconfigured")
+		return
+	}
+	if reason := hc.checkHead(r); reason != "" {
+		// As Envoy's codec refuses such a request: 431, the connection closed, nothing routed.
+		l.dp.metrics.downstreamErrs.WithLabelValues(cfg.name, reason).Inc()
+		info.flags = "DPE"
+		rec.Header().Set("Connection", "close")
+		localReply(rec, http.StatusRequestHeaderFieldsTooLarge, "Request Header Fields Too Large")
 		return
 	}
 	table := hc.inline
@@ -117,6 +127,10 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for _, h := range table.requestAdd {
 		r.Header[h.name] = []string{h.value}
 	}
+	if r.Body != nil && r.Body != http.NoBody {
+		info.body = &downstreamBody{ReadCloser: r.Body}
+		r.Body = info.body
+	}
 	ctx := context.WithValue(r.Context(), proxyKey{}, info)
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
@@ -124,6 +138,31 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 	}
 	l.dp.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+// checkHead enforces max_request_headers_kb and max_headers_count, counting as Envoy does: the
+// request line and every header line with its line end, and the blank line; Host is a header.
+// It returns the downstream error reason, or "" when the head is within both limits.
+func (hc *httpConfig) checkHead(r *http.Request) string {
+	size := len(r.Method) + 1 + len(r.RequestURI) + 1 + len(r.Proto) + 2 + 2
+	count := 0
+	if r.Host != "" {
+		size += len("Host: ") + len(r.Host) + 2
+		count++
+	}
+	for name, values := range r.Header {
+		for _, v := range values {
+			size += len(name) + 2 + len(v) + 2
+			count++
+		}
+	}
+	switch {
+	case count > hc.maxHeaders:
+		return downTooManyHeaders
+	case size > hc.maxHeadBytes:
+		return downHeadersTooLarge
+	}
+	return ""
 }
 
 func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
@@ -169,7 +208,22 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 	info := r.Context().Value(proxyKey{}).(*proxyInfo)
 	var ue *upstreamError
 	errors.As(err, &ue)
+	var de *downstreamError
 	switch {
+	case errors.As(err, &de):
+		// The client's fault, answered as Envoy answers a downstream protocol error (400, and
+		// the connection closed, since the rest of the request cannot be found) or not at all
+		// when the client went away.
+		reason := de.reason()
+		dp.metrics.downstreamErrs.WithLabelValues(info.listener, reason).Inc()
+		if reason == downClientClosed {
+			info.flags = "DC"
+			w.WriteHeader(499)
+		} else {
+			info.flags = "DPE"
+			w.Header().Set("Connection", "close")
+			localReply(w, http.StatusBadRequest, "Bad Request")
+		}
 	case ue != nil && ue.reason == reasonNoHealthy:
 		info.flags = "UH"
 		localReply(w, http.StatusServiceUnavailable, "no healthy upstream")
@@ -182,6 +236,7 @@ func (dp *DataPlane) proxyError(w http.ResponseWriter, r *http.Request, err erro
 		localReply(w, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
 	case r.Context().Err() != nil && ue == nil:
 		info.flags = "DC" // the client went away
+		dp.metrics.downstreamErrs.WithLabelValues(info.listener, downClientClosed).Inc()
 		w.WriteHeader(499)
 	default:
 		info.flags = "UC"

@@ -21,12 +21,41 @@ type listenerRT struct {
 	ln   net.Listener
 	cfg  atomic.Pointer[listenerConfig]
 
-	http     *http.Server
-	httpLn   *chanListener
+	// serving is the HTTP server connections are handed to; it is replaced when the listener's
+	// configuration changes what the server itself enforces (idle timeout, header size).
+	serving  atomic.Pointer[httpServing]
+	retired  sync.WaitGroup // servers replaced and still finishing their requests
 	mu       sync.Mutex
 	conns    map[*trackedConn]struct{}
 	closing  atomic.Bool
 	loopDone chan struct{}
+}
+
+// httpServing is one http.Server of a listener, with what it was built for.
+type httpServing struct {
+	srv    *http.Server
+	ln     *chanListener
+	params serverParams
+}
+
+// serverParams are the parts of a listener's configuration that Go's HTTP server enforces
+// itself, so that a change needs a new server.
+type serverParams struct {
+	idle time.Duration
+	// maxHeaderBytes is Go's own bound on a request head, a memory guard: Go reads up to 4 KiB
+	// more before refusing, and ServeHTTP enforces the exact limit.
+	maxHeaderBytes int
+}
+
+func paramsOf(cfg *listenerConfig) serverParams {
+	p := serverParams{idle: time.Hour, maxHeaderBytes: 60 << 10}
+	if hc := cfg.http; hc != nil {
+		if hc.idleTimeout > 0 {
+			p.idle = hc.idleTimeout
+		}
+		p.maxHeaderBytes = hc.maxHeadBytes
+	}
+	return p
 }
 
 func (dp *DataPlane) bind(cfg *listenerConfig) (*listenerRT, error) {
@@ -41,26 +70,65 @@ func (dp *DataPlane) bind(cfg *listenerConfig) (*listenerRT, error) {
 
 // start serves the socket.
 func (l *listenerRT) start() {
-	l.httpLn = &chanListener{addr: l.ln.Addr(), ch: make(chan net.Conn), done: make(chan struct{})}
+	l.serving.Store(l.newServing(paramsOf(l.cfg.Load())))
+	go l.acceptLoop()
+}
+
+func (l *listenerRT) newServing(p serverParams) *httpServing {
+	ln := &chanListener{addr: l.ln.Addr(), ch: make(chan net.Conn), done: make(chan struct{})}
 	protocols := new(http.Protocols)
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true) // HTTP/2 with prior knowledge (codec AUTO)
-	idle := time.Hour
-	if hc := l.cfg.Load().http; hc != nil && hc.idleTimeout > 0 {
-		idle = hc.idleTimeout
-	}
-	l.http = &http.Server{
+	srv := &http.Server{
 		Handler:           l,
 		Protocols:         protocols,
 		ReadHeaderTimeout: time.Minute,
-		IdleTimeout:       idle,
+		IdleTimeout:       p.idle,
+		MaxHeaderBytes:    p.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(l.dp.log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, peerKey{}, peerAddr(c))
 		},
 	}
-	go func() { _ = l.http.Serve(l.httpLn) }()
-	go l.acceptLoop()
+	go func() { _ = srv.Serve(ln) }()
+	return &httpServing{srv: srv, ln: ln, params: p}
+}
+
+// reconfigure follows an in-place configuration change: when the HTTP server must enforce
+// something else, new connections go to a new server and the old one finishes its requests
+// (bounded by the drain time) and closes its idle connections.
+func (l *listenerRT) reconfigure(cfg *listenerConfig) {
+	p := paramsOf(cfg)
+	old := l.serving.Load()
+	if old.params == p || l.closing.Load() {
+		return
+	}
+	l.serving.Store(l.newServing(p))
+	l.retired.Go(func() { retire(old, l.dp.opts.DrainTime) })
+}
+
+func retire(s *httpServing, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	_ = s.srv.Shutdown(ctx)
+	_ = s.srv.Close()
+}
+
+// handHTTP gives an accepted connection to the current HTTP server.
+func (l *listenerRT) handHTTP(tc *trackedConn) {
+	for {
+		s := l.serving.Load()
+		select {
+		case s.ln.ch <- tc:
+			return
+		case <-s.ln.done:
+			if l.closing.Load() || l.serving.Load() == s {
+				tc.Close()
+				return
+			}
+			// replaced meanwhile: hand it to the new server
+		}
+	}
 }
 
 type peerKey struct{}
@@ -81,9 +149,12 @@ func (l *listenerRT) acceptLoop() {
 			if l.closing.Load() || errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of file descriptors and the like: back off, keep the listener.
+			// Out of file descriptors and the like: back off, keep the listener. Every listener
+			// fails at once then, so the warning is rate-limited across them.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			l.dp.log.Warn("accept failed", "listener", l.cfg.Load().name, "error", err, "retry_in", delay)
+			if ok, left := l.dp.logLimit.Allow("accept"); ok {
+				l.dp.log.Warn("accept failed", "listener", l.cfg.Load().name, "error", err, "retry_in", delay, "not_logged_since_last", left)
+			}
 			time.Sleep(delay)
 			continue
 		}
@@ -97,17 +168,34 @@ func (l *listenerRT) acceptLoop() {
 			conn.Close()
 			continue
 		}
+		// Envoy's order: the global cap at accept, then the chain's connection_limit filter.
+		if capN := l.dp.connectionCap(); capN > 0 && l.dp.downstream.Load() >= int64(capN) {
+			l.refuse(conn, cfg, "overload", 0)
+			continue
+		}
+		if cfg.maxConns > 0 && l.active() >= cfg.maxConns {
+			l.refuse(conn, cfg, "limit", cfg.limitDelay)
+			continue
+		}
 		tc := l.track(conn, cfg.name)
 		if cfg.tcp != nil {
 			go l.serveTCP(tc, cfg)
 			continue
 		}
-		select {
-		case l.httpLn.ch <- tc:
-		case <-l.httpLn.done:
-			tc.Close()
-		}
+		l.handHTTP(tc)
 	}
+}
+
+// refuse closes a connection past a limit, after delay (connection_limit's delay, which keeps
+// a client from retrying at full speed), without reading from it.
+func (l *listenerRT) refuse(conn net.Conn, cfg *listenerConfig, reason string, delay time.Duration) {
+	l.dp.metrics.connRefused.WithLabelValues(cfg.name, reason).Inc()
+	l.dp.log.Debug("connection refused", "listener", cfg.name, "reason", reason, "peer", conn.RemoteAddr().String())
+	if delay > 0 {
+		time.AfterFunc(delay, func() { conn.Close() })
+		return
+	}
+	conn.Close()
 }
 
 // drain stops accepting, lets open connections finish for up to timeout, then closes them.
@@ -119,7 +207,8 @@ func (l *listenerRT) drain(timeout time.Duration) {
 	<-l.loopDone
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	go func() { _ = l.http.Shutdown(ctx) }()
+	srv := l.serving.Load().srv
+	go func() { _ = srv.Shutdown(ctx) }()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for l.active() > 0 && ctx.Err() == nil {
@@ -128,7 +217,7 @@ func (l *listenerRT) drain(timeout time.Duration) {
 		case <-tick.C:
 		}
 	}
-	_ = l.http.Close()
+	_ = srv.Close()
 	l.mu.Lock()
 	left := make([]*trackedConn, 0, len(l.conns))
 	for c := range l.conns {
@@ -141,6 +230,7 @@ func (l *listenerRT) drain(timeout time.Duration) {
 	for _, c := range left {
 		c.Close()
 	}
+	l.retired.Wait()
 }
 
 func (l *listenerRT) active() int {
@@ -162,6 +252,7 @@ func (l *listenerRT) track(c net.Conn, name string) *trackedConn {
 	l.mu.Lock()
 	l.conns[tc] = struct{}{}
 	l.mu.Unlock()
+	l.dp.downstream.Add(1)
 	l.dp.metrics.connActive.WithLabelValues(name).Inc()
 	l.dp.metrics.connTotal.WithLabelValues(name).Inc()
 	return tc
@@ -173,6 +264,7 @@ func (c *trackedConn) Close() error {
 		c.l.mu.Lock()
 		delete(c.l.conns, c)
 		c.l.mu.Unlock()
+		c.l.dp.downstream.Add(-1)
 		c.l.dp.metrics.connActive.WithLabelValues(c.listener).Dec()
 	})
 	return err

@@ -98,19 +98,24 @@ func TestParseRejectsUnsupported(t *testing.T) {
 			}
 		})
 	}
+	// terminal is the listener's last filter, after the connection limit.
+	terminal := func(l *listener.Listener) *listener.Filter {
+		f := l.FilterChains[0].Filters
+		return f[len(f)-1]
+	}
 	hcmOf := func(l *listener.Listener) *hcm.HttpConnectionManager {
 		m := &hcm.HttpConnectionManager{}
-		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(m)
+		_ = terminal(l).GetTypedConfig().UnmarshalTo(m)
 		return m
 	}
 	setHCM := func(l *listener.Listener, m *hcm.HttpConnectionManager) {
 		a, _ := anypb.New(m)
-		l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: a}
+		terminal(l).ConfigType = &listener.Filter_TypedConfig{TypedConfig: a}
 	}
 	// Listeners[0] is 0.0.0.0_5432 (TCP), [1] 0.0.0.0_8080 (HTTP): sorted by name.
 	listenerCase("unknown typed config", func(l *listener.Listener) {
-		l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/example.Unknown"}}
-	}, `listener "0.0.0.0_5432": filter_chains[0].filters[0] (envoy.filters.network.tcp_proxy): cannot decode typed_config type.googleapis.com/example.Unknown`)
+		terminal(l).ConfigType = &listener.Filter_TypedConfig{TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/example.Unknown"}}
+	}, `listener "0.0.0.0_5432": filter_chains[0].filters[1] (envoy.filters.network.tcp_proxy): cannot decode typed_config type.googleapis.com/example.Unknown`)
 	listenerCase("two filter chains", func(l *listener.Listener) {
 		l.FilterChains = append(l.FilterChains, l.FilterChains[0])
 	}, "filter_chains: exactly one filter chain is supported, got 2")
@@ -118,9 +123,15 @@ func TestParseRejectsUnsupported(t *testing.T) {
 		l.ListenerFilters = []*listener.ListenerFilter{{Name: "envoy.filters.listener.tls_inspector"}}
 	}, "listener_filters: not supported by the built-in data plane (got envoy.filters.listener.tls_inspector)")
 	listenerCase("terminal filter not last", func(l *listener.Listener) {
-		f := l.FilterChains[0].Filters
-		l.FilterChains[0].Filters = []*listener.Filter{f[0], f[0]}
+		l.FilterChains[0].Filters = []*listener.Filter{terminal(l), terminal(l)}
 	}, "tcp_proxy is a terminal filter and must be last")
+	listenerCase("connection limit last", func(l *listener.Listener) {
+		l.FilterChains[0].Filters = l.FilterChains[0].Filters[:1]
+	}, "connection_limit cannot be the last filter")
+	listenerCase("two connection limits", func(l *listener.Listener) {
+		f := l.FilterChains[0].Filters
+		l.FilterChains[0].Filters = append([]*listener.Filter{f[0]}, f...)
+	}, "only one connection_limit filter is supported")
 	listenerCase("filter chain match beyond source ranges", func(l *listener.Listener) {
 		l.FilterChains[0].FilterChainMatch.ServerNames = []string{"a.example"}
 	}, "filter_chains[0].filter_chain_match: only source_prefix_ranges is supported")
@@ -134,11 +145,30 @@ func TestParseRejectsUnsupported(t *testing.T) {
 		m.HttpFilters = append([]*hcm.HttpFilter{{Name: "envoy.filters.http.lua", ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: a}}}, m.HttpFilters...)
 		setHCM(l, m)
 		_, err := dp.parseListener(l, "")
-		want := `listener "0.0.0.0_8080": filter_chains[0].filters[0] (envoy.filters.network.http_connection_manager).http_filters[0] (envoy.filters.http.lua): HTTP filter google.protobuf.StringValue is not supported`
+		want := `listener "0.0.0.0_8080": filter_chains[0].filters[1] (envoy.filters.network.http_connection_manager).http_filters[0] (envoy.filters.http.lua): HTTP filter google.protobuf.StringValue is not supported`
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v", err)
 		}
 	})
+	for _, c := range []struct {
+		name string
+		mod  func(*hcm.HttpConnectionManager)
+		want string
+	}{
+		{"header size limit 0", func(m *hcm.HttpConnectionManager) { m.MaxRequestHeadersKb = wrapperspb.UInt32(0) }, "max_request_headers_kb: 0 is outside 1-8192"},
+		{"header size limit past 8 MiB", func(m *hcm.HttpConnectionManager) { m.MaxRequestHeadersKb = wrapperspb.UInt32(8193) }, "max_request_headers_kb: 8193 is outside 1-8192"},
+		{"header count limit 0", func(m *hcm.HttpConnectionManager) { m.CommonHttpProtocolOptions.MaxHeadersCount = wrapperspb.UInt32(0) }, "max_headers_count: must be at least 1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := proto.Clone(translated(t).Listeners[1]).(*listener.Listener)
+			m := hcmOf(l)
+			c.mod(m)
+			setHCM(l, m)
+			if _, err := dp.parseListener(l, ""); err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %v, want %q", err, c.want)
+			}
+		})
+	}
 	t.Run("custom access log format", func(t *testing.T) {
 		l := proto.Clone(translated(t).Listeners[1]).(*listener.Listener)
 		m := hcmOf(l)

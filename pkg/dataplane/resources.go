@@ -23,6 +23,7 @@ import (
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
@@ -45,6 +46,7 @@ var (
 	nameTCPProxy   = fullName(&tcpproxy.TcpProxy{})
 	nameHCM        = fullName(&hcm.HttpConnectionManager{})
 	nameNetRBAC    = fullName(&rbacnet.RBAC{})
+	nameConnLimit  = fullName(&connlimit.ConnectionLimit{})
 	nameHTTPRBAC   = fullName(&rbachttp.RBAC{})
 	nameRBACRoute  = fullName(&rbachttp.RBACPerRoute{})
 	nameRouter     = fullName(&router.Router{})
@@ -86,6 +88,10 @@ type listenerConfig struct {
 	netRBAC *rbacEngine
 	tcp     *tcpConfig
 	http    *httpConfig
+	// maxConns is the connection_limit filter's max_connections (0: no limit); a connection
+	// past it is closed after limitDelay.
+	maxConns   int
+	limitDelay time.Duration
 }
 
 type tcpConfig struct {
@@ -105,6 +111,10 @@ type httpConfig struct {
 	logs        []*accessLogger
 	idleTimeout time.Duration
 	codec       hcm.HttpConnectionManager_CodecType
+	// maxHeadBytes (max_request_headers_kb) bounds a request head: its request line and header
+	// lines with their line ends, as Envoy counts them; maxHeaders (max_headers_count) bounds
+	// the number of request headers, Host included.
+	maxHeadBytes, maxHeaders int
 }
 
 type httpRBAC struct {
@@ -189,6 +199,21 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 		}
 		last := i == len(filters)-1
 		switch fullName(m) {
+		case nameConnLimit:
+			cl := m.(*connlimit.ConnectionLimit)
+			switch {
+			case last:
+				return nil, fail("%s: connection_limit cannot be the last filter; a terminal filter must follow", field)
+			case cfg.maxConns > 0:
+				return nil, fail("%s: only one connection_limit filter is supported", field)
+			case cl.GetMaxConnections().GetValue() == 0:
+				return nil, fail("%s.max_connections: required, at least 1", field)
+			case cl.GetRuntimeEnabled() != nil && !cl.GetRuntimeEnabled().GetDefaultValue().GetValue():
+				// Without a runtime, the flag is its default: off.
+				continue
+			}
+			cfg.maxConns = int(min(cl.GetMaxConnections().GetValue(), 1<<31))
+			cfg.limitDelay = cl.GetDelay().AsDuration()
 		case nameNetRBAC:
 			r := m.(*rbacnet.RBAC)
 			if last {
@@ -230,8 +255,8 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 			}
 			cfg.http = hc
 		default:
-			return nil, fail("%s: network filter %s is not supported by the built-in data plane; it supports %s, %s and %s",
-				field, fullName(m), nameNetRBAC, nameTCPProxy, nameHCM)
+			return nil, fail("%s: network filter %s is not supported by the built-in data plane; it supports %s, %s, %s and %s",
+				field, fullName(m), nameConnLimit, nameNetRBAC, nameTCPProxy, nameHCM)
 		}
 	}
 	return cfg, nil
@@ -271,6 +296,21 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 	c := &httpConfig{
 		idleTimeout: duration(h.GetCommonHttpProtocolOptions().GetIdleTimeout(), time.Hour),
 		codec:       h.GetCodecType(),
+		// Envoy's defaults when unset: 60 KiB and 100 headers.
+		maxHeadBytes: 60 << 10,
+		maxHeaders:   100,
+	}
+	if v := h.GetMaxRequestHeadersKb(); v != nil {
+		if v.GetValue() == 0 || v.GetValue() > 8192 {
+			return nil, fmt.Errorf("%s.max_request_headers_kb: %d is outside 1-8192", field, v.GetValue())
+		}
+		c.maxHeadBytes = int(v.GetValue()) << 10
+	}
+	if v := h.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		if v.GetValue() == 0 {
+			return nil, fmt.Errorf("%s.common_http_protocol_options.max_headers_count: must be at least 1", field)
+		}
+		c.maxHeaders = int(v.GetValue())
 	}
 	rh, err := parseRequestHeaders(h, field)
 	if err != nil {

@@ -54,18 +54,37 @@ func (l *listenerRT) serveTCP(down *trackedConn, cfg *listenerConfig) {
 	}
 	defer up.Close()
 	upstream = h.addr
-	var upErr bool
-	rx, tx, upErr = pipe(down, up, tc.idleTimeout)
-	if upErr {
+	var fault pipeFault
+	rx, tx, fault = pipe(down, up, tc.idleTimeout)
+	switch fault {
+	case faultUpstream:
+		// Counted, but not fed to outlier detection: Envoy's tcp_proxy reports only connect
+		// failures to it, since a connection's bytes say nothing of the gateway's health.
 		flags = "UC"
-		c.failed(h, reasonReset)
+		l.dp.metrics.upstreamErrs.WithLabelValues(tc.cluster, reasonReset).Inc()
+	case faultClientStalled:
+		// The upstream gave up on a client that stopped reading what it was sent.
+		flags = "UC"
+		l.dp.metrics.downstreamErrs.WithLabelValues(cfg.name, downClientStalled).Inc()
 	}
 }
 
+// pipeFault says which side ended a proxied connection with an error.
+type pipeFault int
+
+const (
+	faultNone pipeFault = iota
+	// faultUpstream: the upstream reset or failed while the client was taking its bytes.
+	faultUpstream
+	// faultClientStalled: the upstream failed while a write to the client was blocked, that is
+	// the client had stopped reading; the upstream giving up on it is the client's doing.
+	faultClientStalled
+)
+
 // pipe copies both ways until both sides finished. An EOF from one side half-closes the other;
-// an error closes both. It reports the bytes from downstream (rx) and to it (tx), and whether
-// the upstream side failed.
-func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, upstreamFailed bool) {
+// an error closes both. It reports the bytes from downstream (rx) and to it (tx), and which side
+// failed, if one did.
+func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, fault pipeFault) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
 	var closeOnce sync.Once
@@ -91,6 +110,15 @@ func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, upstreamFailed b
 	}
 	var wg sync.WaitGroup
 	var upFail atomic.Bool
+	// writingDown is set while a write to the client is in progress; a write that does not
+	// return is a client that does not read (its window and our buffers are full).
+	var writingDown, stalled atomic.Bool
+	upstreamFailed := func() {
+		if writingDown.Load() {
+			stalled.Store(true)
+		}
+		upFail.Store(true)
+	}
 	copyHalf := func(dst, src net.Conn, n *int64, srcIsUp bool) {
 		defer wg.Done()
 		bp := bufPool.Get().(*[]byte)
@@ -100,11 +128,17 @@ func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, upstreamFailed b
 			nr, rerr := src.Read(buf)
 			if nr > 0 {
 				last.Store(time.Now().UnixNano())
+				if srcIsUp {
+					writingDown.Store(true)
+				}
 				nw, werr := dst.Write(buf[:nr])
+				if srcIsUp {
+					writingDown.Store(false)
+				}
 				*n += int64(nw)
 				if werr != nil {
 					if !srcIsUp {
-						upFail.Store(true)
+						upstreamFailed()
 					}
 					closeBoth()
 					return
@@ -118,7 +152,7 @@ func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, upstreamFailed b
 					return
 				}
 				if srcIsUp && !errors.Is(rerr, net.ErrClosed) {
-					upFail.Store(true)
+					upstreamFailed()
 				}
 				closeBoth()
 				return
@@ -129,5 +163,11 @@ func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, upstreamFailed b
 	go copyHalf(up, down, &rx, false)
 	go copyHalf(down, up, &tx, true)
 	wg.Wait()
-	return rx, tx, upFail.Load()
+	switch {
+	case stalled.Load():
+		return rx, tx, faultClientStalled
+	case upFail.Load():
+		return rx, tx, faultUpstream
+	}
+	return rx, tx, faultNone
 }

@@ -480,6 +480,13 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 			c.outcome(h, resp.StatusCode)
 			return resp, nil
 		}
+		if info != nil {
+			if berr := info.body.failure(); berr != nil {
+				// The request body could not be read from the client: nothing says anything of
+				// the gateway, so neither metrics nor outlier detection hear of it.
+				return nil, &downstreamError{err: berr}
+			}
+		}
 		var ue *upstreamError
 		if errors.As(err, &ue) {
 			if attempt < retries && ue.connectFailure() && (req.Body == nil || req.Body == http.NoBody) {

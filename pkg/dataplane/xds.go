@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -92,6 +93,11 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// One state-of-the-world response carries every resource of its type: gRPC's default
+		// 4 MiB receive limit is a catalog of about 3,500 services. The control plane never
+		// builds a response over xdslimit.MaxMessageBytes, so taking that much means every
+		// configuration it can produce is received.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(dp.opts.MaxMessageBytes), grpc.MaxCallSendMsgSize(dp.opts.MaxMessageBytes)),
 	}
 	if dp.opts.Dialer != nil {
 		opts = append(opts, grpc.WithContextDialer(dp.opts.Dialer))
@@ -110,12 +116,27 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if progressed {
+		tooLarge := status.Code(err) == codes.ResourceExhausted
+		if progressed && !tooLarge {
 			backoff = initial
 		}
 		wait := backoff/2 + rand.N(backoff/2+1)
-		dp.log.Warn("control plane stream ended; serving the last configuration and reconnecting",
-			"server", dp.opts.ServerAddress, "error", err, "retry_in", wait.Round(time.Millisecond).String())
+		if tooLarge {
+			// The control plane keeps its responses under xdslimit.MaxMessageBytes, so this is a
+			// control plane with another limit (or a data plane configured lower): the same
+			// response comes back on every attempt, hence the backoff is not reset.
+			dp.metrics.xdsReceiveErrors.WithLabelValues("too_large").Inc()
+			msg := fmt.Sprintf("a response was larger than this data plane takes (limit %d bytes): %s", dp.opts.MaxMessageBytes, status.Convert(err).Message())
+			dp.mu.Lock()
+			dp.lastNACK = msg
+			dp.mu.Unlock()
+			dp.log.Error("configuration from the control plane larger than this data plane takes; keeping the last good one and retrying",
+				"server", dp.opts.ServerAddress, "limit_bytes", dp.opts.MaxMessageBytes, "error", status.Convert(err).Message(),
+				"retry_in", wait.Round(time.Millisecond).String())
+		} else {
+			dp.log.Warn("control plane stream ended; serving the last configuration and reconnecting",
+				"server", dp.opts.ServerAddress, "error", err, "retry_in", wait.Round(time.Millisecond).String())
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -312,6 +333,7 @@ func (dp *DataPlane) updateReady() {
 		dp.log.Info("data plane ready", "listeners", len(dp.listeners), "clusters", len(*dp.clusters.Load()))
 	}
 	dp.ready = ready
+	dp.serving = dp.serving || ready
 	dp.mu.Unlock()
 }
 
@@ -420,6 +442,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 		if keep {
 			if !proto.Equal(l.cfg.Load().proto, cfg.proto) {
 				l.cfg.Store(cfg)
+				l.reconfigure(cfg)
 				dp.log.Info("listener updated in place", "listener", cfg.name, "address", addr)
 			}
 			continue
@@ -433,6 +456,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 		dp.listeners[addr] = l
 		dp.log.Info("listener added", "listener", l.cfg.Load().name, "address", l.ln.Addr().String())
 	}
+	dp.listenerCount.Store(int64(len(dp.listeners)))
 	dp.mu.Unlock()
 	return nil
 }

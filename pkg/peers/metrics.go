@@ -5,6 +5,7 @@ import (
 	"context"
 	"log"
 	"log/slog"
+	"slices"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,16 +55,26 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 	return m
 }
 
-// memberlistLog turns memberlist's "[LEVEL] memberlist: text" lines into structured logs, and
-// counts messages that could not be decrypted: a peer with another gossip key.
+// memberlistLog turns memberlist's "[LEVEL] memberlist: text" lines into structured logs. Lines
+// about messages memberlist could not take (undecryptable: a peer with another gossip key;
+// undecodable: garbage on the port) are counted as rejected messages by reason. Each kind of
+// line is logged a few times a minute at most (ratelog), the rest only counted, since whatever
+// reaches the gossip port can send them at line rate.
 type memberlistLog struct{ n *Node }
 
 func newMemberlistLogger(n *Node) *log.Logger { return log.New(memberlistLog{n}, "", 0) }
 
+// malformedLines are memberlist's words for a message it could not decode or had to drop.
+var malformedLines = []string{
+	"not supported", "invalid msgtype", "failed to decode", "missing message type", "packet too short",
+	"invalid checksum", "unacceptable label", "label header", "failed to receive", "failed to decompress",
+	"failed to read remote state", "truncated messages", "remote node state size",
+}
+
 func (w memberlistLog) Write(p []byte) (int, error) {
 	line := string(bytes.TrimSpace(p))
 	level := slog.LevelInfo
-	for tag, lv := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError} {
+	for tag, lv := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelInfo, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError, "[ERROR]": slog.LevelError} {
 		if strings.HasPrefix(line, tag) {
 			level = lv
 			line = strings.TrimSpace(strings.TrimPrefix(line, tag))
@@ -74,9 +85,34 @@ func (w memberlistLog) Write(p []byte) (int, error) {
 	if strings.Contains(lower, "decrypt") || strings.Contains(lower, "no installed keys") ||
 		strings.Contains(lower, "encryption is configured") || strings.Contains(lower, "encryption is not configured") {
 		w.n.metrics.rejected.WithLabelValues("encryption").Inc()
-		w.n.log.Error("gossip from a peer rejected: it is not encrypted with this fleet's key; check that peers.keyring is the same file on every instance", "detail", line)
+		if ok, left := w.n.logLimit.Allow("encryption"); ok {
+			w.n.log.Error("gossip from a peer rejected: it is not encrypted with this fleet's key; check that peers.keyring is the same file on every instance",
+				"detail", line, "not_logged_since_last", left)
+		}
 		return len(p), nil
+	}
+	if level >= slog.LevelWarn && slices.ContainsFunc(malformedLines, func(s string) bool { return strings.Contains(lower, s) }) {
+		w.n.metrics.rejected.WithLabelValues("malformed").Inc()
+		if ok, left := w.n.logLimit.Allow("malformed"); ok {
+			w.n.log.Warn("gossip message rejected; not applied", "reason", "malformed", "via", "memberlist", "detail", line, "not_logged_since_last", left)
+		}
+		return len(p), nil
+	}
+	if level >= slog.LevelInfo {
+		if ok, left := w.n.logLimit.Allow(lineKind(line)); !ok {
+			return len(p), nil
+		} else if left > 0 {
+			w.n.log.Log(context.Background(), level, line, "component", "memberlist", "not_logged_since_last", left)
+			return len(p), nil
+		}
 	}
 	w.n.log.Log(context.Background(), level, line, "component", "memberlist")
 	return len(p), nil
+}
+
+// lineKind is what tells one kind of log line from another: its first words (the rest names
+// peers, addresses and errors).
+func lineKind(line string) string {
+	f := strings.Fields(line)
+	return strings.Join(f[:min(len(f), 4)], " ")
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/fwdproxy/fwdproxy/internal/ratelog"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
@@ -68,6 +69,8 @@ type Node struct {
 	queue   *memberlist.TransmitLimitedQueue
 	maxCast int // largest delta that fits in a gossip packet
 	metrics *metrics
+	// logLimit keeps repeated lines about rejected messages from flooding the log.
+	logLimit ratelog.Limiter
 
 	kick   chan struct{}
 	cancel context.CancelFunc
@@ -782,7 +785,9 @@ func (n *Node) reject(err error, via string) {
 		reason = "clock_skew"
 	}
 	n.metrics.rejected.WithLabelValues(reason).Inc()
-	n.log.Warn("gossip message rejected; not applied", "reason", reason, "via", via, "error", err)
+	if ok, left := n.logLimit.Allow(reason); ok {
+		n.log.Warn("gossip message rejected; not applied", "reason", reason, "via", via, "error", err, "not_logged_since_last", left)
+	}
 }
 
 // events implements memberlist.EventDelegate: it keeps the member table (memberlist calls it with

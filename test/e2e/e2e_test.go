@@ -65,6 +65,8 @@ type dataplane struct {
 	// configure adds the data plane's settings to the daemon config.
 	configure func(t testing.TB, dir string) string
 	failover  bool
+	// listen adds settings to the config's listen section, e.g. ", maxConnections: 2".
+	listen string
 }
 
 var builtin = dataplane{name: "builtin", configure: func(testing.TB, string) string { return "dataplane: builtin\n" }, failover: true}
@@ -117,14 +119,14 @@ gateways:
   spiffeID: %s
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
 discovery: {files: [catalog.yaml]}
-listen: {address: 127.0.0.1, accessLog: false}
+listen: {address: 127.0.0.1, accessLog: false%s}
 xds: {socket: xds.sock}
 metrics: {address: %s}
 admin: {socket: admin.sock}
 upstream:
   connectTimeout: 2s
   outlierDetection: {consecutiveErrors: %d, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
-%s`, gws.String(), fleetID, e.metrics, consecutiveErrors, dp.configure(t, e.dir))
+%s`, gws.String(), fleetID, dp.listen, e.metrics, consecutiveErrors, dp.configure(t, e.dir))
 	cfgPath := filepath.Join(e.dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
 		t.Fatal(err)

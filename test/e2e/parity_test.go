@@ -42,6 +42,25 @@ var parityCases = []parityCase{
 	{name: "post with body", raw: "POST /p HTTP/1.1\r\nHost: productpage.bookinfo.svc.cluster.local\r\nContent-Length: 5\r\n\r\nhello"},
 	{name: "chunked body", raw: "POST /p HTTP/1.1\r\nHost: productpage.bookinfo.svc.cluster.local\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"},
 	{name: "h2 service", port: "h2", raw: "GET /r HTTP/1.1\r\nHost: ratings.bookinfo.svc.cluster.local\r\n\r\n"},
+	// Client faults: 400 for a malformed body, 431 past Envoy's default header limits (a request
+	// head of 60 KiB, 100 headers), all answered by the proxy itself.
+	{name: "malformed chunked body", raw: "POST /p HTTP/1.1\r\nHost: productpage.bookinfo.svc.cluster.local\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"},
+	{name: "head of 60 KiB", raw: paddedHead(60<<10, 2)},
+	{name: "head over 60 KiB", raw: paddedHead(60<<10+1, 2)},
+	{name: "100 headers", raw: paddedHead(2<<10, 100)},
+	{name: "101 headers", raw: paddedHead(2<<10, 101)},
+}
+
+// paddedHead is a GET to productpage whose request head (request line, header lines, blank line)
+// is size bytes, in n headers with Host.
+func paddedHead(size, n int) string {
+	var b strings.Builder
+	b.WriteString("GET /p HTTP/1.1\r\nHost: productpage.bookinfo.svc.cluster.local\r\n")
+	for i := 1; i < n-1; i++ {
+		fmt.Fprintf(&b, "X-H%d: v\r\n", i)
+	}
+	b.WriteString("X-Pad: " + strings.Repeat("p", size-b.Len()-len("X-Pad: \r\n\r\n")) + "\r\n\r\n")
+	return b.String()
 }
 
 // parityAnswer is what a VM sees of an answer.
