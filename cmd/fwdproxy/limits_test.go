@@ -58,11 +58,11 @@ identity:
   files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: %s}
+xds: {socket: xds.sock}
 metrics: {address: %s}
-admin: {address: %s}
+admin: {socket: admin.sock}
 builtin: {drainTime: 1s}
-`, addr(), metrics, addr())
+`, metrics)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

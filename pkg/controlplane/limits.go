@@ -52,12 +52,13 @@ func requestLimits(m *hcm.HttpConnectionManager, l Limits) {
 
 // limitConnections puts the connection_limit filter first in each of the listener's filter
 // chains: past max_connections, a new connection is closed before any other filter (or an
-// upstream connection) sees it. Its stats are connection_limit.<listener>.limited_connections.
+// upstream connection) sees it. Its stats are connection_limit.outbound_PORT.limited_connections
+// (dot-free, like the other stat prefixes: see StatPrefix).
 func limitConnections(l *listener.Listener, limits Limits) {
 	f := &listener.Filter{
 		Name: ConnectionLimitFilter,
 		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&connlimit.ConnectionLimit{
-			StatPrefix:     l.GetName(),
+			StatPrefix:     StatPrefix(l.GetAddress().GetSocketAddress().GetPortValue()),
 			MaxConnections: wrapperspb.UInt64(orDefault(limits.MaxConnections, DefaultMaxConnections)),
 		})},
 	}

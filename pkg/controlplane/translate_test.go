@@ -278,7 +278,7 @@ func TestIstioWireConventions(t *testing.T) {
 		}
 		// Every listener first limits its connections (listen.maxConnections).
 		cl := &connlimit.ConnectionLimit{}
-		if err := l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(cl); err != nil || cl.GetMaxConnections().GetValue() != DefaultMaxConnections || cl.GetStatPrefix() != l.Name {
+		if err := l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(cl); err != nil || cl.GetMaxConnections().GetValue() != DefaultMaxConnections || cl.GetStatPrefix() != StatPrefix(l.Address.GetSocketAddress().GetPortValue()) {
 			t.Errorf("%s: first filter %v (%v), want the connection limit", l.Name, l.FilterChains[0].Filters[0], err)
 		}
 	}

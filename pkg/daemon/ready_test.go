@@ -389,10 +389,11 @@ identity:
   files: {certChain: cert-chain.pem, privateKey: key.pem, roots: root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: 127.0.0.1, accessLog: false}
-xds: {address: %q}
+xds: {socket: xds.sock}
 metrics: {address: %q}
+admin: {socket: admin.sock}
 builtin: {drainTime: 1s}
-`, freeAddr(t), metrics)
+`, metrics)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o644); err != nil {
 		t.Fatal(err)
