@@ -123,10 +123,10 @@ identity:
   files: {certChain: certs/cert-chain.pem, privateKey: certs/key.pem, roots: certs/root-cert.pem}
 discovery: {files: [catalog.yaml]}
 listen: {address: %s, accessLog: false}
-xds: {address: 127.0.0.1:%d}
+xds: {socket: xds.sock}
 metrics: {address: %s}
-admin: {address: 127.0.0.1:%d}
-%s`, gwHost, gwPort, fleetID, scaleListen, freePort(t), metrics, freePort(t), dp.configure(t, dir))
+admin: {socket: admin.sock}
+%s`, gwHost, gwPort, fleetID, scaleListen, metrics, dp.configure(t, dir))
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
 		t.Fatal(err)
