@@ -110,6 +110,10 @@ func LookupGroup(name string) (int, error) {
 		return n, nil
 	}
 	g, err := user.LookupGroup(name)
+	var unknown user.UnknownGroupError
+	if errors.As(err, &unknown) {
+		return -1, fmt.Errorf("no group %q on this host", name)
+	}
 	if err != nil {
 		return -1, fmt.Errorf("group %q: %w", name, err)
 	}

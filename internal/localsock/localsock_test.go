@@ -210,3 +210,14 @@ func TestPolicy(t *testing.T) {
 		t.Error("without a group, another user is allowed")
 	}
 }
+
+func TestLookupGroup(t *testing.T) {
+	for name, want := range map[string]int{"": -1, "998": 998, "nogroup": Nobody} {
+		if got, err := LookupGroup(name); err != nil || got != want {
+			t.Errorf("LookupGroup(%q) = %d, %v; want %d", name, got, err, want)
+		}
+	}
+	if _, err := LookupGroup("no-such-group-here"); err == nil || err.Error() != `no group "no-such-group-here" on this host` {
+		t.Errorf("an unknown group: %v", err)
+	}
+}

@@ -37,7 +37,7 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 	}
 	for _, g := range []struct{ field, name string }{{"xds.group", cfg.XDS.Group}, {"admin.group", cfg.Admin.Group}} {
 		if _, err := localsock.LookupGroup(g.name); err != nil {
-			notes = append(notes, fmt.Sprintf("%s: %v here; the daemon will not start on a host without it (create it, e.g. groupadd --system %s)", g.field, err, g.name))
+			notes = append(notes, fmt.Sprintf("%s: %v; the daemon will not start on a host without it (create it: groupadd --system %s)", g.field, err, g.name))
 		}
 	}
 	var gws []controlplane.Gateway
