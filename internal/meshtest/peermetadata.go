@@ -30,6 +30,8 @@ type PeerWorkload struct {
 	Instance, Namespace, Workload, Cluster, Owner string
 	CanonicalService, CanonicalRevision           string
 	App, Version                                  string
+	// Ignored are the fields and labels Istio does not read (LABELS.<name> for a label).
+	Ignored []string
 }
 
 // String is WORKLOAD_NAME.NAMESPACE, the report's peer field.
@@ -72,8 +74,12 @@ func DecodePeerMetadata(value string) (PeerWorkload, error) {
 					p.App = lv.GetStringValue()
 				case "version":
 					p.Version = lv.GetStringValue()
+				default:
+					p.Ignored = append(p.Ignored, "LABELS."+lk)
 				}
 			}
+		default:
+			p.Ignored = append(p.Ignored, k)
 		}
 	}
 	return p, nil

@@ -8,60 +8,18 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 )
 
-// istioPeer is what Istio's inbound peer_metadata filter makes of x-envoy-peer-metadata
-// (MXMethod::lookup: Base64::decodeWithoutPadding, Struct::ParseFromString, then
-// convertStructToWorkloadMetadata), with the names spelled out here rather than taken from the
-// code under test.
-type istioPeer struct {
-	instance, namespace, workload, cluster, owner  string
-	canonicalName, canonicalRevision, app, version string
-	unknown                                        []string // fields and labels Istio ignores
-}
-
-func decodeAsIstio(t *testing.T, value string) istioPeer {
+// decodeAsIstio decodes x-envoy-peer-metadata as Istio's inbound peer_metadata filter does
+// (meshtest.DecodePeerMetadata: Base64::decodeWithoutPadding, Struct::ParseFromString, then
+// convertStructToWorkloadMetadata's field names), independently of the code under test.
+func decodeAsIstio(t *testing.T, value string) meshtest.PeerWorkload {
 	t.Helper()
-	raw, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(value, "="))
+	p, err := meshtest.DecodePeerMetadata(value)
 	if err != nil {
-		t.Fatalf("not base64: %v", err)
-	}
-	var st structpb.Struct
-	if err := proto.Unmarshal(raw, &st); err != nil {
-		t.Fatalf("not a serialized google.protobuf.Struct: %v", err)
-	}
-	var p istioPeer
-	for k, v := range st.Fields {
-		s := v.GetStringValue()
-		switch k {
-		case "NAME":
-			p.instance = s
-		case "NAMESPACE":
-			p.namespace = s
-		case "WORKLOAD_NAME":
-			p.workload = s
-		case "CLUSTER_ID":
-			p.cluster = s
-		case "OWNER":
-			p.owner = s
-		case "LABELS":
-			for lk, lv := range v.GetStructValue().GetFields() {
-				switch lk {
-				case "service.istio.io/canonical-name":
-					p.canonicalName = lv.GetStringValue()
-				case "service.istio.io/canonical-revision":
-					p.canonicalRevision = lv.GetStringValue()
-				case "app":
-					p.app = lv.GetStringValue()
-				case "version":
-					p.version = lv.GetStringValue()
-				default:
-					p.unknown = append(p.unknown, "LABELS."+lk)
-				}
-			}
-		default:
-			p.unknown = append(p.unknown, k)
-		}
+		t.Fatal(err)
 	}
 	return p
 }
@@ -78,19 +36,19 @@ func TestPeerMetadataDecodesAsIstioDoes(t *testing.T) {
 		t.Errorf("value is not padded standard base64 (Envoy's Base64::encode): %v", err)
 	}
 	p := decodeAsIstio(t, value)
-	want := istioPeer{instance: p.instance, namespace: "legacy", workload: "vm-fleet", cluster: "vms",
-		canonicalName: "billing-vm", canonicalRevision: "v3", app: "billing-vm", version: "v3"}
-	if !strings.HasPrefix(p.instance, "vm-fleet-") || len(p.instance) != len("vm-fleet-")+10 {
-		t.Errorf("NAME %q, want vm-fleet-<10 hex>", p.instance)
+	want := meshtest.PeerWorkload{Instance: p.Instance, Namespace: "legacy", Workload: "vm-fleet", Cluster: "vms",
+		CanonicalService: "billing-vm", CanonicalRevision: "v3", App: "billing-vm", Version: "v3"}
+	if !strings.HasPrefix(p.Instance, "vm-fleet-") || len(p.Instance) != len("vm-fleet-")+10 {
+		t.Errorf("NAME %q, want vm-fleet-<10 hex>", p.Instance)
 	}
-	if p.owner != "" || len(p.unknown) > 0 || p.namespace != want.namespace || p.workload != want.workload || p.cluster != want.cluster ||
-		p.canonicalName != want.canonicalName || p.canonicalRevision != want.canonicalRevision || p.app != want.app || p.version != want.version {
+	if p.Owner != "" || len(p.Ignored) > 0 || p.Namespace != want.Namespace || p.Workload != want.Workload || p.Cluster != want.Cluster ||
+		p.CanonicalService != want.CanonicalService || p.CanonicalRevision != want.CanonicalRevision || p.App != want.App || p.Version != want.Version {
 		t.Errorf("Istio reads %+v, want %+v", p, want)
 	}
 	// Istio's node id: TYPE~IP~POD.NS~NS.svc.cluster.local; the pod part is NAME.
 	parts := strings.Split(id, "~")
-	if len(parts) != 4 || parts[0] != "sidecar" || parts[1] != "0.0.0.0" || parts[2] != p.instance+".legacy" || parts[3] != "legacy.svc.cluster.local" {
-		t.Errorf("id %q, want sidecar~0.0.0.0~%s.legacy~legacy.svc.cluster.local", id, p.instance)
+	if len(parts) != 4 || parts[0] != "sidecar" || parts[1] != "0.0.0.0" || parts[2] != p.Instance+".legacy" || parts[3] != "legacy.svc.cluster.local" {
+		t.Errorf("id %q, want sidecar~0.0.0.0~%s.legacy~legacy.svc.cluster.local", id, p.Instance)
 	}
 	// Deterministic (sorted keys), so every instance sends the same bytes.
 	raw, _ := base64.StdEncoding.DecodeString(value)
@@ -132,7 +90,7 @@ func TestPeerMetadataIDFollowsTheMetadata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p := decodeAsIstio(t, value); p.cluster != "" || p.app != "" || p.version != "" || p.canonicalName != "" || len(p.unknown) > 0 {
+	if p := decodeAsIstio(t, value); p.Cluster != "" || p.App != "" || p.Version != "" || p.CanonicalService != "" || len(p.Ignored) > 0 {
 		t.Errorf("unset fields were sent: %+v", p)
 	}
 	if _, _, err := (PeerMetadata{Namespace: "x"}).Headers(); err == nil {
