@@ -1,7 +1,7 @@
 # fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
 GO ?= go
 
-.PHONY: build deps test check bench bench-dataplane bench-envoy demo golden clean
+.PHONY: build deps test test-aws check bench bench-dataplane bench-envoy demo golden clean
 
 build:
 	$(GO) build -o bin/fwdproxy ./cmd/fwdproxy
@@ -14,6 +14,12 @@ deps:
 # (end-to-end with Envoy included).
 test: deps check
 	$(GO) test -count=1 -timeout 40m ./...
+
+# Only the tests against moto_server (ACM PCA, Auto Scaling peer discovery, the boot keyring
+# fetch, and Terraform init/validate/plan/apply/destroy of deploy/asg/examples/complete); part of
+# `make test` too.
+test-aws: deps
+	$(GO) test -p 1 -count=1 -timeout 30m -run 'Moto' ./pkg/identity ./pkg/peers ./deploy/deploytest
 
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \

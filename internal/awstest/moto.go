@@ -70,15 +70,16 @@ type Moto struct {
 var listening = regexp.MustCompile(`Running on (http://127\.0\.0\.1:[0-9]+)`)
 
 // Start runs moto_server on 127.0.0.1 at a free port (port 0: the kernel picks), waits until it
-// answers, and stops it when the test ends.
-func Start(t testing.TB) *Moto {
+// answers, and stops it when the test ends. env adds moto settings, e.g.
+// MOTO_IAM_LOAD_MANAGED_POLICIES=true.
+func Start(t testing.TB, env ...string) *Moto {
 	t.Helper()
 	bin, err := BinDir()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(filepath.Join(bin, "moto_server"), "-H", "127.0.0.1", "-p", "0")
-	cmd.Env = Environ()
+	cmd.Env = append(Environ(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
