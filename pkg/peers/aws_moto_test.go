@@ -108,8 +108,7 @@ func TestAWSDiscoveryMoto(t *testing.T) {
 		t.Fatalf("peers %v, want the group's three private IPs %v", got, want)
 	}
 
-	// An instance put in standby (drained by an operator) is no longer a peer; a stopped one
-	// outside the group never was.
+	// An instance put in standby (taken out of service by an operator) is no longer a peer.
 	if _, err := asgc.EnterStandby(ctx, &autoscaling.EnterStandbyInput{
 		AutoScalingGroupName: aws.String("fwdproxy-fleet"), InstanceIds: ids[:1], ShouldDecrementDesiredCapacity: aws.Bool(true),
 	}); err != nil {
