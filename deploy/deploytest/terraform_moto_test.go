@@ -1,3 +1,9 @@
+//go:build terraform
+
+// Terraform apply against moto needs a build of the AWS provider, which cannot be made from the
+// Go module proxy (see providerMirror), so this test is built only with -tags terraform:
+// make test-terraform.
+
 package deploytest
 
 import (
@@ -21,8 +27,8 @@ import (
 	"github.com/fwdproxy/fwdproxy/internal/awstest"
 )
 
-// defaultProviderMirror is where this project's machine image ships HashiCorp's release build of
-// the AWS provider in Terraform's unpacked filesystem-mirror layout. The Go module proxy serves no
+// defaultProviderMirror is a conventional place for HashiCorp's release build of the AWS provider
+// in Terraform's unpacked filesystem-mirror layout. The Go module proxy serves no
 // terraform-provider-aws release from v2 on (its module path lacks the /vN suffix, and the proxy
 // refuses the tags and commits), so the provider cannot be built from Go modules here.
 const defaultProviderMirror = "/opt/tf-plugins"
