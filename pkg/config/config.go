@@ -155,12 +155,13 @@ func Parse(file string, data []byte) (*Config, error) {
 	if errors.Is(err, strictyaml.ErrEmpty) {
 		return nil, fmt.Errorf("%s: the config file is empty (no YAML document: the file is blank, only comments or null); it needs at least gateways and identity, see examples/config.yaml", file)
 	}
-	if err != nil {
+	if doc == nil {
 		return nil, err
 	}
 	c.Dir = filepath.Dir(file)
 	c.applyDefaults()
-	if err := c.Problems().In(doc); err != nil {
+	// Every problem at once: what does not fit the fields, then what validation refuses.
+	if err := doc.Check(err, c.Problems()); err != nil {
 		return nil, err
 	}
 	return &c, nil
