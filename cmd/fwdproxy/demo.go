@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -15,14 +14,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
 
-func init() {
-	register("demo", "run a self-contained demo on loopback: a stand-in mesh, the daemon and its built-in data plane", demoCmd)
-}
+func init() { commands = append(commands, newDemoCmd) }
 
 // demoOptions are the demo's ports (0: any free port) and where it keeps its files.
 type demoOptions struct {
@@ -44,9 +43,20 @@ const (
 	demoEchoID        = "spiffe://cluster.local/ns/demo/sa/echo"
 )
 
-func demoCmd(args []string) error {
-	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+func newDemoCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Run a self-contained demo on loopback: a stand-in mesh, the daemon and its built-in data plane",
+		Long: `Run a self-contained demo on loopback: a stand-in Istio mesh (a CA, an east-west gateway in
+AUTO_PASSTHROUGH mode, sidecars that require mTLS) and the fwdproxy daemon with its built-in
+data plane. It prints commands to try against it, and runs until Ctrl-C. Nothing outside this
+machine is touched.`,
+		Example: `  fwdproxy demo
+  fwdproxy demo --http-port 0 --tcp-port 0 --dir /tmp/fwdproxy-demo`,
+		Args: noArgs,
+	}
 	var o demoOptions
+	fs := cmd.Flags()
 	fs.StringVar(&o.Listen, "listen", "127.0.0.1", "address the demo's service ports listen on")
 	fs.IntVar(&o.HTTPPort, "http-port", 9080, "port of the HTTP services (routed by Host); 0: any free port")
 	fs.IntVar(&o.TCPPort, "tcp-port", 9000, "port of the TCP echo service; 0: any free port")
@@ -54,12 +64,12 @@ func demoCmd(args []string) error {
 	fs.IntVar(&o.MetricsPort, "metrics-port", 0, "port of /metrics, /ready and /healthz; 0: any free port")
 	fs.StringVar(&o.Dir, "dir", "", "keep the generated CA, identities, config and catalog in this directory, where the daemon's xDS and admin sockets go too (default: a temporary directory, removed on exit)")
 	fs.StringVar(&o.LogLevel, "log-level", "warn", "daemon log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runDemo(ctx, o, cmd.OutOrStdout())
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	return runDemo(ctx, o, os.Stdout)
+	return cmd
 }
 
 // runDemo starts the stand-in mesh and the daemon, prints what to try on out, and serves until

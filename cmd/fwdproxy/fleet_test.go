@@ -128,7 +128,7 @@ admin: {socket: %s}
 	if len(node.OperatorServices()) != 0 {
 		t.Fatal("entry not deleted")
 	}
-	if !strings.Contains(logs.String(), `msg="operator entry deleted" host=reviews.default.svc.cluster.local principal="token ci" via="tcp 127.0.0.1:`) {
+	if !strings.Contains(logs.String(), `msg="operator entries deleted" deleted=1 hosts=reviews.default.svc.cluster.local missing=1 all_applied=false principal="token ci" via="tcp 127.0.0.1:`) {
 		t.Fatalf("audit log:\n%s", logs.String())
 	}
 	// Without the token the API refuses, and the CLI says why.

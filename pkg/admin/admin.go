@@ -340,7 +340,7 @@ func (s *Server) deleteMany(w http.ResponseWriter, r *http.Request) {
 	if res.Deleted == nil {
 		res.Deleted = []string{}
 	}
-	s.Log.Info("operator entries deleted", append([]any{"deleted", len(res.Deleted), "missing", len(res.Missing), "all_applied", req.AllApplied}, audit(r)...)...)
+	s.Log.Info("operator entries deleted", append([]any{"deleted", len(res.Deleted), "hosts", strings.Join(res.Deleted, ","), "missing", len(res.Missing), "all_applied", req.AllApplied}, audit(r)...)...)
 	writeJSON(w, 200, res)
 }
 
