@@ -338,6 +338,10 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 		}
 		fmt.Fprintf(w, "services:\t%d served, %d skipped\n", served, len(st.Services)-served)
 	}
+	if st.Gossip {
+		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
+		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
+	}
 	if len(st.Services) > 0 {
 		w.Flush()
 		fmt.Fprintln(out)
@@ -348,18 +352,14 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 			for i, p := range s.Ports {
 				ports[i] = strconv.FormatUint(uint64(p), 10)
 			}
-			why := ""
+			line := s.Host + "\t" + s.State + "\t" + strings.Join(ports, ",")
 			if s.State != admin.StateServed {
-				why = s.Reason + ": " + s.Detail
+				line += "\t" + s.Reason + ": " + s.Detail
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", s.Host, s.State, strings.Join(ports, ","), why)
+			fmt.Fprintln(w, line)
 		}
-		w.Flush()
-		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	}
 	if st.Gossip {
-		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
-		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
 		w.Flush()
 		fmt.Fprintln(out)
 		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
