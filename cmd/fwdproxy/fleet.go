@@ -19,7 +19,6 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
-	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
@@ -174,15 +173,8 @@ source. Hosts that have no entry are reported, and make the command exit 1.
 			if err != nil {
 				return err
 			}
-			cat, err := catalog.Parse(*file, data, catalog.Options{})
-			if err != nil {
+			if hosts, err = catalogHosts(*file, data); err != nil {
 				return err
-			}
-			for _, s := range cat.Services {
-				hosts = append(hosts, s.Host)
-			}
-			if len(hosts) == 0 {
-				return fmt.Errorf("%s lists no services", *file)
 			}
 		}
 		c, err := af.client()
@@ -206,6 +198,30 @@ source. Hosts that have no entry are reported, and make the command exit 1.
 		return nil
 	}
 	return cmd
+}
+
+// catalogHosts are the hosts of a catalog file's services: all that deleting them needs, so a
+// file applied earlier is undone even if the rules have changed since (the server normalizes).
+func catalogHosts(file string, data []byte) ([]string, error) {
+	var doc struct {
+		Services []struct {
+			Host yaml.Node `yaml:"host"`
+		} `yaml:"services"`
+	}
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("%s: %v", file, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	var hosts []string
+	for i, s := range doc.Services {
+		if s.Host.Kind != yaml.ScalarNode || s.Host.Value == "" {
+			return nil, fmt.Errorf("%s: services[%d].host: required: the service's host name", file, i)
+		}
+		hosts = append(hosts, s.Host.Value)
+	}
+	if len(hosts) == 0 {
+		return nil, fmt.Errorf("%s lists no services (services: [{host: ...}, ...])", file)
+	}
+	return hosts, nil
 }
 
 func btoi(b bool) int {
