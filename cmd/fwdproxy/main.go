@@ -71,6 +71,8 @@ doing (status), and try it all on loopback (demo).`,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	// The root runs only to refuse unknown commands: its usage is "fwdproxy [command]".
+	root.SetUsageTemplate(strings.Replace(root.UsageTemplate(), "{{if .Runnable}}", "{{if and .Runnable .HasParent}}", 1))
 	for _, c := range commands {
 		root.AddCommand(c())
 	}
