@@ -144,6 +144,11 @@ func TestValidateEveryProblemInOneRun(t *testing.T) {
 	cfg := cliConfig(t)
 	dir := filepath.Dir(cfg)
 	body, _ := os.ReadFile(cfg)
+	stdout, _, err := run(t, "validate", "-o", "json", cfg)
+	var good validation
+	if err != nil || json.Unmarshal([]byte(stdout), &good) != nil || !good.OK || len(good.Problems) != 0 || !good.Built || good.Services != 4 || good.Clusters != 5 {
+		t.Fatalf("validate -o json of a good config: %v\n%s", err, stdout)
+	}
 	bad := strings.Replace(string(body), "discovery: {files: [catalog.yaml]}", `discovery: {files: [catalog.yaml, missing.yaml]}
 listen:
   adress: 0.0.0.0
