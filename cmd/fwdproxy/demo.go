@@ -3,26 +3,27 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
+
+	"github.com/spf13/cobra"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
 
-func init() {
-	register("demo", "run a self-contained demo on loopback: a stand-in mesh, the daemon and its built-in data plane", demoCmd)
-}
+func init() { commands = append(commands, newDemoCmd) }
 
 // demoOptions are the demo's ports (0: any free port) and where it keeps its files.
 type demoOptions struct {
@@ -44,9 +45,20 @@ const (
 	demoEchoID        = "spiffe://cluster.local/ns/demo/sa/echo"
 )
 
-func demoCmd(args []string) error {
-	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+func newDemoCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Run a self-contained demo on loopback: a stand-in mesh, the daemon and its built-in data plane",
+		Long: `Run a self-contained demo on loopback: a stand-in Istio mesh (a CA, an east-west gateway in
+AUTO_PASSTHROUGH mode, sidecars that require mTLS) and the fwdproxy daemon with its built-in
+data plane. It prints commands to try against it, and runs until Ctrl-C. Nothing outside this
+machine is touched.`,
+		Example: `  fwdproxy demo
+  fwdproxy demo --http-port 0 --tcp-port 0 --dir /tmp/fwdproxy-demo`,
+		Args: noArgs,
+	}
 	var o demoOptions
+	fs := cmd.Flags()
 	fs.StringVar(&o.Listen, "listen", "127.0.0.1", "address the demo's service ports listen on")
 	fs.IntVar(&o.HTTPPort, "http-port", 9080, "port of the HTTP services (routed by Host); 0: any free port")
 	fs.IntVar(&o.TCPPort, "tcp-port", 9000, "port of the TCP echo service; 0: any free port")
@@ -54,12 +66,12 @@ func demoCmd(args []string) error {
 	fs.IntVar(&o.MetricsPort, "metrics-port", 0, "port of /metrics, /ready and /healthz; 0: any free port")
 	fs.StringVar(&o.Dir, "dir", "", "keep the generated CA, identities, config and catalog in this directory, where the daemon's xDS and admin sockets go too (default: a temporary directory, removed on exit)")
 	fs.StringVar(&o.LogLevel, "log-level", "warn", "daemon log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runDemo(ctx, o, cmd.OutOrStdout())
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	return runDemo(ctx, o, os.Stdout)
+	return cmd
 }
 
 // runDemo starts the stand-in mesh and the daemon, prints what to try on out, and serves until
@@ -90,6 +102,19 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 	}
 	if o.HTTPPort == o.TCPPort {
 		return fmt.Errorf("--http-port and --tcp-port are both %d; use two ports", o.HTTPPort)
+	}
+	// The data plane binds the service ports only once the daemon runs; a port taken by something
+	// else would surface as a demo that never becomes ready. Find out now, and say so.
+	for _, p := range []struct {
+		flag, host string
+		port       int
+	}{{"--http-port", o.Listen, o.HTTPPort}, {"--tcp-port", o.Listen, o.TCPPort}, {"--gateway-port", "127.0.0.1", o.GatewayPort}, {"--metrics-port", "127.0.0.1", o.MetricsPort}} {
+		addr := net.JoinHostPort(p.host, strconv.Itoa(p.port))
+		lis, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("%s %d: cannot listen on %s: %w; stop what listens there (ss -ltnp 'sport = :%d' shows it) or choose another port, e.g. %s 0 for any free one", p.flag, p.port, addr, err, p.port, p.flag)
+		}
+		lis.Close()
 	}
 
 	dir := o.Dir
@@ -147,20 +172,7 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 	if _, _, _, err := leaf.WriteFiles(certs, ca.RootPEM); err != nil {
 		return err
 	}
-	catalogYAML := fmt.Sprintf(`# Services of the demo mesh, reached through the stand-in east-west gateway.
-services:
-  - host: productpage.bookinfo.svc.cluster.local
-    aliases: [productpage.example.internal]
-    ports: [{number: %[1]d, protocol: http}]
-    identities: [%[2]s]
-  - host: reviews.bookinfo.svc.cluster.local
-    ports: [{number: %[1]d, protocol: http}]
-    identities: [%[3]s]
-    subsets: [{name: v2, hosts: [reviews-v2.example.internal]}]
-  - host: echo.demo.svc.cluster.local
-    ports: [{number: %[4]d, protocol: tcp}]
-    identities: [%[5]s]
-`, o.HTTPPort, demoProductpageID, demoReviewsID, o.TCPPort, demoEchoID)
+	catalogYAML := demoCatalog(o)
 	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
 	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.MetricsPort))
 	configYAML := fmt.Sprintf(`# fwdproxy demo configuration (see examples/config.yaml for every field).
@@ -207,6 +219,11 @@ dataplane: builtin
 		host = "127.0.0.1"
 	}
 	httpURL := "http://" + net.JoinHostPort(host, strconv.Itoa(o.HTTPPort))
+	self := demoBinary()
+	nc := fmt.Sprintf("echo hello | nc -q 2 %s %d", host, o.TCPPort)
+	if _, err := exec.LookPath("nc"); err != nil {
+		nc += "    # nc is not installed: apt-get install netcat-openbsd"
+	}
 	fmt.Fprintf(out, `fwdproxy demo is running: a stand-in Istio mesh (east-west gateway %s in AUTO_PASSTHROUGH
 mode, sidecars that require mTLS from a client chained to the mesh root) and the fwdproxy daemon
 with its built-in data plane, all on loopback. Files: %s
@@ -216,13 +233,16 @@ Try (each answer shows the identity, SNI and ALPN the sidecar saw):
   curl -sS -H 'Host: productpage.example.internal' %[3]s/
   curl -sS -H 'Host: reviews.bookinfo.svc.cluster.local' %[3]s/reviews/1
   curl -sS -H 'Host: reviews-v2.example.internal' %[3]s/reviews/1
-  echo hello | nc -q 2 %[4]s %[5]d
-  curl -sS http://%[6]s/metrics | grep '^fwdproxy_'
-  fwdproxy render --config %[7]s
-  fwdproxy status --config %[7]s
+  %[4]s
+  curl -sS http://%[5]s/metrics | grep '^fwdproxy_'
 
+What the daemon serves and how it is doing (its config is %[6]s):
+  %[7]s status --config %[6]s
+  %[7]s render --config %[6]s
+  %[7]s validate --config %[6]s
+%[8]s
 Press Ctrl-C to stop.
-`, gw.Addr(), dir, httpURL, host, o.TCPPort, metricsAddr, cfgPath)
+`, gw.Addr(), dir, httpURL, nc, metricsAddr, cfgPath, self.path, self.note)
 
 	select {
 	case err := <-done:
@@ -240,6 +260,22 @@ Press Ctrl-C to stop.
 	case <-time.After(10 * time.Second):
 		return errors.New("daemon did not stop within 10s")
 	}
+}
+
+// demoSelf is how the printed commands name this binary.
+type demoSelf struct{ path, note string }
+
+// demoBinary is this binary's real path, since "fwdproxy" need not be on PATH; a binary that go
+// run built in a temporary directory is gone once the demo stops, so the note says how to keep one.
+func demoBinary() demoSelf {
+	p, err := os.Executable()
+	if err != nil {
+		return demoSelf{path: "fwdproxy", note: "(fwdproxy: install it with go install ./cmd/fwdproxy, or make build for bin/fwdproxy)\n"}
+	}
+	if strings.Contains(p, string(filepath.Separator)+"go-build") {
+		return demoSelf{path: p, note: "(" + p + " is go run's temporary build, removed when the demo stops; to keep\n one: go install ./cmd/fwdproxy, or make build for bin/fwdproxy)\n"}
+	}
+	return demoSelf{path: p}
 }
 
 // waitDemoReady waits until the daemon reports ready and the HTTP port accepts.

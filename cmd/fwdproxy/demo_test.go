@@ -2,7 +2,7 @@ package main
 
 import (
 	"bufio"
-	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,16 +16,24 @@ import (
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 )
 
-// TestDemo runs the demo with free ports, then runs the commands it prints against it.
+// TestDemo runs the built binary's demo with free ports, then runs the commands it prints against
+// it, as printed.
 func TestDemo(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pr, pw := io.Pipe()
+	cmd := exec.Command(binary, "demo", "--http-port", "0", "--tcp-port", "0", "--log-level", "error")
+	pr, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr meshtest.SyncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
-	go func() {
-		err := runDemo(ctx, demoOptions{HTTPPort: 0, TCPPort: 0, LogLevel: "error"}, pw)
-		pw.CloseWithError(io.EOF)
-		done <- err
+	defer func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+		}
 	}()
 
 	lines := make(chan string, 100)
@@ -35,6 +43,7 @@ func TestDemo(t *testing.T) {
 			lines <- sc.Text()
 		}
 		close(lines)
+		done <- cmd.Wait()
 	}()
 	var printed []string
 	timeout := time.After(60 * time.Second)
@@ -43,7 +52,7 @@ wait:
 		select {
 		case l, ok := <-lines:
 			if !ok {
-				t.Fatalf("demo ended before it was ready: %v\n%s", <-done, strings.Join(printed, "\n"))
+				t.Fatalf("demo ended before it was ready: %v\n%s\n%s", <-done, strings.Join(printed, "\n"), stderr.String())
 			}
 			printed = append(printed, l)
 			if strings.HasPrefix(l, "Press Ctrl-C") {
@@ -99,21 +108,17 @@ wait:
 		t.Errorf("ran %d curl commands, want %d:\n%s", tried, len(want), out)
 	}
 
-	nc := regexp.MustCompile(`nc -q 2 (\S+) (\d+)`).FindStringSubmatch(out)
-	if nc == nil {
+	// The TCP service, with the nc command as printed (nc comes with scripts/test-deps).
+	ncLine := regexp.MustCompile(`(?m)^  (echo hello \| nc -q 2 \S+ \d+)$`).FindStringSubmatch(out)
+	if ncLine == nil {
 		t.Fatalf("no nc command printed:\n%s", out)
 	}
-	c, err := net.DialTimeout("tcp", net.JoinHostPort(nc[1], nc[2]), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	if _, err := exec.LookPath("nc"); err != nil {
+		t.Fatalf("nc is not installed (scripts/test-deps installs netcat-openbsd): %v", err)
 	}
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	io.WriteString(c, "hello\n")
-	c.(*net.TCPConn).CloseWrite()
-	got, err := io.ReadAll(c)
-	c.Close()
+	got, err := exec.Command("sh", "-c", ncLine[1]).Output()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%s: %v", ncLine[1], err)
 	}
 	first, rest, _ := strings.Cut(string(got), "\n")
 	checkDemoReport(t, "nc", first, "echo")
@@ -135,27 +140,53 @@ wait:
 		t.Errorf("metrics lack fwdproxy_catalog_services 3")
 	}
 
-	// The printed status command reaches the admin API on its socket in the demo's directory.
-	status := regexp.MustCompile(`fwdproxy status --config (\S+)`).FindStringSubmatch(out)
-	if status == nil {
-		t.Fatalf("no status command printed:\n%s", out)
-	}
-	if got, err := exec.Command(binary, "status", "--config", status[1]).CombinedOutput(); err != nil ||
-		!strings.Contains(string(got), "demo (alone (gossip off))") || !strings.Contains(string(got), "yes (ready)") {
-		t.Errorf("fwdproxy status: %v\n%s", err, got)
+	// The printed status, render and validate commands work as printed: this binary's real path,
+	// the demo's config.
+	self := regexp.QuoteMeta(binary)
+	for _, c := range []struct{ verb, want string }{
+		{"status", "demo (alone (gossip off))"},
+		{"render", `"listeners"`},
+		{"validate", "ok: 3 services"},
+	} {
+		m := regexp.MustCompile(`(?m)^  (` + self + ` ` + c.verb + ` --config \S+)$`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("no %s command with the binary's path printed:\n%s", c.verb, out)
+		}
+		got, err := exec.Command("sh", "-c", m[1]).CombinedOutput()
+		if err != nil || !strings.Contains(string(got), c.want) {
+			t.Errorf("%s: %v\n%s", m[1], err, got)
+		}
+		if c.verb == "status" && !strings.Contains(string(got), "services:            3 served, 0 skipped") {
+			t.Errorf("status lacks the services' state:\n%s", got)
+		}
 	}
 
-	cancel()
+	cmd.Process.Signal(os.Interrupt)
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Fatalf("demo returned %v", err)
+			t.Fatalf("demo exited with %v\n%s", err, stderr.String())
 		}
 	case <-time.After(20 * time.Second):
-		t.Fatal("demo did not stop within 20s of cancel")
+		t.Fatal("demo did not stop within 20s of SIGINT")
 	}
 	if _, err := os.Stat(dir[1]); !os.IsNotExist(err) {
 		t.Errorf("demo left its files in %s (%v)", dir[1], err)
+	}
+}
+
+// TestDemoPortInUse: a port already taken fails the demo at once, naming the flag and the cause.
+func TestDemoPortInUse(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	port := lis.Addr().(*net.TCPAddr).Port
+	_, stderr, err := run(t, "demo", "--http-port", fmt.Sprint(port), "--tcp-port", "0")
+	want := fmt.Sprintf("--http-port %d: cannot listen on 127.0.0.1:%d: listen tcp 127.0.0.1:%d: bind: address already in use", port, port, port)
+	if exitCode(err) != 1 || !strings.Contains(stderr, want) || !strings.Contains(stderr, "--http-port 0 for any free one") {
+		t.Fatalf("exit %d, stderr lacks %q:\n%s", exitCode(err), want, stderr)
 	}
 }
 

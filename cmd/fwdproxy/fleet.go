@@ -4,15 +4,19 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
@@ -20,10 +24,7 @@ import (
 )
 
 func init() {
-	register("apply", "upsert the services of a catalog file into the fleet (-f FILE, or - for stdin)", applyCmd)
-	register("delete", "delete operator entries from the fleet by host: fwdproxy delete HOST...", deleteCmd)
-	register("status", "show this instance and the fleet: members, their configuration digests, convergence, identity expiry, services left out", statusCmd)
-	register("keygen", "print a new random gossip key (a line for the peers.keyring file)", keygenCmd)
+	commands = append(commands, newApplyCmd, newDeleteCmd, newStatusCmd, newKeygenCmd)
 }
 
 // adminFlags locate and authenticate to a daemon's admin API: its Unix socket from the config
@@ -34,14 +35,14 @@ type adminFlags struct {
 	timeout                               time.Duration
 }
 
-func (a *adminFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&a.config, "config", "/etc/fwdproxy/config.yaml", "daemon config file (for admin.socket, or admin.tokenFile and admin.tls with an http(s) --admin)")
+func (a *adminFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&a.config, "config", defaultConfig, "daemon config file (for admin.socket, or admin.tokenFile and admin.tls with an http(s) --admin)")
 	fs.StringVar(&a.url, "admin", "", "admin API: its Unix socket (a path or unix:PATH), or an http(s):// URL of its TCP listener, e.g. https://10.0.1.5:9180 (default: admin.socket of the config, else "+config.DefaultAdminSocket+")")
 	fs.StringVar(&a.tokenFile, "token-file", "", "with an http(s) --admin: file holding the bearer token (default: admin.tokenFile of the config)")
 	fs.StringVar(&a.cert, "cert", "", "with an https --admin: client certificate chain (PEM) for an admin API with admin.tls")
 	fs.StringVar(&a.key, "key", "", "client private key (PEM)")
 	fs.StringVar(&a.ca, "ca", "", "CA bundle that signed the admin API's certificate")
-	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "request timeout")
+	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "timeout of each admin API request")
 }
 
 func (a *adminFlags) client() (*admin.Client, error) {
@@ -89,96 +90,220 @@ func (a *adminFlags) client() (*admin.Client, error) {
 	return c, nil
 }
 
-func applyCmd(args []string) error {
-	fs := flag.NewFlagSet("apply", flag.ContinueOnError)
-	var af adminFlags
-	af.register(fs)
-	file := fs.String("f", "", "catalog file to apply (services: [...]); - reads stdin")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if *file == "" {
-		return errors.New("-f FILE is required: a catalog document with the services to upsert")
-	}
-	var data []byte
-	var err error
-	if *file == "-" {
-		data, err = io.ReadAll(io.LimitReader(os.Stdin, admin.MaxBody+1))
-	} else {
-		data, err = os.ReadFile(*file)
-	}
-	if err != nil {
-		return err
-	}
-	c, err := af.client()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
-	defer cancel()
-	applied, changed, err := c.Apply(ctx, *file, data)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("applied %d service(s), %d changed: %s\n", len(applied), changed, strings.Join(applied, ", "))
-	return nil
-}
+const adminHelp = `The admin API is found through the config (admin.socket), or given with --admin: its Unix
+socket, or the http(s) URL of its TCP listener with --token-file or --cert/--key/--ca.`
 
-func deleteCmd(args []string) error {
-	fs := flag.NewFlagSet("delete", flag.ContinueOnError)
+func newApplyCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "apply -f FILE",
+		Short: "Upsert the services of a catalog file into the fleet, in one request",
+		Long: `Upsert the services of a catalog file (services: [...], as in discovery.files) into the
+fleet's store of operator entries, in one admin API request: every instance serves them within
+seconds. The whole file is checked first, alone and with the entries already there; nothing is
+written if any service is refused. Undo with fwdproxy delete -f FILE.
+
+` + adminHelp,
+		Example: `  fwdproxy apply -f services.yaml
+  generate-services | fwdproxy apply -f -
+  fwdproxy apply -f services.yaml --admin https://10.0.1.5:9180 --token-file ~/.fwdproxy-token`,
+		Args: noArgs,
+	}
 	var af adminFlags
-	af.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() == 0 {
-		return errors.New("name the host(s) to delete: fwdproxy delete reviews.default.svc.cluster.local")
-	}
-	c, err := af.client()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
-	defer cancel()
-	var errs []error
-	for _, h := range fs.Args() {
-		if err := c.Delete(ctx, h); err != nil {
-			errs = append(errs, err)
-			continue
+	af.register(cmd.Flags())
+	file := cmd.Flags().StringP("filename", "f", "", "catalog file to apply (services: [...]); - reads stdin")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if *file == "" {
+			return usagef("-f FILE is required: a catalog document with the services to upsert")
 		}
-		fmt.Printf("deleted %s\n", h)
+		data, err := readInput(*file)
+		if err != nil {
+			return err
+		}
+		c, err := af.client()
+		if err != nil {
+			return err
+		}
+		applied, changed, err := c.Apply(context.Background(), *file, data)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "applied %d service(s), %d changed: %s\n", len(applied), changed, strings.Join(applied, ", "))
+		return nil
 	}
-	return errors.Join(errs...)
+	return cmd
 }
 
-func statusCmd(args []string) error {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+// readInput reads a file, or stdin for "-".
+func readInput(file string) ([]byte, error) {
+	if file == "-" {
+		return io.ReadAll(io.LimitReader(os.Stdin, admin.MaxBody+1))
+	}
+	return os.ReadFile(file)
+}
+
+func newDeleteCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "delete (HOST... | -f FILE | --all-applied)",
+		Short: "Delete operator entries from the fleet, in one request",
+		Long: `Delete operator entries (services put in with fwdproxy apply) from the fleet, in one admin
+API request: by host, every service of a catalog file (undoing fwdproxy apply -f FILE), or
+every operator entry (--all-applied). Discovered services cannot be deleted here; change their
+source. Hosts that have no entry are reported, and make the command exit 1.
+
+` + adminHelp,
+		Example: `  fwdproxy delete reviews.default.svc.cluster.local ratings.default.svc.cluster.local
+  fwdproxy delete -f services.yaml
+  fwdproxy delete --all-applied`,
+		Args: cobra.ArbitraryArgs,
+	}
 	var af adminFlags
-	af.register(fs)
-	asJSON := fs.Bool("json", false, "print the status as JSON")
-	if err := fs.Parse(args); err != nil {
-		return err
+	af.register(cmd.Flags())
+	file := cmd.Flags().StringP("filename", "f", "", "delete the services of this catalog file (- reads stdin)")
+	all := cmd.Flags().Bool("all-applied", false, "delete every operator entry of the fleet")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		hosts := args
+		switch n := btoi(len(args) > 0) + btoi(*file != "") + btoi(*all); {
+		case n == 0:
+			return usagef("name what to delete: HOST..., -f FILE or --all-applied")
+		case n > 1:
+			return usagef("give one of HOST..., -f FILE or --all-applied")
+		}
+		if *file != "" {
+			data, err := readInput(*file)
+			if err != nil {
+				return err
+			}
+			if hosts, err = catalogHosts(*file, data); err != nil {
+				return err
+			}
+		}
+		c, err := af.client()
+		if err != nil {
+			return err
+		}
+		res, err := c.DeleteMany(context.Background(), hosts, *all)
+		if err != nil {
+			return err
+		}
+		out := cmd.OutOrStdout()
+		if len(res.Deleted) <= 20 {
+			for _, h := range res.Deleted {
+				fmt.Fprintf(out, "deleted %s\n", h)
+			}
+		}
+		fmt.Fprintf(out, "deleted %d operator entr%s\n", len(res.Deleted), plural(len(res.Deleted), "y", "ies"))
+		if len(res.Missing) > 0 {
+			return fmt.Errorf("no operator entry for %s (discovered services cannot be deleted here; change their source)", strings.Join(res.Missing, ", "))
+		}
+		return nil
 	}
-	c, err := af.client()
-	if err != nil {
-		return err
+	return cmd
+}
+
+// catalogHosts are the hosts of a catalog file's services: all that deleting them needs, so a
+// file applied earlier is undone even if the rules have changed since (the server normalizes).
+func catalogHosts(file string, data []byte) ([]string, error) {
+	var doc struct {
+		Services []struct {
+			Host yaml.Node `yaml:"host"`
+		} `yaml:"services"`
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), af.timeout)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		return err
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("%s: %v", file, strings.TrimPrefix(err.Error(), "yaml: "))
 	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+	var hosts []string
+	for i, s := range doc.Services {
+		if s.Host.Kind != yaml.ScalarNode || s.Host.Value == "" {
+			return nil, fmt.Errorf("%s: services[%d].host: required: the service's host name", file, i)
+		}
+		hosts = append(hosts, s.Host.Value)
 	}
-	printStatus(os.Stdout, st, time.Now())
-	if !st.Converged {
-		return errors.New("the fleet has not converged: some members advertise another configuration digest")
+	if len(hosts) == 0 {
+		return nil, fmt.Errorf("%s lists no services (services: [{host: ...}, ...])", file)
 	}
-	return nil
+	return hosts, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+func newStatusCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show this instance and the fleet: readiness, identity, every service's state, members",
+		Long: `Show this instance and the fleet: readiness, the identity and its expiry, every service of
+the catalog with its state (served, or skipped and why), and with gossip the members, their
+configuration digests and whether they have converged (exit 1 when not).
+
+` + adminHelp,
+		Example: `  fwdproxy status
+  fwdproxy status -o json | jq -r '.services[] | select(.state == "skipped") | .host'
+  fwdproxy status --config /tmp/fwdproxy-demo/config.yaml -o yaml`,
+		Args: noArgs,
+	}
+	var af adminFlags
+	af.register(cmd.Flags())
+	output := cmd.Flags().StringP("output", "o", "text", "output format: text, json or yaml")
+	asJSON := cmd.Flags().Bool("json", false, "print the status as JSON")
+	_ = cmd.Flags().MarkDeprecated("json", "use -o json")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if *asJSON {
+			*output = "json"
+		}
+		if err := oneOf("output", *output, "text", "json", "yaml"); err != nil {
+			return err
+		}
+		c, err := af.client()
+		if err != nil {
+			return err
+		}
+		st, err := c.Status(context.Background())
+		if err != nil {
+			return err
+		}
+		out := cmd.OutOrStdout()
+		switch *output {
+		case "json":
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			if err := enc.Encode(st); err != nil {
+				return err
+			}
+		case "yaml":
+			// The JSON field names, so both outputs read the same to a script.
+			j, err := json.Marshal(st)
+			if err != nil {
+				return err
+			}
+			var v any
+			if err := json.Unmarshal(j, &v); err != nil {
+				return err
+			}
+			enc := yaml.NewEncoder(out)
+			enc.SetIndent(2)
+			if err := enc.Encode(v); err != nil {
+				return err
+			}
+		default:
+			printStatus(out, st, time.Now())
+		}
+		if !st.Converged {
+			return errors.New("the fleet has not converged: some members advertise another configuration digest")
+		}
+		return nil
+	}
+	return cmd
 }
 
 func yesNo(b bool) string {
@@ -220,9 +345,37 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 			fmt.Fprintf(w, "\t%s (%s): %s\n", s.Host, s.Reason, s.Detail)
 		}
 	}
+	if len(st.Services) > 0 {
+		served := 0
+		for _, s := range st.Services {
+			if s.State == admin.StateServed {
+				served++
+			}
+		}
+		fmt.Fprintf(w, "services:\t%d served, %d skipped\n", served, len(st.Services)-served)
+	}
 	if st.Gossip {
 		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
 		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
+	}
+	if len(st.Services) > 0 {
+		w.Flush()
+		fmt.Fprintln(out)
+		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "SERVICE\tSTATE\tPORTS\tWHY")
+		for _, s := range st.Services {
+			ports := make([]string, len(s.Ports))
+			for i, p := range s.Ports {
+				ports[i] = strconv.FormatUint(uint64(p), 10)
+			}
+			line := s.Host + "\t" + s.State + "\t" + strings.Join(ports, ",")
+			if s.State != admin.StateServed {
+				line += "\t" + s.Reason + ": " + s.Detail
+			}
+			fmt.Fprintln(w, line)
+		}
+	}
+	if st.Gossip {
 		w.Flush()
 		fmt.Fprintln(out)
 		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
@@ -234,12 +387,16 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 	w.Flush()
 }
 
-func keygenCmd(args []string) error {
-	fs := flag.NewFlagSet("keygen", flag.ContinueOnError)
-	if err := fs.Parse(args); err != nil {
-		return err
+func newKeygenCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "keygen",
+		Short:   "Print a new random gossip key (a line for the peers.keyring file)",
+		Example: `  fwdproxy keygen > /etc/fwdproxy/gossip.keys && chmod 600 /etc/fwdproxy/gossip.keys`,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fmt.Fprintln(cmd.OutOrStdout(), peers.GenerateKey())
+			fmt.Fprintln(cmd.ErrOrStderr(), "# save it on every instance: fwdproxy keygen > /etc/fwdproxy/gossip.keys && chmod 600 /etc/fwdproxy/gossip.keys")
+			return nil
+		},
 	}
-	fmt.Println(peers.GenerateKey())
-	fmt.Fprintln(os.Stderr, "# save it on every instance: fwdproxy keygen > /etc/fwdproxy/gossip.keys && chmod 600 /etc/fwdproxy/gossip.keys")
-	return nil
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http/httptest"
@@ -12,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
@@ -37,7 +41,11 @@ func TestFleetVerbs(t *testing.T) {
 			return admin.Status{Node: "cli-node", Gossip: true, Leader: node.Leader(), Digest: d, Entries: n, Converged: node.Converged(),
 				Members: node.Members(), Ready: true, ReadyReason: "ready",
 				Identity: &admin.Identity{SPIFFEID: "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", NotAfter: time.Now().Add(48 * time.Hour)},
-				Skipped:  []admin.SkippedService{{Host: "ratings.default.svc.cluster.local", Reason: "no_gateway_address", Detail: `none of its gateways ("eastwest-b") has a known address yet`}}}
+				Skipped:  []admin.SkippedService{{Host: "ratings.default.svc.cluster.local", Reason: "no_gateway_address", Detail: `none of its gateways ("eastwest-b") has a known address yet`}},
+				Services: []admin.ServiceState{
+					{Host: "ratings.default.svc.cluster.local", State: admin.StateSkipped, Ports: []uint32{9080}, Reason: "no_gateway_address", Detail: `none of its gateways ("eastwest-b") has a known address yet`},
+					{Host: "reviews.default.svc.cluster.local", State: admin.StateServed, Ports: []uint32{9080, 9443}},
+				}}
 		},
 	}
 	tcp := httptest.NewServer(srv.Handler())
@@ -104,6 +112,28 @@ admin: {socket: %s}
 		}
 	}
 
+	// Every service's state, in the table and for machines.
+	for _, want := range []string{"services:   1 served, 1 skipped", "SERVICE                            STATE    PORTS  WHY\n",
+		`ratings.default.svc.cluster.local  skipped  9080   no_gateway_address: none of its gateways ("eastwest-b") has a known address yet`,
+		"reviews.default.svc.cluster.local  served   9080,9443\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	for _, format := range []string{"json", "yaml"} {
+		out, err := exec.Command(binary, "status", "-o", format, "--config", cfgPath).Output()
+		var st admin.Status
+		if format == "json" {
+			err = errors.Join(err, json.Unmarshal(out, &st))
+		} else {
+			err = errors.Join(err, yaml.Unmarshal(out, &st))
+		}
+		if err != nil || st.Node != "cli-node" || len(st.Services) != 2 || st.Services[0].State != "skipped" || st.Services[0].Reason != "no_gateway_address" ||
+			st.Services[1].State != "served" || len(st.Services[1].Ports) != 2 {
+			t.Errorf("status -o %s: %v %+v\n%s", format, err, st, out)
+		}
+	}
+
 	// Another user gets nothing from the socket, whether its mode or its credentials stop it.
 	os.Chmod(filepath.Dir(binary), 0o755)
 	out, err = meshtest.RunAs(t, meshtest.Nobody, meshtest.Nobody, nil, binary, "delete", "--admin", socket, "reviews.default.svc.cluster.local")
@@ -121,14 +151,18 @@ admin: {socket: %s}
 
 	// On TCP, with a token.
 	common := []string{"--config", filepath.Join(dir, "none.yaml"), "--admin", tcp.URL, "--token-file", tokenFile}
-	out, err = run(append([]string{"delete"}, append(common, "reviews.default.svc.cluster.local", "nope.default.svc.cluster.local")...)...)
+	// Flags after the hosts are flags (not hosts), and the hosts go in one request.
+	out, err = run(append([]string{"delete", "reviews.default.svc.cluster.local", "nope.default.svc.cluster.local"}, common...)...)
 	if err == nil || !strings.Contains(out, "deleted reviews.default.svc.cluster.local") || !strings.Contains(out, "no operator entry for nope.default.svc.cluster.local") {
 		t.Fatalf("delete: %v\n%s", err, out)
 	}
 	if len(node.OperatorServices()) != 0 {
 		t.Fatal("entry not deleted")
 	}
-	if !strings.Contains(logs.String(), `msg="operator entry deleted" host=reviews.default.svc.cluster.local principal="token ci" via="tcp 127.0.0.1:`) {
+	if strings.Contains(logs.String(), "--admin") || strings.Count(logs.String(), `msg="operator entries deleted"`) != 1 {
+		t.Fatalf("the delete was not one request for the two hosts:\n%s", logs.String())
+	}
+	if !strings.Contains(logs.String(), `msg="operator entries deleted" deleted=1 hosts=reviews.default.svc.cluster.local missing=1 all_applied=false principal="token ci" via="tcp 127.0.0.1:`) {
 		t.Fatalf("audit log:\n%s", logs.String())
 	}
 	// Without the token the API refuses, and the CLI says why.
@@ -156,5 +190,62 @@ func TestKeygen(t *testing.T) {
 	again, _ := exec.Command(binary, "keygen").Output()
 	if bytes.Equal(out, again) {
 		t.Fatal("two keys are equal")
+	}
+}
+
+// TestBulkUndo applies 5,000 entries with one command and undoes them with one, by file and then
+// with --all-applied; each is one admin request bounded by --timeout. It logs how long the
+// undo took (a figure, not an assertion).
+func TestBulkUndo(t *testing.T) {
+	node, err := peers.Start(peers.Config{Name: "bulk-node", Bind: "127.0.0.1:0", Profile: "local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer node.Close()
+	logs := &meshtest.SyncBuffer{}
+	srv := &admin.Server{Fleet: node, Log: slog.New(slog.NewTextHandler(logs, nil)),
+		Local:  localsock.Policy{UID: uint32(os.Geteuid()), GID: -1, Field: "admin.group"},
+		Status: func() admin.Status { return admin.Status{Node: "bulk-node"} }}
+	socket := filepath.Join(meshtest.SharedDir(t), "admin.sock")
+	sock, err := localsock.Listen(socket, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.ServeSocket(ctx, sock)
+
+	dir := t.TempDir()
+	var b strings.Builder
+	b.WriteString("services:\n")
+	for i := range 5000 {
+		fmt.Fprintf(&b, "  - {host: s%d.bulk.svc.cluster.local, ports: [{number: %d, protocol: tcp}], identities: [spiffe://cluster.local/ns/bulk/sa/s%d]}\n", i, 10000+i, i)
+	}
+	file := filepath.Join(dir, "bulk.yaml")
+	os.WriteFile(file, []byte(b.String()), 0o644)
+	common := []string{"--admin", socket, "--config", filepath.Join(dir, "none.yaml"), "--timeout", "60s"}
+	runCLI := func(args ...string) (string, time.Duration) {
+		t.Helper()
+		start := time.Now()
+		out, err := exec.Command(binary, append(args, common...)...).CombinedOutput()
+		took := time.Since(start)
+		if err != nil {
+			t.Fatalf("fwdproxy %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out), took
+	}
+	for _, undo := range [][]string{{"delete", "-f", file}, {"delete", "--all-applied"}} {
+		out, _ := runCLI("apply", "-f", file)
+		if !strings.Contains(out, "applied 5000 service(s), 5000 changed") || len(node.OperatorServices()) != 5000 {
+			t.Fatalf("apply: %.200s; %d entries", out, len(node.OperatorServices()))
+		}
+		out, took := runCLI(undo...)
+		if !strings.HasSuffix(out, "deleted 5000 operator entries\n") || strings.Count(out, "\n") != 1 || len(node.OperatorServices()) != 0 {
+			t.Fatalf("%s: %.300s; %d entries left", strings.Join(undo, " "), out, len(node.OperatorServices()))
+		}
+		t.Logf("fwdproxy %s: 5000 entries undone in %v", strings.Join(undo, " "), took.Round(time.Millisecond))
+	}
+	if n := strings.Count(logs.String(), `msg="operator entries deleted" deleted=5000`); n != 2 {
+		t.Fatalf("%d delete requests of 5000 entries, want 2 (one per command)", n)
 	}
 }

@@ -1,29 +1,23 @@
 package main
 
 import (
-	"flag"
 	"fmt"
 	"os"
+
+	"github.com/spf13/cobra"
 
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 	"github.com/fwdproxy/fwdproxy/pkg/meshconfig"
 )
 
-func init() {
-	register("mesh-config", "print the Istio resources the mesh needs for this fleet (Gateway, AuthorizationPolicy, ServiceEntry)", meshConfigCmd)
-}
+func init() { commands = append(commands, newMeshConfigCmd) }
 
-func meshConfigCmd(args []string) error {
-	fs := flag.NewFlagSet("mesh-config", flag.ContinueOnError)
-	path := configFlag(fs)
-	reverse := fs.String("reverse", "", "YAML file of VM services behind the fleet's load balancer, rendered as ServiceEntries")
-	gwNS := fs.String("gateway-namespace", "istio-system", "namespace of the east-west gateway")
-	policy := fs.String("policy-name", "allow-fwdproxy", "name of each AuthorizationPolicy")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), `usage: fwdproxy mesh-config --config FILE [--reverse FILE]
-
-Prints, as multi-document YAML for kubectl apply, the Istio resources the mesh side needs:
+func newMeshConfigCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "mesh-config",
+		Short: "Print the Istio resources the mesh needs for this fleet (Gateway, AuthorizationPolicy, ServiceEntry)",
+		Long: `Prints, as multi-document YAML for kubectl apply, the Istio resources the mesh side needs:
   - Gateway cross-network-gateway: the east-west gateway, port 15443, tls AUTO_PASSTHROUGH
   - AuthorizationPolicy per namespace of the catalog's services, allowing the fleet's principal
   - with --reverse: a ServiceEntry per VM service, pointing at the fleet's load balancer
@@ -34,15 +28,24 @@ The reverse file:
   exportTo: ["*"]              # default: all namespaces
   services:
     - host: billing.vm.example.internal
-      ports: [{number: 8080, protocol: http}, {number: 5432, protocol: tcp, name: postgres}]
+      ports: [{number: 8080, protocol: http}, {number: 5432, protocol: tcp, name: postgres}]`,
+		Example: `  fwdproxy mesh-config --config /etc/fwdproxy/config.yaml | kubectl apply -f -
+  fwdproxy mesh-config --config /etc/fwdproxy/config.yaml --reverse vm-services.yaml`,
+		Args: noArgs,
+	}
+	fs := cmd.Flags()
+	path := configFlag(cmd)
+	reverse := fs.String("reverse", "", "YAML file of VM services behind the fleet's load balancer, rendered as ServiceEntries")
+	gwNS := fs.String("gateway-namespace", "istio-system", "namespace of the east-west gateway")
+	policy := fs.String("policy-name", "allow-fwdproxy", "name of each AuthorizationPolicy")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		return meshConfig(*path, *reverse, *gwNS, *policy)
+	}
+	return cmd
+}
 
-Flags:`)
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	cfg, err := config.Load(*path)
+func meshConfig(path, reverse, gwNS, policy string) error {
+	cfg, err := config.Load(path)
 	if err != nil {
 		return err
 	}
@@ -56,8 +59,8 @@ Flags:`)
 	opts := meshconfig.Options{
 		FleetSPIFFEID:    cfg.Identity.SPIFFEID,
 		Catalog:          merged,
-		GatewayNamespace: *gwNS,
-		PolicyName:       *policy,
+		GatewayNamespace: gwNS,
+		PolicyName:       policy,
 	}
 	for _, k := range cfg.Discovery.Kubernetes {
 		opts.Namespaces = append(opts.Namespaces, k.Namespaces...)
@@ -65,8 +68,8 @@ Flags:`)
 			fmt.Fprintf(os.Stderr, "note: discovery.kubernetes %s watches all namespaces; its services get no AuthorizationPolicy here (list its namespaces to have them rendered)\n", k.Name)
 		}
 	}
-	if *reverse != "" {
-		if opts.Reverse, err = meshconfig.LoadReverse(*reverse); err != nil {
+	if reverse != "" {
+		if opts.Reverse, err = meshconfig.LoadReverse(reverse); err != nil {
 			return err
 		}
 	}

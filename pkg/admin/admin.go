@@ -9,6 +9,8 @@
 //	GET    /v1/services          the operator entries
 //	POST   /v1/services          upsert the services of a catalog document (YAML or JSON)
 //	DELETE /v1/services/{host}   delete an operator entry
+//	POST   /v1/services/delete   delete many operator entries in one request: {"hosts": [...]}
+//	                             or {"allApplied": true}
 package admin
 
 import (
@@ -60,6 +62,38 @@ type Status struct {
 	// Skipped are the services this instance leaves out of the configuration it serves, because
 	// translation cannot place them (every other service is served), sorted by host.
 	Skipped []SkippedService `json:"skipped,omitempty"`
+	// Services is every service of the catalog this instance translated, sorted by host, each
+	// served or skipped (with the reason); empty before the first configuration is built.
+	Services []ServiceState `json:"services,omitempty"`
+}
+
+// Service states in Status.Services.
+const (
+	StateServed  = "served"
+	StateSkipped = "skipped"
+)
+
+// ServiceState is one service as this instance serves it: State is served or skipped; a
+// skipped one has the Reason and Detail of its SkippedService.
+type ServiceState struct {
+	Host   string   `json:"host"`
+	State  string   `json:"state"`
+	Ports  []uint32 `json:"ports,omitempty"`
+	Reason string   `json:"reason,omitempty"`
+	Detail string   `json:"detail,omitempty"`
+}
+
+// DeleteRequest is the body of POST /v1/services/delete: the hosts to delete, or every operator
+// entry (AllApplied).
+type DeleteRequest struct {
+	Hosts      []string `json:"hosts,omitempty"`
+	AllApplied bool     `json:"allApplied,omitempty"`
+}
+
+// DeleteResult says which of the requested entries existed (and are gone) and which did not.
+type DeleteResult struct {
+	Deleted []string `json:"deleted"`
+	Missing []string `json:"missing,omitempty"`
 }
 
 // SkippedService is a service left out of the configuration: Reason is the reason label of
@@ -200,6 +234,7 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, catalog.Catalog{Services: s.Fleet.OperatorServices()})
 	})
 	mux.HandleFunc("POST /v1/services", s.apply)
+	mux.HandleFunc("POST /v1/services/delete", s.deleteMany)
 	mux.HandleFunc("DELETE /v1/services/{host}", func(w http.ResponseWriter, r *http.Request) {
 		if !s.gossip(w) {
 			return
@@ -256,6 +291,57 @@ func (s *Server) apply(w http.ResponseWriter, r *http.Request) {
 	}
 	s.Log.Info("operator entries applied", append([]any{"services", len(c.Services), "hosts", strings.Join(hosts, ","), "changed", n}, audit(r)...)...)
 	writeJSON(w, 200, map[string]any{"applied": hosts, "changed": n})
+}
+
+// deleteMany deletes many operator entries in one request, so undoing a large apply is one
+// change to the store rather than one request (and one rebuild) per entry.
+func (s *Server) deleteMany(w http.ResponseWriter, r *http.Request) {
+	if !s.gossip(w) {
+		return
+	}
+	var req DeleteRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		fail(w, http.StatusBadRequest, "request body: %v; send {\"hosts\": [HOST, ...]} or {\"allApplied\": true}", err)
+		return
+	}
+	switch {
+	case req.AllApplied && len(req.Hosts) > 0:
+		fail(w, http.StatusBadRequest, "give hosts or allApplied, not both")
+		return
+	case req.AllApplied:
+		for _, sv := range s.Fleet.OperatorServices() {
+			req.Hosts = append(req.Hosts, sv.Host)
+		}
+	case len(req.Hosts) == 0:
+		fail(w, http.StatusBadRequest, "no hosts: send {\"hosts\": [HOST, ...]} or {\"allApplied\": true}")
+		return
+	}
+	want := make([]string, 0, len(req.Hosts))
+	seen := map[string]bool{}
+	for _, h := range req.Hosts {
+		h = strings.TrimSuffix(strings.ToLower(h), ".")
+		if !seen[h] {
+			seen[h] = true
+			want = append(want, h)
+		}
+	}
+	res := DeleteResult{Deleted: s.Fleet.Delete(want)}
+	gone := map[string]bool{}
+	for _, h := range res.Deleted {
+		gone[h] = true
+	}
+	for _, h := range want {
+		if !gone[h] {
+			res.Missing = append(res.Missing, h)
+		}
+	}
+	if res.Deleted == nil {
+		res.Deleted = []string{}
+	}
+	s.Log.Info("operator entries deleted", append([]any{"deleted", len(res.Deleted), "hosts", strings.Join(res.Deleted, ","), "missing", len(res.Missing), "all_applied", req.AllApplied}, audit(r)...)...)
+	writeJSON(w, 200, res)
 }
 
 type ctxKey int

@@ -356,3 +356,98 @@ func TestRefusalsAreCountedAndRateLimited(t *testing.T) {
 		t.Errorf("the refusals are not logged at all:\n%s", logs.String())
 	}
 }
+
+// manyServices is a catalog document of n services.
+func manyServices(n int) []byte {
+	var b strings.Builder
+	b.WriteString("services:\n")
+	for i := range n {
+		fmt.Fprintf(&b, "  - {host: s%d.bulk.svc.cluster.local, ports: [{number: %d, protocol: tcp}], identities: [spiffe://cluster.local/ns/bulk/sa/s%d]}\n", i, 10000+i, i)
+	}
+	return []byte(b.String())
+}
+
+// TestDeleteManyInOneRequest: many entries go in one request, by host (unknown ones reported as
+// missing, the rest deleted) or all of them.
+func TestDeleteManyInOneRequest(t *testing.T) {
+	n := startNode(t)
+	logs := &meshtest.SyncBuffer{}
+	s := newServer(n, "s3cret")
+	s.Log = slog.New(slog.NewTextHandler(logs, nil))
+	srv := httptest.NewServer(s.Handler())
+	defer srv.Close()
+	ctx := context.Background()
+	c := &Client{BaseURL: srv.URL, Token: "s3cret"}
+	if _, changed, err := c.Apply(ctx, "bulk.yaml", manyServices(50)); err != nil || changed != 50 {
+		t.Fatalf("apply: %d %v", changed, err)
+	}
+	res, err := c.DeleteMany(ctx, []string{"S1.bulk.svc.cluster.local.", "s2.bulk.svc.cluster.local", "nope.bulk.svc.cluster.local"}, false)
+	if err != nil || strings.Join(res.Deleted, ",") != "s1.bulk.svc.cluster.local,s2.bulk.svc.cluster.local" || strings.Join(res.Missing, ",") != "nope.bulk.svc.cluster.local" {
+		t.Fatalf("delete by host: %+v %v", res, err)
+	}
+	if got := len(n.OperatorServices()); got != 48 {
+		t.Fatalf("%d entries left, want 48", got)
+	}
+	res, err = c.DeleteMany(ctx, nil, true)
+	if err != nil || len(res.Deleted) != 48 || len(res.Missing) != 0 || len(n.OperatorServices()) != 0 {
+		t.Fatalf("delete all applied: %d deleted, %v; %d left", len(res.Deleted), err, len(n.OperatorServices()))
+	}
+	if !strings.Contains(logs.String(), `missing=0 all_applied=true principal="token ci"`) {
+		t.Fatalf("audit log:\n%s", logs.String())
+	}
+	if _, err := c.DeleteMany(ctx, nil, false); err == nil || !strings.Contains(err.Error(), "no hosts") {
+		t.Fatalf("empty delete: %v", err)
+	}
+	if _, err := c.DeleteMany(ctx, []string{"a.b"}, true); err == nil || !strings.Contains(err.Error(), "not both") {
+		t.Fatalf("hosts and allApplied: %v", err)
+	}
+}
+
+// TestClientTimeoutIsPerRequest: the client's timeout bounds each request, on the socket too.
+func TestClientTimeoutIsPerRequest(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	lis, err := net.Listen("unix", filepath.Join(t.TempDir(), "slow.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-release })}
+	go srv.Serve(lis)
+	defer srv.Close()
+	c := &Client{Socket: lis.Addr().String(), HTTP: &http.Client{Timeout: 200 * time.Millisecond}}
+	start := time.Now()
+	_, err = c.Status(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "Timeout") {
+		t.Fatalf("err = %v", err)
+	}
+	if time.Since(start) > 20*time.Second {
+		t.Fatal("the request outlived its timeout by far")
+	}
+}
+
+// BenchmarkUndo5000 applies 5,000 entries in one request and deletes them all in one.
+func BenchmarkUndo5000(b *testing.B) {
+	n, err := peers.Start(peers.Config{Name: "bench", Bind: "127.0.0.1:0", Profile: "local"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer n.Close()
+	s := newServer(n, "s3cret")
+	s.Catalog = catalog.Options{}
+	srv := httptest.NewServer(s.Handler())
+	defer srv.Close()
+	c := &Client{BaseURL: srv.URL, Token: "s3cret"}
+	doc := manyServices(5000)
+	ctx := context.Background()
+	for b.Loop() {
+		b.StopTimer()
+		if _, _, err := c.Apply(ctx, "bulk.yaml", doc); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		res, err := c.DeleteMany(ctx, nil, true)
+		if err != nil || len(res.Deleted) != 5000 {
+			b.Fatalf("%v, %d deleted", err, len(res.Deleted))
+		}
+	}
+}

@@ -23,7 +23,8 @@ type Client struct {
 	BaseURL string
 	// Token is sent as a bearer token to a TCP admin API.
 	Token string
-	// HTTP is the client for a TCP admin API; default: a 30 s timeout.
+	// HTTP is the client for a TCP admin API; its Timeout bounds each request, on the socket too
+	// (default 30 s).
 	HTTP *http.Client
 }
 
@@ -72,7 +73,11 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	if body != nil {
-		req.Header.Set("Content-Type", "application/yaml")
+		ct := "application/yaml"
+		if json.Valid(body) {
+			ct = "application/json"
+		}
+		req.Header.Set("Content-Type", ct)
 	}
 	resp, err := c.httpClient().Do(req)
 	switch {
@@ -120,6 +125,17 @@ func (c *Client) Apply(ctx context.Context, name string, doc []byte) (applied []
 // Delete removes the operator entry for host.
 func (c *Client) Delete(ctx context.Context, host string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/services/"+url.PathEscape(host), nil, nil)
+}
+
+// DeleteMany removes the operator entries of hosts (or, with allApplied, every operator entry) in
+// one request.
+func (c *Client) DeleteMany(ctx context.Context, hosts []string, allApplied bool) (*DeleteResult, error) {
+	body, err := json.Marshal(DeleteRequest{Hosts: hosts, AllApplied: allApplied})
+	if err != nil {
+		return nil, err
+	}
+	var out DeleteResult
+	return &out, c.do(ctx, http.MethodPost, "/v1/services/delete", body, &out)
 }
 
 // Services lists the operator entries as a catalog document (JSON).

@@ -107,7 +107,7 @@ func Parse(file string, data []byte, opts Options) (*Catalog, error) {
 	if errors.Is(err, strictyaml.ErrEmpty) {
 		return nil, fmt.Errorf("%s: the catalog is empty (no YAML document: the file is blank, only comments or null); list the services, or to serve none deliberately write \"services: []\"", file)
 	}
-	if err != nil {
+	if doc == nil {
 		return nil, err
 	}
 	switch present, null, line := doc.Field("services"); {
@@ -117,7 +117,7 @@ func Parse(file string, data []byte, opts Options) (*Catalog, error) {
 		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
 	// Validate before normalizing so field paths match the file's own order.
-	if err := c.Problems(opts).In(doc); err != nil {
+	if err := doc.Check(err, c.Problems(opts)); err != nil {
 		return nil, err
 	}
 	c.Normalize()

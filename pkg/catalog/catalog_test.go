@@ -39,7 +39,7 @@ func TestParseErrorsNameFileLineAndField(t *testing.T) {
 services:
   - host: a.ns.svc.cluster.local
     portz: []
-`, []string{"c.yaml:4: unknown field \"portz\""}},
+`, []string{"c.yaml:4: services[0].portz: unknown field \"portz\"; did you mean \"ports\"?"}},
 		{"bad port", `
 services:
   - host: a.ns.svc.cluster.local
@@ -130,7 +130,7 @@ services:
     identities: [spiffe://cluster.local/ns/ns/sa/a]
     subsets: [{name: v1, hosts: [v1.a.example.com]}]
 `, []string{`services[0].subsets[0]: subsets are selected by Host and need an http, http2 or grpc port`}},
-		{"yaml syntax", "services: [\n", []string{"c.yaml:1: did not find expected node content"}},
+		{"yaml syntax", "services: [\n", []string{"c.yaml:1: YAML syntax: "}},
 		{"fractional port", `
 services:
   - host: a.ns.svc.cluster.local

@@ -43,6 +43,8 @@ type Config struct {
 
 	// Dir is the directory of the config file, for resolving relative paths.
 	Dir string `yaml:"-"`
+	// doc is the parsed file, for the lines of fields.
+	doc *strictyaml.Doc
 }
 
 // Node names this instance.
@@ -150,20 +152,43 @@ func Load(path string) (*Config, error) {
 
 // Parse parses a config document named file.
 func Parse(file string, data []byte) (*Config, error) {
+	c, err := Check(file, data)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Check parses like Parse, but returns the config together with its problems (as
+// strictyaml.Errors), so that a caller such as fwdproxy validate can go on to check what the
+// config points at (catalog files, identity) in the same run. The config is nil only when the
+// file could not be parsed at all; with problems it holds what did fit, defaulted.
+func Check(file string, data []byte) (*Config, error) {
 	var c Config
 	doc, err := strictyaml.Decode(file, data, &c)
 	if errors.Is(err, strictyaml.ErrEmpty) {
 		return nil, fmt.Errorf("%s: the config file is empty (no YAML document: the file is blank, only comments or null); it needs at least gateways and identity, see examples/config.yaml", file)
 	}
-	if err != nil {
+	if doc == nil {
 		return nil, err
 	}
 	c.Dir = filepath.Dir(file)
+	c.doc = doc
 	c.applyDefaults()
-	if err := c.Problems().In(doc); err != nil {
-		return nil, err
+	// Every problem at once: what does not fit the fields, then what validation refuses.
+	return &c, doc.Check(err, c.Problems())
+}
+
+// Line is the line of a field path (e.g. "identity.files.privateKey") in the config file, or of
+// its closest ancestor there; 0 for a config that was not read from a file.
+func (c *Config) Line(path string) int { return c.doc.Line(path) }
+
+// File is the config file's name as it was read.
+func (c *Config) File() string {
+	if c.doc == nil {
+		return ""
 	}
-	return &c, nil
+	return c.doc.File
 }
 
 func (c *Config) applyDefaults() {

@@ -44,7 +44,7 @@ identity:
 		{"bad gateway port", strings.Replace(base, "address: 10.0.0.1}", "address: 10.0.0.1, port: 70000}", 1), "gateways[0].port: 70000 is not a valid port"},
 		{"trust domain mismatch", strings.Replace(base, "spiffe://cluster.local/ns", "spiffe://other.org/ns", 1), `identity.spiffeID: trust domain "other.org" differs from mesh.trustDomain "cluster.local"`},
 		{"missing key", strings.Replace(base, "privateKey: k.pem, ", "", 1), "identity.files.privateKey: required"},
-		{"unknown field", base + "xds: {adress: 1}\n", `c.yaml:7: unknown field "adress"`},
+		{"unknown field", base + "xds: {adress: 1}\n", `c.yaml:7: xds.adress: unknown field "adress"; did you mean "address"?`},
 		{"bad duration", base + "upstream: {connectTimeout: fast}\n", "c.yaml:7:"},
 		{"bad xds address", base + "xds: {address: localhost, tls: {certChain: a, privateKey: b, clientCA: c}}\n", `xds.address: "localhost" is not host:port`},
 		{"bad dataplane", base + "dataplane: nginx\n", `dataplane: "nginx" is not a data plane; use builtin or envoy`},

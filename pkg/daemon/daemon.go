@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -49,6 +50,8 @@ type Daemon struct {
 	lastErr  error
 	// skipped are the services the latest translation left out (skipped.go).
 	skipped []controlplane.SkippedService
+	// services is every translated service's state, by host, for fwdproxy status (skipped.go).
+	services []admin.ServiceState
 	// kube holds the gateways discovered in Kubernetes (kubernetes.go); nil without any.
 	kube *kubeGateways
 
@@ -232,7 +235,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	if err != nil {
 		return d.setErr(fmt.Errorf("snapshot: %w", err))
 	}
-	d.recordSkipped(res.Skipped) // left out of what is served, and reported; the rest is served
+	d.recordSkipped(cat, res.Skipped) // left out of what is served, and reported; the rest is served
 	if cur := d.XDS.Current(); cur != nil && cur.ConfigVersion == snap.ConfigVersion && cur.SecretsVersion == snap.SecretsVersion {
 		return d.setErr(nil)
 	}

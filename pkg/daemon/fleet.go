@@ -248,7 +248,7 @@ func (d *Daemon) Identity() *identity.Bundle {
 // advertised configuration digest.
 func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
 	ok, why := d.Ready()
-	st := admin.Status{Node: d.cfg.Node.ID, Ready: ok, ReadyReason: why, Leader: true, Converged: true, Skipped: d.skippedStatus()}
+	st := admin.Status{Node: d.cfg.Node.ID, Ready: ok, ReadyReason: why, Leader: true, Converged: true, Skipped: d.skippedStatus(), Services: d.servicesStatus()}
 	if cur := d.XDS.Current(); cur != nil {
 		st.ConfigVersion = cur.ConfigVersion
 	}

@@ -2,10 +2,12 @@ package daemon
 
 import (
 	"slices"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 )
 
@@ -25,11 +27,29 @@ func newSkippedGauge(reg prometheus.Registerer) *prometheus.GaugeVec {
 	return g
 }
 
-// recordSkipped reports the services the latest translation left out.
-func (d *Daemon) recordSkipped(skipped []controlplane.SkippedService) {
+// recordSkipped reports the services the latest translation of cat left out; the others are
+// served.
+func (d *Daemon) recordSkipped(cat *catalog.Catalog, skipped []controlplane.SkippedService) {
+	left := map[string]controlplane.SkippedService{}
+	for _, s := range skipped {
+		left[s.Host] = s
+	}
+	states := make([]admin.ServiceState, 0, len(cat.Services))
+	for _, sv := range cat.Services {
+		st := admin.ServiceState{Host: sv.Host, State: admin.StateServed}
+		for _, p := range sv.Ports {
+			st.Ports = append(st.Ports, p.Number)
+		}
+		if s, ok := left[sv.Host]; ok {
+			st.State, st.Reason, st.Detail = admin.StateSkipped, s.Reason, s.Detail
+		}
+		states = append(states, st)
+	}
+	slices.SortFunc(states, func(a, b admin.ServiceState) int { return strings.Compare(a.Host, b.Host) })
 	d.mu.Lock()
 	prev := d.skipped
 	d.skipped = slices.Clone(skipped)
+	d.services = states
 	d.mu.Unlock()
 	was := map[string]controlplane.SkippedService{}
 	for _, s := range prev {
@@ -51,6 +71,13 @@ func (d *Daemon) recordSkipped(skipped []controlplane.SkippedService) {
 	for _, r := range controlplane.SkipReasons {
 		d.metrics.servicesSkipped.WithLabelValues(r).Set(float64(counts[r]))
 	}
+}
+
+// servicesStatus is every service's state for the admin API.
+func (d *Daemon) servicesStatus() []admin.ServiceState {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.services)
 }
 
 // skippedStatus is the skipped list for the admin API.

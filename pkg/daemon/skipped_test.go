@@ -15,6 +15,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -126,6 +127,11 @@ listen: {address: 127.0.0.1}
 	if len(st.Skipped) != 1 || st.Skipped[0].Host != "b.ns.svc.cluster.local" || st.Skipped[0].Reason != "no_gateway_address" || !strings.Contains(st.Skipped[0].Detail, `"gw-b"`) {
 		t.Errorf("status skipped: %+v", st.Skipped)
 	}
+	// Every service's state: a served, b skipped with its reason.
+	if len(st.Services) != 2 || st.Services[0].Host != "a.ns.svc.cluster.local" || st.Services[0].State != admin.StateServed || !slices.Equal(st.Services[0].Ports, []uint32{8080}) ||
+		st.Services[1].Host != "b.ns.svc.cluster.local" || st.Services[1].State != admin.StateSkipped || st.Services[1].Reason != "no_gateway_address" || st.Services[1].Detail != st.Skipped[0].Detail {
+		t.Errorf("status services: %+v", st.Services)
+	}
 
 	// Every other service keeps updating; b is not logged again while nothing about it changes.
 	setCatalog(svc("a.ns.svc.cluster.local", 8080), svc("b.ns.svc.cluster.local", 8081, "gw-b"), svc("c.ns.svc.cluster.local", 8082))
@@ -150,8 +156,8 @@ listen: {address: 127.0.0.1}
 	if v := skippedGauge(controlplane.SkipNoGatewayAddress); v != 0 {
 		t.Errorf("skipped{no_gateway_address} = %v after the gateway resolved", v)
 	}
-	if st := d.FleetStatus(nil); len(st.Skipped) != 0 {
-		t.Errorf("status still lists %+v", st.Skipped)
+	if st := d.FleetStatus(nil); len(st.Skipped) != 0 || len(st.Services) != 3 || st.Services[1].State != admin.StateServed {
+		t.Errorf("status still lists %+v, services %+v", st.Skipped, st.Services)
 	}
 	if want := fmt.Sprintf("msg=%q host=b.ns.svc.cluster.local", "service no longer left out of the configuration"); !strings.Contains(logs.String(), want) {
 		t.Errorf("no log line %q:\n%s", want, logs.String())
