@@ -127,8 +127,9 @@ func TestLargeCatalogTranslates(t *testing.T) {
 func BenchmarkRebuildOneChange10kServices(b *testing.B) {
 	cat := largeCatalog(10000)
 	opts := benchOptions()
+	var translator Translator
 	var builder Builder
-	res, _ := Translate(cat, opts)
+	res, _ := translator.Translate(cat, opts)
 	if _, err := builder.Build(res, nil); err != nil {
 		b.Fatal(err)
 	}
@@ -137,7 +138,7 @@ func BenchmarkRebuildOneChange10kServices(b *testing.B) {
 	cpu0 := cpuTime()
 	for i := 0; i < b.N; i++ {
 		cat.Services[i%len(cat.Services)].Identities[0] = fmt.Sprintf("spiffe://cluster.local/ns/x/sa/changed-%d", i)
-		res, err := Translate(cat, opts)
+		res, err := translator.Translate(cat, opts)
 		if err != nil {
 			b.Fatal(err)
 		}

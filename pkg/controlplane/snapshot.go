@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -60,6 +61,15 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 // rebuild after a small catalog change validates only what changed. Safe for one goroutine.
 type Builder struct {
 	validated map[[32]byte]struct{}
+	// digested are the last build's resources: one passed again (a Translator hands back the
+	// same object for an unchanged service) is neither marshaled nor validated again.
+	digested map[types.Resource]digest
+	// vhosts are the virtual hosts of the last build's route configurations, digested and
+	// valid: a route configuration holds every service's virtual host on its port, and a change
+	// to one service must not marshal and validate all of them again.
+	vhosts map[*route.VirtualHost]digest
+	// refs are the route and endpoint names the last build's listeners and clusters reference.
+	refs map[types.Resource]map[resource.Type]map[string]bool
 	// MaxMessageBytes is the largest xDS message a data plane takes; a snapshot with a response
 	// larger than that is refused. Zero means xdslimit.MaxMessageBytes.
 	MaxMessageBytes int
@@ -115,10 +125,12 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	snap := &cache.Snapshot{VersionMap: map[string]map[string]string{}}
 	configHash := sha256.New()
 	seen := make(map[[32]byte]struct{}, len(b.validated))
+	digested := make(map[types.Resource]digest, len(b.digested))
+	vhosts := map[*route.VirtualHost]digest{}
 	limit := b.maxMessageBytes()
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		items := byType[typ]
-		digests, err := b.digest(typ, items)
+		digests, err := b.digest(typ, items, vhosts)
 		if err != nil {
 			return nil, err
 		}
@@ -135,8 +147,9 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 					TypeName(typ), size, len(items), TypeName(typ), limit)
 			}
 			seen[d.sum] = struct{}{}
+			digested[r] = d
 			typeHash.Write(d.sum[:])
-			versions[cache.GetResourceName(r)] = hex.EncodeToString(d.sum[:8])
+			versions[cache.GetResourceName(r)] = d.version
 		}
 		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
 		configHash.Write([]byte(typ + "=" + v + ";"))
@@ -155,45 +168,116 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	}
 	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
 	snap.VersionMap[resource.SecretType] = secretVersions
-	if err := snap.Consistent(); err != nil {
+	refs, err := b.consistent(snap, byType)
+	if err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
 	// Remember only the current contents, so memory stays proportional to the catalog.
-	b.validated = seen
+	b.validated, b.digested, b.vhosts, b.refs = seen, digested, vhosts, refs
 	return out, nil
 }
 
+// consistent is the cache's Snapshot.Consistent (every route and endpoint resource is referenced
+// by a listener or cluster, and every reference resolves) with each resource's references found
+// by the cache's own GetResourceReferences, once per resource object: finding a listener's routes
+// means decoding its filters, which at 10,000 listeners is a large part of a rebuild.
+func (b *Builder) consistent(snap *cache.Snapshot, byType map[resource.Type][]types.Resource) (map[types.Resource]map[resource.Type]map[string]bool, error) {
+	refs := make(map[types.Resource]map[resource.Type]map[string]bool, len(b.refs))
+	want := map[resource.Type]map[string]bool{resource.RouteType: {}, resource.EndpointType: {}}
+	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
+		for _, r := range byType[typ] {
+			rr, ok := b.refs[r]
+			if !ok {
+				rr = cache.GetResourceReferences(map[string]types.ResourceWithTTL{cache.GetResourceName(r): {Resource: r}})
+			}
+			refs[r] = rr
+			for t, names := range rr {
+				if want[t] != nil {
+					for n := range names {
+						want[t][n] = true
+					}
+				}
+			}
+		}
+	}
+	for _, typ := range []resource.Type{resource.RouteType, resource.EndpointType} {
+		have := snap.Resources[cache.GetResponseType(typ)].Items
+		for n := range want[typ] {
+			if _, ok := have[n]; !ok {
+				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), n)
+			}
+		}
+		for n := range have {
+			if !want[typ][n] {
+				return nil, fmt.Errorf("%s %q is in the snapshot but nothing references it", TypeName(typ), n)
+			}
+		}
+	}
+	return refs, nil
+}
+
 type digest struct {
-	sum  [32]byte
-	size int // marshaled bytes
+	sum     [32]byte
+	size    int    // marshaled bytes
+	version string // the delta xDS version: the sum's first 8 bytes in hex
 }
 
 // digest marshals, hashes and (unless validated before) validates items, on every core: these
-// are independent, and at 10,000 services they are most of a build.
-func (b *Builder) digest(typ resource.Type, items []types.Resource) ([]digest, error) {
+// are independent, and at 10,000 services they are most of a build. Items digested by the last
+// build are taken as they were. The virtual hosts of valid route configurations go to vhosts.
+func (b *Builder) digest(typ resource.Type, items []types.Resource, vhosts map[*route.VirtualHost]digest) ([]digest, error) {
 	out := make([]digest, len(items))
 	errs := make([]error, len(items))
-	workers := min(runtime.GOMAXPROCS(0), max(1, len(items)/64))
+	var mu sync.Mutex // vhosts
+	keepHosts := func(rc *route.RouteConfiguration, ds []digest) {
+		mu.Lock()
+		defer mu.Unlock()
+		for i, vh := range rc.GetVirtualHosts() {
+			vhosts[vh] = ds[i]
+		}
+	}
+	var todo []int
+	for i, r := range items {
+		if d, ok := b.digested[r]; ok {
+			out[i] = d
+			if rc, ok := r.(*route.RouteConfiguration); ok {
+				keepHosts(rc, b.hostDigests(rc))
+			}
+			continue
+		}
+		todo = append(todo, i)
+	}
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(todo)/64))
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			marshal := proto.MarshalOptions{Deterministic: true}
-			var buf []byte
-			for i := w; i < len(items); i += workers {
+			for j := w; j < len(todo); j += workers {
+				i := todo[j]
 				r := items[i]
-				raw, err := marshal.MarshalAppend(buf[:0], r)
+				if rc, ok := r.(*route.RouteConfiguration); ok {
+					d, hosts, err := b.digestRoutes(rc, marshal)
+					out[i] = d
+					if err == nil {
+						keepHosts(rc, hosts)
+					} else {
+						errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
+					}
+					continue
+				}
+				raw, err := marshal.Marshal(r)
 				if err != nil {
 					errs[i] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 					continue
 				}
-				buf = raw
-				out[i] = digest{sum: sha256.Sum256(raw), size: len(raw)}
-				if _, ok := b.validated[out[i].sum]; !ok {
-					if err := ValidateDeep(r); err != nil {
-						errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
-					}
+				out[i] = newDigest(sha256.Sum256(raw), len(raw))
+				if _, ok := b.validated[out[i].sum]; ok {
+					continue
+				}
+				if err := ValidateDeep(r); err != nil {
+					errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 				}
 			}
 		}()
@@ -205,6 +289,60 @@ func (b *Builder) digest(typ resource.Type, items []types.Resource) ([]digest, e
 		}
 	}
 	return out, nil
+}
+
+func newDigest(sum [32]byte, size int) digest {
+	return digest{sum: sum, size: size, version: hex.EncodeToString(sum[:8])}
+}
+
+// digestRoutes digests and validates a route configuration a virtual host at a time, taking the
+// hosts of the last build as they were. Its sum hashes the configuration without its hosts, then
+// each host's sum: as deterministic as hashing the whole, without marshaling every service's
+// host for a change to one. Its configuration's own rules on virtual_hosts are per item, so
+// validating the rest and each host is the same check as validating the whole.
+func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.MarshalOptions) (digest, []digest, error) {
+	// rc is this build's own (not digested before, so not served yet): its list of hosts can be
+	// set aside while the rest is marshaled and validated.
+	hosts := rc.VirtualHosts
+	rc.VirtualHosts = nil
+	raw, err := marshal.Marshal(rc)
+	if err == nil {
+		err = ValidateDeep(rc)
+	}
+	rc.VirtualHosts = hosts
+	if err != nil {
+		return digest{}, nil, err
+	}
+	h := sha256.New()
+	h.Write(raw)
+	size := len(raw)
+	ds := b.hostDigests(rc)
+	for i, vh := range hosts {
+		if ds[i].version == "" { // new: marshal and validate it
+			raw, err := marshal.Marshal(vh)
+			if err != nil {
+				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
+			}
+			if err := ValidateDeep(vh); err != nil {
+				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
+			}
+			ds[i] = newDigest(sha256.Sum256(raw), len(raw))
+		}
+		h.Write(ds[i].sum[:])
+		size += protowire.SizeTag(2) + protowire.SizeBytes(ds[i].size)
+	}
+	var sum [32]byte
+	h.Sum(sum[:0])
+	return newDigest(sum, size), ds, nil
+}
+
+// hostDigests are the last build's digests of rc's virtual hosts; a zero digest for a new one.
+func (b *Builder) hostDigests(rc *route.RouteConfiguration) []digest {
+	ds := make([]digest, len(rc.GetVirtualHosts()))
+	for i, vh := range rc.GetVirtualHosts() {
+		ds[i] = b.vhosts[vh]
+	}
+	return ds
 }
 
 // ValidateDeep runs the generated ValidateAll on m and on every typed config packed in a
