@@ -7,7 +7,9 @@ import (
 	"runtime"
 	"sync"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -127,6 +129,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	seen := make(map[[32]byte]struct{}, len(b.validated))
 	digested := make(map[types.Resource]digest, len(b.digested))
 	vhosts := map[*route.VirtualHost]digest{}
+	clusterSums := make(map[string][32]byte, len(byType[resource.ClusterType])) // by EDS name
 	limit := b.maxMessageBytes()
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		items := byType[typ]
@@ -150,6 +153,19 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			digested[r] = d
 			typeHash.Write(d.sum[:])
 			versions[cache.GetResourceName(r)] = d.version
+			switch r := r.(type) {
+			case *clusterv3.Cluster:
+				clusterSums[edsName(r)] = d.sum
+			case *endpoint.ClusterLoadAssignment:
+				// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
+				// xDS sends only resources whose version changed: unchanged endpoints would
+				// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
+				// are versioned with their cluster, and a cluster change resends them.
+				if c, ok := clusterSums[r.GetClusterName()]; ok {
+					v := sha256.Sum256(append(d.sum[:], c[:]...))
+					versions[r.GetClusterName()] = hex.EncodeToString(v[:8])
+				}
+			}
 		}
 		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
 		configHash.Write([]byte(typ + "=" + v + ";"))
@@ -214,6 +230,14 @@ func (b *Builder) consistent(snap *cache.Snapshot, byType map[resource.Type][]ty
 		}
 	}
 	return refs, nil
+}
+
+// edsName is the name of the endpoints an EDS cluster takes.
+func edsName(c *clusterv3.Cluster) string {
+	if n := c.GetEdsClusterConfig().GetServiceName(); n != "" {
+		return n
+	}
+	return c.GetName()
 }
 
 type digest struct {
