@@ -82,6 +82,8 @@ var (
 	tcpBase     = flag.Int("tcp-base", 0, "first service port: TCP ports tcp-base..tcp-base+services and the HTTP port after them, on -listen (0: the first free range from 20000 down to 10000, below the ephemeral ports)")
 	concurrency = flag.Int("concurrency", 0, "Envoy --concurrency (0: Envoy's default, one worker per core as in production, or fewer when the open-file limit is too low for that)")
 	timeout     = flag.Duration("timeout", 5*time.Minute, "limit for each step")
+	xdsProtocol = flag.String("xds-protocol", "delta", "how Envoy subscribes: delta or sotw (the daemon's envoy.xdsProtocol)")
+	changes     = flag.Int("changes", 20, "one-service changes at full scale after the steps, each timed from the snapshot served to Envoy's ACK")
 	keep        = flag.Bool("keep", false, "keep the work directory (config, catalogs, daemon and Envoy logs)")
 )
 
@@ -130,15 +132,17 @@ func run(ctx context.Context) error {
 	version, _ := exec.Command(envoy, "--version").Output()
 	var all [][]step
 	var scrapes []scrape
+	var allChanges []changeStat
 	var ads string
 	for r := 1; r <= *runs; r++ {
-		steps, flavour, sc, err := runOnce(ctx, envoy, workers)
+		steps, flavour, sc, cs, err := runOnce(ctx, envoy, workers)
 		if err != nil {
 			return fmt.Errorf("run %d: %w", r, err)
 		}
 		ads = flavour
 		all = append(all, steps)
 		scrapes = append(scrapes, sc)
+		allChanges = append(allChanges, cs...)
 		fmt.Fprintf(stderr, "run %d done\n", r)
 	}
 
@@ -172,6 +176,14 @@ func run(ctx context.Context) error {
 	fmt.Fprintln(stdout, "a restart), steadier than the times on a shared machine. After each step Envoy held every listener and cluster,")
 	fmt.Fprintln(stdout, "warming none, and sent no NACK.")
 	fmt.Fprintln(stdout, "The daemon RSS is this process's (the daemon, its xDS server and the mesh stand-ins) after a GC returned free memory.")
+	if len(allChanges) > 0 {
+		var served, acks, bytes []float64
+		for _, c := range allChanges {
+			served, acks, bytes = append(served, c.served), append(acks, c.ack), append(bytes, c.rxBytes)
+		}
+		fmt.Fprintf(stdout, "One-service changes at %d services (%d, each a new identity for one service: its two clusters): write -> served p50 %.3f s p99 %.3f s; served -> Envoy's ACK p50 %.3f s p99 %.3f s; bytes received by Envoy from the control plane per change: median %.0f.\n",
+			*services+1, len(allChanges), quantile(served, 0.5), quantile(served, 0.99), quantile(acks, 0.5), quantile(acks, 0.99), median(bytes))
+	}
 	var sec, mb, lines []float64
 	for _, sc := range scrapes {
 		sec, mb, lines = append(sec, sc.seconds), append(mb, sc.bytes/1e6), append(lines, sc.lines)
@@ -204,14 +216,14 @@ func envoyWorkers(limit uint64) (workers int, note string) {
 }
 
 // runOnce starts a mesh, the daemon and Envoy, goes through the steps, and stops them.
-func runOnce(ctx context.Context, envoy string, workers int) (steps []step, ads string, sc scrape, err error) {
+func runOnce(ctx context.Context, envoy string, workers int) (steps []step, ads string, sc scrape, cs []changeStat, err error) {
 	n := *services
 	if err := choosePorts(n + 2); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	dir, err := os.MkdirTemp("", "envoyscale-")
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	if *keep {
 		fmt.Fprintln(stderr, "work directory:", dir)
@@ -220,25 +232,25 @@ func runOnce(ctx context.Context, envoy string, workers int) (steps []step, ads 
 	}
 	ca, err := meshtest.NewCA("cluster.local")
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	var gws []*meshtest.Gateway
 	for range 2 {
 		gw, err := meshtest.StartGateway("127.0.0.1:0")
 		if err != nil {
-			return nil, "", scrape{}, err
+			return nil, "", scrape{}, nil, err
 		}
 		defer gw.Close()
 		gws = append(gws, gw)
 	}
 	hs, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: "probe-http", SPIFFEID: probeID, CA: ca, Protocol: meshtest.HTTP})
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	defer hs.Close()
 	ts, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: "probe-tcp", SPIFFEID: probeID, CA: ca, Protocol: meshtest.TCP})
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	defer ts.Close()
 	httpPort := *tcpBase + n + 1
@@ -253,21 +265,21 @@ func runOnce(ctx context.Context, envoy string, workers int) (steps []step, ads 
 	}
 	leaf, err := ca.IssueFor(fleetID, 24*time.Hour)
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	if err := os.Mkdir(filepath.Join(dir, "certs"), 0o700); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	if _, _, _, err := leaf.WriteFiles(filepath.Join(dir, "certs"), ca.RootPEM); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	if err := cat.write(1); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	var free [4]int
 	for i := range free {
 		if free[i], err = meshtest.FreePort(); err != nil {
-			return nil, "", scrape{}, err
+			return nil, "", scrape{}, nil, err
 		}
 	}
 	args := []string{"--log-level", "warning"}
@@ -289,26 +301,26 @@ xds: {socket: xds.sock}
 metrics: {address: 127.0.0.1:%d}
 admin: {socket: admin.sock}
 dataplane: envoy
-envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s, args: %s}
+envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s, args: %s, xdsProtocol: %s}
 `, hostOf(gws[0].Addr()), portOf(gws[0].Addr()), hostOf(gws[1].Addr()), portOf(gws[1].Addr()), fleetID, *listenAddr,
-		free[1], envoy, free[3], bootstrap, argsJSON)
+		free[1], envoy, free[3], bootstrap, argsJSON, *xdsProtocol)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	cfg, err := config.Load(cfgPath)
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	logPath := filepath.Join(dir, "daemon.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	defer logFile.Close()
 	envoyLog, err := os.Create(filepath.Join(dir, "envoy.log"))
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	defer envoyLog.Close()
 	os.Stdout, os.Stderr = envoyLog, envoyLog // the daemon passes them on to Envoy
@@ -341,33 +353,133 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 	}
 	s, err := m.envoyStart("start", 1, 0)
 	if err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	progress(s)
 	if ads, err = adsFlavour(bootstrap); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	fmt.Fprintf(stderr, "  writing %d services\n", n)
 	if s, err = m.change("large catalog", cat, n, n-1); err != nil { // service n-1 is new
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	progress(s)
 	if s, err = m.change("one service added", cat, n+1, n); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	progress(s)
+	for k := range *changes {
+		c, err := m.oneChange(cat, n+1, k)
+		if err != nil {
+			return nil, "", scrape{}, nil, err
+		}
+		cs = append(cs, c)
+	}
+	if len(cs) > 0 {
+		var acks, bytes []float64
+		for _, c := range cs {
+			acks, bytes = append(acks, c.ack), append(bytes, c.rxBytes)
+		}
+		fmt.Fprintf(stderr, "  %d one-service changes: served -> ACK p50 %.3fs p99 %.3fs; bytes to Envoy per change median %.0f\n",
+			len(cs), quantile(acks, 0.5), quantile(acks, 0.99), median(bytes))
+	}
 	if sc, err = m.scrape(); err != nil {
 		return
 	}
 	fmt.Fprintf(stderr, "  one /stats/prometheus scrape: %.1fs, %.0f MB, %.0f lines\n", sc.seconds, sc.bytes/1e6, sc.lines)
 	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	if s, err = m.envoyStart("envoy restart", n+1, m.pid); err != nil {
-		return nil, "", scrape{}, err
+		return nil, "", scrape{}, nil, err
 	}
 	progress(s)
-	return steps, ads, sc, nil
+	return steps, ads, sc, cs, nil
+}
+
+// changeStat is one timed one-service change.
+type changeStat struct{ served, ack, rxBytes float64 }
+
+// oneChange changes one service's identity (new versions of its two clusters, nothing else) and
+// times catalog write -> snapshot served -> Envoy's ACK, with the bytes Envoy received on its xDS
+// connection meanwhile.
+func (m *measurer) oneChange(cat *catalogFile, n, k int) (changeStat, error) {
+	deadline := time.Now().Add(*timeout)
+	rx0, err := m.xdsRxBytes()
+	if err != nil {
+		return changeStat{}, err
+	}
+	prev := m.d.XDS.Current().ConfigVersion
+	svc := 1 + k%(n-2) // not the probed services
+	if cat.identity == nil {
+		cat.identity = map[int]string{}
+	}
+	cat.identity[svc] = fmt.Sprintf("spiffe://cluster.local/ns/bench/sa/changed-%d", k)
+	written := time.Now()
+	if err := cat.write(n); err != nil {
+		return changeStat{}, err
+	}
+	for m.d.XDS.Current().ConfigVersion == prev {
+		if err := m.check(deadline, "the changed snapshot"); err != nil {
+			return changeStat{}, err
+		}
+		time.Sleep(time.Millisecond)
+	}
+	served, err := m.gauge("fwdproxy_snapshot_last_update_timestamp_seconds")
+	if err != nil {
+		return changeStat{}, err
+	}
+	t0 := time.Unix(0, int64(served*1e9))
+	c := changeStat{served: t0.Sub(written).Seconds()}
+	for {
+		cur := m.d.XDS.Current()
+		if m.d.XDS.Status().AckedCurrent > 0 && m.d.XDS.Current() == cur {
+			c.ack = time.Since(t0).Seconds()
+			break
+		}
+		if err := m.check(deadline, "envoy's ACK of the change"); err != nil {
+			return c, err
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rx1, err := m.xdsRxBytes()
+	if err != nil {
+		return c, err
+	}
+	c.rxBytes = rx1 - rx0
+	return c, nil
+}
+
+// xdsRxBytes is what Envoy has received on its connections to the control plane.
+func (m *measurer) xdsRxBytes() (float64, error) {
+	ctx, cancel := context.WithTimeout(m.ctx, time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.admin+"/stats?filter=^cluster\\.xds_cluster\\.upstream_cx_rx_bytes_total$", nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	_, v, ok := strings.Cut(strings.TrimSpace(string(b)), ": ")
+	if !ok {
+		return 0, fmt.Errorf("envoy admin /stats: no xds_cluster rx bytes in %q", b)
+	}
+	return strconv.ParseFloat(v, 64)
+}
+
+func quantile(v []float64, q float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Sorted(slices.Values(v))
+	return s[min(len(s)-1, int(math.Ceil(q*float64(len(s))))-1)]
 }
 
 // scrape is one fetch of Envoy's Prometheus stats.
@@ -420,6 +532,8 @@ func (s *step) dropUpdates() {
 type catalogFile struct {
 	path     string
 	httpPort int
+	// identity overrides services' identities, by index (the one-service changes).
+	identity map[int]string
 }
 
 func host(i int) string { return fmt.Sprintf("svc-%05d.ns-%03d.svc.cluster.local", i, i%100) }
@@ -431,6 +545,9 @@ func (c *catalogFile) write(n int) error {
 		id := fmt.Sprintf("spiffe://cluster.local/ns/ns-%03d/sa/svc-%05d", i%100, i)
 		if i == 0 || i >= *services-1 {
 			id = probeID // the services probed, served by the sidecars
+		}
+		if changed, ok := c.identity[i]; ok {
+			id = changed
 		}
 		fmt.Fprintf(&b, "  - host: %s\n    ports: [{number: %d, protocol: http}, {number: %d, protocol: tcp}]\n    identities: [%s]\n",
 			host(i), c.httpPort, *tcpBase+i, id)

@@ -202,6 +202,7 @@ supervise (dataplane: none).`,
 		}
 		b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
 			NodeID: cfg.Node.ID, NodeCluster: cfg.Node.Cluster, XDSSocket: cfg.XDSSocket(), AdminAddress: cfg.Envoy.AdminAddress,
+			SotW: cfg.Envoy.XDSProtocol == "sotw",
 		})
 		if err != nil {
 			return err

@@ -25,6 +25,9 @@ type Envoy struct {
 	DrainTime time.Duration `yaml:"drainTime"`
 	// Args are extra command-line arguments, e.g. ["--concurrency", "2"].
 	Args []string `yaml:"args"`
+	// XDSProtocol is how Envoy's bootstrap subscribes: delta (default; a change sends only the
+	// changed resources) or sotw (state of the world: every resource of a changed type).
+	XDSProtocol string `yaml:"xdsProtocol"`
 }
 
 // Builtin tunes the built-in data plane (dataplane: builtin).
@@ -46,6 +49,9 @@ func (c *Config) dataplaneDefaults() {
 	}
 	if c.Envoy.BootstrapPath == "" {
 		c.Envoy.BootstrapPath = filepath.Join(os.TempDir(), "fwdproxy-envoy-"+safeFileName(c.Node.ID)+".json")
+	}
+	if c.Envoy.XDSProtocol == "" {
+		c.Envoy.XDSProtocol = "delta"
 	}
 	if c.Envoy.DrainTime == 0 {
 		c.Envoy.DrainTime = 30 * time.Second
@@ -86,6 +92,9 @@ func (c *Config) dataplaneProblems(p *problems) {
 		}
 	default:
 		p.Addf("dataplane", "%q is not a data plane; use builtin or envoy (or none: serve xDS only, data planes run elsewhere)", c.Dataplane)
+	}
+	if c.Envoy.XDSProtocol != "delta" && c.Envoy.XDSProtocol != "sotw" {
+		p.Addf("envoy.xdsProtocol", "%q is not an xDS protocol; use delta (the default) or sotw", c.Envoy.XDSProtocol)
 	}
 	if c.Envoy.DrainTime < 0 {
 		p.Addf("envoy.drainTime", "%v is negative; use a duration such as 30s", c.Envoy.DrainTime)

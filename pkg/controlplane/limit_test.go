@@ -61,7 +61,7 @@ func TestResponseEstimateBoundsTheRealResponse(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		estimate += responseBytes(resource.ClusterType, raw, c.Name)
+		estimate += responseBytes(resource.ClusterType, len(raw), c.Name)
 		a := &anypb.Any{TypeUrl: resource.ClusterType, Value: raw}
 		sotw.Resources = append(sotw.Resources, a)
 		delta.Resources = append(delta.Resources, &discovery.Resource{Name: c.Name, Version: strings.Repeat("0", 64), Resource: a})

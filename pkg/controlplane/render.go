@@ -112,10 +112,12 @@ type BootstrapOptions struct {
 	XDSSocket string
 	// AdminAddress is Envoy's admin host:port (keep it on loopback).
 	AdminAddress string
+	// SotW subscribes with state-of-the-world ADS instead of delta ADS.
+	SotW bool
 }
 
 // Bootstrap is an Envoy bootstrap that takes everything from the daemon over ADS, on the
-// daemon's Unix socket.
+// daemon's Unix socket: delta ADS, unless o.SotW.
 func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 	if !filepath.IsAbs(o.XDSSocket) {
 		return nil, fmt.Errorf("xds socket %q: need an absolute path", o.XDSSocket)
@@ -129,11 +131,15 @@ func Bootstrap(o BootstrapOptions) (*bootstrap.Bootstrap, error) {
 			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
 		},
 	}})
+	api := core.ApiConfigSource_DELTA_GRPC
+	if o.SotW {
+		api = core.ApiConfigSource_GRPC
+	}
 	b := &bootstrap.Bootstrap{
 		Node: &core.Node{Id: o.NodeID, Cluster: o.NodeCluster},
 		DynamicResources: &bootstrap.Bootstrap_DynamicResources{
 			AdsConfig: &core.ApiConfigSource{
-				ApiType:             core.ApiConfigSource_GRPC,
+				ApiType:             api,
 				TransportApiVersion: core.ApiVersion_V3,
 				GrpcServices: []*core.GrpcService{{TargetSpecifier: &core.GrpcService_EnvoyGrpc_{
 					EnvoyGrpc: &core.GrpcService_EnvoyGrpc{

@@ -325,6 +325,7 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 		},
 		StreamResponseFunc: func(_ context.Context, _ int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
 			s.metrics.pushes.WithLabelValues(TypeName(r.GetTypeUrl())).Inc()
+			s.metrics.resources.WithLabelValues(TypeName(r.GetTypeUrl())).Add(float64(len(r.GetResources())))
 			s.mu.Lock()
 			if len(s.sent) > 10000 { // a client that never answers must not grow this forever
 				clear(s.sent)
@@ -345,22 +346,17 @@ func (s *Server) callbacks() serverv3.CallbackFuncs {
 		},
 		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
 			s.metrics.pushes.WithLabelValues(TypeName(r.GetTypeUrl())).Inc()
+			s.metrics.resources.WithLabelValues(TypeName(r.GetTypeUrl())).Add(float64(len(r.GetResources()) + len(r.GetRemovedResources())))
 			s.mu.Lock()
 			if len(s.nonces) > 10000 { // a client that never answers must not grow this forever
 				clear(s.nonces)
 			}
-			s.nonces[r.GetNonce()] = s.versionOf(r.GetTypeUrl())
+			// The snapshot's version of the type the response brings the client to (the cache
+			// sets it), even if a newer snapshot was set meanwhile.
+			s.nonces[r.GetNonce()] = r.GetSystemVersionInfo()
 			s.mu.Unlock()
 		},
 	}
-}
-
-// versionOf is the current version of a type; callers hold s.mu.
-func (s *Server) versionOf(typeURL string) string {
-	if s.current == nil {
-		return ""
-	}
-	return s.current.Cache.GetVersion(typeURL)
 }
 
 // TypeName shortens an xDS type URL for logs, errors and metric labels: "listener", "route",
@@ -384,6 +380,7 @@ func TypeName(typeURL string) string {
 type xdsMetrics struct {
 	clients      prometheus.Gauge
 	pushes       *prometheus.CounterVec
+	resources    *prometheus.CounterVec
 	nacks        *prometheus.CounterVec
 	foreignNacks *prometheus.CounterVec
 	info         *prometheus.GaugeVec
@@ -395,7 +392,9 @@ func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
 	m := &xdsMetrics{
 		clients: prometheus.NewGauge(prometheus.GaugeOpts{Name: "fwdproxy_xds_connected_clients", Help: "xDS streams currently open."}),
 		pushes:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_pushes_total", Help: "xDS responses sent, by resource type."}, []string{"type"}),
-		nacks:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_nacks_total", Help: "xDS responses rejected by this instance's data plane, by resource type."}, []string{"type"}),
+		resources: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_resources_sent_total",
+			Help: "Resources carried by xDS responses (delta: changed and removed ones; state of the world: all), by resource type."}, []string{"type"}),
+		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_nacks_total", Help: "xDS responses rejected by this instance's data plane, by resource type."}, []string{"type"}),
 		foreignNacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_xds_foreign_nacks_total",
 			Help: "xDS responses rejected by clients that are not this instance's data plane (not alerted on), by resource type."}, []string{"type"}),
 		info: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fwdproxy_snapshot_info",
@@ -405,11 +404,12 @@ func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
 	}
 	for _, t := range []string{"listener", "route", "cluster", "endpoint", "secret"} {
 		m.pushes.WithLabelValues(t)
+		m.resources.WithLabelValues(t)
 		m.nacks.WithLabelValues(t)
 		m.foreignNacks.WithLabelValues(t)
 	}
 	if reg != nil {
-		reg.MustRegister(m.clients, m.pushes, m.nacks, m.foreignNacks, m.info, m.updates, m.snapTime)
+		reg.MustRegister(m.clients, m.pushes, m.resources, m.nacks, m.foreignNacks, m.info, m.updates, m.snapTime)
 	}
 	return m
 }

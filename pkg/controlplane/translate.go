@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -144,23 +145,48 @@ func StatPrefix(port uint32) string { return "outbound_" + strconv.Itoa(int(port
 func ClusterStatName(name string) string { return strings.ReplaceAll(name, ".", "_") }
 
 // Translate builds the listeners, routes, clusters and endpoints for cat, best effort: a service
-// it cannot place (one that breaks the catalog's rules or collides with an earlier one, since a
-// catalog may slip past validation, or one that no gateway with a known address reaches) is left
-// out and listed in Resources.Skipped, and every other service is translated. The error is for
-// what no one service causes (a bad listen address); then there are no resources.
+// that cannot be placed is left out and listed in Resources.Skipped. See Translator.Translate.
 func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
+	return new(Translator).Translate(cat, opts)
+}
+
+// Translator is Translate with a memory of its last call: a service whose definition is
+// unchanged, under unchanged options, gets the very same resource objects back, so a rebuild of a
+// large catalog costs what changed (the Builder skips resources it has digested before). The
+// result is the same as Translate's. Safe for one goroutine; the resources it returns must not be
+// modified (they are shared with later results).
+type Translator struct {
+	opts     Options
+	services map[string]*translated // by host
+}
+
+// translated is one service's share of the resources.
+type translated struct {
+	svc       catalog.Service // a copy, to tell whether the next call's service is the same
+	noGateway error
+	clusters  []*cluster.Cluster
+	endpoints []*endpoint.ClusterLoadAssignment
+	tcp       map[uint32]*listener.Listener
+	vhosts    map[uint32][]*route.VirtualHost
+}
+
+// Translate is the package's Translate, reusing what an unchanged service translated to last time.
+func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	if _, err := netip.ParseAddr(opts.ListenAddress); err != nil {
 		return nil, fmt.Errorf("listen address %q: %v", opts.ListenAddress, err)
+	}
+	peerHeaders, err := peerMetadataHeaders(opts.PeerMetadata)
+	if err != nil {
+		return nil, err
+	}
+	if t.services == nil || !reflect.DeepEqual(t.opts, opts) {
+		t.opts, t.services = opts, map[string]*translated{}
 	}
 	res := &Resources{}
 	services := placeable(cat, res)
 	gateways := map[string]Gateway{}
 	for _, g := range opts.Gateways {
 		gateways[g.Name] = g
-	}
-	peerHeaders, err := peerMetadataHeaders(opts.PeerMetadata)
-	if err != nil {
-		return nil, err
 	}
 	type httpPort struct {
 		port  uint32
@@ -170,34 +196,27 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	httpPorts := map[uint32]*httpPort{}
 	tcpPorts := map[uint32]*listener.Listener{}
 	httpUsed, tcpOwner := map[uint32]bool{}, map[uint32]string{}
+	next := make(map[string]*translated, len(services))
 	for i := range services {
 		svc := &services[i]
-		eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
-		if err != nil {
-			res.skip(svc.Host, SkipNoGatewayAddress, err.Error())
+		out := t.services[svc.Host]
+		if out == nil || !reflect.DeepEqual(&out.svc, svc) {
+			out = translateService(svc, opts, gateways)
+		}
+		next[svc.Host] = out
+		if out.noGateway != nil {
+			res.skip(svc.Host, SkipNoGatewayAddress, out.noGateway.Error())
 			continue
 		}
 		if err := portConflict(svc, httpUsed, tcpOwner); err != nil {
 			res.skip(svc.Host, SkipConflict, err.Error())
 			continue
 		}
+		res.Clusters = append(res.Clusters, out.clusters...)
+		res.Endpoints = append(res.Endpoints, out.endpoints...)
 		for _, p := range svc.Ports {
-			subsets := []string{""}
-			if p.Protocol.IsHTTP() {
-				for _, s := range svc.Subsets {
-					subsets = append(subsets, s.Name)
-				}
-			}
-			for _, subset := range subsets {
-				name := ClusterName(p.Number, subset, svc.Host)
-				res.Clusters = append(res.Clusters, buildCluster(name, svc, p, subset, opts))
-				res.Endpoints = append(res.Endpoints, &endpoint.ClusterLoadAssignment{
-					ClusterName: name,
-					Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: eps}},
-				})
-			}
 			if !p.Protocol.IsHTTP() {
-				tcpPorts[p.Number] = tcpListener(svc, p, opts)
+				tcpPorts[p.Number] = out.tcp[p.Number]
 				tcpOwner[p.Number] = svc.Host
 				continue
 			}
@@ -207,10 +226,11 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				hp = &httpPort{port: p.Number}
 				httpPorts[p.Number] = hp
 			}
-			hp.hosts = append(hp.hosts, virtualHosts(svc, p)...)
+			hp.hosts = append(hp.hosts, out.vhosts[p.Number]...)
 			hp.rbac = hp.rbac || len(svc.AllowedClients) > 0
 		}
 	}
+	t.services = next
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
 		rc := &route.RouteConfiguration{
@@ -227,13 +247,12 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
 		}
 		res.Routes = append(res.Routes, rc)
-		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, opts))
+		l := httpListener(hp.port, hp.rbac, opts)
+		limitConnections(l, opts.Limits)
+		res.Listeners = append(res.Listeners, l)
 	}
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
-	}
-	for _, l := range res.Listeners {
-		limitConnections(l, opts.Limits)
 	}
 	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
@@ -241,6 +260,47 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
 	res.sortSkipped()
 	return res, nil
+}
+
+// translateService builds one service's clusters, endpoints, TCP listeners and virtual hosts.
+// It depends on the service and the options alone, which is what lets a Translator reuse it.
+func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway) *translated {
+	out := &translated{svc: svc.Clone()}
+	eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
+	if err != nil {
+		out.noGateway = err
+		return out
+	}
+	for _, p := range svc.Ports {
+		subsets := []string{""}
+		if p.Protocol.IsHTTP() {
+			for _, s := range svc.Subsets {
+				subsets = append(subsets, s.Name)
+			}
+		}
+		for _, subset := range subsets {
+			name := ClusterName(p.Number, subset, svc.Host)
+			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, opts))
+			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
+				ClusterName: name,
+				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: eps}},
+			})
+		}
+		if !p.Protocol.IsHTTP() {
+			if out.tcp == nil {
+				out.tcp = map[uint32]*listener.Listener{}
+			}
+			l := tcpListener(svc, p, opts)
+			limitConnections(l, opts.Limits)
+			out.tcp[p.Number] = l
+			continue
+		}
+		if out.vhosts == nil {
+			out.vhosts = map[uint32][]*route.VirtualHost{}
+		}
+		out.vhosts[p.Number] = virtualHosts(svc, p)
+	}
+	return out
 }
 
 // serviceEndpoints lists the gateway endpoints that reach svc: its named gateways, or all. A

@@ -56,8 +56,10 @@ type Daemon struct {
 	kube *kubeGateways
 
 	metrics *daemonMetrics
-	// builder remembers validated resources between rebuilds; only rebuildLoop uses it.
-	builder controlplane.Builder
+	// translator and builder remember the last rebuild, so the next costs what changed; only
+	// rebuildLoop uses them.
+	translator controlplane.Translator
+	builder    controlplane.Builder
 
 	// tuneDataplane, when set (by tests), edits the built-in data plane's options.
 	tuneDataplane func(*dataplane.Options)
@@ -227,7 +229,7 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	if len(opts.Gateways) == 0 {
 		return d.setErr(errors.New("no east-west gateway address resolved yet"))
 	}
-	res, err := controlplane.Translate(cat, opts)
+	res, err := d.translator.Translate(cat, opts)
 	if err != nil {
 		return d.setErr(fmt.Errorf("translate: %w", err))
 	}

@@ -42,6 +42,7 @@ func (d *Daemon) startDataplane(ctx context.Context, g *errgroup.Group) error {
 			AdminAddress:  d.cfg.Envoy.AdminAddress,
 			DrainTime:     d.cfg.Envoy.DrainTime,
 			Args:          d.cfg.Envoy.Args,
+			SotW:          d.cfg.Envoy.XDSProtocol == "sotw",
 			Log:           d.log.With("component", "envoy"),
 		}
 		if err := p.WriteBootstrap(d.cfg.Node.ID, d.cfg.Node.Cluster, socket); err != nil {
@@ -92,7 +93,9 @@ type envoyProcess struct {
 	AdminAddress  string
 	DrainTime     time.Duration
 	Args          []string
-	Log           *slog.Logger
+	// SotW has Envoy subscribe with state-of-the-world ADS (envoy.xdsProtocol: sotw).
+	SotW bool
+	Log  *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait before a restart; defaults 1s and 30s.
 	MinBackoff, MaxBackoff time.Duration
 	// StopTimeout is how long Envoy may take to exit after SIGTERM; default 10s.
@@ -105,7 +108,7 @@ type envoyProcess struct {
 // no secret (certificates come over SDS), so it is world-readable.
 func (p *envoyProcess) WriteBootstrap(nodeID, nodeCluster, xdsSocket string) error {
 	b, err := controlplane.Bootstrap(controlplane.BootstrapOptions{
-		NodeID: nodeID, NodeCluster: nodeCluster, XDSSocket: xdsSocket, AdminAddress: p.AdminAddress,
+		NodeID: nodeID, NodeCluster: nodeCluster, XDSSocket: xdsSocket, AdminAddress: p.AdminAddress, SotW: p.SotW,
 	})
 	if err != nil {
 		return fmt.Errorf("envoy bootstrap: %w", err)

@@ -19,6 +19,7 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	directresponse "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/direct_response/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -452,4 +453,64 @@ func TestSubsetHostAndRouteTimeout(t *testing.T) {
 	if n := counter(t, e.dp.metrics.requests.WithLabelValues(cl, "504")); n != 1 {
 		t.Errorf("requests_total{504} = %v", n)
 	}
+}
+
+// Delta xDS: a removed service's listener and cluster go away, a change to one service brings
+// only its resources, and resources removed while the data plane was disconnected are removed
+// when it reconnects (it tells the control plane what it holds).
+func TestDeltaChangesAndRemovals(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := newEnvWith(t, 0, nil)
+	e.cp = controlplane.NewServer(testLog(t), reg)
+	e.grpc.Stop()
+	e.startControlPlane(e.cpAddr)
+	mesh := newMeshServer(t, e.ca, reviewsID, true)
+	svc := func(host string, p uint32) catalog.Service {
+		return catalog.Service{Host: host, Ports: []catalog.Port{{Number: p, Protocol: catalog.TCP}}, Identities: []string{reviewsID}}
+	}
+	pa, pb, pc := freePort(t), freePort(t), freePort(t)
+	a, b, c := svc("a.default.svc.cluster.local", pa), svc("b.default.svc.cluster.local", pb), svc("c.default.svc.cluster.local", pc)
+	opts := e.options(mesh.addr)
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{a, b}}, opts, nil)
+	sent := func() float64 { // resources sent so far, all types
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		total := 0.0
+		for _, mf := range mfs {
+			if mf.GetName() == "fwdproxy_xds_resources_sent_total" {
+				for _, m := range mf.GetMetric() {
+					total += m.GetCounter().GetValue()
+				}
+			}
+		}
+		return total
+	}
+	before := sent()
+	b.Identities = []string{reviewsID, "spiffe://cluster.local/ns/default/sa/other"}
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{a, b}}, opts, nil)
+	// b's cluster, and its endpoints, which are versioned with their cluster so that Envoy's
+	// updated cluster gets them and finishes warming; b's listener and a are unchanged.
+	if n := sent() - before; n != 2 {
+		t.Errorf("a change to one cluster sent %v resources; want 2", n)
+	}
+
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{a}}, opts, nil)
+	st := e.dp.Status()
+	if len(st.Listeners) != 1 || len(st.Clusters) != 1 {
+		t.Fatalf("after removing b: listeners %v, clusters %v", st.Listeners, st.Clusters)
+	}
+
+	e.grpc.Stop()
+	eventually(t, "the data plane to notice", func() bool { return !e.dp.Status().Connected })
+	e.push(&catalog.Catalog{Services: []catalog.Service{c}}, opts, nil) // a removed meanwhile
+	e.startControlPlane(e.cpAddr)
+	eventually(t, "a's listener removed and c's added after the reconnect", func() bool {
+		st := e.dp.Status()
+		_, hasC := st.Listeners[controlplane.ListenerName("127.0.0.1", pc)]
+		return len(st.Listeners) == 1 && hasC && len(st.Clusters) == 1 && st.Ready
+	})
+	conn := dialTCP(t, pc)
+	conn.line(t)
 }

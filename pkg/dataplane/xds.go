@@ -34,12 +34,15 @@ type subscription struct {
 	typeURL  string
 	wildcard bool     // LDS and CDS: everything
 	names    []string // RDS, EDS, SDS: what the accepted listeners and clusters reference
-	version  string   // last accepted
-	nonce    string   // last received on this stream
-	// rejected is the last version rejected and repeats how often it came back in a row: a
-	// control plane answers a NACK with the same response, so repeated NACKs are slowed down.
-	rejected string
-	repeats  int
+	version  string   // the control plane's version of the type when last accepted
+	// accepted are the resources accepted, by name: on a new stream their versions tell the
+	// control plane what to leave out, and listeners and clusters are applied as a whole set.
+	accepted map[string]acceptedResource
+}
+
+type acceptedResource struct {
+	version string
+	msg     proto.Message
 }
 
 // Requests go out in Envoy's order: clusters before their endpoints, listeners before routes.
@@ -48,7 +51,7 @@ var typeOrder = []string{resource.ClusterType, resource.EndpointType, resource.S
 func newSubscriptions() map[string]*subscription {
 	m := map[string]*subscription{}
 	for _, t := range typeOrder {
-		m[t] = &subscription{typeURL: t, wildcard: t == resource.ListenerType || t == resource.ClusterType}
+		m[t] = &subscription{typeURL: t, wildcard: t == resource.ListenerType || t == resource.ClusterType, accepted: map[string]acceptedResource{}}
 	}
 	return m
 }
@@ -93,7 +96,7 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-		// One state-of-the-world response carries every resource of its type: gRPC's default
+		// The first response of a stream carries every resource of its type: gRPC's default
 		// 4 MiB receive limit is a catalog of about 3,500 services. The control plane never
 		// builds a response over xdslimit.MaxMessageBytes, so taking that much means every
 		// configuration it can produce is received.
@@ -157,34 +160,39 @@ func (dp *DataPlane) setConnected(v bool) {
 	}
 }
 
-// session runs one ADS stream; progressed reports whether any response arrived.
+// session runs one delta ADS stream; progressed reports whether any response arrived. Delta
+// xDS sends what changed (and what was removed) rather than every resource of a type, so a change
+// to one service costs its own resources on the wire and here.
 func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedDiscoveryServiceClient) (progressed bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := client.StreamAggregatedResources(ctx)
+	stream, err := client.DeltaAggregatedResources(ctx)
 	if err != nil {
 		return false, err
 	}
 	node := &core.Node{Id: dp.opts.NodeID, Cluster: dp.opts.NodeCluster, UserAgentName: "fwdproxy-dataplane"}
-	send := func(s *subscription, nackErr error) error {
-		req := &discoverypb.DiscoveryRequest{
-			VersionInfo: s.version, Node: node, TypeUrl: s.typeURL, ResponseNonce: s.nonce,
-		}
-		if !s.wildcard {
-			req.ResourceNames = s.names
-		}
-		if nackErr != nil {
-			req.ErrorDetail = &statuspb.Status{Code: int32(codes.InvalidArgument), Message: nackErr.Error()}
+	send := func(req *discoverypb.DeltaDiscoveryRequest) error {
+		if node != nil { // the node goes on the stream's first request only
+			req.Node, node = node, nil
 		}
 		return stream.Send(req)
 	}
 	for _, t := range typeOrder {
 		s := dp.subs[t]
-		s.nonce = ""
-		if s.wildcard || len(s.names) > 0 {
-			if err := send(s, nil); err != nil {
-				return false, err
-			}
+		req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t, InitialResourceVersions: map[string]string{}}
+		for name, r := range s.accepted {
+			req.InitialResourceVersions[name] = r.version
+		}
+		switch {
+		case s.wildcard:
+			req.ResourceNamesSubscribe = []string{"*"}
+		case len(s.names) > 0:
+			req.ResourceNamesSubscribe = s.names
+		default:
+			continue
+		}
+		if err := send(req); err != nil {
+			return false, err
 		}
 	}
 	for {
@@ -202,49 +210,54 @@ func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedD
 			dp.log.Warn("ignoring a response of a type never requested", "type", resp.GetTypeUrl())
 			continue
 		}
-		s.nonce = resp.GetNonce()
-		applyErr := dp.apply(resp)
-		switch {
-		case applyErr != nil && resp.GetVersionInfo() == s.rejected && s.rejected != "":
-			// The same rejected config again: NACK it again, but not in a tight loop.
-			s.repeats++
-			wait := min(250*time.Millisecond<<min(s.repeats-1, 8), 5*time.Second)
-			select {
-			case <-ctx.Done():
-				return progressed, ctx.Err()
-			case <-time.After(wait):
-			}
-		case applyErr != nil:
-			s.rejected, s.repeats = resp.GetVersionInfo(), 0
+		applyErr := dp.applyDelta(s, resp)
+		if applyErr != nil {
 			dp.metrics.xdsRejections.WithLabelValues(typeName(s.typeURL)).Inc()
 			dp.mu.Lock()
 			dp.lastNACK = applyErr.Error()
 			dp.mu.Unlock()
 			dp.log.Error("rejected configuration from the control plane; keeping the last good one",
-				"type", typeName(s.typeURL), "version", resp.GetVersionInfo(), "error", applyErr)
-		default:
+				"type", typeName(s.typeURL), "version", resp.GetSystemVersionInfo(), "error", applyErr)
+		} else {
 			dp.mu.Lock() // Status reads versions
-			s.version = resp.GetVersionInfo()
+			s.version = resp.GetSystemVersionInfo()
 			dp.mu.Unlock()
-			s.rejected, s.repeats = "", 0
-			dp.log.Debug("applied configuration", "type", typeName(s.typeURL), "version", s.version, "resources", len(resp.GetResources()))
+			dp.log.Debug("applied configuration", "type", typeName(s.typeURL), "version", s.version,
+				"changed", len(resp.GetResources()), "removed", len(resp.GetRemovedResources()))
 		}
-		if err := send(s, applyErr); err != nil {
+		ack := &discoverypb.DeltaDiscoveryRequest{TypeUrl: s.typeURL, ResponseNonce: resp.GetNonce()}
+		if applyErr != nil {
+			ack.ErrorDetail = &statuspb.Status{Code: int32(codes.InvalidArgument), Message: applyErr.Error()}
+		}
+		if err := send(ack); err != nil {
 			return progressed, err
 		}
-		// Accepted listeners and clusters may reference new routes, endpoints and secrets.
+		// Accepted listeners and clusters may reference other routes, endpoints and secrets.
 		for _, t := range typeOrder {
 			sub := dp.subs[t]
 			if sub.wildcard {
 				continue
 			}
 			want := dp.wanted(t)
-			if !slices.Equal(want, sub.names) {
-				sub.names = want
-				dp.prune(t, want)
-				if err := send(sub, nil); err != nil {
-					return progressed, err
+			if slices.Equal(want, sub.names) {
+				continue
+			}
+			req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t}
+			for _, n := range want {
+				if _, ok := slices.BinarySearch(sub.names, n); !ok {
+					req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, n)
 				}
+			}
+			for _, n := range sub.names {
+				if _, ok := slices.BinarySearch(want, n); !ok {
+					req.ResourceNamesUnsubscribe = append(req.ResourceNamesUnsubscribe, n)
+					delete(sub.accepted, n)
+				}
+			}
+			sub.names = want
+			dp.prune(t, want)
+			if err := send(req); err != nil {
+				return progressed, err
 			}
 		}
 		dp.updateReady()
@@ -337,64 +350,116 @@ func (dp *DataPlane) updateReady() {
 	dp.mu.Unlock()
 }
 
-// decode unpacks a response's resources into T, checking each one's type.
-func decode[T proto.Message](resp *discoverypb.DiscoveryResponse, newT func() T) ([]T, error) {
-	out := make([]T, 0, len(resp.GetResources()))
-	for i, a := range resp.GetResources() {
-		if a.GetTypeUrl() == resource.APITypePrefix+"envoy.service.discovery.v3.Resource" {
-			r := &discoverypb.Resource{}
-			if err := a.UnmarshalTo(r); err != nil {
-				return nil, fmt.Errorf("resources[%d]: %v", i, err)
-			}
-			a = r.GetResource()
-		}
-		if a.GetTypeUrl() != resp.GetTypeUrl() {
-			return nil, fmt.Errorf("resources[%d]: type %s in a %s response", i, a.GetTypeUrl(), resp.GetTypeUrl())
-		}
-		m := newT()
-		if err := anypb.UnmarshalTo(a, m, proto.UnmarshalOptions{}); err != nil {
-			return nil, fmt.Errorf("resources[%d]: cannot decode %s: %v", i, a.GetTypeUrl(), err)
-		}
-		out = append(out, m)
+// decodeResource unpacks one resource of a response, checking its type.
+func decodeResource(typeURL string, r *discoverypb.Resource) (proto.Message, error) {
+	a := r.GetResource()
+	if a == nil {
+		return nil, fmt.Errorf("resource %q: no content", r.GetName())
 	}
-	return out, nil
+	if a.GetTypeUrl() != typeURL {
+		return nil, fmt.Errorf("resource %q: type %s in a %s response", r.GetName(), a.GetTypeUrl(), typeURL)
+	}
+	var m proto.Message
+	switch typeURL {
+	case resource.ListenerType:
+		m = &listener.Listener{}
+	case resource.RouteType:
+		m = &route.RouteConfiguration{}
+	case resource.ClusterType:
+		m = &clusterpb.Cluster{}
+	case resource.EndpointType:
+		m = &endpoint.ClusterLoadAssignment{}
+	case resource.SecretType:
+		m = &tlsv3.Secret{}
+	default:
+		return nil, fmt.Errorf("resource type %s is not supported", typeURL)
+	}
+	if err := anypb.UnmarshalTo(a, m, proto.UnmarshalOptions{}); err != nil {
+		return nil, fmt.Errorf("resource %q: cannot decode %s: %v", r.GetName(), typeURL, err)
+	}
+	return m, nil
 }
 
-// apply checks a whole response and applies it only if every resource is acceptable.
-func (dp *DataPlane) apply(resp *discoverypb.DiscoveryResponse) error {
-	switch resp.GetTypeUrl() {
-	case resource.ListenerType:
-		ls, err := decode(resp, func() *listener.Listener { return &listener.Listener{} })
+// applyDelta checks a response's changes and applies them only if every resource is acceptable:
+// listeners and clusters as the whole set they make with what was accepted before, routes,
+// endpoints and secrets one by one (each is looked up by name).
+func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscoveryResponse) error {
+	changed := make(map[string]acceptedResource, len(resp.GetResources()))
+	var errs []error
+	for _, r := range resp.GetResources() {
+		m, err := decodeResource(s.typeURL, r)
 		if err != nil {
-			return err
+			errs = append(errs, err)
+			continue
 		}
-		return dp.applyListeners(ls)
-	case resource.RouteType:
-		rs, err := decode(resp, func() *route.RouteConfiguration { return &route.RouteConfiguration{} })
-		if err != nil {
-			return err
-		}
-		return dp.applyRoutes(rs)
-	case resource.ClusterType:
-		cs, err := decode(resp, func() *clusterpb.Cluster { return &clusterpb.Cluster{} })
-		if err != nil {
-			return err
-		}
-		return dp.applyClusters(cs)
-	case resource.EndpointType:
-		es, err := decode(resp, func() *endpoint.ClusterLoadAssignment { return &endpoint.ClusterLoadAssignment{} })
-		if err != nil {
-			return err
-		}
-		return dp.applyEndpoints(es)
-	case resource.SecretType:
-		ss, err := decode(resp, func() *tlsv3.Secret { return &tlsv3.Secret{} })
-		if err != nil {
-			return err
-		}
-		return dp.applySecrets(ss)
+		changed[r.GetName()] = acceptedResource{version: r.GetVersion(), msg: m}
 	}
-	return fmt.Errorf("resource type %s is not supported", resp.GetTypeUrl())
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	next := changed
+	if s.wildcard {
+		next = maps.Clone(s.accepted)
+		for _, n := range resp.GetRemovedResources() {
+			delete(next, n)
+		}
+		maps.Copy(next, changed)
+	}
+	msgs := make([]proto.Message, 0, len(next))
+	for _, name := range slices.Sorted(maps.Keys(next)) {
+		msgs = append(msgs, next[name].msg)
+	}
+	var err error
+	switch s.typeURL {
+	case resource.ListenerType:
+		err = dp.applyListeners(typed[*listener.Listener](msgs))
+	case resource.RouteType:
+		err = dp.applyRoutes(typed[*route.RouteConfiguration](msgs))
+	case resource.ClusterType:
+		err = dp.applyClusters(typed[*clusterpb.Cluster](msgs))
+	case resource.EndpointType:
+		err = dp.applyEndpoints(typed[*endpoint.ClusterLoadAssignment](msgs))
+	case resource.SecretType:
+		err = dp.applySecrets(typed[*tlsv3.Secret](msgs))
+	}
+	if err != nil {
+		return err
+	}
+	if s.wildcard {
+		s.accepted = next
+		return nil
+	}
+	maps.Copy(s.accepted, changed)
+	if removed := resp.GetRemovedResources(); len(removed) > 0 {
+		for _, n := range removed {
+			delete(s.accepted, n)
+		}
+		dp.remove(s.typeURL, removed)
+	}
+	return nil
+}
+
+func typed[T proto.Message](ms []proto.Message) []T {
+	out := make([]T, len(ms))
+	for i, m := range ms {
+		out[i] = m.(T)
+	}
+	return out
+}
+
+// remove forgets routes, endpoints or secrets the control plane removed.
+func (dp *DataPlane) remove(typeURL string, names []string) {
+	gone := map[string]bool{}
+	for _, n := range names {
+		gone[n] = true
+	}
+	var keep []string
+	for _, n := range dp.subs[typeURL].names {
+		if !gone[n] {
+			keep = append(keep, n)
+		}
+	}
+	dp.prune(typeURL, keep)
 }
 
 func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
