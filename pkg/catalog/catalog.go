@@ -54,6 +54,8 @@ type Service struct {
 	AllowedClients []string `yaml:"allowedClients,omitempty" json:"allowedClients,omitempty"`
 	// Gateways names the east-west gateways that reach the service; empty means all of them.
 	Gateways []string `yaml:"gateways,omitempty" json:"gateways,omitempty"`
+	// Transcoding serves the service's gRPC methods to REST/JSON clients (transcoding.go).
+	Transcoding *Transcoding `yaml:"transcoding,omitempty" json:"transcoding,omitempty"`
 }
 
 // Port is one service port.
@@ -116,8 +118,11 @@ func Parse(file string, data []byte, opts Options) (*Catalog, error) {
 	case null:
 		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
+	var p strictyaml.Problems
+	c.loadDescriptors(file, &p)
 	// Validate before normalizing so field paths match the file's own order.
-	if err := c.Problems(opts).In(doc); err != nil {
+	p = append(p, c.Problems(opts)...)
+	if err := p.In(doc); err != nil {
 		return nil, err
 	}
 	c.Normalize()
@@ -156,6 +161,10 @@ func (c *Catalog) Normalize() {
 		s.AllowedClients = slices.Compact(s.AllowedClients)
 		slices.Sort(s.Gateways)
 		s.Gateways = slices.Compact(s.Gateways)
+		if s.Transcoding != nil {
+			slices.Sort(s.Transcoding.Services)
+			s.Transcoding.Services = slices.Compact(s.Transcoding.Services)
+		}
 	}
 	slices.SortFunc(c.Services, func(a, b Service) int { return strings.Compare(a.Host, b.Host) })
 }
@@ -294,6 +303,7 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 				p.Addf(cf, "%q has host bits set; did you mean %s? (for the one address write %s/%d)", cidr, pfx.Masked(), pfx.Addr(), pfx.Addr().BitLen())
 			}
 		}
+		transcodingProblems(f, &s, &p)
 		for j, g := range s.Gateways {
 			if opts.Gateways != nil && !slices.Contains(opts.Gateways, g) {
 				p.Addf(fmt.Sprintf("%s.gateways[%d]", f, j), "unknown gateway %q; configured gateways: %s", g, strings.Join(opts.Gateways, ", "))
@@ -333,6 +343,7 @@ func (s Service) Clone() Service {
 	s.Identities = slices.Clone(s.Identities)
 	s.AllowedClients = slices.Clone(s.AllowedClients)
 	s.Gateways = slices.Clone(s.Gateways)
+	s.Transcoding = s.Transcoding.clone()
 	subsets := make([]Subset, len(s.Subsets))
 	for i, sub := range s.Subsets {
 		subsets[i] = Subset{Name: sub.Name, Hosts: slices.Clone(sub.Hosts)}

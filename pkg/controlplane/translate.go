@@ -163,9 +163,10 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 		return nil, err
 	}
 	type httpPort struct {
-		port  uint32
-		hosts []*route.VirtualHost
-		rbac  bool
+		port      uint32
+		hosts     []*route.VirtualHost
+		rbac      bool
+		transcode bool
 	}
 	httpPorts := map[uint32]*httpPort{}
 	tcpPorts := map[uint32]*listener.Listener{}
@@ -207,7 +208,11 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				hp = &httpPort{port: p.Number}
 				httpPorts[p.Number] = hp
 			}
-			hp.hosts = append(hp.hosts, virtualHosts(svc, p)...)
+			vhs := virtualHosts(svc, p)
+			for _, v := range vhs {
+				hp.transcode = transcodeVirtualHost(v, svc, p) || hp.transcode
+			}
+			hp.hosts = append(hp.hosts, vhs...)
 			hp.rbac = hp.rbac || len(svc.AllowedClients) > 0
 		}
 	}
@@ -227,7 +232,7 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
 		}
 		res.Routes = append(res.Routes, rc)
-		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, opts))
+		res.Listeners = append(res.Listeners, httpListener(hp.port, hp.rbac, hp.transcode, opts))
 	}
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
@@ -468,7 +473,7 @@ func noInternalAddresses() *hcm.HttpConnectionManager_InternalAddressConfig {
 	}}
 }
 
-func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
+func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, port)
 	var httpFilters []*hcm.HttpFilter
 	if rbac {
@@ -478,6 +483,10 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 			Name:       HTTPRBACFilter,
 			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttp.RBAC{})},
 		})
+	}
+	if transcode {
+		// After RBAC: a refused client is refused before its JSON is read.
+		httpFilters = append(httpFilters, transcoderHTTPFilter())
 	}
 	httpFilters = append(httpFilters, &hcm.HttpFilter{
 		Name: wellknown.Router,
