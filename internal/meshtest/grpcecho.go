@@ -20,7 +20,6 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
-	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // GRPC is a sidecar whose application is the Echo gRPC service (testdata/echo.proto), served
@@ -192,11 +191,12 @@ func (s *EchoServer) unary(ctx context.Context, md protoreflect.MethodDescriptor
 		setField(item, "display_name", protoreflect.ValueOfString("item "+id))
 		setField(item, "size", protoreflect.ValueOfInt64(int64(len(id))))
 		setField(item, "kind", field(in, "kind"))
-		if in.Has(in.Descriptor().Fields().ByName("tags")) {
-			setField(item, "tags", field(in, "tags"))
+		src, dst := field(in, "tags").List(), item.Mutable(item.Descriptor().Fields().ByName("tags")).List()
+		for i := range src.Len() {
+			dst.Append(src.Get(i))
 		}
 		if l := in.Descriptor().Fields().ByName("limit"); in.Has(l) {
-			setField(item, "limit", protoreflect.ValueOfMessage(wrapperspb.Int32(int32(in.Get(l).Message().Get(l.Message().Fields().ByName("value")).Int())).ProtoReflect()))
+			setField(item, "limit", in.Get(l))
 		}
 	case "CreateItem":
 		if f := in.Descriptor().Fields().ByName("item"); in.Has(f) {
@@ -232,4 +232,10 @@ func (s *EchoServer) list(stream grpc.ServerStream, md protoreflect.MethodDescri
 		}
 	}
 	return nil
+}
+
+// EchoFile is the compiled testdata/echo.proto.
+func EchoFile() (protoreflect.FileDescriptor, error) {
+	fd, _, err := echoFile()
+	return fd, err
 }

@@ -338,7 +338,9 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.served.Add(1)
-	_, _ = io.Copy(io.Discard, r.Body)
+	if s.echo == nil {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}
 	// What an Istio sidecar's inbound connection manager does (APPEND_FORWARD, with subject, URI
 	// and DNS): the application sees the caller's XFCC, if any, then the sidecar's own entry.
 	xfcc := XFCCEntry(s.opts.SPIFFEID, mc.peer)
