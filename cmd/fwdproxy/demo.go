@@ -42,6 +42,9 @@ const (
 	demoProductpageID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
 	demoReviewsID     = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
 	demoEchoID        = "spiffe://cluster.local/ns/demo/sa/echo"
+	// The gRPC service transcoded for REST/JSON clients, on the HTTP port (routed by Host).
+	demoItemsHost = "items.demo.svc.cluster.local"
+	demoItemsID   = "spiffe://cluster.local/ns/demo/sa/items"
 )
 
 func demoCmd(args []string) error {
@@ -124,6 +127,8 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 			meshtest.Target{Host: "reviews.bookinfo.svc.cluster.local", Port: uint32(o.HTTPPort), Subset: "v2"}},
 		{meshtest.SidecarOptions{Name: "echo", SPIFFEID: demoEchoID, Protocol: meshtest.TCP},
 			meshtest.Target{Host: "echo.demo.svc.cluster.local", Port: uint32(o.TCPPort)}},
+		{meshtest.SidecarOptions{Name: "items", SPIFFEID: demoItemsID, Protocol: meshtest.GRPC},
+			meshtest.Target{Host: demoItemsHost, Port: uint32(o.HTTPPort)}},
 	}
 	for _, sc := range sidecars {
 		sc.opts.CA = ca
@@ -147,6 +152,15 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 	if _, _, _, err := leaf.WriteFiles(certs, ca.RootPEM); err != nil {
 		return err
 	}
+	// The items service's descriptor set, as protoc --include_imports --descriptor_set_out writes
+	// it, for its transcoding.
+	itemsSet, err := meshtest.EchoDescriptorSet()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "items.pb"), itemsSet, 0o644); err != nil {
+		return err
+	}
 	catalogYAML := fmt.Sprintf(`# Services of the demo mesh, reached through the stand-in east-west gateway.
 services:
   - host: productpage.bookinfo.svc.cluster.local
@@ -160,7 +174,12 @@ services:
   - host: echo.demo.svc.cluster.local
     ports: [{number: %[4]d, protocol: tcp}]
     identities: [%[5]s]
-`, o.HTTPPort, demoProductpageID, demoReviewsID, o.TCPPort, demoEchoID)
+  # A gRPC service that REST/JSON clients call: the fleet transcodes (google.api.http rules).
+  - host: %[6]s
+    ports: [{number: %[1]d, protocol: grpc}]
+    identities: [%[7]s]
+    transcoding: {descriptorSet: items.pb, services: [%[8]s]}
+`, o.HTTPPort, demoProductpageID, demoReviewsID, o.TCPPort, demoEchoID, demoItemsHost, demoItemsID, meshtest.EchoService)
 	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
 	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.MetricsPort))
 	configYAML := fmt.Sprintf(`# fwdproxy demo configuration (see examples/config.yaml for every field).
@@ -217,12 +236,19 @@ Try (each answer shows the identity, SNI and ALPN the sidecar saw):
   curl -sS -H 'Host: reviews.bookinfo.svc.cluster.local' %[3]s/reviews/1
   curl -sS -H 'Host: reviews-v2.example.internal' %[3]s/reviews/1
   echo hello | nc -q 2 %[4]s %[5]d
+
+REST/JSON to the gRPC service %[8]s (transcoded by the fleet; its API: fwdproxy's
+internal/meshtest/testdata/echo.proto):
+  curl -sS %[3]s/v1/shelves/demo/items/42?kind=KIND_BOOK -H 'Host: %[8]s'
+  curl -sS -X POST %[3]s/v1/shelves/demo/items -H 'Host: %[8]s' -d '{"displayName":"Dune"}'
+  curl -sS '%[3]s/v1/shelves/demo/items?count=3' -H 'Host: %[8]s'
+
   curl -sS http://%[6]s/metrics | grep '^fwdproxy_'
   fwdproxy render --config %[7]s
   fwdproxy status --config %[7]s
 
 Press Ctrl-C to stop.
-`, gw.Addr(), dir, httpURL, host, o.TCPPort, metricsAddr, cfgPath)
+`, gw.Addr(), dir, httpURL, host, o.TCPPort, metricsAddr, cfgPath, demoItemsHost)
 
 	select {
 	case err := <-done:
