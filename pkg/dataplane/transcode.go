@@ -120,9 +120,15 @@ func transcoderFor(hc *httpConfig, vh *virtualHost, re *routeEntry) *transcoderC
 	return f.config
 }
 
-// maxTranscodedBody bounds a JSON request body and a response, as Envoy's buffer limit does
-// (per_connection_buffer_limit_bytes, 1 MiB by default).
-const maxTranscodedBody = 1 << 20
+// maxTranscodedBody bounds a JSON request body; maxTranscodedMessage a response message, as
+// Envoy's transcoder buffer limit does (per_connection_buffer_limit_bytes, 1 MiB by default):
+// past it Envoy answers 500 with errResponseTooLarge's text.
+const (
+	maxTranscodedBody    = 16 << 20
+	maxTranscodedMessage = 1 << 20
+)
+
+var errResponseTooLarge = errors.New("Response not transcoded because the transcoder's internal buffer size exceeds the configured limit.")
 
 // Request headers that describe the HTTP exchange, not the call: they do not become metadata.
 var transcodeDropRequest = []string{"Content-Length", "Content-Type", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade", "Te", "Trailer"}
@@ -246,7 +252,7 @@ func readFrame(r io.Reader, limit int) ([]byte, error) {
 	}
 	n := binary.BigEndian.Uint32(hdr[1:])
 	if int(n) > limit {
-		return nil, fmt.Errorf("gRPC message of %d bytes is over the %d byte limit", n, limit)
+		return nil, errResponseTooLarge
 	}
 	buf := make([]byte, n)
 	if _, err := io.ReadFull(r, buf); err != nil {
@@ -268,9 +274,17 @@ func statusReply(w http.ResponseWriter, tc *transcoderConfig, code int, msg stri
 // Envoy buffers it, with grpc-status: 0 on success (the trailer Envoy folds into the headers).
 func (dp *DataPlane) transcodeUnary(w http.ResponseWriter, resp *http.Response, tc *transcoderConfig, b *transcode.Binding, info *proxyInfo) {
 	copyHeaders(w.Header(), resp.Header, info)
-	data, rerr := readFrame(resp.Body, maxTranscodedBody)
+	data, rerr := readFrame(resp.Body, maxTranscodedMessage)
 	if rerr == nil {
 		_, rerr = io.Copy(io.Discard, resp.Body) // to the trailers
+	}
+	if rerr == errResponseTooLarge {
+		info.flags = "UPE"
+		for k := range w.Header() {
+			delete(w.Header(), k)
+		}
+		localReply(w, http.StatusInternalServerError, rerr.Error())
+		return
 	}
 	code, msg, details, ok := grpcStatus(resp)
 	switch {
@@ -305,7 +319,7 @@ func (dp *DataPlane) transcodeStream(w http.ResponseWriter, resp *http.Response,
 	flusher, _ := w.(http.Flusher)
 	started := false
 	for {
-		data, err := readFrame(resp.Body, maxTranscodedBody)
+		data, err := readFrame(resp.Body, maxTranscodedMessage)
 		if err != nil {
 			code, msg, details, ok := grpcStatus(resp)
 			if !started {

@@ -49,6 +49,9 @@ var transcodeCases = []transcodeCase{
 		header: http.Header{"X-Legacy-App": {"billing"}, "X-Echo-Metadata": {"x-legacy-app,user-agent"}, "User-Agent": {"vm/1"}}},
 	{name: "no rule for this path", method: "GET", path: "/v2/nothing"},
 	{name: "no rule for this verb", method: "DELETE", path: "/v1/fail"},
+	{name: "a body over 1 MiB", method: "PUT", path: "/v1/shelves/s1/items/big", body: `{"displayName":"` + strings.Repeat("x", 1100<<10) + `"}`},
+	{name: "a request body of 3 MiB", method: "POST", path: "/meshtest.echo.v1.Echo/Echo", body: `{"id":"x","ignored":"` + strings.Repeat("x", 3<<20) + `"}`},
+	{name: "a body under 1 MiB", method: "PUT", path: "/v1/shelves/s1/items/big", body: `{"displayName":"` + strings.Repeat("x", 1000<<10) + `"}`},
 }
 
 // transcodeHeaders are the response headers compared.
