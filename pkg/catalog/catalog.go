@@ -94,7 +94,7 @@ func Load(path string, opts Options) (*Catalog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read catalog: %w", err)
 	}
-	return Parse(path, data, opts)
+	return parse(path, data, opts, true)
 }
 
 // Parse parses a catalog document; errors name the file, line and field.
@@ -103,7 +103,14 @@ func Load(path string, opts Options) (*Catalog, error) {
 // without a services key, or with a null one ("services:" and nothing after it) is an error, not
 // an empty catalog, since a file caught half-written or truncated by mistake must not withdraw
 // every service. To serve none, write "services: []". A second YAML document is an error too.
+//
+// Parse reads no other file: a transcoding descriptor set is read by Load only, from a catalog
+// file on disk, so a document sent over the admin API cannot make the daemon open a path.
 func Parse(file string, data []byte, opts Options) (*Catalog, error) {
+	return parse(file, data, opts, false)
+}
+
+func parse(file string, data []byte, opts Options, readFiles bool) (*Catalog, error) {
 	var c Catalog
 	doc, err := strictyaml.Decode(file, data, &c)
 	if errors.Is(err, strictyaml.ErrEmpty) {
@@ -119,7 +126,9 @@ func Parse(file string, data []byte, opts Options) (*Catalog, error) {
 		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
 	var p strictyaml.Problems
-	c.loadDescriptors(file, &p)
+	if readFiles {
+		c.loadDescriptors(file, &p)
+	}
 	// Validate before normalizing so field paths match the file's own order.
 	p = append(p, c.Problems(opts)...)
 	if err := p.In(doc); err != nil {

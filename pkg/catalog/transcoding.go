@@ -106,7 +106,7 @@ func transcodingProblems(f string, s *Service, p *strictyaml.Problems) {
 	case t.readFailed:
 		return // already reported
 	case t.Descriptor == nil:
-		p.Addf(f+".descriptorSet", "%s was not read; load the catalog from its file", t.DescriptorSet)
+		p.Addf(f+".descriptorSet", "%s was not read: descriptor sets are read from catalog files (discovery.files) on the instance, not sent with fwdproxy apply", t.DescriptorSet)
 		return
 	case len(t.Descriptor) > MaxDescriptorSetBytes:
 		p.Addf(f+".descriptorSet", "the descriptor set is larger than %d bytes", MaxDescriptorSetBytes)

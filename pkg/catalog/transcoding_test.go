@@ -31,6 +31,16 @@ service Catalog {
 message Req { string id = 1; }
 `
 
+// loadDoc writes doc as dir/name and loads it.
+func loadDoc(t *testing.T, dir, name, doc string) (*Catalog, error) {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return Load(path, Options{})
+}
+
 func transcodingDoc(extra string) string {
 	return `services:
   - host: shop.prod.svc.cluster.local
@@ -42,11 +52,11 @@ func transcodingDoc(extra string) string {
 func TestTranscodingLoadsTheDescriptorSet(t *testing.T) {
 	dir := t.TempDir()
 	writeSet(t, dir, "shop.pb", shopProto)
-	c, err := Parse(filepath.Join(dir, "catalog.yaml"), []byte(transcodingDoc(`    transcoding:
+	c, err := loadDoc(t, dir, "catalog.yaml", transcodingDoc(`    transcoding:
       descriptorSet: shop.pb
       services: [shop.v1.Catalog]
       print: {protoFieldNames: true, enumsAsInts: true}
-`)), Options{})
+`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +118,7 @@ message Req { string id = 1; string name = 2; }
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Parse(filepath.Join(dir, "c.yaml"), []byte(transcodingDoc(tc.extra)), Options{})
+			_, err := loadDoc(t, dir, "c.yaml", transcodingDoc(tc.extra))
 			if err == nil {
 				t.Fatal("accepted")
 			}
@@ -121,9 +131,19 @@ message Req { string id = 1; string name = 2; }
 	}
 	t.Run("not grpc", func(t *testing.T) {
 		doc := strings.Replace(transcodingDoc("    transcoding: {descriptorSet: shop.pb, services: [shop.v1.Catalog]}\n"), "protocol: grpc", "protocol: http2", 1)
-		_, err := Parse(filepath.Join(dir, "c.yaml"), []byte(doc), Options{})
+		_, err := loadDoc(t, dir, "c.yaml", doc)
 		if err == nil || !strings.Contains(err.Error(), "services[0].transcoding: transcoding translates REST/JSON to gRPC and needs a grpc port") {
 			t.Errorf("got %v", err)
 		}
 	})
+}
+
+// A document parsed from memory (the admin API's apply) never makes the daemon open a file.
+func TestParseReadsNoDescriptorFile(t *testing.T) {
+	dir := t.TempDir()
+	writeSet(t, dir, "shop.pb", shopProto)
+	_, err := Parse(filepath.Join(dir, "c.yaml"), []byte(transcodingDoc("    transcoding: {descriptorSet: "+filepath.Join(dir, "shop.pb")+", services: [shop.v1.Catalog]}\n")), Options{})
+	if err == nil || !strings.Contains(err.Error(), "was not read: descriptor sets are read from catalog files") {
+		t.Errorf("got %v", err)
+	}
 }

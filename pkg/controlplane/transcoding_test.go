@@ -41,7 +41,11 @@ func transcodingCatalog(t testing.TB) *catalog.Catalog {
     ports: [{number: 8080, protocol: grpc}]
     identities: [spiffe://cluster.local/ns/demo/sa/plain]
 `
-	cat, err := catalog.Parse(filepath.Join(dir, "catalog.yaml"), []byte(doc), catalog.Options{})
+	path := filepath.Join(dir, "catalog.yaml")
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Load(path, catalog.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
