@@ -131,7 +131,7 @@ const (
 var errResponseTooLarge = errors.New("Response not transcoded because the transcoder's internal buffer size exceeds the configured limit.")
 
 // Request headers that describe the HTTP exchange, not the call: they do not become metadata.
-var transcodeDropRequest = []string{"Content-Length", "Content-Type", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade", "Te", "Trailer"}
+var transcodeDropRequest = []string{"Content-Length", "Expect", "Content-Type", "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade", "Te", "Trailer"}
 
 // serveTranscoded answers r by calling the gRPC method its path and verb are bound to; false
 // when no rule matches or the request is gRPC already, and it goes to the service untouched.
