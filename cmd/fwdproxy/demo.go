@@ -239,7 +239,7 @@ Try (each answer shows the identity, SNI and ALPN the sidecar saw):
 
 REST/JSON to the gRPC service %[8]s (transcoded by the fleet; its API: fwdproxy's
 internal/meshtest/testdata/echo.proto):
-  curl -sS %[3]s/v1/shelves/demo/items/42?kind=KIND_BOOK -H 'Host: %[8]s'
+  curl -sS '%[3]s/v1/shelves/demo/items/42?kind=KIND_BOOK' -H 'Host: %[8]s'
   curl -sS -X POST %[3]s/v1/shelves/demo/items -H 'Host: %[8]s' -d '{"displayName":"Dune"}'
   curl -sS '%[3]s/v1/shelves/demo/items?count=3' -H 'Host: %[8]s'
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"os/exec"
 	"regexp"
 	"strings"
 	"testing"
@@ -79,6 +80,12 @@ func TestDemoTranscoding(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != 200 || !json.Valid(body) || ran >= len(want) || !strings.Contains(string(body), want[ran]) {
 			t.Errorf("%s: %d %s", l, resp.StatusCode, body)
+		}
+		if _, err := exec.LookPath("curl"); err == nil && ran < len(want) { // the exact printed command, too
+			got, err := exec.Command("sh", "-c", strings.TrimSpace(l)).Output()
+			if err != nil || !strings.Contains(string(got), want[ran]) {
+				t.Errorf("%s: %v %s", l, err, got)
+			}
 		}
 		ran++
 	}
