@@ -43,6 +43,9 @@ const (
 	demoProductpageID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
 	demoReviewsID     = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
 	demoEchoID        = "spiffe://cluster.local/ns/demo/sa/echo"
+	// The gRPC service transcoded for REST/JSON clients, on the HTTP port (routed by Host).
+	demoItemsHost = "items.demo.svc.cluster.local"
+	demoItemsID   = "spiffe://cluster.local/ns/demo/sa/items"
 )
 
 func newDemoCmd() *cobra.Command {
@@ -149,6 +152,8 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 			meshtest.Target{Host: "reviews.bookinfo.svc.cluster.local", Port: uint32(o.HTTPPort), Subset: "v2"}},
 		{meshtest.SidecarOptions{Name: "echo", SPIFFEID: demoEchoID, Protocol: meshtest.TCP},
 			meshtest.Target{Host: "echo.demo.svc.cluster.local", Port: uint32(o.TCPPort)}},
+		{meshtest.SidecarOptions{Name: "items", SPIFFEID: demoItemsID, Protocol: meshtest.GRPC},
+			meshtest.Target{Host: demoItemsHost, Port: uint32(o.HTTPPort)}},
 	}
 	for _, sc := range sidecars {
 		sc.opts.CA = ca
@@ -170,6 +175,15 @@ func runDemo(ctx context.Context, o demoOptions, out io.Writer) error {
 		return err
 	}
 	if _, _, _, err := leaf.WriteFiles(certs, ca.RootPEM); err != nil {
+		return err
+	}
+	// The items service's descriptor set, as protoc --include_imports --descriptor_set_out writes
+	// it, for its transcoding.
+	itemsSet, err := meshtest.EchoDescriptorSet()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "items.pb"), itemsSet, 0o644); err != nil {
 		return err
 	}
 	catalogYAML := demoCatalog(o)
@@ -234,6 +248,13 @@ Try (each answer shows the identity, SNI and ALPN the sidecar saw):
   curl -sS -H 'Host: reviews.bookinfo.svc.cluster.local' %[3]s/reviews/1
   curl -sS -H 'Host: reviews-v2.example.internal' %[3]s/reviews/1
   %[4]s
+
+REST/JSON to the gRPC service %[9]s (transcoded by the fleet; its API: fwdproxy's
+internal/meshtest/testdata/echo.proto):
+  curl -sS '%[3]s/v1/shelves/demo/items/42?kind=KIND_BOOK' -H 'Host: %[9]s'
+  curl -sS -X POST %[3]s/v1/shelves/demo/items -H 'Host: %[9]s' -d '{"displayName":"Dune"}'
+  curl -sS '%[3]s/v1/shelves/demo/items?count=3' -H 'Host: %[9]s'
+
   curl -sS http://%[5]s/metrics | grep '^fwdproxy_'
 
 What the daemon serves and how it is doing (its config is %[6]s):
@@ -242,7 +263,7 @@ What the daemon serves and how it is doing (its config is %[6]s):
   %[7]s validate --config %[6]s
 %[8]s
 Press Ctrl-C to stop.
-`, gw.Addr(), dir, httpURL, nc, metricsAddr, cfgPath, self.path, self.note)
+`, gw.Addr(), dir, httpURL, nc, metricsAddr, cfgPath, self.path, self.note, demoItemsHost)
 
 	select {
 	case err := <-done:

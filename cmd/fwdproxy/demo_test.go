@@ -136,8 +136,8 @@ wait:
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(body), "fwdproxy_catalog_services 3") {
-		t.Errorf("metrics lack fwdproxy_catalog_services 3")
+	if !strings.Contains(string(body), "fwdproxy_catalog_services 4") {
+		t.Errorf("metrics lack fwdproxy_catalog_services 4")
 	}
 
 	// The printed status, render and validate commands work as printed: this binary's real path,

@@ -33,6 +33,8 @@ type Process struct {
 	log   string
 	done  chan struct{}
 	err   error
+	// onStop runs after the process ended (applications started beside it).
+	onStop []func()
 }
 
 // startProcess runs bin with args, logging to dir/name.log, and waits until every addr accepts.
@@ -86,6 +88,12 @@ func (p *Process) Output() string {
 
 // Stop terminates the process (SIGTERM, then SIGKILL after 5s) and waits for it.
 func (p *Process) Stop() error {
+	defer func() {
+		for _, f := range p.onStop {
+			f()
+		}
+		p.onStop = nil
+	}()
 	select {
 	case <-p.done:
 		return nil
@@ -190,9 +198,16 @@ defaults
   timeout http-request 10s
 `)
 	var addrs []string
+	var echoes []*EchoServer
+	stopEchoes := func() {
+		for _, e := range echoes {
+			e.Stop()
+		}
+	}
 	for _, o := range opts {
-		if o.Protocol != HTTP || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
-			return nil, errors.New("meshtest: an HAProxy sidecar is HTTP only, needs Addr and CA, and has no AllowedCallers")
+		if (o.Protocol != HTTP && o.Protocol != GRPC) || o.Addr == "" || o.CA == nil || len(o.AllowedCallers) > 0 {
+			stopEchoes()
+			return nil, errors.New("meshtest: an HAProxy sidecar is HTTP or gRPC, needs Addr and CA, and has no AllowedCallers")
 		}
 		name := "haproxy-sidecar-" + o.Name
 		if err := writeIdentity(dir, name, o.CA, o.SPIFFEID); err != nil {
@@ -203,6 +218,31 @@ defaults
 		// subject is in OpenSSL's /K=V form, not RFC 2253 (the same for Istio's empty subjects);
 		// it keeps only the last of several incoming XFCC headers.
 		entry := fmt.Sprintf(`By=%s;Hash=%%[ssl_c_der,sha2(256),hex,lower];Subject=\"%%[ssl_c_s_dn]\"`, o.SPIFFEID)
+		if o.Protocol == GRPC {
+			// The application is the Echo service, reached over HTTP/2 (h2c).
+			echo, err := NewEchoServer()
+			if err != nil {
+				stopEchoes()
+				return nil, err
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				stopEchoes()
+				return nil, err
+			}
+			echoes = append(echoes, echo)
+			go func() { _ = echo.Serve(ln) }()
+			fmt.Fprintf(&b, `frontend %s
+  bind %s ssl crt %s ca-file %s verify required alpn %s
+  http-request set-header x-forwarded-client-cert "%%[req.fhdr(x-forwarded-client-cert)],%s" if { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
+  http-request set-header x-forwarded-client-cert "%s" unless { req.fhdr_cnt(x-forwarded-client-cert) gt 0 }
+  default_backend app-%s
+backend app-%s
+  server app %s proto h2
+`, o.Name, o.Addr, filepath.Join(dir, name+".pem"), filepath.Join(dir, "root.pem"), strings.Join(IstioALPN, ","), entry, entry, o.Name, o.Name, ln.Addr())
+			addrs = append(addrs, o.Addr)
+			continue
+		}
 		// Istio's inbound peer_metadata filter: the caller's peer metadata headers are taken out
 		// before the application (reported raw: HAProxy cannot decode a protobuf Struct, the
 		// report's reader does), and the sidecar answers with its own for each one received.
@@ -231,9 +271,16 @@ defaults
 	name := "haproxy-sidecars-" + strings.ReplaceAll(addrs[0], ":", "-")
 	path := filepath.Join(dir, name+".cfg")
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		stopEchoes()
 		return nil, err
 	}
-	return startProcess(name, dir, addrs, bin, "-db", "-f", path)
+	p, err := startProcess(name, dir, addrs, bin, "-db", "-f", path)
+	if err != nil {
+		stopEchoes()
+		return nil, err
+	}
+	p.onStop = append(p.onStop, stopEchoes)
+	return p, nil
 }
 
 // StartNginxSidecar runs nginx's stream module as a TCP sidecar on o.Addr (required):

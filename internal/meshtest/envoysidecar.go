@@ -27,7 +27,9 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -243,8 +245,8 @@ func StartEnvoySidecars(dir string, opts ...SidecarOptions) (_ *EnvoySidecars, e
 	var listeners []*listener.Listener
 	var clusters []*cluster.Cluster
 	for _, o := range opts {
-		if o.Addr == "" || o.CA == nil || o.Name == "" || (o.Protocol != HTTP && o.Protocol != TCP) {
-			return nil, errors.New("meshtest: an Envoy sidecar needs a Name, Addr, CA and an http or tcp Protocol")
+		if o.Addr == "" || o.CA == nil || o.Name == "" || (o.Protocol != HTTP && o.Protocol != TCP && o.Protocol != GRPC) {
+			return nil, errors.New("meshtest: an Envoy sidecar needs a Name, Addr, CA and an http, tcp or grpc Protocol")
 		}
 		if o.Protocol == TCP && len(o.AllowedCallers) > 0 {
 			return nil, fmt.Errorf("meshtest: Envoy TCP sidecar %s: AllowedCallers are HTTP only", o.Name)
@@ -276,6 +278,14 @@ func StartEnvoySidecars(dir string, opts ...SidecarOptions) (_ *EnvoySidecars, e
 		c, err := staticCluster(appCluster, app.ln.Addr().String())
 		if err != nil {
 			return nil, err
+		}
+		if o.Protocol == GRPC {
+			n, a := typed("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &upstreamhttp.HttpProtocolOptions{
+				UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+					ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+				}},
+			})
+			c.TypedExtensionProtocolOptions = map[string]*anypb.Any{n: a}
 		}
 		listeners = append(listeners, l)
 		clusters = append(clusters, c)
@@ -323,7 +333,7 @@ func (s *EnvoySidecars) Stats(name string) (SidecarStats, error) {
 		Handshakes: st[l+"ssl.handshake"],
 		Rejected: st[l+"ssl.connection_error"] + st[l+"ssl.fail_verify_no_cert"] + st[l+"ssl.fail_verify_error"] +
 			st[l+"ssl.fail_verify_san"] + st[l+"no_filter_chain_match"],
-		Served: app.served.Load(),
+		Served: app.served.Load() + app.echoServed(),
 		Denied: st["http."+name+".rbac.denied"],
 	}, nil
 }
@@ -335,6 +345,7 @@ type envoyApp struct {
 	name, proto string
 	ln          net.Listener
 	srv         *http.Server
+	echo        *EchoServer // a GRPC sidecar's application, instead of srv
 	served      atomic.Int64
 	mu          sync.Mutex
 	tunnels     map[net.Conn]struct{}
@@ -346,6 +357,14 @@ func startEnvoyApp(name, proto string) (*envoyApp, error) {
 		return nil, err
 	}
 	a := &envoyApp{name: name, proto: proto, ln: ln, tunnels: map[net.Conn]struct{}{}}
+	if proto == GRPC {
+		if a.echo, err = NewEchoServer(); err != nil {
+			ln.Close()
+			return nil, err
+		}
+		go func() { _ = a.echo.Serve(ln) }()
+		return a, nil
+	}
 	h := a.serveHTTP
 	if proto == TCP {
 		h = a.serveTunnel
@@ -355,7 +374,18 @@ func startEnvoyApp(name, proto string) (*envoyApp, error) {
 	return a, nil
 }
 
+func (a *envoyApp) echoServed() int64 {
+	if a.echo == nil {
+		return 0
+	}
+	return a.echo.Served()
+}
+
 func (a *envoyApp) close() {
+	if a.echo != nil {
+		a.echo.Stop()
+		return
+	}
 	_ = a.srv.Close()
 	a.mu.Lock()
 	for c := range a.tunnels {

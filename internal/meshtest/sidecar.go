@@ -40,7 +40,7 @@ type SidecarOptions struct {
 	// CA issues the sidecar's certificate and is the only trust anchor for clients: a client must
 	// send its intermediate.
 	CA *CA
-	// Protocol is HTTP or TCP.
+	// Protocol is HTTP, TCP or GRPC.
 	Protocol string
 	// Addr to listen on; default 127.0.0.1:0.
 	Addr string
@@ -68,6 +68,7 @@ type Sidecar struct {
 	roots  *x509.CertPool
 	httpCh chan net.Conn
 	srv    *http.Server
+	echo   *EchoServer // the application of a GRPC sidecar
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -83,8 +84,8 @@ func StartSidecar(o SidecarOptions) (*Sidecar, error) {
 	if o.CA == nil || o.SPIFFEID == "" {
 		return nil, errors.New("meshtest: sidecar needs a CA and a SPIFFE ID")
 	}
-	if o.Protocol != HTTP && o.Protocol != TCP {
-		return nil, fmt.Errorf("meshtest: sidecar protocol %q: use http or tcp", o.Protocol)
+	if o.Protocol != HTTP && o.Protocol != TCP && o.Protocol != GRPC {
+		return nil, fmt.Errorf("meshtest: sidecar protocol %q: use http, tcp or grpc", o.Protocol)
 	}
 	if o.Addr == "" {
 		o.Addr = "127.0.0.1:0"
@@ -105,8 +106,14 @@ func StartSidecar(o SidecarOptions) (*Sidecar, error) {
 	roots := x509.NewCertPool()
 	roots.AddCert(o.CA.Root)
 	s := &Sidecar{opts: o, ln: ln, cert: cert, roots: roots, conns: map[net.Conn]struct{}{}}
+	if o.Protocol == GRPC {
+		if s.echo, err = NewEchoServer(); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	if o.Protocol == HTTP {
+	if o.Protocol != TCP {
 		s.httpCh = make(chan net.Conn)
 		var protos http.Protocols
 		protos.SetHTTP1(true)
@@ -156,6 +163,9 @@ func (s *Sidecar) Close() error {
 	err := s.ln.Close()
 	if s.srv != nil {
 		_ = s.srv.Close()
+	}
+	if s.echo != nil {
+		s.echo.Stop()
 	}
 	s.mu.Lock()
 	for c := range s.conns {
@@ -328,7 +338,9 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.served.Add(1)
-	_, _ = io.Copy(io.Discard, r.Body)
+	if s.echo == nil {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}
 	// What an Istio sidecar's inbound connection manager does (APPEND_FORWARD, with subject, URI
 	// and DNS): the application sees the caller's XFCC, if any, then the sidecar's own entry.
 	xfcc := XFCCEntry(s.opts.SPIFFEID, mc.peer)
@@ -336,6 +348,10 @@ func (s *Sidecar) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		xfcc = strings.Join(prior, ",") + "," + xfcc
 	}
 	r.Header.Set(XFCCHeader, xfcc)
+	if s.echo != nil {
+		s.echo.ServeHTTP(w, r)
+		return
+	}
 	peer := inboundPeerMetadata(s.opts.Name, r.Header, w.Header())
 	// ?delay=DURATION holds the answer, for requests that must be in flight during a drain.
 	if d, err := time.ParseDuration(r.URL.Query().Get("delay")); err == nil && d > 0 {

@@ -54,6 +54,8 @@ type Service struct {
 	AllowedClients []string `yaml:"allowedClients,omitempty" json:"allowedClients,omitempty"`
 	// Gateways names the east-west gateways that reach the service; empty means all of them.
 	Gateways []string `yaml:"gateways,omitempty" json:"gateways,omitempty"`
+	// Transcoding serves the service's gRPC methods to REST/JSON clients (transcoding.go).
+	Transcoding *Transcoding `yaml:"transcoding,omitempty" json:"transcoding,omitempty"`
 }
 
 // Port is one service port.
@@ -92,7 +94,7 @@ func Load(path string, opts Options) (*Catalog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read catalog: %w", err)
 	}
-	return Parse(path, data, opts)
+	return parse(path, data, opts, true)
 }
 
 // Parse parses a catalog document; errors name the file, line and field.
@@ -101,7 +103,14 @@ func Load(path string, opts Options) (*Catalog, error) {
 // without a services key, or with a null one ("services:" and nothing after it) is an error, not
 // an empty catalog, since a file caught half-written or truncated by mistake must not withdraw
 // every service. To serve none, write "services: []". A second YAML document is an error too.
+//
+// Parse reads no other file: a transcoding descriptor set is read by Load only, from a catalog
+// file on disk, so a document sent over the admin API cannot make the daemon open a path.
 func Parse(file string, data []byte, opts Options) (*Catalog, error) {
+	return parse(file, data, opts, false)
+}
+
+func parse(file string, data []byte, opts Options, readFiles bool) (*Catalog, error) {
 	var c Catalog
 	doc, err := strictyaml.Decode(file, data, &c)
 	if errors.Is(err, strictyaml.ErrEmpty) {
@@ -116,8 +125,12 @@ func Parse(file string, data []byte, opts Options) (*Catalog, error) {
 	case null:
 		return nil, fmt.Errorf("%s:%d: services is null (nothing after \"services:\"); list the services, or to serve none deliberately write \"services: []\"", file, line)
 	}
+	var p strictyaml.Problems
+	if readFiles {
+		c.loadDescriptors(file, &p)
+	}
 	// Validate before normalizing so field paths match the file's own order.
-	if err := doc.Check(err, c.Problems(opts)); err != nil {
+	if err := doc.Check(err, append(p, c.Problems(opts)...)); err != nil {
 		return nil, err
 	}
 	c.Normalize()
@@ -156,6 +169,10 @@ func (c *Catalog) Normalize() {
 		s.AllowedClients = slices.Compact(s.AllowedClients)
 		slices.Sort(s.Gateways)
 		s.Gateways = slices.Compact(s.Gateways)
+		if s.Transcoding != nil {
+			slices.Sort(s.Transcoding.Services)
+			s.Transcoding.Services = slices.Compact(s.Transcoding.Services)
+		}
 	}
 	slices.SortFunc(c.Services, func(a, b Service) int { return strings.Compare(a.Host, b.Host) })
 }
@@ -294,6 +311,7 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 				p.Addf(cf, "%q has host bits set; did you mean %s? (for the one address write %s/%d)", cidr, pfx.Masked(), pfx.Addr(), pfx.Addr().BitLen())
 			}
 		}
+		transcodingProblems(f, &s, &p)
 		for j, g := range s.Gateways {
 			if opts.Gateways != nil && !slices.Contains(opts.Gateways, g) {
 				p.Addf(fmt.Sprintf("%s.gateways[%d]", f, j), "unknown gateway %q; configured gateways: %s", g, strings.Join(opts.Gateways, ", "))
@@ -333,6 +351,7 @@ func (s Service) Clone() Service {
 	s.Identities = slices.Clone(s.Identities)
 	s.AllowedClients = slices.Clone(s.AllowedClients)
 	s.Gateways = slices.Clone(s.Gateways)
+	s.Transcoding = s.Transcoding.clone()
 	subsets := make([]Subset, len(s.Subsets))
 	for i, sub := range s.Subsets {
 		subsets[i] = Subset{Name: sub.Name, Hosts: slices.Clone(sub.Hosts)}

@@ -168,6 +168,7 @@ type translated struct {
 	endpoints []*endpoint.ClusterLoadAssignment
 	tcp       map[uint32]*listener.Listener
 	vhosts    map[uint32][]*route.VirtualHost
+	transcode map[uint32]bool // ports whose virtual hosts turn the JSON transcoder on
 }
 
 // Translate is the package's Translate, reusing what an unchanged service translated to last time.
@@ -189,9 +190,10 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		gateways[g.Name] = g
 	}
 	type httpPort struct {
-		port  uint32
-		hosts []*route.VirtualHost
-		rbac  bool
+		port      uint32
+		hosts     []*route.VirtualHost
+		rbac      bool
+		transcode bool
 	}
 	httpPorts := map[uint32]*httpPort{}
 	tcpPorts := map[uint32]*listener.Listener{}
@@ -227,6 +229,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 				httpPorts[p.Number] = hp
 			}
 			hp.hosts = append(hp.hosts, out.vhosts[p.Number]...)
+			hp.transcode = hp.transcode || out.transcode[p.Number]
 			hp.rbac = hp.rbac || len(svc.AllowedClients) > 0
 		}
 	}
@@ -247,7 +250,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
 		}
 		res.Routes = append(res.Routes, rc)
-		l := httpListener(hp.port, hp.rbac, opts)
+		l := httpListener(hp.port, hp.rbac, hp.transcode, opts)
 		limitConnections(l, opts.Limits)
 		res.Listeners = append(res.Listeners, l)
 	}
@@ -296,9 +299,13 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 			continue
 		}
 		if out.vhosts == nil {
-			out.vhosts = map[uint32][]*route.VirtualHost{}
+			out.vhosts, out.transcode = map[uint32][]*route.VirtualHost{}, map[uint32]bool{}
 		}
-		out.vhosts[p.Number] = virtualHosts(svc, p)
+		vhs := virtualHosts(svc, p)
+		for _, v := range vhs {
+			out.transcode[p.Number] = transcodeVirtualHost(v, svc, p) || out.transcode[p.Number]
+		}
+		out.vhosts[p.Number] = vhs
 	}
 	return out
 }
@@ -528,7 +535,7 @@ func noInternalAddresses() *hcm.HttpConnectionManager_InternalAddressConfig {
 	}}
 }
 
-func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
+func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, port)
 	var httpFilters []*hcm.HttpFilter
 	if rbac {
@@ -538,6 +545,10 @@ func httpListener(port uint32, rbac bool, opts Options) *listener.Listener {
 			Name:       HTTPRBACFilter,
 			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttp.RBAC{})},
 		})
+	}
+	if transcode {
+		// After RBAC: a refused client is refused before its JSON is read.
+		httpFilters = append(httpFilters, transcoderHTTPFilter())
 	}
 	httpFilters = append(httpFilters, &hcm.HttpFilter{
 		Name: wellknown.Router,

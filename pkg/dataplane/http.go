@@ -137,6 +137,9 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithTimeoutCause(ctx, re.timeout, errRouteTimeout)
 		defer cancel()
 	}
+	if tc := transcoderFor(hc, vh, re); tc != nil && l.dp.serveTranscoded(rec, r.WithContext(ctx), tc, info) {
+		return
+	}
 	l.dp.proxy.ServeHTTP(rec, r.WithContext(ctx))
 }
 

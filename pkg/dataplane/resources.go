@@ -21,6 +21,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	transcoderpb "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
@@ -107,7 +108,9 @@ type httpConfig struct {
 	inline    *routeTable // an inline one
 	headers   requestHeaders
 	// rbac is the HTTP RBAC filter (its name and default rules); nil when the chain has none.
-	rbac        *httpRBAC
+	rbac *httpRBAC
+	// transcoder is the gRPC-JSON transcoder filter; nil when the chain has none.
+	transcoder  *httpTranscoder
 	logs        []*accessLogger
 	idleTimeout time.Duration
 	codec       hcm.HttpConnectionManager_CodecType
@@ -382,6 +385,18 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 				return nil, err
 			}
 			c.rbac = &httpRBAC{name: f.GetName(), engine: eng}
+		case nameTranscoder:
+			if last {
+				return nil, fmt.Errorf("%s: the router filter must be last", ff)
+			}
+			if c.transcoder != nil {
+				return nil, fmt.Errorf("%s: only one gRPC-JSON transcoder filter is supported", ff)
+			}
+			tc, err := parseTranscoder(m.(*transcoderpb.GrpcJsonTranscoder), ff)
+			if err != nil {
+				return nil, err
+			}
+			c.transcoder = &httpTranscoder{name: f.GetName(), disabled: f.GetDisabled(), config: tc}
 		case nameRouter:
 			if !last {
 				return nil, fmt.Errorf("%s: the router filter must be last", ff)
@@ -390,8 +405,8 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 			if f.GetIsOptional() {
 				continue
 			}
-			return nil, fmt.Errorf("%s: HTTP filter %s is not supported by the built-in data plane; it supports %s and %s",
-				ff, fullName(m), nameHTTPRBAC, nameRouter)
+			return nil, fmt.Errorf("%s: HTTP filter %s is not supported by the built-in data plane; it supports %s, %s and %s",
+				ff, fullName(m), nameHTTPRBAC, nameTranscoder, nameRouter)
 		}
 	}
 	logs, err := dp.parseAccessLogs(h.GetAccessLog(), field+".access_log", true)
@@ -485,6 +500,8 @@ type virtualHost struct {
 	name   string
 	routes []*routeEntry
 	rbac   *perRouteRBAC // nil: the listener's filter config applies
+	// transcoder is the virtual host's gRPC-JSON transcoder config; nil: the filter's own.
+	transcoder *transcoderConfig
 }
 
 // perRouteRBAC overrides the HTTP RBAC filter for a virtual host or route.
@@ -502,6 +519,7 @@ type routeEntry struct {
 	cluster       string
 	timeout       time.Duration // 0: none
 	rbac          *perRouteRBAC
+	transcoder    *transcoderConfig
 	// connectRetries: how often a request whose connection failed is tried on another endpoint.
 	connectRetries int
 }
@@ -589,11 +607,11 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 		if len(v.GetRequestHeadersToAdd()) > 0 || len(v.GetResponseHeadersToAdd()) > 0 || len(v.GetRequestHeadersToRemove()) > 0 || len(v.GetResponseHeadersToRemove()) > 0 {
 			return nil, fail("%s: header manipulation is not supported here; %s", vf, headerMutationsSupported)
 		}
-		pr, err := parsePerFilter(v.GetTypedPerFilterConfig(), vf+".typed_per_filter_config")
+		pr, tc, err := parsePerFilter(v.GetTypedPerFilterConfig(), vf+".typed_per_filter_config")
 		if err != nil {
 			return nil, fail("%v", err)
 		}
-		vh.rbac = pr
+		vh.rbac, vh.transcoder = pr, tc
 		for j, r := range v.GetRoutes() {
 			re, err := parseRoute(r, fmt.Sprintf("%s.routes[%d]", vf, j))
 			if err != nil {
@@ -630,13 +648,14 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 	return t, nil
 }
 
-func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, error) {
+func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, *transcoderConfig, error) {
 	var out *perRouteRBAC
+	var tc *transcoderConfig
 	for key, a := range m {
 		f := field + "[" + key + "]"
 		msg, err := unpack(a, f)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if fc, ok := msg.(*route.FilterConfig); ok {
 			if fc.GetDisabled() && fc.GetConfig() == nil {
@@ -644,11 +663,17 @@ func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, error
 				continue
 			}
 			if msg, err = unpack(fc.GetConfig(), f+".config"); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 		}
+		if fullName(msg) == nameTranscoder {
+			if tc, err = parseTranscoder(msg.(*transcoderpb.GrpcJsonTranscoder), f); err != nil {
+				return nil, nil, err
+			}
+			continue
+		}
 		if fullName(msg) != nameRBACRoute {
-			return nil, fmt.Errorf("%s: per-filter config %s is not supported; only %s", f, fullName(msg), nameRBACRoute)
+			return nil, nil, fmt.Errorf("%s: per-filter config %s is not supported; only %s and %s", f, fullName(msg), nameRBACRoute, nameTranscoder)
 		}
 		pr := msg.(*rbachttp.RBACPerRoute)
 		if pr.GetRbac() == nil {
@@ -656,15 +681,15 @@ func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, error
 			continue
 		}
 		if pr.GetRbac().GetMatcher() != nil || pr.GetRbac().GetShadowRules() != nil || pr.GetRbac().GetShadowMatcher() != nil {
-			return nil, fmt.Errorf("%s.rbac: matcher-based and shadow RBAC are not supported; use rules", f)
+			return nil, nil, fmt.Errorf("%s.rbac: matcher-based and shadow RBAC are not supported; use rules", f)
 		}
 		eng, err := parseRBAC(pr.GetRbac().GetRules(), f+".rbac.rules")
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out = &perRouteRBAC{engine: eng}
 	}
-	return out, nil
+	return out, tc, nil
 }
 
 func parseRoute(r *route.Route, field string) (*routeEntry, error) {
@@ -711,11 +736,11 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 		}
 		re.connectRetries = n
 	}
-	pr, err := parsePerFilter(r.GetTypedPerFilterConfig(), field+".typed_per_filter_config")
+	pr, tc, err := parsePerFilter(r.GetTypedPerFilterConfig(), field+".typed_per_filter_config")
 	if err != nil {
 		return nil, err
 	}
-	re.rbac = pr
+	re.rbac, re.transcoder = pr, tc
 	return re, nil
 }
 

@@ -88,7 +88,7 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 		t.Fatal(err)
 	}
 	e := &env{t: t, dir: t.TempDir(), ca: ca, logs: &meshtest.SyncBuffer{}, failover: dp.failover, builtin: dp.name == "builtin"}
-	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t)}
+	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t), grpc: freePort(t)}
 	e.mesh = newMesh(t, ca, e.ports)
 	e.certs = filepath.Join(e.dir, "certs")
 	if err := os.MkdirAll(e.certs, 0o700); err != nil {
@@ -209,6 +209,7 @@ func (e *env) writeCatalog(withAdded bool) {
 	b.WriteString(svc("impostor", impostorExpected, e.ports.http, "http", ""))
 	b.WriteString(svc("ratings", ratingsID, e.ports.h2, "http2", ""))
 	b.WriteString(svc("mysql", mysqlID, e.ports.tcp, "tcp", "    allowedClients: [127.0.0.1/32]\n"))
+	b.WriteString(svc("echo", echoID, e.ports.grpc, "grpc", e.echoTranscoding()))
 	if withAdded {
 		b.WriteString(svc("added", addedID, e.ports.http, "http", ""))
 	}

@@ -17,12 +17,13 @@ const (
 	ratingsID        = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"
 	addedID          = "spiffe://cluster.local/ns/bookinfo/sa/added"
 	mysqlID          = "spiffe://cluster.local/ns/bookinfo/sa/mysql"
+	echoID           = "spiffe://cluster.local/ns/bookinfo/sa/echo"
 	impostorExpected = "spiffe://cluster.local/ns/bookinfo/sa/impostor"
 	impostorActual   = "spiffe://cluster.local/ns/bookinfo/sa/attacker"
 )
 
 // ports are the plain service ports the data plane listens on.
-type ports struct{ http, h2, tcp int }
+type ports struct{ http, h2, tcp, grpc int }
 
 // sidecarSpec is one workload behind the gateways.
 type sidecarSpec struct {
@@ -42,6 +43,8 @@ func sidecarSpecs(p ports) []sidecarSpec {
 		{"added", addedID, meshtest.HTTP, meshtest.Target{Host: svc("added"), Port: h}},
 		{"ratings", ratingsID, meshtest.HTTP, meshtest.Target{Host: svc("ratings"), Port: uint32(p.h2)}},
 		{"mysql", mysqlID, meshtest.TCP, meshtest.Target{Host: svc("mysql"), Port: uint32(p.tcp)}},
+		// The gRPC Echo service, which the catalog transcodes (transcode_test.go).
+		{"echo", echoID, meshtest.GRPC, meshtest.Target{Host: svc("echo"), Port: uint32(p.grpc)}},
 	}
 }
 
@@ -115,7 +118,7 @@ func debianMesh(t testing.TB, ca *meshtest.CA, p ports) *mesh {
 		}
 		o := meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: ca, Protocol: s.proto, Addr: addr}
 		routes[s.target] = addr
-		if s.proto == meshtest.HTTP {
+		if s.proto == meshtest.HTTP || s.proto == meshtest.GRPC {
 			httpSidecars = append(httpSidecars, o)
 			continue
 		}
