@@ -98,7 +98,8 @@ func responseBytes(typ resource.Type, size int, name string) int {
 	return protowire.SizeTag(2) + protowire.SizeBytes(any) + len(name) + perResourceOverhead
 }
 
-// Build is NewSnapshot with the builder's validation memory.
+// Build is NewSnapshot with the builder's memory of its last build. The resources in res are
+// served from then on and must not be modified: a change is a new object (as Translator makes).
 func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	byType := map[resource.Type][]types.Resource{}
 	for _, l := range res.Listeners {

@@ -512,8 +512,11 @@ func TestBuilderStillValidatesChangedResources(t *testing.T) {
 	if err != nil || s2.ConfigVersion != s1.ConfigVersion {
 		t.Fatalf("rebuild: %v, versions %s %s", err, s1.ConfigVersion, s2.ConfigVersion)
 	}
-	// A changed, invalid resource is caught although its name was validated before.
-	again.Clusters[0].ConnectTimeout.Seconds = -1
+	// A changed, invalid resource is caught although its name was validated before. (A change is
+	// a new object: built resources are being served and are never modified.)
+	bad := proto.Clone(again.Clusters[0]).(*cluster.Cluster)
+	bad.ConnectTimeout.Seconds = -1
+	again.Clusters[0] = bad
 	if _, err := b.Build(again, nil); err == nil || !strings.Contains(err.Error(), "ConnectTimeout") {
 		t.Fatalf("invalid changed cluster accepted: %v", err)
 	}
