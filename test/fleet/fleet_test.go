@@ -82,7 +82,7 @@ const timeScale = 20
 
 // nlbTimings are deploy/asg's health check and deregistration delay.
 type nlbTimings struct {
-	Interval, Timeout time.Duration
+	Interval, Timeout  time.Duration
 	Healthy, Unhealthy int
 	Deregistration     time.Duration
 }

@@ -130,6 +130,6 @@ func (f *fleet) sigkill(t *testing.T, l *load, victim *instance, others ...*inst
 	w := l.window(from, time.Now())
 	f.record("SIGKILL of one instance ("+victim.dataplane+")", w, from,
 		fmt.Sprintf("NLB stopped sending after %s (scaled; %s in production); gossip declared it dead after %s",
-			nlbDown.Sub(killed).Round(10*time.Millisecond), (nlbDown.Sub(killed) * timeScale).Round(time.Second), gossipDead.Sub(killed).Round(10*time.Millisecond)))
+			nlbDown.Sub(killed).Round(10*time.Millisecond), (nlbDown.Sub(killed)*timeScale).Round(time.Second), gossipDead.Sub(killed).Round(10*time.Millisecond)))
 	_ = context.Background
 }
