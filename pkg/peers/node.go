@@ -72,7 +72,10 @@ type Node struct {
 	// logLimit keeps repeated lines about rejected messages from flooding the log.
 	logLimit ratelog.Limiter
 
-	kick   chan struct{}
+	kick chan struct{}
+	// rejoin wakes the join loop when a member fails, so a peer cut off from the fleet starts
+	// retrying at once (with backoff) instead of after the rest of RejoinInterval.
+	rejoin chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
 
@@ -183,6 +186,7 @@ func Start(cfg Config) (*Node, error) {
 		log:      cfg.Log,
 		store:    NewStore(cfg.Name, CatalogValidator(cfg.CatalogOptions), cfg.Store),
 		kick:     make(chan struct{}, 1),
+		rejoin:   make(chan struct{}, 1),
 		done:     make(chan struct{}),
 		leaderCh: make(chan bool, 1),
 		table:    map[string]memberlist.Node{},
@@ -324,6 +328,8 @@ func (n *Node) joinLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		case <-n.rejoin:
+			wait = 0 // a member just failed: retry now, then back off from 1s if nobody answers
 		}
 	}
 }
@@ -873,6 +879,10 @@ func (e *events) NotifyLeave(m *memberlist.Node) {
 	if state == StateLeft {
 		n.log.Info("peer left", "peer", m.Name, "addr", m.Address())
 	} else {
+		select {
+		case n.rejoin <- struct{}{}:
+		default:
+		}
 		n.log.Warn("peer failed: declared dead by the fleet (crashed, or unreachable from here)", "peer", m.Name, "addr", m.Address())
 	}
 	n.poke()
