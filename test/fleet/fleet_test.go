@@ -78,7 +78,7 @@ func run(m *testing.M) int {
 // timeScale divides the NLB's times from deploy/asg (health-check interval and timeout,
 // deregistration delay) so the suite stays short; thresholds are kept as configured. Figures
 // in the report are measured at this scale; multiply NLB-bound ones by it for production.
-const timeScale = 20
+const timeScale = 10
 
 // nlbTimings are deploy/asg's health check and deregistration delay.
 type nlbTimings struct {
@@ -122,6 +122,7 @@ const (
 	webID    = "spiffe://cluster.local/ns/bookinfo/sa/web"
 	dbID     = "spiffe://cluster.local/ns/bookinfo/sa/db"
 	addedID  = "spiffe://cluster.local/ns/bookinfo/sa/added"
+	opsID    = "spiffe://cluster.local/ns/bookinfo/sa/ops"
 	httpPort = 8080
 	tcpPort  = 9000
 	// metricsPort serves /ready (the NLB's health check) and /metrics, as metrics_port in deploy/asg.
@@ -186,7 +187,7 @@ func newFleet(t *testing.T) *fleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.gateway.Close() })
-	for _, s := range []struct{ name, id, proto string }{{"web", webID, meshtest.HTTP}, {"db", dbID, meshtest.TCP}, {"added", addedID, meshtest.HTTP}} {
+	for _, s := range []struct{ name, id, proto string }{{"web", webID, meshtest.HTTP}, {"db", dbID, meshtest.TCP}, {"added", addedID, meshtest.HTTP}, {"ops", opsID, meshtest.HTTP}} {
 		sc, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: s.name, SPIFFEID: s.id, CA: f.ca, Protocol: s.proto})
 		if err != nil {
 			t.Fatal(err)
@@ -213,9 +214,8 @@ func newFleet(t *testing.T) *fleet {
 	f.keyring = f.writeKeyring("gossip.keys")
 	f.catalog = filepath.Join(f.dir, "catalog.yaml")
 	f.writeCatalog(false)
-	for i, name := range []string{"a", "b", "c"} {
+	for i := range 3 { // a, b and c are the seeds, as a static peers.seeds list would name them
 		f.seeds = append(f.seeds, net.JoinHostPort(f.lan.addr(11+i), strconv.Itoa(gossipPort)))
-		_ = name
 	}
 	f.startHAProxy([]string{"a", "b", "c", "d"})
 	return f
@@ -318,8 +318,12 @@ func (f *fleet) hapAll(format string, name string) {
 // register adds an instance to the target groups: it takes traffic once healthy_threshold
 // checks of /ready passed, as a newly registered NLB target.
 func (f *fleet) register(name string) {
-	f.hapAll("set server %s health down", name)
+	// Leaving maintenance, HAProxy counts a server up until a check fails; an NLB target starts
+	// unhealthy. Weight 0 keeps connections away while the state is forced down.
+	f.hapAll("set server %s weight 0", name)
 	f.hapAll("set server %s state ready", name)
+	f.hapAll("set server %s health down", name)
+	f.hapAll("set server %s weight 1", name)
 }
 
 // deregister stops new connections to an instance, lets the open ones run for the
@@ -521,6 +525,33 @@ func (i *instance) waitReady(limit time.Duration) {
 func (i *instance) statusText() string {
 	out, _ := exec.Command(fwdproxyBin, "status", "--admin", filepath.Join(i.dir, "admin.sock")).CombinedOutput()
 	return string(out)
+}
+
+// metric reads one sample of the instance's /metrics, e.g. `fwdproxy_gossip_converged` or
+// `fwdproxy_gossip_member_states{state="dead"}`; -1 when absent.
+func (i *instance) metric(sample string) float64 {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(fmt.Sprintf("http://%s:%d/metrics", i.host.ip, metricsPort))
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
+func (i *instance) logText() string {
+	b, _ := os.ReadFile(filepath.Join(i.dir, "fwdproxy.log"))
+	return string(b)
 }
 
 func memberState(st *admin.Status, name string) string {
