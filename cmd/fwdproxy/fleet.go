@@ -243,7 +243,11 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 			if !m.Since.IsZero() {
 				state += " for " + now.Sub(m.Since).Round(time.Second).String()
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, state, m.Digest, yesNo(m.Digest == st.Digest), yesNo(m.Leader))
+			same := yesNo(m.Digest == st.Digest)
+			if m.State == "dead" || m.State == "left" {
+				same = "-" // its last digest, not what it holds now
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, state, m.Digest, same, yesNo(m.Leader))
 		}
 	}
 	w.Flush()

@@ -80,7 +80,7 @@ func (n *Node) Health() Health {
 	case !h.Synced:
 		h.Problems = append(h.Problems, "not synced: no peer reached yet, so this peer may not hold the fleet's full state (check peers.seeds, the gossip port and that peers.keyring matches the fleet's)")
 	case h.Isolated:
-		h.Problems = append(h.Problems, "isolated: no peer reachable (check the gossip port between instances and peers.keyring)")
+		h.Problems = append(h.Problems, "isolated: no peer reachable, a partition or every peer failed; serving the last configuration it holds (check the gossip port between instances and peers.keyring)")
 	}
 	if h.PartitionSuspected && !h.Isolated {
 		h.Problems = append(h.Problems, fmt.Sprintf("partition suspected: %d of %d known members unreachable", h.Dead, live+h.Dead))

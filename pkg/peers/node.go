@@ -84,7 +84,9 @@ type Node struct {
 	leaderKnown bool
 	leaderCh    chan bool
 	advertised  string // digest in our current metadata
-	closed      atomic.Bool
+	// lastExchange is when exchangeState last ran.
+	lastExchange time.Time
+	closed       atomic.Bool
 
 	// table holds copies of the members as reported by memberlist's events: the *Node values
 	// memberlist.Members returns are updated in place by its goroutines and are unsafe to read.
@@ -299,6 +301,7 @@ func (n *Node) loop(ctx context.Context) {
 			// push/pull rather than queued for gossip indefinitely.
 			if n.queue.NumQueued() > maxQueued {
 				n.queue.Prune(maxQueued)
+				n.exchangeState(ctx)
 			}
 		case <-gc.C:
 			if k := n.store.GC(); k > 0 {
@@ -306,6 +309,37 @@ func (n *Node) loop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// exchangeState pushes and pulls the whole store with every member now (memberlist's Join does
+// exactly that exchange), once per interval at most: after a burst too large for broadcasts,
+// the members get it at once instead of at their next periodic push/pull (30s on a LAN).
+func (n *Node) exchangeState(ctx context.Context) {
+	now := time.Now()
+	n.mu.Lock()
+	if now.Sub(n.lastExchange) < 5*time.Second {
+		n.mu.Unlock()
+		return
+	}
+	n.lastExchange = now
+	n.mu.Unlock()
+	var addrs []string
+	for _, m := range n.memberList() {
+		if m.Name != n.cfg.Name {
+			addrs = append(addrs, m.Address())
+		}
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	go func() {
+		if ctx.Err() != nil {
+			return
+		}
+		if k, err := n.ml.Join(addrs); err != nil {
+			n.log.Debug("state exchange after a large change incomplete; periodic push/pull will finish it", "reached", k, "error", err)
+		}
+	}()
 }
 
 // joinLoop joins the seeds at start, retrying with backoff until one answers, then checks every
