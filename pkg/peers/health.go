@@ -96,6 +96,7 @@ func (n *Node) setSynced() {
 	n.syncedOnce.Do(func() {
 		n.synced.Store(true)
 		close(n.syncedCh)
+		n.poke() // leadership may start now
 	})
 }
 

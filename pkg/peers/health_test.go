@@ -32,6 +32,9 @@ func TestUnreachableSeedsNotSyncedNorConverged(t *testing.T) {
 	if h.Synced || h.Converged || !h.Isolated || lone.Converged() {
 		t.Fatalf("health %+v; want not synced, not converged, isolated", h)
 	}
+	if lone.Leader() {
+		t.Error("a peer without the fleet's state leads (would run discovery)")
+	}
 	if got := testutil.ToFloat64(mustGauge(t, lone.reg, "fwdproxy_gossip_converged")); got != 0 {
 		t.Errorf("fwdproxy_gossip_converged = %v, want 0", got)
 	}

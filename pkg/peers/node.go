@@ -535,7 +535,9 @@ func (n *Node) memberList() []memberlist.Node {
 }
 
 func (n *Node) updateLeader() {
-	if !n.joinTried.Load() {
+	// A peer that does not hold the fleet's state yet does not lead: its discovery would add a
+	// watcher and write over the fleet's entries with a view nobody serves (it is not ready).
+	if !n.joinTried.Load() || !n.synced.Load() {
 		return
 	}
 	lead := n.leaderName() == n.cfg.Name
