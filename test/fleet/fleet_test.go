@@ -85,7 +85,12 @@ type nlbTimings struct {
 	Interval, Timeout  time.Duration
 	Healthy, Unhealthy int
 	Deregistration     time.Duration
+	// Port is metrics_port: the daemon's /ready (the health check) and /metrics.
+	Port int
 }
+
+// metricsPort is deploy/asg's metrics_port, set by newFleet.
+var metricsPort int
 
 // asgTimings reads the defaults of the health_check and deregistration_delay variables from
 // deploy/asg/variables.tf, so the stand-in NLB checks as the real one does.
@@ -109,6 +114,7 @@ func asgTimings(t testing.TB) (real, scaled nlbTimings) {
 		Healthy:        num(`healthy_threshold\s*=\s*optional\(number,\s*(\d+)\)`),
 		Unhealthy:      num(`unhealthy_threshold\s*=\s*optional\(number,\s*(\d+)\)`),
 		Deregistration: time.Duration(num(`(?s)variable "deregistration_delay".*?default\s*=\s*(\d+)`)) * time.Second,
+		Port:           num(`(?s)variable "metrics_port".*?default\s*=\s*(\d+)`),
 	}
 	scaled = real
 	scaled.Interval /= timeScale
@@ -118,16 +124,14 @@ func asgTimings(t testing.TB) (real, scaled nlbTimings) {
 }
 
 const (
-	fleetID  = "spiffe://cluster.local/ns/legacy/sa/fwdproxy"
-	webID    = "spiffe://cluster.local/ns/bookinfo/sa/web"
-	dbID     = "spiffe://cluster.local/ns/bookinfo/sa/db"
-	addedID  = "spiffe://cluster.local/ns/bookinfo/sa/added"
-	opsID    = "spiffe://cluster.local/ns/bookinfo/sa/ops"
-	httpPort = 8080
-	tcpPort  = 9000
-	// metricsPort serves /ready (the NLB's health check) and /metrics, as metrics_port in deploy/asg.
-	metricsPort = 9100
-	gossipPort  = 7946
+	fleetID    = "spiffe://cluster.local/ns/legacy/sa/fwdproxy"
+	webID      = "spiffe://cluster.local/ns/bookinfo/sa/web"
+	dbID       = "spiffe://cluster.local/ns/bookinfo/sa/db"
+	addedID    = "spiffe://cluster.local/ns/bookinfo/sa/added"
+	opsID      = "spiffe://cluster.local/ns/bookinfo/sa/ops"
+	httpPort   = 8080
+	tcpPort    = 9000
+	gossipPort = 7946
 )
 
 func meshHost(name string) string { return name + ".bookinfo.svc.cluster.local" }
@@ -172,8 +176,9 @@ func (i *instance) adminClient() *admin.Client {
 
 func newFleet(t *testing.T) *fleet {
 	real, scaled := asgTimings(t)
-	t.Logf("NLB stand-in: deploy/asg health check every %s (timeout %s), healthy after %d, unhealthy after %d, deregistration delay %s; run at 1/%d: every %s, delay %s",
-		real.Interval, real.Timeout, real.Healthy, real.Unhealthy, real.Deregistration, timeScale, scaled.Interval, scaled.Deregistration)
+	t.Logf("NLB stand-in: deploy/asg health check of /ready on port %d every %s (timeout %s), healthy after %d, unhealthy after %d, deregistration delay %s; run at 1/%d: every %s, delay %s",
+		real.Port, real.Interval, real.Timeout, real.Healthy, real.Unhealthy, real.Deregistration, timeScale, scaled.Interval, scaled.Deregistration)
+	metricsPort = real.Port
 	f := &fleet{t: t, dir: t.TempDir(), timing: scaled, inst: map[string]*instance{}, sidecars: map[string]*meshtest.Sidecar{}}
 	f.lan = newLAN(t)
 	f.nlb = f.lan.addHost("nlb", 2)
