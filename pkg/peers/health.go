@@ -103,17 +103,12 @@ func (n *Node) setSynced() {
 // Synced is closed once this peer holds the fleet's full state.
 func (n *Node) Synced() <-chan struct{} { return n.syncedCh }
 
-// expectsPeers reports whether this peer should see others: seeds other than itself, peer
-// discovery, or members it saw fail.
+// expectsPeers reports whether this peer should see others: its last join attempt found seeds or
+// discovered peers to contact and none answered, or members it saw fail. (A fleet scaled in to
+// one instance, whose peer discovery finds only itself, expects none.)
 func (n *Node) expectsPeers() bool {
-	if n.cfg.Discover != nil {
+	if n.unreached.Load() {
 		return true
-	}
-	self := n.Addr()
-	for _, s := range n.cfg.Seeds {
-		if s != self && s != n.cfg.Bind && s != n.cfg.Advertise {
-			return true
-		}
 	}
 	n.tableMu.Lock()
 	defer n.tableMu.Unlock()

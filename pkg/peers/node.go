@@ -104,6 +104,8 @@ type Node struct {
 	synced     atomic.Bool
 	syncedCh   chan struct{} // closed when synced is set
 	syncedOnce sync.Once
+	// unreached: the last join attempt had peers to contact and reached none.
+	unreached atomic.Bool
 	// leaving is set by Close: the metadata then tells peers this is a departure, not a failure.
 	leaving atomic.Bool
 
@@ -403,12 +405,14 @@ func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 		}
 	}
 	if len(todo) == 0 {
+		n.unreached.Store(false)
 		if n.ml.NumMembers() <= 1 {
 			n.setSynced() // no other peer exists to hold any state: the first of a fleet
 		}
 		return true
 	}
 	k, err := n.ml.Join(todo)
+	n.unreached.Store(k == 0 && n.ml.NumMembers() <= 1)
 	if k > 0 {
 		if !joinedBefore {
 			n.log.Info("joined the fleet", "contacted", k, "members", n.ml.NumMembers())
@@ -907,9 +911,11 @@ func (e *events) NotifyLeave(m *memberlist.Node) {
 	e.gone[m.Name] = gone{node: c, state: state, since: time.Now()}
 	delete(e.suspect, m.Name)
 	delete(e.table, m.Name)
-	// memberlist does not say here whether the peer failed or left (Node.State is stale), so
-	// both are retried; a peer that really left simply does not answer.
-	e.lost[m.Address()] = time.Now()
+	// A failed member is retried with the seeds (a partition heals even without a seed on the
+	// other side); one that announced its departure is not.
+	if state == StateDead {
+		e.lost[m.Address()] = time.Now()
+	}
 	e.tableMu.Unlock()
 	n := (*Node)(e)
 	if state == StateLeft {
