@@ -263,9 +263,10 @@ func (n *Node) Close() error {
 	}
 	n.cancel()
 	<-n.done
-	// Say it is a departure first, so peers list this peer as left rather than dead.
+	// Say it is a departure first, so peers list this peer as left rather than dead. The leave
+	// message below replaces a metadata update still queued, so wait for this one to go out.
 	n.leaving.Store(true)
-	if err := n.ml.UpdateNode(500 * time.Millisecond); err != nil {
+	if err := n.ml.UpdateNode(2 * time.Second); err != nil {
 		n.log.Debug("departure not announced before leaving", "error", err)
 	}
 	err := n.ml.Leave(2 * time.Second)

@@ -341,11 +341,12 @@ func (f *fleet) deregister(name string) {
 }
 
 type targetStat struct {
-	status   string // UP, DOWN, MAINT, DRAIN, ...
-	sessions int    // total sessions (stot)
+	status   string // UP, DOWN, MAINT, DRAIN, ... (the first group's not UP, if any)
+	sessions int    // total sessions (stot), both groups
 }
 
-// targets is HAProxy's view of one target in both target groups (the HTTP one's status).
+// target is HAProxy's view of one target in both target groups: each group checks on its own,
+// so the target counts as UP only when it is UP in both.
 func (f *fleet) target(name string) (targetStat, error) {
 	out, err := f.hap("show stat")
 	if err != nil {
@@ -360,7 +361,7 @@ func (f *fleet) target(name string) (targetStat, error) {
 		}
 		n, _ := strconv.Atoi(fl[7])
 		st.sessions += n
-		if fl[0] == fmt.Sprintf("tg_%d", httpPort) {
+		if !found || strings.HasPrefix(st.status, "UP") && !strings.HasPrefix(fl[17], "UP") {
 			st.status, found = fl[17], true
 		}
 	}

@@ -75,6 +75,10 @@ func (f *fleet) rollingRestart(t *testing.T, l *load, is ...*instance) {
 	from := time.Now()
 	var cycles []string
 	for _, i := range is {
+		// Instance refresh replaces the next instance once the group is healthy again.
+		for _, o := range is {
+			f.waitTarget(o.name, "UP", 30*time.Second)
+		}
 		start := time.Now()
 		f.deregister(i.name)
 		if err := i.terminate(); err != nil {
