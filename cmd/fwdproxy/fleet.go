@@ -299,6 +299,9 @@ configuration digests and whether they have converged (exit 1 when not).
 			printStatus(out, st, time.Now())
 		}
 		if !st.Converged {
+			if st.Fleet != nil && len(st.Fleet.Problems) > 0 {
+				return errors.New("the fleet has not converged: " + strings.Join(st.Fleet.Problems, "; "))
+			}
 			return errors.New("the fleet has not converged: some members advertise another configuration digest")
 		}
 		return nil
@@ -357,6 +360,11 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 	if st.Gossip {
 		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
 		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
+		if h := st.Fleet; h != nil {
+			for _, p := range h.Problems {
+				fmt.Fprintf(w, "fleet problem:\t%s\n", p)
+			}
+		}
 	}
 	if len(st.Services) > 0 {
 		w.Flush()
@@ -379,9 +387,20 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 		w.Flush()
 		fmt.Fprintln(out)
 		w = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(w, "MEMBER\tADDRESS\tDIGEST\tSAME\tLEADER")
+		fmt.Fprintln(w, "MEMBER\tADDRESS\tSTATE\tDIGEST\tSAME\tLEADER")
 		for _, m := range st.Members {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.Digest, yesNo(m.Digest == st.Digest), yesNo(m.Leader))
+			state := m.State
+			if state == "" {
+				state = "alive"
+			}
+			if !m.Since.IsZero() {
+				state += " for " + now.Sub(m.Since).Round(time.Second).String()
+			}
+			same := yesNo(m.Digest == st.Digest)
+			if m.State == "dead" || m.State == "left" {
+				same = "-" // its last digest, not what it holds now
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, state, m.Digest, same, yesNo(m.Leader))
 		}
 	}
 	w.Flush()

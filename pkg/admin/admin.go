@@ -54,6 +54,9 @@ type Status struct {
 	Entries   int            `json:"entries"`
 	Converged bool           `json:"converged"`
 	Members   []peers.Member `json:"members,omitempty"`
+	// Fleet is this instance's view of the fleet's health (suspect and dead members, a suspected
+	// partition, isolation, why it is not converged); nil without gossip.
+	Fleet *peers.Health `json:"fleet,omitempty"`
 	// ConfigVersion is the content hash of the xDS snapshot this instance serves.
 	ConfigVersion string    `json:"configVersion,omitempty"`
 	Ready         bool      `json:"ready"`

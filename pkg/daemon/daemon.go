@@ -27,6 +27,7 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/dataplane"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
+	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
 
 // Daemon is one running fwdproxy instance.
@@ -65,6 +66,8 @@ type Daemon struct {
 	tuneDataplane func(*dataplane.Options)
 	// builtin is the in-process data plane (dataplane: builtin), set before Run starts it.
 	builtin atomic.Pointer[dataplane.DataPlane]
+	// node is this instance's gossip peer, when peers.bind is set (fleet.go).
+	node atomic.Pointer[peers.Node]
 }
 
 // New builds a daemon from a validated config.
@@ -329,6 +332,10 @@ func (d *Daemon) Ready() (bool, string) {
 		return false, "no identity yet"
 	case bundle.Expired(time.Now()):
 		return false, "identity expired at " + bundle.NotAfter().UTC().Format(time.RFC3339)
+	case d.node.Load() != nil && !d.node.Load().Health().Synced:
+		// Ready without the fleet's state would let the load balancer send traffic to an
+		// instance that lacks services the rest of the fleet serves.
+		return false, "waiting for the fleet's state: no peer reached yet (peers.seeds, the gossip port, peers.keyring)"
 	case missing != "":
 		return false, "catalog source " + missing + " has not reported yet"
 	case d.XDS.Current() == nil:

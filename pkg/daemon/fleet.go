@@ -46,6 +46,7 @@ func (d *Daemon) startSources(ctx context.Context, g *errgroup.Group) {
 			g.Go(func() error { return err })
 			return
 		}
+		d.node.Store(node)
 		g.Go(func() error {
 			<-ctx.Done()
 			return node.Close()
@@ -259,7 +260,8 @@ func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
 		st.Gossip, st.Leader = true, node.Leader()
 		st.Digest, st.Entries = node.Digest()
 		st.Members = node.Members()
-		st.Converged = node.Converged()
+		h := node.Health()
+		st.Fleet, st.Converged = &h, h.Converged
 	}
 	return st
 }

@@ -51,6 +51,13 @@ func newMetrics(n *Node, reg prometheus.Registerer) *metrics {
 			func() float64 { _, k := n.store.Digest(); return float64(k) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_fleet_leader", Help: "1 on the peer that runs discovery for the fleet."},
 			func() float64 { return boolf(n.Leader()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_synced", Help: "1 once this peer holds the fleet's full state (a join exchanged it, or no other peer exists)."},
+			func() float64 { return boolf(n.synced.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_isolated", Help: "1 when this peer expects peers but reaches none."},
+			func() float64 { return boolf(n.Health().Isolated) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fwdproxy_gossip_partition_suspected", Help: "1 when members failed and this peer sees no more than half of the fleet it knew."},
+			func() float64 { return boolf(n.Health().PartitionSuspected) }),
+		memberStates{n},
 	)
 	return m
 }
@@ -81,6 +88,9 @@ func (w memberlistLog) Write(p []byte) (int, error) {
 		}
 	}
 	line = strings.TrimPrefix(line, "memberlist: ")
+	if name, ok := suspectFromLog(line); ok {
+		w.n.markSuspect(name)
+	}
 	lower := strings.ToLower(line)
 	if strings.Contains(lower, "decrypt") || strings.Contains(lower, "no installed keys") ||
 		strings.Contains(lower, "encryption is configured") || strings.Contains(lower, "encryption is not configured") {
@@ -115,4 +125,24 @@ func (w memberlistLog) Write(p []byte) (int, error) {
 func lineKind(line string) string {
 	f := strings.Fields(line)
 	return strings.Join(f[:min(len(f), 4)], " ")
+}
+
+// memberStates exports fwdproxy_gossip_member_states{state}: members by state, as this peer sees
+// them (dead and left members are kept for a while after they go).
+type memberStates struct{ n *Node }
+
+var memberStatesDesc = prometheus.NewDesc("fwdproxy_gossip_member_states",
+	"Members of the fleet by state as this peer sees them: alive, suspect (its probes fail), dead (declared failed), left (departed gracefully).",
+	[]string{"state"}, nil)
+
+func (m memberStates) Describe(ch chan<- *prometheus.Desc) { ch <- memberStatesDesc }
+
+func (m memberStates) Collect(ch chan<- prometheus.Metric) {
+	count := map[string]int{StateAlive: 0, StateSuspect: 0, StateDead: 0, StateLeft: 0}
+	for _, mm := range m.n.Members() {
+		count[mm.State]++
+	}
+	for st, k := range count {
+		ch <- prometheus.MustNewConstMetric(memberStatesDesc, prometheus.GaugeValue, float64(k), st)
+	}
 }

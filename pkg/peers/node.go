@@ -72,7 +72,10 @@ type Node struct {
 	// logLimit keeps repeated lines about rejected messages from flooding the log.
 	logLimit ratelog.Limiter
 
-	kick   chan struct{}
+	kick chan struct{}
+	// rejoin wakes the join loop when a member fails, so a peer cut off from the fleet starts
+	// retrying at once (with backoff) instead of after the rest of RejoinInterval.
+	rejoin chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
 
@@ -81,7 +84,9 @@ type Node struct {
 	leaderKnown bool
 	leaderCh    chan bool
 	advertised  string // digest in our current metadata
-	closed      atomic.Bool
+	// lastExchange is when exchangeState last ran.
+	lastExchange time.Time
+	closed       atomic.Bool
 
 	// table holds copies of the members as reported by memberlist's events: the *Node values
 	// memberlist.Members returns are updated in place by its goroutines and are unsafe to read.
@@ -91,6 +96,18 @@ type Node struct {
 	// tried again with the seeds for lostRetention, so a partition heals even after memberlist
 	// has stopped gossiping to the dead and when no seed is on the other side.
 	lost map[string]time.Time
+	// suspect are members this peer's probes failed, since when (health.go); gone are members
+	// that failed or left, kept for status.
+	suspect map[string]time.Time
+	gone    map[string]gone
+	// synced is set once this peer holds the fleet's full state (health.go).
+	synced     atomic.Bool
+	syncedCh   chan struct{} // closed when synced is set
+	syncedOnce sync.Once
+	// unreached: the last join attempt had peers to contact and reached none.
+	unreached atomic.Bool
+	// leaving is set by Close: the metadata then tells peers this is a departure, not a failure.
+	leaving atomic.Bool
 
 	// What this peer's discovery last reported, rewritten if a merge replaces it while this
 	// peer leads (writes of a former or partitioned leader lose to the current one's view).
@@ -113,9 +130,11 @@ const maxQueued = 4096
 type Member struct {
 	Name   string `json:"name"`
 	Addr   string `json:"addr"`
-	State  string `json:"state"`
+	State  string `json:"state"` // alive, suspect, dead or left (health.go)
 	Digest string `json:"digest"`
 	Leader bool   `json:"leader"`
+	// Since is when a suspect, dead or left member entered that state.
+	Since time.Time `json:"since,omitzero"`
 }
 
 // Start creates the local peer, joins the seeds in the background (retrying with backoff) and
@@ -171,16 +190,21 @@ func Start(cfg Config) (*Node, error) {
 		log:      cfg.Log,
 		store:    NewStore(cfg.Name, CatalogValidator(cfg.CatalogOptions), cfg.Store),
 		kick:     make(chan struct{}, 1),
+		rejoin:   make(chan struct{}, 1),
 		done:     make(chan struct{}),
 		leaderCh: make(chan bool, 1),
 		table:    map[string]memberlist.Node{},
 		lost:     map[string]time.Time{},
+		suspect:  map[string]time.Time{},
+		syncedCh: make(chan struct{}),
+		gone:     map[string]gone{},
 		owned:    map[string]*catalog.Catalog{},
 		ownedGW:  map[string]Gateway{},
 	}
 	n.metrics = newMetrics(n, cfg.Registerer)
 	mc.Delegate = (*delegate)(n)
 	mc.Events = (*events)(n)
+	mc.Ping = (*pings)(n)
 	mc.Logger = newMemberlistLogger(n)
 	// Room for a delta in one packet: memberlist's compound/label/encryption overheads included.
 	n.maxCast = mc.UDPBufferSize - 200
@@ -239,6 +263,12 @@ func (n *Node) Close() error {
 	}
 	n.cancel()
 	<-n.done
+	// Say it is a departure first, so peers list this peer as left rather than dead. The leave
+	// message below replaces a metadata update still queued, so wait for this one to go out.
+	n.leaving.Store(true)
+	if err := n.ml.UpdateNode(2 * time.Second); err != nil {
+		n.log.Debug("departure not announced before leaving", "error", err)
+	}
 	err := n.ml.Leave(2 * time.Second)
 	return errors.Join(err, n.ml.Shutdown())
 }
@@ -274,6 +304,7 @@ func (n *Node) loop(ctx context.Context) {
 			// push/pull rather than queued for gossip indefinitely.
 			if n.queue.NumQueued() > maxQueued {
 				n.queue.Prune(maxQueued)
+				n.exchangeState(ctx)
 			}
 		case <-gc.C:
 			if k := n.store.GC(); k > 0 {
@@ -281,6 +312,37 @@ func (n *Node) loop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// exchangeState pushes and pulls the whole store with every member now (memberlist's Join does
+// exactly that exchange), once per interval at most: after a burst too large for broadcasts,
+// the members get it at once instead of at their next periodic push/pull (30s on a LAN).
+func (n *Node) exchangeState(ctx context.Context) {
+	now := time.Now()
+	n.mu.Lock()
+	if now.Sub(n.lastExchange) < 5*time.Second {
+		n.mu.Unlock()
+		return
+	}
+	n.lastExchange = now
+	n.mu.Unlock()
+	var addrs []string
+	for _, m := range n.memberList() {
+		if m.Name != n.cfg.Name {
+			addrs = append(addrs, m.Address())
+		}
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	go func() {
+		if ctx.Err() != nil {
+			return
+		}
+		if k, err := n.ml.Join(addrs); err != nil {
+			n.log.Debug("state exchange after a large change incomplete; periodic push/pull will finish it", "reached", k, "error", err)
+		}
+	}()
 }
 
 // joinLoop joins the seeds at start, retrying with backoff until one answers, then checks every
@@ -303,6 +365,8 @@ func (n *Node) joinLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		case <-n.rejoin:
+			wait = 0 // a member just failed: retry now, then back off from 1s if nobody answers
 		}
 	}
 }
@@ -342,14 +406,22 @@ func (n *Node) joinSeeds(ctx context.Context, joinedBefore bool) bool {
 		}
 	}
 	if len(todo) == 0 {
+		n.unreached.Store(false)
+		if n.ml.NumMembers() <= 1 {
+			n.setSynced() // no other peer exists to hold any state: the first of a fleet
+		}
 		return true
 	}
 	k, err := n.ml.Join(todo)
+	n.unreached.Store(k == 0 && n.ml.NumMembers() <= 1)
 	if k > 0 {
 		if !joinedBefore {
 			n.log.Info("joined the fleet", "contacted", k, "members", n.ml.NumMembers())
 		}
 		return true
+	}
+	if !configured {
+		n.setSynced()
 	}
 	if n.ml.NumMembers() > 1 || !configured {
 		return true // already in a fleet, or only former members were tried
@@ -468,7 +540,9 @@ func (n *Node) memberList() []memberlist.Node {
 }
 
 func (n *Node) updateLeader() {
-	if !n.joinTried.Load() {
+	// A peer that does not hold the fleet's state yet does not lead: its discovery would add a
+	// watcher and write over the fleet's entries with a view nobody serves (it is not ready).
+	if !n.joinTried.Load() || !n.synced.Load() {
 		return
 	}
 	lead := n.leaderName() == n.cfg.Name
@@ -488,15 +562,23 @@ func (n *Node) updateLeader() {
 	}
 }
 
-// Members lists the live and suspect members with the digest each advertises.
+// Members lists the members, with the digest each advertises: alive and suspect ones, then
+// those that recently failed (dead) or left.
 func (n *Node) Members() []Member {
 	leader := n.leaderName()
 	var out []Member
+	n.tableMu.Lock()
+	suspect := maps.Clone(n.suspect)
+	n.tableMu.Unlock()
 	for _, m := range n.memberList() {
-		out = append(out, Member{
-			Name: m.Name, Addr: m.Address(), State: "alive",
-			Digest: metaDigest(m.Meta), Leader: m.Name == leader,
-		})
+		mm := Member{Name: m.Name, Addr: m.Address(), State: StateAlive, Digest: metaDigest(m.Meta), Leader: m.Name == leader}
+		if since, ok := suspect[m.Name]; ok {
+			mm.State, mm.Since = StateSuspect, since
+		}
+		out = append(out, mm)
+	}
+	for _, g := range n.goneMembers(time.Now()) {
+		out = append(out, Member{Name: g.node.Name, Addr: g.node.Address(), State: g.state, Digest: metaDigest(g.node.Meta), Since: g.since})
 	}
 	return out
 }
@@ -514,23 +596,23 @@ func cmpString(a, b string) int {
 // Digest is the hash of this peer's store contents, and the number of live entries.
 func (n *Node) Digest() (string, int) { return n.store.Digest() }
 
-// Converged reports whether every member advertises this peer's digest.
-func (n *Node) Converged() bool {
-	d, _ := n.store.Digest()
-	for _, m := range n.memberList() {
-		if metaDigest(m.Meta) != d {
-			return false
-		}
-	}
-	return true
-}
+// Converged reports whether this peer holds the fleet's state and every member it reaches
+// advertises this peer's digest. A peer that reaches none of the peers it expects is not
+// converged: it cannot know what the others hold.
+func (n *Node) Converged() bool { return n.Health().Converged }
 
 // HealthScore is memberlist's awareness score: 0 is healthy, higher means this peer is slow to
 // answer probes (overloaded or losing packets).
 func (n *Node) HealthScore() int { return n.ml.GetHealthScore() }
 
 type nodeMeta struct {
-	Digest string `json:"d"`
+	Digest  string `json:"d"`
+	Leaving bool   `json:"l,omitempty"`
+}
+
+func metaLeaving(b []byte) bool {
+	var m nodeMeta
+	return json.Unmarshal(b, &m) == nil && m.Leaving
 }
 
 func metaDigest(b []byte) string {
@@ -698,7 +780,7 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	n.mu.Lock()
 	digest := n.advertised
 	n.mu.Unlock()
-	b, _ := json.Marshal(nodeMeta{Digest: digest})
+	b, _ := json.Marshal(nodeMeta{Digest: digest, Leaving: n.leaving.Load()})
 	return b
 }
 
@@ -750,9 +832,13 @@ func (d *delegate) MergeRemoteState(b []byte, join bool) {
 		n.reject(err, "push/pull")
 		return
 	}
+	if !n.synced.Load() {
+		n.log.Info("holding the fleet's state", "entries", len(entries), "join", join)
+	}
 	if changed := n.merge(entries, "push/pull"); len(changed) > 0 {
 		n.log.Debug("anti-entropy brought changes", "entries", len(changed), "join", join)
 	}
+	n.setSynced()
 }
 
 func (n *Node) merge(entries []Entry, via string) []Entry {
@@ -801,6 +887,7 @@ func (e *events) record(m *memberlist.Node) {
 	e.tableMu.Lock()
 	e.table[c.Name] = c
 	delete(e.lost, c.Address())
+	delete(e.gone, c.Name)
 	e.tableMu.Unlock()
 }
 
@@ -815,13 +902,32 @@ func (e *events) NotifyJoin(m *memberlist.Node) {
 
 func (e *events) NotifyLeave(m *memberlist.Node) {
 	e.tableMu.Lock()
+	last, ok := e.table[m.Name]
+	state := StateDead
+	if metaLeaving(m.Meta) || ok && metaLeaving(last.Meta) {
+		state = StateLeft
+	}
+	c := *m
+	c.Meta, c.Addr = slices.Clone(m.Meta), slices.Clone(m.Addr)
+	e.gone[m.Name] = gone{node: c, state: state, since: time.Now()}
+	delete(e.suspect, m.Name)
 	delete(e.table, m.Name)
-	// memberlist does not say here whether the peer failed or left (Node.State is stale), so
-	// both are retried; a peer that really left simply does not answer.
-	e.lost[m.Address()] = time.Now()
+	// A failed member is retried with the seeds (a partition heals even without a seed on the
+	// other side); one that announced its departure is not.
+	if state == StateDead {
+		e.lost[m.Address()] = time.Now()
+	}
 	e.tableMu.Unlock()
 	n := (*Node)(e)
-	n.log.Info("peer left or failed", "peer", m.Name, "addr", m.Address())
+	if state == StateLeft {
+		n.log.Info("peer left", "peer", m.Name, "addr", m.Address())
+	} else {
+		select {
+		case n.rejoin <- struct{}{}:
+		default:
+		}
+		n.log.Warn("peer failed: declared dead by the fleet (crashed, or unreachable from here)", "peer", m.Name, "addr", m.Address())
+	}
 	n.poke()
 }
 

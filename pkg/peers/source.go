@@ -11,7 +11,10 @@ import (
 // Sources exposes the store to the daemon's pipeline as discovery sources, in priority order:
 // the operator entries first (so an operator's entry for a host overrides discovery), then one
 // source per configured discovery source, in the configured order. A discovered source reports
-// once the leader has reported it, so a joining peer is not ready before it has the fleet's data.
+// once the leader has reported it, so a joining peer is not ready before it has the fleet's data;
+// and no source reports before this peer holds the fleet's full state (Synced): a new instance
+// that cannot reach its peers, or has not finished its first exchange, would otherwise serve
+// (and pass the load balancer's readiness check with) its own partial view.
 func (n *Node) Sources(discovered []string) []discovery.Source {
 	out := []discovery.Source{&storeSource{n: n, name: "fleet:operator", prefix: prefixOperator}}
 	for _, s := range discovered {
@@ -31,6 +34,11 @@ func (s *storeSource) Name() string { return s.name }
 
 // Run reports the source's catalog now (if ready) and after every change to its entries.
 func (s *storeSource) Run(ctx context.Context, update func(*catalog.Catalog)) error {
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-s.n.Synced():
+	}
 	var last []Entry
 	reported := false
 	for {
