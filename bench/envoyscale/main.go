@@ -181,7 +181,7 @@ func run(ctx context.Context) error {
 		for _, c := range allChanges {
 			served, acks, bytes = append(served, c.served), append(acks, c.ack), append(bytes, c.rxBytes)
 		}
-		fmt.Fprintf(stdout, "One-service changes at %d services (%d, each a new identity for one service: its two clusters): write -> served p50 %.3f s p99 %.3f s; served -> Envoy's ACK p50 %.3f s p99 %.3f s; bytes received by Envoy from the control plane per change: median %.0f.\n",
+		fmt.Fprintf(stdout, "One-service changes at %d services (%d, each a new identity for one service: its two clusters): write -> served p50 %.3f s p99 %.3f s; served -> Envoy's ACK p50 %.3f s p99 %.3f s; bytes received by Envoy from the control plane per change (mean over the changes): %.0f.\n",
 			*services+1, len(allChanges), quantile(served, 0.5), quantile(served, 0.99), quantile(acks, 0.5), quantile(acks, 0.99), median(bytes))
 	}
 	var sec, mb, lines []float64
@@ -368,6 +368,12 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 		return nil, "", scrape{}, nil, err
 	}
 	progress(s)
+	// Envoy's bytes received are read once before and once after the changes: a /stats query
+	// at this size holds Envoy's main thread, which also runs xDS, for seconds.
+	rx0, err := m.xdsRxBytes()
+	if err != nil {
+		return nil, "", scrape{}, nil, err
+	}
 	for k := range *changes {
 		c, err := m.oneChange(cat, n+1, k)
 		if err != nil {
@@ -376,11 +382,20 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 		cs = append(cs, c)
 	}
 	if len(cs) > 0 {
+		rx1, err := m.xdsRxBytes()
+		if err != nil {
+			return nil, "", scrape{}, nil, err
+		}
+		for i := range cs {
+			cs[i].rxBytes = (rx1 - rx0) / float64(len(cs))
+		}
+	}
+	if len(cs) > 0 {
 		var acks, bytes []float64
 		for _, c := range cs {
 			acks, bytes = append(acks, c.ack), append(bytes, c.rxBytes)
 		}
-		fmt.Fprintf(stderr, "  %d one-service changes: served -> ACK p50 %.3fs p99 %.3fs; bytes to Envoy per change median %.0f\n",
+		fmt.Fprintf(stderr, "  %d one-service changes: served -> ACK p50 %.3fs p99 %.3fs; bytes to Envoy per change (mean) %.0f\n",
 			len(cs), quantile(acks, 0.5), quantile(acks, 0.99), median(bytes))
 	}
 	if sc, err = m.scrape(); err != nil {
@@ -398,17 +413,15 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 }
 
 // changeStat is one timed one-service change.
-type changeStat struct{ served, ack, rxBytes float64 }
+type changeStat struct {
+	served, ack float64
+	rxBytes     float64 // the mean over the run's changes
+}
 
 // oneChange changes one service's identity (new versions of its two clusters, nothing else) and
-// times catalog write -> snapshot served -> Envoy's ACK, with the bytes Envoy received on its xDS
-// connection meanwhile.
+// times catalog write -> snapshot served -> Envoy's ACK.
 func (m *measurer) oneChange(cat *catalogFile, n, k int) (changeStat, error) {
 	deadline := time.Now().Add(*timeout)
-	rx0, err := m.xdsRxBytes()
-	if err != nil {
-		return changeStat{}, err
-	}
 	prev := m.d.XDS.Current().ConfigVersion
 	svc := 1 + k%(n-2) // not the probed services
 	if cat.identity == nil {
@@ -442,11 +455,6 @@ func (m *measurer) oneChange(cat *catalogFile, n, k int) (changeStat, error) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	rx1, err := m.xdsRxBytes()
-	if err != nil {
-		return c, err
-	}
-	c.rxBytes = rx1 - rx0
 	return c, nil
 }
 
