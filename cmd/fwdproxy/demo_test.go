@@ -146,7 +146,7 @@ wait:
 	for _, c := range []struct{ verb, want string }{
 		{"status", "demo (alone (gossip off))"},
 		{"render", `"listeners"`},
-		{"validate", "ok: 3 services"},
+		{"validate", "ok: 4 services"},
 	} {
 		m := regexp.MustCompile(`(?m)^  (` + self + ` ` + c.verb + ` --config \S+)$`).FindStringSubmatch(out)
 		if m == nil {
@@ -156,7 +156,7 @@ wait:
 		if err != nil || !strings.Contains(string(got), c.want) {
 			t.Errorf("%s: %v\n%s", m[1], err, got)
 		}
-		if c.verb == "status" && !strings.Contains(string(got), "services:            3 served, 0 skipped") {
+		if c.verb == "status" && !strings.Contains(string(got), "services:            4 served, 0 skipped") {
 			t.Errorf("status lacks the services' state:\n%s", got)
 		}
 	}
