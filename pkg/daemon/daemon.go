@@ -198,6 +198,7 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 			MaxHeadersCount:     cfg.Listen.MaxHeadersCount,
 			MaxConnections:      cfg.Listen.MaxConnections,
 		},
+		Reverse: reverseOptions(cfg), // reverse.go
 	}
 	if pm := cfg.Mesh.PeerMetadata; pm.Enabled {
 		opts.PeerMetadata = &controlplane.PeerMetadata{
