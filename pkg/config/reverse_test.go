@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -87,5 +88,29 @@ func TestReverseErrors(t *testing.T) {
 	doc := strings.Replace(reverseBase, "allowedPrincipals: [cluster.local/ns/shop/sa/frontend, spiffe://cluster.local/ns/shop/sa/cart]", "allowedPrincipals: []", 1)
 	if _, err := Parse("c.yaml", []byte(doc)); err != nil {
 		t.Errorf("empty allowedPrincipals refused: %v", err)
+	}
+}
+
+func TestExampleReverseSection(t *testing.T) {
+	data, err := os.ReadFile("../../examples/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(data)
+	i := strings.Index(doc, "# reverse:")
+	if i < 0 {
+		t.Fatal("examples/config.yaml has no reverse section")
+	}
+	var b strings.Builder
+	b.WriteString(doc[:i])
+	for _, line := range strings.Split(doc[i:], "\n") {
+		b.WriteString(strings.TrimPrefix(line, "# ") + "\n")
+	}
+	c, err := Parse("../../examples/config.yaml", []byte(b.String()))
+	if err != nil {
+		t.Fatalf("the example's reverse section, uncommented: %v", err)
+	}
+	if !c.Reverse.Enabled() || c.Reverse.Services[0].Ports[1].Protocol != "tcp" {
+		t.Errorf("reverse: %+v", c.Reverse)
 	}
 }
