@@ -25,7 +25,12 @@ type VMBackend struct {
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
 	stopped  atomic.Bool
+	// sick makes /healthz answer 503 while requests are still served.
+	sick atomic.Bool
 }
+
+// SetHealthy makes the HTTP backend's /healthz answer 200 (true) or 503 (false).
+func (v *VMBackend) SetHealthy(ok bool) { v.sick.Store(!ok) }
 
 // VMReport is what an HTTP VM backend saw of a request.
 type VMReport struct {
@@ -46,6 +51,10 @@ func StartVMHTTP(name string) (*VMBackend, error) {
 	v := &VMBackend{Name: name, Addr: ln.Addr().String(), ln: ln}
 	v.srv = &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/healthz" {
+			if v.sick.Load() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
 			w.WriteHeader(http.StatusOK)
 			return
 		}

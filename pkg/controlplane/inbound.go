@@ -339,8 +339,12 @@ func inboundCluster(name string, svc ReverseService, p ReversePort, r *Reverse) 
 		typ = cluster.Cluster_STRICT_DNS
 	}
 	hc := &core.HealthCheck{
-		Timeout:            durationpb.New(r.HealthCheck.Timeout),
-		Interval:           durationpb.New(r.HealthCheck.Interval),
+		Timeout:  durationpb.New(r.HealthCheck.Timeout),
+		Interval: durationpb.New(r.HealthCheck.Interval),
+		// Envoy checks a cluster that has seen no traffic yet every no_traffic_interval (60s by
+		// default) and keeps the next check on that schedule: a VM that fails right after
+		// startup would take a minute to be noticed. The same interval everywhere.
+		NoTrafficInterval:  durationpb.New(r.HealthCheck.Interval),
 		UnhealthyThreshold: wrapperspb.UInt32(r.HealthCheck.UnhealthyThreshold),
 		HealthyThreshold:   wrapperspb.UInt32(r.HealthCheck.HealthyThreshold),
 		// A backend that closes the connection is checked again at once, not an interval later.

@@ -58,6 +58,9 @@ type reverseEnv struct {
 	builtin  bool
 	frontend *meshtest.Leaf
 	clients  sync.Map // key -> *http.Client
+	// killed is when BackendKilledUnderLoad stopped tcp-0 (unix ns); cut counts the sessions
+	// that were open on it then.
+	killed, cut atomic.Int64
 }
 
 func startReverse(t testing.TB, dp dataplane) *reverseEnv {
@@ -478,6 +481,34 @@ func runReverse(t *testing.T, dp dataplane) {
 		})
 	}
 
+	t.Run("FailingHealthCheckTakesNoTraffic", func(t *testing.T) {
+		// Both backends answer requests; http-0's /healthz says 503: only the health check
+		// can take it out.
+		e.httpVMs[0].SetHealthy(false)
+		defer func() {
+			if t.Failed() {
+				t.Logf("data plane's view of the clusters:\n%s", e.clusterDump())
+			}
+		}()
+		eventually(t, "http-0 out of rotation", func() error {
+			for range 10 {
+				if _, r, err := e.getHTTP(e.frontend, "/hc"); err != nil || r.Backend != "http-1" {
+					return fmt.Errorf("answered by %q (%v)", r.Backend, err)
+				}
+			}
+			return nil
+		})
+		e.httpVMs[0].SetHealthy(true)
+		eventually(t, "http-0 back in rotation", func() error {
+			for range 10 {
+				if _, r, err := e.getHTTP(e.frontend, "/hc"); err == nil && r.Backend == "http-0" {
+					return nil
+				}
+			}
+			return errors.New("http-0 answers nothing")
+		})
+	})
+
 	t.Run("RotationUnderLoad", func(t *testing.T) {
 		l := e.startLoad()
 		l.progress(t, 30)
@@ -513,8 +544,10 @@ func runReverse(t *testing.T, dp dataplane) {
 		l.progress(t, 30)
 		e.httpVMs[0].Stop()
 		e.tcpVMs[0].Stop()
+		e.killed.Store(time.Now().UnixNano())
 		l.progress(t, 300)
 		l.finish(t)
+		t.Logf("TCP sessions open on the killed VM and cut with it: %d", e.cut.Load())
 		for i := 0; i < 5; i++ {
 			if _, r, err := e.getHTTP(e.frontend, "/"); err != nil || r.Backend != "http-1" {
 				t.Errorf("after the kill: %q %v", r.Backend, err)
@@ -524,6 +557,37 @@ func runReverse(t *testing.T, dp dataplane) {
 			}
 		}
 	})
+}
+
+// clusterDump is Envoy's /clusters (the Envoy data plane), for failure messages.
+func (e *reverseEnv) clusterDump() string {
+	cfg, err := os.ReadFile(filepath.Join(e.dir, "config.yaml"))
+	if err != nil {
+		return err.Error()
+	}
+	_, rest, ok := strings.Cut(string(cfg), "adminAddress: ")
+	if !ok {
+		return "(built-in data plane)"
+	}
+	admin, _, _ := strings.Cut(rest, ",")
+	resp, err := http.Get("http://" + admin + "/clusters")
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "inbound|") && (strings.Contains(line, "health_flags") || strings.Contains(line, "rq_total")) {
+			out = append(out, line)
+		}
+	}
+	if resp, err := http.Get("http://" + admin + "/stats?filter=health_check"); err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		out = append(out, string(b))
+	}
+	return strings.Join(out, "\n")
 }
 
 // eventually retries f for up to 20s.
@@ -576,7 +640,14 @@ func (e *reverseEnv) startLoad() *load {
 	}
 	l.wg.Add(1)
 	go worker(func() error {
-		_, err := e.tcpCall(e.frontend, "load-"+strconv.FormatInt(n.Add(1), 10))
+		start := time.Now().UnixNano()
+		name, err := e.tcpCall(e.frontend, "load-"+strconv.FormatInt(n.Add(1), 10))
+		if k := e.killed.Load(); err != nil && name == "tcp-0" && k != 0 && start < k {
+			// A session already open on the VM that was killed dies with it; nothing can save
+			// it. Every session opened after the kill must reach the remaining VM.
+			e.cut.Add(1)
+			return nil
+		}
 		return err
 	})
 	return l
