@@ -40,6 +40,9 @@ type Config struct {
 	Envoy     Envoy  `yaml:"envoy"`
 	// Builtin tunes the built-in data plane (see dataplane.go).
 	Builtin Builtin `yaml:"builtin"`
+	// Reverse lists services on legacy VMs that mesh workloads call through the fleet (see
+	// reverse.go).
+	Reverse Reverse `yaml:"reverse"`
 
 	// Dir is the directory of the config file, for resolving relative paths.
 	Dir string `yaml:"-"`
@@ -248,6 +251,7 @@ func (c *Config) applyDefaults() {
 	c.kubernetesDefaults()
 	c.acmpcaDefaults()
 	c.peerMetadataDefaults()
+	c.reverseDefaults()
 }
 
 // Problems lists every problem in a defaulted config, by field path.
@@ -304,6 +308,7 @@ func (c *Config) Problems() strictyaml.Problems {
 	c.peersProblems(&p)
 	c.dataplaneProblems(&p)
 	c.peerMetadataProblems(&p)
+	c.reverseProblems(&p)
 	if err := checkHostPort(c.Metrics.Address); err != nil {
 		p.Addf("metrics.address", "%v", err)
 	}
@@ -371,6 +376,9 @@ func (c *Config) ReservedPorts() []catalog.ReservedPort {
 	}
 	if c.Dataplane == "envoy" {
 		own = append(own, struct{ field, addr string }{"envoy.adminAddress", c.Envoy.AdminAddress})
+	}
+	if c.Reverse.Enabled() { // the inbound mTLS listener (reverse.go)
+		own = append(own, struct{ field, addr string }{"reverse.port", net.JoinHostPort(c.Reverse.Address, strconv.Itoa(int(c.Reverse.Port)))})
 	}
 	var out []catalog.ReservedPort
 	for _, o := range own {

@@ -286,6 +286,9 @@ func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string
 					if err := f.GetTypedConfig().UnmarshalTo(m); err != nil {
 						return nil, err
 					}
+					if m.GetRouteConfig() != nil {
+						continue // inline already (the inbound listener's chains)
+					}
 					rc := routes[m.GetRds().GetRouteConfigName()]
 					if rc == nil {
 						return nil, fmt.Errorf("listener %s: route %q missing", l.Name, m.GetRds().GetRouteConfigName())
@@ -295,10 +298,17 @@ func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string
 				}
 			}
 		}
+		if err := staticDownstreamSecrets(l, sds); err != nil {
+			return nil, err
+		}
 		static.Listeners = append(static.Listeners, l)
 	}
 	for _, c := range res.Clusters {
 		c = proto.Clone(c).(*cluster.Cluster)
+		if c.GetType() != cluster.Cluster_EDS {
+			static.Clusters = append(static.Clusters, c) // the reverse direction's VM clusters
+			continue
+		}
 		c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_STRICT_DNS}
 		c.EdsClusterConfig = nil
 		cla := &endpoint.ClusterLoadAssignment{ClusterName: c.Name}
@@ -339,6 +349,26 @@ func StaticBootstrap(res *Resources, o StaticOptions, nodeID, nodeCluster string
 		return nil, fmt.Errorf("static config: %w", err)
 	}
 	return b, nil
+}
+
+// staticDownstreamSecrets points the inbound listener's downstream TLS at the SDS files.
+func staticDownstreamSecrets(l *listener.Listener, sds func(string) *tlsv3.SdsSecretConfig) error {
+	for _, fc := range l.FilterChains {
+		if fc.GetTransportSocket() == nil {
+			continue
+		}
+		tlsCtx := &tlsv3.DownstreamTlsContext{}
+		if err := fc.TransportSocket.GetTypedConfig().UnmarshalTo(tlsCtx); err != nil {
+			return fmt.Errorf("listener %s: %w", l.Name, err)
+		}
+		ctx := tlsCtx.CommonTlsContext
+		ctx.TlsCertificateSdsSecretConfigs = []*tlsv3.SdsSecretConfig{sds(SecretCertificate)}
+		if cv := ctx.GetCombinedValidationContext(); cv != nil {
+			cv.ValidationContextSdsSecretConfig = sds(SecretRoots)
+		}
+		fc.TransportSocket.ConfigType = &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)}
+	}
+	return nil
 }
 
 func containsEndpoint(list []*endpoint.LbEndpoint, e *endpoint.LbEndpoint) bool {

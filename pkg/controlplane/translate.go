@@ -103,6 +103,9 @@ type Options struct {
 	PeerMetadata *PeerMetadata
 	// Limits on what a client may send and open; zero values are Envoy's defaults (limits.go).
 	Limits
+	// Reverse, when set, adds the inbound mTLS listener for mesh callers of VM services and
+	// the clusters to the VMs (inbound.go).
+	Reverse *Reverse
 }
 
 // Outlier is passive health checking of gateway endpoints.
@@ -257,6 +260,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
 	}
+	translateInbound(opts.Reverse, opts, res)
 	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })

@@ -206,6 +206,7 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 			MaxHeadersCount:     cfg.Listen.MaxHeadersCount,
 			MaxConnections:      cfg.Listen.MaxConnections,
 		},
+		Reverse: reverseOptions(cfg), // reverse.go
 	}
 	if pm := cfg.Mesh.PeerMetadata; pm.Enabled {
 		opts.PeerMetadata = &controlplane.PeerMetadata{
@@ -229,6 +230,9 @@ func (d *Daemon) rebuild(ctx context.Context) error {
 	}
 	d.metrics.catalogPorts.Set(float64(ports))
 	cat, bundle = d.withholdIfExpired(cat, bundle) // identity.go: an expired identity carries no traffic
+	if bundle == nil {
+		opts.Reverse = nil // nor does the inbound listener answer with no (valid) certificate to present
+	}
 	if len(opts.Gateways) == 0 {
 		return d.setErr(errors.New("no east-west gateway address resolved yet"))
 	}

@@ -23,8 +23,10 @@ type proxyInfo struct {
 	cfg      *httpConfig
 	body     *downstreamBody // the request body, when there is one
 	retries  int             // connect failures retried on another endpoint (the route's retry policy)
-	upstream string          // endpoint used, for the access log
-	flags    string          // Envoy-style response flags, "-" when none
+	// resetRetry: a reset before the response is retried too (retry_on reset).
+	resetRetry bool
+	upstream   string // endpoint used, for the access log
+	flags      string // Envoy-style response flags, "-" when none
 	// respRemove are the route configuration's response_headers_to_remove.
 	respRemove []string
 }
@@ -35,6 +37,10 @@ type proxyKey struct{}
 func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cfg := l.cfg.Load()
+	ic := inboundOf(r) // a mesh caller on the inbound mTLS listener (inbound.go)
+	if ic != nil {
+		cfg = ic.chain.cfg
+	}
 	rec := &recorder{ResponseWriter: w}
 	info := &proxyInfo{listener: cfg.name, flags: "-"}
 	clusterName := ""
@@ -44,6 +50,12 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			line := httpLogLine(start, r, rec, info)
 			for _, lg := range cfg.http.logs {
 				lg.write(line)
+			}
+		}
+		if ic != nil {
+			l.dp.metrics.reverseRequests.WithLabelValues(ic.chain.service, ic.label, strconv.Itoa(rec.code())).Inc()
+			for _, lg := range ic.chain.logs {
+				lg.write(inboundLogLine(start, ic, r.Method+" "+r.URL.Path+" "+r.Proto, rec.code(), info.flags, clusterName))
 			}
 		}
 		switch {
@@ -79,6 +91,13 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		internalOnly = table.internalOnly
 	}
 	hc.headers.sanitize(r.Header, peer, internalOnly)
+	pid := peerID{addr: peer}
+	if ic != nil {
+		pid = ic.peer
+		if ic.xfcc != "" { // SANITIZE_SET: what the caller sent went in sanitize
+			r.Header.Set(hdrXFCCName, ic.xfcc)
+		}
+	}
 	var vh *virtualHost
 	var re *routeEntry
 	if table != nil {
@@ -107,7 +126,7 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				eng = nil
 			}
 		}
-		if !eng.allowed(peer) {
+		if !eng.allowedPeer(pid) {
 			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
 			info.flags = "RBAC"
 			localReply(rec, http.StatusForbidden, "RBAC: access denied")
@@ -122,6 +141,10 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	info.cluster, info.cfg, info.retries, info.respRemove = c, hc, re.connectRetries, table.responseRemove
+	info.resetRetry = re.resetRetry
+	if re.retryMethods != nil && !re.retryMethods(r.Method) {
+		info.retries = 0 // retriable_request_headers: this request is not retried at all
+	}
 	// The route configuration's request_headers_to_add, as Envoy's router adds them: after the
 	// client's copies of internal_only_headers went in sanitize, replacing any left.
 	for _, h := range table.requestAdd {

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -87,6 +88,9 @@ func (l *listenerRT) newServing(p serverParams) *httpServing {
 		MaxHeaderBytes:    p.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(l.dp.log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if tc, ok := c.(*trackedConn); ok && tc.inbound != nil {
+				ctx = context.WithValue(ctx, inboundKey{}, tc.inbound)
+			}
 			return context.WithValue(ctx, peerKey{}, peerAddr(c))
 		},
 	}
@@ -177,6 +181,10 @@ func (l *listenerRT) acceptLoop() {
 			l.refuse(conn, cfg, "limit", cfg.limitDelay)
 			continue
 		}
+		if cfg.inbound != nil { // TLS first; the SNI chooses what serves it (inbound.go)
+			go l.serveInbound(l.track(tls.Server(conn, l.inboundTLS(cfg)), cfg.name), cfg)
+			continue
+		}
 		tc := l.track(conn, cfg.name)
 		if cfg.tcp != nil {
 			go l.serveTCP(tc, cfg)
@@ -245,6 +253,8 @@ type trackedConn struct {
 	l        *listenerRT
 	listener string
 	once     sync.Once
+	// inbound is set on a TLS listener's HTTP connections before they reach the HTTP server.
+	inbound *inboundConn
 }
 
 func (l *listenerRT) track(c net.Conn, name string) *trackedConn {

@@ -21,9 +21,13 @@ type metrics struct {
 	downstreamErrs *prometheus.CounterVec
 	tlsFailures    *prometheus.CounterVec
 	rbacDenied     *prometheus.CounterVec
-	ejections      *prometheus.CounterVec
-	xdsConnected   prometheus.Gauge
-	xdsRejections  *prometheus.CounterVec
+	// reverseRequests and reverseConns are the reverse direction's calls per VM service and
+	// caller principal ("other" for a principal the service does not allow).
+	reverseRequests *prometheus.CounterVec
+	reverseConns    *prometheus.CounterVec
+	ejections       *prometheus.CounterVec
+	xdsConnected    prometheus.Gauge
+	xdsRejections   *prometheus.CounterVec
 	// xdsReceiveErrors counts responses that could not even be received (too_large): unlike a
 	// rejection, there is nothing to NACK, as the stream ends before the response is read.
 	xdsReceiveErrors *prometheus.CounterVec
@@ -45,6 +49,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Requests and connections that failed because of their client, never counted against a gateway: bad_request, client_closed, headers_too_large, too_many_headers, client_stalled."}, []string{"listener", "reason"}),
 		tlsFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_tls_handshake_failures_total",
 			Help: "TLS handshakes with a cluster's endpoints that failed, including certificate verification."}, []string{"cluster"}),
+		reverseRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_reverse_requests_total",
+			Help: "HTTP requests from the mesh to a VM service, by service (HOST:PORT), caller principal and response code."}, []string{"service", "principal", "code"}),
+		reverseConns: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_reverse_connections_total",
+			Help: "TCP connections from the mesh to a VM service, by service (HOST:PORT), caller principal and result (allowed, denied)."}, []string{"service", "principal", "result"}),
 		rbacDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_rbac_denied_total",
 			Help: "Connections or requests denied by RBAC, by listener."}, []string{"listener"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "fwdproxy_dataplane_ejections_total",
@@ -58,7 +66,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	m.xdsReceiveErrors.WithLabelValues("too_large")
 	if reg != nil {
-		reg.MustRegister(m.connActive, m.connTotal, m.connRefused, m.requests, m.upstreamErrs, m.downstreamErrs, m.tlsFailures, m.rbacDenied, m.ejections,
+		reg.MustRegister(m.connActive, m.connTotal, m.connRefused, m.requests, m.upstreamErrs, m.downstreamErrs, m.tlsFailures, m.rbacDenied, m.reverseRequests, m.reverseConns, m.ejections,
 			m.xdsConnected, m.xdsRejections, m.xdsReceiveErrors)
 	}
 	return m

@@ -182,8 +182,8 @@ func TestParseRejectsUnsupported(t *testing.T) {
 		}
 	})
 	clusterCase("strict dns", func(c *clusterpb.Cluster) {
-		c.ClusterDiscoveryType = &clusterpb.Cluster_Type{Type: clusterpb.Cluster_STRICT_DNS}
-	}, "type: STRICT_DNS is not supported by the built-in data plane; use EDS or STATIC")
+		c.ClusterDiscoveryType = &clusterpb.Cluster_Type{Type: clusterpb.Cluster_LOGICAL_DNS}
+	}, "type: LOGICAL_DNS is not supported by the built-in data plane; use EDS, STATIC or STRICT_DNS")
 	clusterCase("least request", func(c *clusterpb.Cluster) { c.LbPolicy = clusterpb.Cluster_LEAST_REQUEST },
 		"lb_policy: LEAST_REQUEST is not supported; use ROUND_ROBIN")
 	clusterCase("no validation context", func(c *clusterpb.Cluster) {

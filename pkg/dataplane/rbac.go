@@ -9,8 +9,9 @@ import (
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 )
 
-// rbacEngine evaluates Envoy RBAC rules on the peer's address, the only attribute the rules
-// the control plane emits look at. Rules that need anything else are rejected when parsed.
+// rbacEngine evaluates Envoy RBAC rules on the peer's address and, on TLS connections (the
+// reverse direction's inbound listener), the principal its certificate proves. Rules that need
+// anything else are rejected when parsed.
 type rbacEngine struct {
 	deny     bool // action DENY; otherwise ALLOW
 	policies []rbacPolicy
@@ -21,11 +22,21 @@ type rbacPolicy struct {
 	principals []principal
 }
 
-// principal reports whether a peer address matches.
-type principal func(netip.Addr) bool
+// principal reports whether a peer matches.
+type principal func(peerID) bool
+
+// peerID is what RBAC knows of a peer: its address and, after a TLS handshake with a client
+// certificate, the certificate's URI SANs (Envoy's authenticated principal_name).
+type peerID struct {
+	addr netip.Addr
+	uris []string
+}
 
 // allowed reports whether a peer at addr passes the rules.
-func (e *rbacEngine) allowed(addr netip.Addr) bool {
+func (e *rbacEngine) allowed(addr netip.Addr) bool { return e.allowedPeer(peerID{addr: addr}) }
+
+// allowedPeer reports whether a peer passes the rules.
+func (e *rbacEngine) allowedPeer(addr peerID) bool {
 	if e == nil {
 		return true
 	}
@@ -134,7 +145,7 @@ func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
 		if !id.Any {
 			return nil, fmt.Errorf("%s.any: must be true", field)
 		}
-		return func(netip.Addr) bool { return true }, nil
+		return func(peerID) bool { return true }, nil
 	case *rbacconfig.Principal_DirectRemoteIp:
 		return cidrPrincipal(id.DirectRemoteIp.GetAddressPrefix(), id.DirectRemoteIp.GetPrefixLen().GetValue(), id.DirectRemoteIp.GetPrefixLen() != nil, field+".direct_remote_ip")
 	case *rbacconfig.Principal_RemoteIp:
@@ -151,7 +162,7 @@ func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
 			}
 			ms = append(ms, m)
 		}
-		return func(a netip.Addr) bool {
+		return func(a peerID) bool {
 			for _, m := range ms {
 				if m(a) {
 					return true
@@ -168,7 +179,7 @@ func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
 			}
 			ms = append(ms, m)
 		}
-		return func(a netip.Addr) bool {
+		return func(a peerID) bool {
 			for _, m := range ms {
 				if !m(a) {
 					return false
@@ -176,14 +187,34 @@ func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
 			}
 			return true
 		}, nil
+	case *rbacconfig.Principal_Authenticated_:
+		// Envoy matches principal_name against the certificate's URI SANs (then DNS SANs and
+		// the subject, which mesh certificates leave empty); no principal_name matches any
+		// authenticated peer.
+		pn := id.Authenticated.GetPrincipalName()
+		if pn == nil {
+			return func(a peerID) bool { return len(a.uris) > 0 }, nil
+		}
+		m, err := stringMatcher(pn)
+		if err != nil {
+			return nil, fmt.Errorf("%s.authenticated.principal_name: %v", field, err)
+		}
+		return func(a peerID) bool {
+			for _, u := range a.uris {
+				if m(u) {
+					return true
+				}
+			}
+			return false
+		}, nil
 	case *rbacconfig.Principal_NotId:
 		m, err := parsePrincipal(id.NotId, field+".not_id")
 		if err != nil {
 			return nil, err
 		}
-		return func(a netip.Addr) bool { return !m(a) }, nil
+		return func(a peerID) bool { return !m(a) }, nil
 	default:
-		return nil, fmt.Errorf("%s: principal %T is not supported by the built-in data plane; use direct_remote_ip, remote_ip, any, or_ids, and_ids or not_id", field, p.GetIdentifier())
+		return nil, fmt.Errorf("%s: principal %T is not supported by the built-in data plane; use direct_remote_ip, remote_ip, authenticated, any, or_ids, and_ids or not_id", field, p.GetIdentifier())
 	}
 }
 
@@ -200,7 +231,7 @@ func cidrPrincipal(addr string, bits uint32, hasBits bool, field string) (princi
 	if err != nil || int(bits) > ip.BitLen() {
 		return nil, fmt.Errorf("%s.prefix_len: %d is not valid for %s", field, bits, addr)
 	}
-	return func(a netip.Addr) bool { return pfx.Contains(a.Unmap()) }, nil
+	return func(a peerID) bool { return pfx.Contains(a.addr.Unmap()) }, nil
 }
 
 // parseSourceRanges compiles a filter chain's source_prefix_ranges into an allow list; none

@@ -89,6 +89,8 @@ type listenerConfig struct {
 	netRBAC *rbacEngine
 	tcp     *tcpConfig
 	http    *httpConfig
+	// inbound is a TLS listener's chains by SNI (inbound.go); tcp and http are then nil.
+	inbound *inboundConfig
 	// maxConns is the connection_limit filter's max_connections (0: no limit); a connection
 	// past it is closed after limitDelay.
 	maxConns   int
@@ -159,6 +161,9 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 		return nil, fail("address.address: %q is not an IP address", sa.GetAddress())
 	}
 	cfg := &listenerConfig{name: name, addr: net.JoinHostPort(host, strconv.Itoa(int(sa.GetPortValue()))), proto: l}
+	if isInbound(l) {
+		return dp.parseInbound(l, cfg) // the reverse direction's mTLS listener (inbound.go)
+	}
 	if len(l.GetListenerFilters()) > 0 {
 		return nil, fail("listener_filters: not supported by the built-in data plane (got %s)", l.GetListenerFilters()[0].GetName())
 	}
@@ -522,6 +527,11 @@ type routeEntry struct {
 	transcoder    *transcoderConfig
 	// connectRetries: how often a request whose connection failed is tried on another endpoint.
 	connectRetries int
+	// resetRetry: retry_on has reset, so a request whose upstream connection was reset before
+	// a response is tried again too (inbound VM clusters); retryMethods, when set, is the
+	// retriable_request_headers :method condition every retry needs.
+	resetRetry   bool
+	retryMethods func(string) bool
 }
 
 // lookup finds the virtual host for a Host header, Envoy's way: exact, then the longest
@@ -735,6 +745,9 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 			return nil, err
 		}
 		re.connectRetries = n
+		if re.resetRetry, re.retryMethods, err = parseRetryConditions(rp, field+".route.retry_policy"); err != nil {
+			return nil, err
+		}
 	}
 	pr, tc, err := parsePerFilter(r.GetTypedPerFilterConfig(), field+".typed_per_filter_config")
 	if err != nil {
@@ -748,8 +761,8 @@ func parseRoute(r *route.Route, field string) (*routeEntry, error) {
 // failures retried on another endpoint (previous_hosts), nothing else; it returns num_retries.
 func parseRetryPolicy(rp *route.RetryPolicy, field string) (int, error) {
 	for _, on := range strings.Split(rp.GetRetryOn(), ",") {
-		if on = strings.TrimSpace(on); on != "connect-failure" {
-			return 0, fmt.Errorf("%s.retry_on: %q is not supported; the built-in data plane retries connect-failure only", field, on)
+		if on = strings.TrimSpace(on); on != "connect-failure" && on != "reset" {
+			return 0, fmt.Errorf("%s.retry_on: %q is not supported; the built-in data plane retries connect-failure and reset only", field, on)
 		}
 	}
 	n := 1 // Envoy's default num_retries
@@ -762,9 +775,38 @@ func parseRetryPolicy(rp *route.RetryPolicy, field string) (int, error) {
 		}
 	}
 	if rp.GetPerTryTimeout() != nil || rp.GetRetryBackOff() != nil || len(rp.GetRetriableStatusCodes()) > 0 || len(rp.GetRetriableHeaders()) > 0 || rp.GetRetryPriority() != nil {
-		return 0, fmt.Errorf("%s: only retry_on, num_retries, retry_host_predicate and host_selection_retry_max_attempts are supported", field)
+		return 0, fmt.Errorf("%s: only retry_on, num_retries, retry_host_predicate, retriable_request_headers (:method) and host_selection_retry_max_attempts are supported", field)
 	}
 	return n, nil
+}
+
+// parseRetryConditions reads retry_on's reset and a retriable_request_headers condition on
+// :method (all of them must match for a request to be retried, as in Envoy).
+func parseRetryConditions(rp *route.RetryPolicy, field string) (bool, func(string) bool, error) {
+	reset := slices.Contains(strings.Split(strings.ReplaceAll(rp.GetRetryOn(), " ", ""), ","), "reset")
+	var ms []func(string) bool
+	for i, h := range rp.GetRetriableRequestHeaders() {
+		f := fmt.Sprintf("%s.retriable_request_headers[%d]", field, i)
+		if h.GetName() != ":method" || h.GetInvertMatch() || h.GetStringMatch() == nil {
+			return false, nil, fmt.Errorf("%s: only a string_match on :method is supported", f)
+		}
+		m, err := stringMatcher(h.GetStringMatch())
+		if err != nil {
+			return false, nil, fmt.Errorf("%s.string_match: %v", f, err)
+		}
+		ms = append(ms, m)
+	}
+	if len(ms) == 0 {
+		return reset, nil, nil
+	}
+	return reset, func(method string) bool {
+		for _, m := range ms {
+			if !m(method) {
+				return false
+			}
+		}
+		return true
+	}, nil
 }
 
 // ---- clusters ----
@@ -779,6 +821,8 @@ type clusterConfig struct {
 	tls            *tlsSpec // nil: plain TCP upstream
 	http2          bool
 	outlier        *outlierSpec
+	health         *healthSpec // active health check (health.go); nil: none
+	dns            []dnsTarget // STRICT_DNS endpoints, resolved by health.go's loop
 }
 
 type tlsSpec struct {
@@ -837,8 +881,14 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 				return nil, fail("load_assignment: %v", err)
 			}
 			cfg.static = eps
+		case clusterpb.Cluster_STRICT_DNS:
+			targets, err := parseDNSTargets(c)
+			if err != nil {
+				return nil, fail("%v", err)
+			}
+			cfg.dns = targets
 		default:
-			return nil, fail("type: %s is not supported by the built-in data plane; use EDS or STATIC", t.Type)
+			return nil, fail("type: %s is not supported by the built-in data plane; use EDS, STATIC or STRICT_DNS", t.Type)
 		}
 	case nil:
 		return nil, fail("type: required (EDS or STATIC)")
@@ -851,9 +901,11 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 	if c.GetLoadBalancingPolicy() != nil {
 		return nil, fail("load_balancing_policy: not supported; use lb_policy ROUND_ROBIN")
 	}
-	if len(c.GetHealthChecks()) > 0 {
-		return nil, fail("health_checks: active health checking is not supported; use outlier_detection")
+	hc, err := parseHealthChecks(c.GetHealthChecks())
+	if err != nil {
+		return nil, fail("%v", err)
 	}
+	cfg.health = hc
 	if len(c.GetTransportSocketMatches()) > 0 {
 		return nil, fail("transport_socket_matches: not supported; use transport_socket")
 	}

@@ -36,6 +36,8 @@ type cluster struct {
 	mu        sync.Mutex   // outlier state of the hosts
 	lastSweep atomic.Int64 // unix nanoseconds of the last outlier sweep
 	stopped   sync.Once
+	done      chan struct{} // closed when the cluster is removed
+	active    atomic.Bool   // activeLoop runs
 
 	// codes caches this cluster's children of the requests counter by status code, so a
 	// request does not format and hash its labels.
@@ -66,6 +68,10 @@ type host struct {
 	addr, hostname string
 	healthy        bool // as reported by EDS
 	ejected        atomic.Bool
+	// hcFailed: the cluster's active health check (health.go) marks the host down.
+	hcFailed atomic.Bool
+	// consecutive active health check results; health.go's loop only
+	hcFails, hcPasses uint32
 
 	// consecutive failures; written under cluster.mu, read without it on the fast path
 	consec5xx, consecGateway atomic.Uint32
@@ -74,8 +80,12 @@ type host struct {
 	ejections uint32
 }
 
+// up reports whether the host takes traffic: healthy by EDS, passing its active health check,
+// not ejected.
+func (h *host) up() bool { return h.healthy && !h.hcFailed.Load() && !h.ejected.Load() }
+
 func newCluster(dp *DataPlane, cfg *clusterConfig) *cluster {
-	c := &cluster{name: cfg.name, dp: dp}
+	c := &cluster{name: cfg.name, dp: dp, done: make(chan struct{})}
 	c.hosts.Store(&[]*host{})
 	c.lastSweep.Store(time.Now().UnixNano())
 	c.setConfig(cfg)
@@ -137,6 +147,9 @@ func (c *cluster) setConfig(cfg *clusterConfig) {
 	if old != nil {
 		old.closeIdle()
 	}
+	if (cfg.health != nil || len(cfg.dns) > 0) && !c.active.Swap(true) {
+		go c.activeLoop() // health.go: active health checks and DNS resolution
+	}
 }
 
 func (rt *clusterRuntime) closeIdle() {
@@ -160,7 +173,10 @@ func (rt *clusterRuntime) scheme() string {
 
 // close closes idle connections; open ones finish on their own.
 func (c *cluster) close() {
-	c.stopped.Do(func() { c.rt.Load().closeIdle() })
+	c.stopped.Do(func() {
+		close(c.done)
+		c.rt.Load().closeIdle()
+	})
 }
 
 // setEndpoints replaces the endpoint list, keeping the outlier state of endpoints that stay.
@@ -181,6 +197,8 @@ func (c *cluster) setEndpoints(eps []endpointSpec) {
 				nh.consecGateway.Store(h.consecGateway.Load())
 				nh.ejectedAt, nh.ejections = h.ejectedAt, h.ejections
 				nh.ejected.Store(h.ejected.Load())
+				nh.hcFailed.Store(h.hcFailed.Load())
+				nh.hcFails, nh.hcPasses = h.hcFails, h.hcPasses
 			}
 			h = nh
 		}
@@ -200,7 +218,7 @@ func (c *cluster) pick(skip *host) *host {
 	}
 	avail := 0
 	for _, h := range hosts {
-		if h.healthy && !h.ejected.Load() {
+		if h.up() {
 			avail++
 		}
 	}
@@ -209,7 +227,7 @@ func (c *cluster) pick(skip *host) *host {
 	var fallback *host
 	for i := range n {
 		h := hosts[(start+i)%n]
-		if !panicMode && (!h.healthy || h.ejected.Load()) {
+		if !panicMode && !h.up() {
 			continue
 		}
 		if h == skip {
@@ -503,6 +521,10 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err // the client went away
 		}
 		c.failed(h, reasonReset)
+		if info != nil && info.resetRetry && attempt < retries && (req.Body == nil || req.Body == http.NoBody) {
+			tried, lastErr = h, &upstreamError{reason: reasonReset, cluster: c.name, addr: h.addr, err: err}
+			continue
+		}
 		return nil, &upstreamError{reason: reasonReset, cluster: c.name, addr: h.addr, err: err}
 	}
 }

@@ -281,6 +281,11 @@ func (dp *DataPlane) wanted(typeURL string) []string {
 			}
 		}
 	case resource.SecretType:
+		for _, l := range dp.listeners { // the inbound listener's downstream TLS (inbound.go)
+			for _, n := range l.cfg.Load().secretNames() {
+				set[n] = true
+			}
+		}
 		for _, c := range *dp.clusters.Load() {
 			if t := c.rt.Load().cfg.tls; t != nil {
 				for _, n := range []string{t.certSecret, t.rootsSecret} {
@@ -575,7 +580,9 @@ func (dp *DataPlane) applyClusters(cs []*clusterpb.Cluster) error {
 			m[name] = c
 			continue
 		}
-		if cfg.edsName == "" {
+		if len(cfg.dns) > 0 {
+			// resolved by the cluster's own loop (health.go)
+		} else if cfg.edsName == "" {
 			c.setEndpoints(cfg.static)
 		} else if eps, ok := dp.endpoints[cfg.edsName]; ok {
 			c.setEndpoints(eps)

@@ -1,8 +1,9 @@
 // Package meshconfig renders the Istio resources the mesh side needs for the fleet: the
 // east-west Gateway in AUTO_PASSTHROUGH mode that the fleet's upstream connections enter by, an
 // AuthorizationPolicy per namespace that lets the fleet's principal call the catalog's services,
-// and, for the reverse direction, ServiceEntries that make services on legacy VMs (behind the
-// fleet's load balancer) reachable from the mesh. Rendering is a pure function of its inputs.
+// and, for the reverse direction, a ServiceEntry and a DestinationRule (tls.mode ISTIO_MUTUAL) per
+// service on legacy VMs, so that an unmodified mesh workload reaches it by name through the
+// fleet's load balancer with Istio mTLS. Rendering is a pure function of its inputs.
 package meshconfig
 
 import (
@@ -46,15 +47,21 @@ type Reverse struct {
 	// Namespace of the ServiceEntries; default istio-system.
 	Namespace string `yaml:"namespace"`
 	// ExportTo limits which namespaces see the entries; default ["*"].
-	ExportTo []string         `yaml:"exportTo"`
+	ExportTo []string `yaml:"exportTo"`
+	// Port is the load balancer's port to the fleet's inbound mTLS listener (reverse.port);
+	// default 15443. Every service port's endpoint is this one port: the fleet picks the
+	// service by the SNI.
+	Port     uint32           `yaml:"port"`
 	Services []ReverseService `yaml:"services"`
 }
 
 // ReverseService is one VM service.
 type ReverseService struct {
 	// Host is the name mesh workloads call, e.g. billing.vm.example.internal.
-	Host  string         `yaml:"host"`
-	Ports []catalog.Port `yaml:"ports"`
+	Host string `yaml:"host"`
+	// Aliases are more names of the service (more ServiceEntry hosts, each with its rule).
+	Aliases []string       `yaml:"aliases"`
+	Ports   []catalog.Port `yaml:"ports"`
 }
 
 // LoadReverse reads and checks a reverse file; errors name the file, line and field.
@@ -82,6 +89,9 @@ func (r *Reverse) Problems() strictyaml.Problems {
 	} else if _, err := netip.ParseAddr(r.LoadBalancer); err != nil && len(validation.IsDNS1123Subdomain(r.LoadBalancer)) > 0 {
 		p.Addf("loadBalancer", "%q is neither an IP address nor a DNS name", r.LoadBalancer)
 	}
+	if r.Port > 65535 {
+		p.Addf("port", "%d is not a valid port; use the load balancer's port to reverse.port (default 15443)", r.Port)
+	}
 	if r.Namespace != "" && len(validation.IsDNS1123Label(r.Namespace)) > 0 {
 		p.Addf("namespace", "%q is not a valid namespace name", r.Namespace)
 	}
@@ -91,7 +101,7 @@ func (r *Reverse) Problems() strictyaml.Problems {
 	// The services must be valid catalog entries as far as hosts and ports go.
 	cat := &catalog.Catalog{}
 	for _, s := range r.Services {
-		cat.Services = append(cat.Services, catalog.Service{Host: s.Host, Ports: s.Ports, Identities: []string{"spiffe://vm/placeholder"}})
+		cat.Services = append(cat.Services, catalog.Service{Host: s.Host, Aliases: s.Aliases, Ports: s.Ports, Identities: []string{"spiffe://vm/placeholder"}})
 	}
 	for _, prob := range cat.Problems(catalog.Options{}) {
 		if !strings.Contains(prob.Field, ".identities") {
@@ -205,10 +215,17 @@ func Render(o Options) ([]byte, error) {
 		if len(exportTo) == 0 {
 			exportTo = []string{"*"}
 		}
+		lbPort := r.Port
+		if lbPort == 0 {
+			lbPort = 15443
+		}
+		ns := or(r.Namespace, "istio-system")
+		labels := map[string]string{"app.kubernetes.io/managed-by": "fwdproxy"}
 		svcs := slices.Clone(r.Services)
 		slices.SortFunc(svcs, func(a, b ReverseService) int { return strings.Compare(a.Host, b.Host) })
 		for _, s := range svcs {
 			var ports []sePort
+			epPorts := map[string]uint32{}
 			sp := slices.Clone(s.Ports)
 			slices.SortFunc(sp, func(a, b catalog.Port) int { return int(a.Number) - int(b.Number) })
 			for _, p := range sp {
@@ -218,18 +235,33 @@ func Render(o Options) ([]byte, error) {
 					name = fmt.Sprintf("%s-%d", strings.ToLower(proto), p.Number)
 				}
 				ports = append(ports, sePort{Number: p.Number, Name: name, Protocol: proto})
+				epPorts[name] = lbPort
 			}
+			hosts := append([]string{s.Host}, s.Aliases...)
 			writeDoc(&out, []string{
-				s.Host + " runs on legacy VMs; mesh workloads reach it through the fleet's load balancer.",
+				s.Host + " runs on legacy VMs; mesh workloads reach it through the fleet's load balancer,",
+				"port " + fmt.Sprint(lbPort) + " for every service port (the fleet picks the service by the SNI), and",
+				"verify that the fleet answers as " + o.FleetSPIFFEID + ".",
 			}, resource{
 				APIVersion: "networking.istio.io/v1", Kind: "ServiceEntry",
-				Metadata: metadata{Name: "vm-" + strings.ReplaceAll(s.Host, ".", "-"), Namespace: or(r.Namespace, "istio-system"),
-					Labels: map[string]string{"app.kubernetes.io/managed-by": "fwdproxy"}},
+				Metadata: metadata{Name: "vm-" + strings.ReplaceAll(s.Host, ".", "-"), Namespace: ns, Labels: labels},
 				Spec: serviceEntrySpec{
-					Hosts: []string{s.Host}, ExportTo: exportTo, Location: "MESH_EXTERNAL", Resolution: resolution,
-					Ports: ports, Endpoints: []seEndpoint{{Address: r.LoadBalancer}},
+					// MESH_INTERNAL: the fleet holds a mesh identity and speaks Istio mTLS.
+					Hosts: hosts, ExportTo: exportTo, Location: "MESH_INTERNAL", Resolution: resolution,
+					Ports: ports, Endpoints: []seEndpoint{{Address: r.LoadBalancer, Ports: epPorts}},
+					SubjectAltNames: []string{o.FleetSPIFFEID},
 				},
 			})
+			for _, h := range hosts {
+				writeDoc(&out, []string{
+					"Istio mTLS to " + h + ": the sidecar sends its workload certificate and the SNI",
+					"outbound_.PORT_._." + h + ", which the fleet routes and authorizes on.",
+				}, resource{
+					APIVersion: "networking.istio.io/v1", Kind: "DestinationRule",
+					Metadata: metadata{Name: "vm-" + strings.ReplaceAll(h, ".", "-"), Namespace: ns, Labels: labels},
+					Spec:     destinationRuleSpec{Host: h, ExportTo: exportTo, TrafficPolicy: trafficPolicy{TLS: clientTLS{Mode: "ISTIO_MUTUAL"}}},
+				})
+			}
 		}
 	}
 	return out.Bytes(), nil
@@ -332,12 +364,27 @@ type source struct {
 }
 
 type serviceEntrySpec struct {
-	Hosts      []string     `yaml:"hosts"`
-	ExportTo   []string     `yaml:"exportTo"`
-	Location   string       `yaml:"location"`
-	Resolution string       `yaml:"resolution"`
-	Ports      []sePort     `yaml:"ports"`
-	Endpoints  []seEndpoint `yaml:"endpoints"`
+	Hosts           []string     `yaml:"hosts"`
+	ExportTo        []string     `yaml:"exportTo"`
+	Location        string       `yaml:"location"`
+	Resolution      string       `yaml:"resolution"`
+	Ports           []sePort     `yaml:"ports"`
+	Endpoints       []seEndpoint `yaml:"endpoints"`
+	SubjectAltNames []string     `yaml:"subjectAltNames"`
+}
+
+type destinationRuleSpec struct {
+	Host          string        `yaml:"host"`
+	ExportTo      []string      `yaml:"exportTo"`
+	TrafficPolicy trafficPolicy `yaml:"trafficPolicy"`
+}
+
+type trafficPolicy struct {
+	TLS clientTLS `yaml:"tls"`
+}
+
+type clientTLS struct {
+	Mode string `yaml:"mode"`
 }
 
 type sePort struct {
@@ -348,4 +395,6 @@ type sePort struct {
 
 type seEndpoint struct {
 	Address string `yaml:"address"`
+	// Ports maps a service port's name to the endpoint's port.
+	Ports map[string]uint32 `yaml:"ports,omitempty"`
 }

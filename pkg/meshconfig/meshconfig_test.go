@@ -91,6 +91,7 @@ func decodeDocs(t *testing.T, data []byte) []map[string]any {
 func TestIstioAcceptsTheResources(t *testing.T) {
 	docs := decodeDocs(t, render(t, true))
 	kinds := map[string]int{}
+	ruleHosts := map[string]int{} // ServiceEntry host -> DestinationRules for it
 	strict := protojson.UnmarshalOptions{DiscardUnknown: false}
 	for _, d := range docs {
 		kind, _ := d["kind"].(string)
@@ -111,13 +112,15 @@ func TestIstioAcceptsTheResources(t *testing.T) {
 			msg = &networking.ServiceEntry{}
 		case "AuthorizationPolicy":
 			msg = &security.AuthorizationPolicy{}
+		case "DestinationRule":
+			msg = &networking.DestinationRule{}
 		default:
 			t.Fatalf("unexpected kind %q", kind)
 		}
 		if err := strict.Unmarshal(spec, msg); err != nil {
 			t.Fatalf("%s %v: Istio's API rejects the spec: %v\n%s", kind, meta["name"], err, spec)
 		}
-		wantAPI := map[string]string{"Gateway": "networking.istio.io/v1", "ServiceEntry": "networking.istio.io/v1", "AuthorizationPolicy": "security.istio.io/v1"}[kind]
+		wantAPI := map[string]string{"Gateway": "networking.istio.io/v1", "ServiceEntry": "networking.istio.io/v1", "DestinationRule": "networking.istio.io/v1", "AuthorizationPolicy": "security.istio.io/v1"}[kind]
 		if d["apiVersion"] != wantAPI {
 			t.Errorf("%s apiVersion %v, want %s", kind, d["apiVersion"], wantAPI)
 		}
@@ -134,15 +137,32 @@ func TestIstioAcceptsTheResources(t *testing.T) {
 			if meta["name"] != "cross-network-gateway" || meta["namespace"] != "istio-system" {
 				t.Errorf("gateway metadata %v", meta)
 			}
+		case *networking.DestinationRule:
+			if m.TrafficPolicy.GetTls().GetMode() != networking.ClientTLSSettings_ISTIO_MUTUAL || m.TrafficPolicy.GetTls().GetSni() != "" {
+				t.Errorf("destination rule %s: %v", m.Host, m.TrafficPolicy)
+			}
+			ruleHosts[m.Host]++
 		case *security.AuthorizationPolicy:
 			p := m.Rules[0].From[0].Source.Principals
 			if m.Action != security.AuthorizationPolicy_ALLOW || len(p) != 1 || p[0] != "cluster.local/ns/fwdproxy/sa/fwdproxy" {
 				t.Errorf("policy in %v: %v", meta["namespace"], m)
 			}
 		case *networking.ServiceEntry:
-			if m.Location != networking.ServiceEntry_MESH_EXTERNAL || m.Resolution != networking.ServiceEntry_DNS ||
-				len(m.Endpoints) != 1 || m.Endpoints[0].Address != "internal-fwdproxy-0123456789.elb.eu-west-1.amazonaws.com" {
+			// The fleet's load balancer is the one endpoint, on the inbound port for every
+			// service port, and the sidecar checks the fleet's identity (ISTIO_MUTUAL verifies
+			// the server against the ServiceEntry's subjectAltNames).
+			if m.Location != networking.ServiceEntry_MESH_INTERNAL || m.Resolution != networking.ServiceEntry_DNS ||
+				len(m.Endpoints) != 1 || m.Endpoints[0].Address != "internal-fwdproxy-0123456789.elb.eu-west-1.amazonaws.com" ||
+				len(m.SubjectAltNames) != 1 || m.SubjectAltNames[0] != "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy" {
 				t.Errorf("service entry: %v", m)
+			}
+			for _, p := range m.Ports {
+				if m.Endpoints[0].Ports[p.Name] != 15443 {
+					t.Errorf("service entry %v: port %s reaches endpoint port %d, want 15443", m.Hosts, p.Name, m.Endpoints[0].Ports[p.Name])
+				}
+			}
+			for _, h := range m.Hosts {
+				ruleHosts[h] += 0
 			}
 			if m.Hosts[0] == "billing.vm.example.internal" &&
 				(len(m.Ports) != 2 || m.Ports[0].Number != 5432 || m.Ports[0].Protocol != "TCP" || m.Ports[0].Name != "postgres" ||
@@ -152,8 +172,13 @@ func TestIstioAcceptsTheResources(t *testing.T) {
 		}
 	}
 	// bookinfo, orders, payments from the catalog; inventory from discovery namespaces.
-	if kinds["Gateway"] != 1 || kinds["AuthorizationPolicy"] != 4 || kinds["ServiceEntry"] != 2 {
+	if kinds["Gateway"] != 1 || kinds["AuthorizationPolicy"] != 4 || kinds["ServiceEntry"] != 2 || kinds["DestinationRule"] != 3 {
 		t.Errorf("resources: %v", kinds)
+	}
+	for h, n := range ruleHosts { // one ISTIO_MUTUAL rule per ServiceEntry host, aliases too
+		if n != 1 {
+			t.Errorf("host %s has %d DestinationRules, want 1", h, n)
+		}
 	}
 }
 
