@@ -60,6 +60,19 @@ type Status struct {
 	// Skipped are the services this instance leaves out of the configuration it serves, because
 	// translation cannot place them (every other service is served), sorted by host.
 	Skipped []SkippedService `json:"skipped,omitempty"`
+	// Kubernetes are the discovered clusters' connections to their API servers.
+	Kubernetes []KubernetesSource `json:"kubernetes,omitempty"`
+}
+
+// KubernetesSource is one cluster's connection: whether its list/watch calls succeed, since
+// when, and the last error while they fail. Running is false where this instance does not run
+// discovery (not the gossip leader) or has not started it yet.
+type KubernetesSource struct {
+	Source    string    `json:"source"`
+	Running   bool      `json:"running"`
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"`
+	LastError string    `json:"lastError,omitempty"`
 }
 
 // SkippedService is a service left out of the configuration: Reason is the reason label of

@@ -11,6 +11,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -126,6 +127,20 @@ func (d *Daemon) kubernetesSources() []discovery.Source {
 			Metrics:   metrics,
 		}
 		out = append(out, &kubeSource{Kubernetes: src, field: fmt.Sprintf("discovery.kubernetes[%d]", i), cluster: k, dir: d.cfg})
+	}
+	return out
+}
+
+// kubernetesStatus is each cluster's connection, for fwdproxy status.
+func (d *Daemon) kubernetesStatus() []admin.KubernetesSource {
+	var out []admin.KubernetesSource
+	for _, s := range d.sources {
+		ks, ok := s.(*kubeSource)
+		if !ok {
+			continue
+		}
+		st, running := ks.Status()
+		out = append(out, admin.KubernetesSource{Source: st.Source, Running: running, Connected: st.Connected, Since: st.Since, LastError: st.LastError})
 	}
 	return out
 }

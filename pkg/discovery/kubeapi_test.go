@@ -254,7 +254,7 @@ func TestRealAPIServerDiscovery(t *testing.T) {
 	if up := testutil.ToFloat64(h.src.Metrics.connected.WithLabelValues(h.src.Name())); up != 1 {
 		t.Errorf("fwdproxy_discovery_connected = %v, want 1", up)
 	}
-	if st := h.src.Status(); !st.Connected || st.Since.IsZero() {
+	if st, _ := h.src.Status(); !st.Connected || st.Since.IsZero() {
 		t.Errorf("status: %+v", st)
 	}
 }
@@ -400,7 +400,7 @@ func TestRealAPIServerOutage(t *testing.T) {
 
 	rc.StopAPIServer()
 	meshtest.Eventually(t, 30*time.Second, "the outage counted and shown", func() bool { return errs() > 0 && up() == 0 })
-	st := h.src.Status()
+	st, _ := h.src.Status()
 	if st.Connected || st.LastError == "" {
 		t.Errorf("status during the outage: %+v", st)
 	}
@@ -426,7 +426,7 @@ func TestRealAPIServerOutage(t *testing.T) {
 	h.untilWithin(60*time.Second, "orders", func(c *catalog.Catalog) bool { return c.Lookup("orders.shop.svc.cluster.local") != nil })
 	t.Logf("a change made right after the API server returned was served %v after it was ready", time.Since(back).Round(10*time.Millisecond))
 	meshtest.Eventually(t, 30*time.Second, "connected again", func() bool { return up() == 1 })
-	if st := h.src.Status(); !st.Connected || st.LastError != "" {
+	if st, _ := h.src.Status(); !st.Connected || st.LastError != "" {
 		t.Errorf("status after the outage: %+v", st)
 	}
 	if !strings.Contains(h.logs.String(), "reachable again") {

@@ -122,15 +122,15 @@ type kubeListers struct {
 }
 
 // Status is the cluster's connection state: whether its watches are connected, since when, and
-// the last error while they are not.
-func (k *Kubernetes) Status() KubeStatus {
+// the last error while they are not; running is false before Run starts.
+func (k *Kubernetes) Status() (st KubeStatus, running bool) {
 	k.mu.Lock()
 	h := k.health
 	k.mu.Unlock()
 	if h == nil {
-		return KubeStatus{Source: k.Name(), LastError: "not started"}
+		return KubeStatus{Source: k.Name()}, false
 	}
-	return h.status()
+	return h.status(), true
 }
 
 // Run watches the cluster and reports a catalog once the caches have synced and after every
