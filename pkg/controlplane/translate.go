@@ -86,6 +86,10 @@ type Gateway struct {
 	Name      string
 	Network   string
 	Addresses []netip.AddrPort
+	// Priority orders gateways for failover (priority.go): a service reached through gateways
+	// of several priorities uses the lowest (0, the local cluster's) while it has healthy
+	// endpoints and fails over to the next when they are ejected.
+	Priority uint32
 }
 
 // Options are the fleet-wide settings translation needs besides the catalog.
@@ -193,7 +197,7 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 				res.Clusters = append(res.Clusters, buildCluster(name, svc, p, subset, opts))
 				res.Endpoints = append(res.Endpoints, &endpoint.ClusterLoadAssignment{
 					ClusterName: name,
-					Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: eps}},
+					Endpoints:   byPriority(eps, gateways),
 				})
 			}
 			if !p.Protocol.IsHTTP() {
