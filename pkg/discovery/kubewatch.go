@@ -72,6 +72,10 @@ type notifyStore struct {
 	synced    atomic.Bool
 }
 
+// Transformer lets the reflector slim objects already in the watch-list's temporary store, so
+// the initial sync never holds whole pods either.
+func (s *notifyStore) Transformer() cache.TransformFunc { return s.transform }
+
 func (s *notifyStore) tr(obj any) any {
 	if s.transform == nil {
 		return obj
