@@ -280,10 +280,10 @@ func (c *Cluster) stopAll() {
 	}
 }
 
-// waitFor polls ready (bounded: 90 s; a cold API server on a busy machine is slow to start).
+// waitFor polls ready (bounded: 180 s; an API server on a busy machine is slow to start).
 func (c *Cluster) waitFor(name string, ready func() bool) {
 	c.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(180 * time.Second)
 	for !ready() {
 		c.mu.Lock()
 		done := c.waiters[name]
@@ -294,7 +294,7 @@ func (c *Cluster) waitFor(name string, ready func() bool) {
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			c.t.Fatalf("%s not ready within 90s:\n%s", name, c.Logs(name))
+			c.t.Fatalf("%s not ready within 180s:\n%s", name, c.Logs(name))
 		}
 	}
 }
