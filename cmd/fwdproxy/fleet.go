@@ -357,6 +357,7 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 		}
 		fmt.Fprintf(w, "services:\t%d served, %d skipped\n", served, len(st.Services)-served)
 	}
+	printKubernetes(w, st.Kubernetes, now)
 	if st.Gossip {
 		fmt.Fprintf(w, "store:\tdigest %s, %d entries\n", st.Digest, st.Entries)
 		fmt.Fprintf(w, "converged:\t%s\n", yesNo(st.Converged))
@@ -404,6 +405,23 @@ func printStatus(out io.Writer, st *admin.Status, now time.Time) {
 		}
 	}
 	w.Flush()
+}
+
+// printKubernetes prints one line per discovered cluster: connected or failing, and since when.
+func printKubernetes(w io.Writer, srcs []admin.KubernetesSource, now time.Time) {
+	for _, k := range srcs {
+		var state string
+		switch {
+		case !k.Running:
+			state = "not watched by this instance"
+		case k.Connected:
+			state = fmt.Sprintf("connected since %s (%s)", k.Since.UTC().Format(time.RFC3339), now.Sub(k.Since).Round(time.Second))
+		default:
+			state = fmt.Sprintf("DISCONNECTED since %s (%s), serving the last good catalog: %s",
+				k.Since.UTC().Format(time.RFC3339), now.Sub(k.Since).Round(time.Second), k.LastError)
+		}
+		fmt.Fprintf(w, "%s:\t%s\n", k.Source, state)
+	}
 }
 
 func newKeygenCmd() *cobra.Command {

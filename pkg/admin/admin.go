@@ -68,6 +68,8 @@ type Status struct {
 	// Services is every service of the catalog this instance translated, sorted by host, each
 	// served or skipped (with the reason); empty before the first configuration is built.
 	Services []ServiceState `json:"services,omitempty"`
+	// Kubernetes are the discovered clusters' connections to their API servers.
+	Kubernetes []KubernetesSource `json:"kubernetes,omitempty"`
 }
 
 // Service states in Status.Services.
@@ -97,6 +99,17 @@ type DeleteRequest struct {
 type DeleteResult struct {
 	Deleted []string `json:"deleted"`
 	Missing []string `json:"missing,omitempty"`
+}
+
+// KubernetesSource is one cluster's connection: whether its list/watch calls succeed, since
+// when, and the last error while they fail. Running is false where this instance does not run
+// discovery (not the gossip leader) or has not started it yet.
+type KubernetesSource struct {
+	Source    string    `json:"source"`
+	Running   bool      `json:"running"`
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"`
+	LastError string    `json:"lastError,omitempty"`
 }
 
 // SkippedService is a service left out of the configuration: Reason is the reason label of

@@ -74,6 +74,10 @@ type Gateway struct {
 	// Port is the gateway's TLS passthrough port; default 15443.
 	Port    uint32 `yaml:"port"`
 	Network string `yaml:"network"`
+	// Priority orders gateways for failover: services reached through several gateways use
+	// those of the lowest priority (0, default: the local cluster's) and fail over to the next
+	// when their endpoints are ejected by outlier detection.
+	Priority uint32 `yaml:"priority"`
 }
 
 // Identity is the fleet's one workload identity.
@@ -279,6 +283,9 @@ func (c *Config) Problems() strictyaml.Problems {
 		}
 		if g.Port > 65535 {
 			p.Addf(f+".port", "%d is not a valid port; use 1-65535 (Istio's AUTO_PASSTHROUGH port is 15443)", g.Port)
+		}
+		if g.Priority > MaxGatewayPriority {
+			p.Addf(f+".priority", "%d is too high; use 0 (preferred) to %d", g.Priority, MaxGatewayPriority)
 		}
 	}
 	id := c.Identity

@@ -50,7 +50,13 @@ type KubernetesGateway struct {
 	Port uint32 `yaml:"port"`
 	// Network is informational: the mesh network behind this gateway.
 	Network string `yaml:"network"`
+	// Priority of the discovered gateway for failover, as gateways[].priority: 0 (default) for
+	// the fleet's local cluster, higher for clusters that take over when it fails.
+	Priority uint32 `yaml:"priority"`
 }
+
+// MaxGatewayPriority is the highest gateway priority (the data planes keep 128 EDS levels).
+const MaxGatewayPriority = 127
 
 // Enabled reports whether gateway discovery is on.
 func (g KubernetesGateway) Enabled() bool { return g.Discover == nil || *g.Discover }
@@ -142,6 +148,9 @@ func (c *Config) kubernetesProblems(p *problems) {
 		}
 		if g.Port > 65535 {
 			p.Addf(f+".gateway.port", "%d is not a valid port; use 1-65535 (Istio's AUTO_PASSTHROUGH port is 15443)", g.Port)
+		}
+		if g.Priority > MaxGatewayPriority {
+			p.Addf(f+".gateway.priority", "%d is too high; use 0 (preferred) to %d", g.Priority, MaxGatewayPriority)
 		}
 	}
 }

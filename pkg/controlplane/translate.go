@@ -87,6 +87,10 @@ type Gateway struct {
 	Name      string
 	Network   string
 	Addresses []netip.AddrPort
+	// Priority orders gateways for failover (priority.go): a service reached through gateways
+	// of several priorities uses the lowest (0, the local cluster's) while it has healthy
+	// endpoints and fails over to the next when they are ejected.
+	Priority uint32
 }
 
 // Options are the fleet-wide settings translation needs besides the catalog.
@@ -290,7 +294,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, opts))
 			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
 				ClusterName: name,
-				Endpoints:   []*endpoint.LocalityLbEndpoints{{LbEndpoints: eps}},
+				Endpoints:   byPriority(eps, gateways),
 			})
 		}
 		if !p.Protocol.IsHTTP() {

@@ -280,12 +280,12 @@ func (d *Daemon) resolveGateways(ctx context.Context) error {
 		var gws []controlplane.Gateway
 		for _, g := range targets {
 			if addrs := known[g.Name]; len(addrs) > 0 {
-				gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
+				gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs, Priority: g.Priority})
 			}
 		}
 		d.mu.Lock()
 		changed := !slices.EqualFunc(gws, d.gateways, func(a, b controlplane.Gateway) bool {
-			return a.Name == b.Name && slices.Equal(a.Addresses, b.Addresses)
+			return a.Name == b.Name && a.Priority == b.Priority && slices.Equal(a.Addresses, b.Addresses)
 		})
 		d.gateways = gws
 		d.mu.Unlock()

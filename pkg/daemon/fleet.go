@@ -253,6 +253,7 @@ func (d *Daemon) FleetStatus(node *peers.Node) admin.Status {
 	if cur := d.XDS.Current(); cur != nil {
 		st.ConfigVersion = cur.ConfigVersion
 	}
+	st.Kubernetes = d.kubernetesStatus()
 	if b := d.Identity(); b != nil {
 		st.Identity = &admin.Identity{SPIFFEID: b.SPIFFEID, NotAfter: b.NotAfter().UTC()}
 	}

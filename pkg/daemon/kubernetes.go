@@ -11,6 +11,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -47,25 +48,28 @@ func (k *kubeGateways) wake() <-chan struct{} {
 // gatewayTarget is a gateway to resolve: a configured one (one address) or a discovered one (the
 // load balancer's IPs and host names).
 type gatewayTarget struct {
-	Name, Network string
-	Port          uint32
-	Hosts         []string
+	Name, Network  string
+	Port, Priority uint32
+	Hosts          []string
 }
 
 // gatewayTargets lists the configured gateways, then the discovered ones.
 func (d *Daemon) gatewayTargets() []gatewayTarget {
 	var out []gatewayTarget
 	for _, g := range d.cfg.Gateways {
-		out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Hosts: []string{g.Address}})
+		out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Priority: g.Priority, Hosts: []string{g.Address}})
 	}
 	if d.kube == nil {
 		return out
 	}
 	d.kube.mu.Lock()
 	defer d.kube.mu.Unlock()
-	for _, name := range d.cfg.DiscoveredGatewayNames() {
-		if g, ok := d.kube.found[name]; ok {
-			out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Hosts: g.Addresses})
+	for _, k := range d.cfg.Discovery.Kubernetes {
+		if !k.Gateway.Enabled() {
+			continue
+		}
+		if g, ok := d.kube.found[k.Gateway.Name]; ok {
+			out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Priority: k.Gateway.Priority, Hosts: g.Addresses})
 		}
 	}
 	return out
@@ -126,6 +130,20 @@ func (d *Daemon) kubernetesSources() []discovery.Source {
 			Metrics:   metrics,
 		}
 		out = append(out, &kubeSource{Kubernetes: src, field: fmt.Sprintf("discovery.kubernetes[%d]", i), cluster: k, dir: d.cfg})
+	}
+	return out
+}
+
+// kubernetesStatus is each cluster's connection, for fwdproxy status.
+func (d *Daemon) kubernetesStatus() []admin.KubernetesSource {
+	var out []admin.KubernetesSource
+	for _, s := range d.sources {
+		ks, ok := s.(*kubeSource)
+		if !ok {
+			continue
+		}
+		st, running := ks.Status()
+		out = append(out, admin.KubernetesSource{Source: st.Source, Running: running, Connected: st.Connected, Since: st.Since, LastError: st.LastError})
 	}
 	return out
 }

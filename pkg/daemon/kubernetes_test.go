@@ -174,6 +174,12 @@ metrics: {address: %q}
 		_, opts, _, _ := d.Inputs()
 		return len(opts.Gateways) == 1 && testutil.ToFloat64(d.metrics.catalogServices) == 6
 	})
+	// fwdproxy status shows the cluster's connection.
+	eventually(t, "the cluster connected in the status", func() bool {
+		st := d.FleetStatus(nil)
+		return len(st.Kubernetes) == 1 && st.Kubernetes[0].Source == "kubernetes:primary" && st.Kubernetes[0].Running &&
+			st.Kubernetes[0].Connected && !st.Kubernetes[0].Since.IsZero()
+	})
 	cat, opts, _, _ := d.Inputs()
 	res, err := controlplane.Translate(cat, opts)
 	if err != nil {

@@ -47,7 +47,7 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 			notes = append(notes, fmt.Sprintf("gateway %s left out: %v", g.Name, err))
 			continue
 		}
-		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs})
+		gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs, Priority: g.Priority})
 	}
 	return merged, TranslateOptions(cfg, gws), bundle, notes, errors.Join(errs...)
 }

@@ -853,6 +853,7 @@ type endpointSpec struct {
 	addr     string // ip:port
 	hostname string
 	healthy  bool
+	priority uint32 // EDS priority level (priority.go)
 }
 
 func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) {
@@ -1186,8 +1187,8 @@ func readDataSource(d *core.DataSource) ([]byte, error) {
 func parseCLA(cla *endpoint.ClusterLoadAssignment) ([]endpointSpec, error) {
 	var out []endpointSpec
 	for i, le := range cla.GetEndpoints() {
-		if le.GetPriority() != 0 {
-			return nil, fmt.Errorf("endpoints[%d].priority: only priority 0 is supported", i)
+		if le.GetPriority() > maxPriority {
+			return nil, fmt.Errorf("endpoints[%d].priority: %d is over %d, the most levels this data plane keeps", i, le.GetPriority(), maxPriority)
 		}
 		if le.GetLedsClusterLocalityConfig() != nil {
 			return nil, fmt.Errorf("endpoints[%d]: LEDS is not supported", i)
@@ -1213,6 +1214,7 @@ func parseCLA(cla *endpoint.ClusterLoadAssignment) ([]endpointSpec, error) {
 				addr:     net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))),
 				hostname: ep.GetHostname(),
 				healthy:  hs == core.HealthStatus_UNKNOWN || hs == core.HealthStatus_HEALTHY || hs == core.HealthStatus_DEGRADED,
+				priority: le.GetPriority(),
 			})
 		}
 	}

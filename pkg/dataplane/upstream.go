@@ -66,7 +66,8 @@ type clusterRuntime struct {
 
 type host struct {
 	addr, hostname string
-	healthy        bool // as reported by EDS
+	healthy        bool   // as reported by EDS
+	priority       uint32 // EDS priority level
 	ejected        atomic.Bool
 	// hcFailed: the cluster's active health check (health.go) marks the host down.
 	hcFailed atomic.Bool
@@ -190,8 +191,8 @@ func (c *cluster) setEndpoints(eps []endpointSpec) {
 	list := make([]*host, 0, len(eps))
 	for _, e := range eps {
 		h := old[e.addr]
-		if h == nil || h.healthy != e.healthy || h.hostname != e.hostname {
-			nh := &host{addr: e.addr, hostname: e.hostname, healthy: e.healthy}
+		if h == nil || h.healthy != e.healthy || h.hostname != e.hostname || h.priority != e.priority {
+			nh := &host{addr: e.addr, hostname: e.hostname, healthy: e.healthy, priority: e.priority}
 			if h != nil {
 				nh.consec5xx.Store(h.consec5xx.Load())
 				nh.consecGateway.Store(h.consecGateway.Load())
@@ -216,11 +217,15 @@ func (c *cluster) pick(skip *host) *host {
 	if n == 0 {
 		return nil
 	}
-	avail := 0
+	avail, prioritized := 0, false
 	for _, h := range hosts {
 		if h.up() {
 			avail++
 		}
+		prioritized = prioritized || h.priority != 0
+	}
+	if prioritized {
+		return c.pickPriority(hosts, skip)
 	}
 	panicMode := avail*2 < n
 	start := int(c.rr.Add(1) % uint64(n))

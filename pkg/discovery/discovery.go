@@ -54,23 +54,28 @@ func (f *File) Run(ctx context.Context, update func(*catalog.Catalog)) error {
 }
 
 // Merge combines catalogs in priority order: a host claimed by an earlier catalog shadows the
-// same host in later ones (reported as a conflict, not silently dropped). A service whose
+// same host in later ones (reported as a conflict, not silently dropped), except one service
+// discovered in several clusters, which is merged (multicluster.go). A service whose
 // entries are invalid or collide with an earlier one (alias, TCP port) is left out and reported,
 // so one bad entry never takes down the rest.
 func Merge(opts catalog.Options, cats ...*catalog.Catalog) (*catalog.Catalog, []error) {
 	out := &catalog.Catalog{}
 	var conflicts []error
-	seen := map[string]bool{}
+	seen := map[string]int{} // host -> index in out.Services
 	for _, c := range cats {
 		if c == nil {
 			continue
 		}
 		for _, s := range c.Services {
-			if seen[s.Host] {
-				conflicts = append(conflicts, fmt.Errorf("service %s is defined by more than one source; the first one wins", s.Host))
+			if i, ok := seen[s.Host]; ok {
+				// One service in several clusters (each reached through its own gateway) is one
+				// service; anything else is a conflict the first source wins.
+				if err := mergeClusters(&out.Services[i], s); err != nil {
+					conflicts = append(conflicts, err)
+				}
 				continue
 			}
-			seen[s.Host] = true
+			seen[s.Host] = len(out.Services)
 			// A deep copy: the sources' catalogs are shared, and Normalize sorts in place.
 			out.Services = append(out.Services, s.Clone())
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"reflect"
 	"slices"
@@ -14,10 +13,10 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	listersdiscoveryv1 "k8s.io/client-go/listers/discovery/v1"
@@ -61,6 +60,9 @@ type Kubernetes struct {
 	Debounce time.Duration
 	Log      *slog.Logger
 	Metrics  *SourceMetrics
+
+	mu     sync.Mutex
+	health *kubeHealth
 }
 
 // KubernetesGateway selects the east-west gateway Service.
@@ -90,6 +92,21 @@ type DiscoveredGateway struct {
 // Name identifies the source in logs and metrics.
 func (k *Kubernetes) Name() string { return "kubernetes:" + k.Cluster }
 
+// KubernetesRead is an API read the source makes, in RBAC's terms.
+type KubernetesRead struct {
+	Group, Resource string
+	Verbs           []string
+}
+
+// KubernetesReads are all the reads Run makes (reflectors list, then watch), and so exactly what
+// deploy/kubernetes/rbac.yaml grants: tests compare the two, and the requests a real API server
+// sees against this list.
+var KubernetesReads = []KubernetesRead{
+	{Group: "", Resource: "services", Verbs: []string{"list", "watch"}},
+	{Group: "", Resource: "pods", Verbs: []string{"list", "watch"}},
+	{Group: "discovery.k8s.io", Resource: "endpointslices", Verbs: []string{"list", "watch"}},
+}
+
 // Skip reasons, the values of the reason label of fwdproxy_discovery_services_skipped.
 const (
 	SkipNoIdentity = "no_workload_identity"
@@ -104,10 +121,23 @@ type kubeListers struct {
 	gateways listerscorev1.ServiceLister
 }
 
+// Status is the cluster's connection state: whether its watches are connected, since when, and
+// the last error while they are not; running is false before Run starts.
+func (k *Kubernetes) Status() (st KubeStatus, running bool) {
+	k.mu.Lock()
+	h := k.health
+	k.mu.Unlock()
+	if h == nil {
+		return KubeStatus{Source: k.Name()}, false
+	}
+	return h.status(), true
+}
+
 // Run watches the cluster and reports a catalog once the caches have synced and after every
-// change (debounced). It returns when ctx is done. Errors talking to the API server are logged,
-// counted in fwdproxy_discovery_sync_errors_total and retried by the informers; the last
-// reported catalog stays in force meanwhile.
+// change (debounced). It returns when ctx is done. Failing list/watch calls are logged
+// (rate-limited), counted in fwdproxy_discovery_sync_errors_total and shown by
+// fwdproxy_discovery_connected; they are retried every few seconds, and the last reported catalog
+// stays in force meanwhile.
 func (k *Kubernetes) Run(ctx context.Context, update func(*catalog.Catalog)) error {
 	if k.Client == nil {
 		return errors.New("no Kubernetes client")
@@ -131,82 +161,89 @@ func (k *Kubernetes) Run(ctx context.Context, update func(*catalog.Catalog)) err
 		default:
 		}
 	}
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { poke() },
-		UpdateFunc: func(any, any) { poke() },
-		DeleteFunc: func(any) { poke() },
-	}
-	onWatchError := func(_ *cache.Reflector, err error) {
-		if errors.Is(err, io.EOF) || apierrors.IsResourceExpired(err) || apierrors.IsGone(err) {
-			log.Debug("kubernetes watch restarted", "error", err)
-			return
-		}
-		k.Metrics.syncError(k.Name())
-		log.Error("kubernetes list/watch failed; retrying, the last catalog stays in force", "error", err)
-	}
+	health := newKubeHealth(k.Name(), log, k.Metrics)
+	k.mu.Lock()
+	k.health = health
+	k.mu.Unlock()
 
 	namespaces := k.Namespaces
 	if len(namespaces) == 0 {
 		namespaces = []string{metav1.NamespaceAll}
 	}
-	var factories []informers.SharedInformerFactory
+	var watches []*kubeWatch
 	var ls kubeListers
-	var synced []cache.InformerSynced
-	add := func(inf cache.SharedIndexInformer) error {
-		if err := inf.SetWatchErrorHandler(onWatchError); err != nil {
-			return err
-		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
-			return err
-		}
-		synced = append(synced, inf.HasSynced)
-		return nil
-	}
+	c := k.Client
 	for _, ns := range namespaces {
-		sf := informers.NewSharedInformerFactoryWithOptions(k.Client, 0, informers.WithNamespace(ns),
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = svcSel.String() }))
-		of := informers.NewSharedInformerFactoryWithOptions(k.Client, 0, informers.WithNamespace(ns))
-		svcs := sf.Core().V1().Services()
-		eps := of.Discovery().V1().EndpointSlices()
-		pods := of.Core().V1().Pods()
+		where := ns
+		if where == "" {
+			where = "all namespaces"
+		}
+		svc := newKubeWatch("services in "+where, &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				o.LabelSelector = svcSel.String()
+				return c.CoreV1().Services(ns).List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				o.LabelSelector = svcSel.String()
+				return c.CoreV1().Services(ns).Watch(ctx, o)
+			},
+		}, c, &corev1.Service{}, nil, health, poke)
+		eps := newKubeWatch("endpointslices in "+where, &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return c.DiscoveryV1().EndpointSlices(ns).List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return c.DiscoveryV1().EndpointSlices(ns).Watch(ctx, o)
+			},
+		}, c, &discoveryv1.EndpointSlice{}, nil, health, poke)
 		// Keep only what identity needs of each pod: the cache then holds names and service
 		// accounts, not whole pod specs.
-		if err := pods.Informer().SetTransform(slimPod); err != nil {
-			return err
-		}
-		for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), eps.Informer(), pods.Informer()} {
-			if err := add(inf); err != nil {
-				return err
-			}
-		}
-		ls.services = append(ls.services, svcs.Lister())
-		ls.slices = append(ls.slices, eps.Lister())
-		ls.pods = append(ls.pods, pods.Lister())
-		factories = append(factories, sf, of)
+		pods := newKubeWatch("pods in "+where, &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return c.CoreV1().Pods(ns).List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return c.CoreV1().Pods(ns).Watch(ctx, o)
+			},
+		}, c, &corev1.Pod{}, slimPod, health, poke)
+		watches = append(watches, svc, eps, pods)
+		ls.services = append(ls.services, listerscorev1.NewServiceLister(svc.store))
+		ls.slices = append(ls.slices, listersdiscoveryv1.NewEndpointSliceLister(eps.store))
+		ls.pods = append(ls.pods, listerscorev1.NewPodLister(pods.store))
 	}
 	if k.Gateway.Enabled {
-		gf := informers.NewSharedInformerFactoryWithOptions(k.Client, 0, informers.WithNamespace(k.Gateway.Namespace),
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = gwSel.String() }))
-		gw := gf.Core().V1().Services()
-		if err := add(gw.Informer()); err != nil {
-			return err
-		}
-		ls.gateways = gw.Lister()
-		factories = append(factories, gf)
+		gns := k.Gateway.Namespace
+		gw := newKubeWatch("east-west gateway services", &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				o.LabelSelector = gwSel.String()
+				return c.CoreV1().Services(gns).List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				o.LabelSelector = gwSel.String()
+				return c.CoreV1().Services(gns).Watch(ctx, o)
+			},
+		}, c, &corev1.Service{}, nil, health, poke)
+		watches = append(watches, gw)
+		ls.gateways = listerscorev1.NewServiceLister(gw.store)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer func() {
 		cancel()
-		for _, f := range factories {
-			f.Shutdown()
-		}
 		wg.Wait()
 	}()
-	for _, f := range factories {
-		f.Start(ctx.Done())
+	for _, w := range watches {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.reflector.RunWithContext(ctx)
+		}()
 	}
 	log.Info("waiting for the Kubernetes caches to sync", "namespaces", k.Namespaces, "labelSelector", k.LabelSelector)
+	synced := make([]cache.InformerSynced, 0, len(watches))
+	for _, w := range watches {
+		synced = append(synced, w.hasSynced)
+	}
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil // ctx done
 	}
@@ -320,6 +357,9 @@ func (k *Kubernetes) build(svcs []*corev1.Service, eps []*discoveryv1.EndpointSl
 	out := kubeSnapshot{catalog: &catalog.Catalog{}, skipped: map[string]string{}, details: map[string]string{}}
 	slicesOf := map[string][]*discoveryv1.EndpointSlice{} // ns/service -> slices
 	for _, s := range eps {
+		if s.AddressType == discoveryv1.AddressTypeFQDN {
+			continue // as Istio: FQDN endpoints name no pod, so no identity
+		}
 		if svc := s.Labels[discoveryv1.LabelServiceName]; svc != "" {
 			key := s.Namespace + "/" + svc
 			slicesOf[key] = append(slicesOf[key], s)

@@ -12,6 +12,8 @@ type SourceMetrics struct {
 	syncErrors  *prometheus.CounterVec
 	lastSuccess *prometheus.GaugeVec
 	skipped     *prometheus.GaugeVec
+	connected   *prometheus.GaugeVec
+	since       *prometheus.GaugeVec
 }
 
 // NewSourceMetrics registers the discovery metrics with reg.
@@ -29,8 +31,16 @@ func NewSourceMetrics(reg prometheus.Registerer) *SourceMetrics {
 			Name: "fwdproxy_discovery_services_skipped",
 			Help: "Services a discovery source currently leaves out of its catalog, by reason (no_workload_identity, no_tcp_ports, invalid).",
 		}, []string{"source", "reason"}),
+		connected: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "fwdproxy_discovery_connected",
+			Help: "1 when every list/watch of a Kubernetes discovery source is connected to its API server, 0 while any is failing.",
+		}, []string{"source"}),
+		since: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "fwdproxy_discovery_connected_since_timestamp_seconds",
+			Help: "When fwdproxy_discovery_connected last changed: since when a source has been connected, or disconnected.",
+		}, []string{"source"}),
 	}
-	reg.MustRegister(m.syncErrors, m.lastSuccess, m.skipped)
+	reg.MustRegister(m.syncErrors, m.lastSuccess, m.skipped, m.connected, m.since)
 	return m
 }
 
@@ -59,4 +69,17 @@ func (m *SourceMetrics) setSkipped(source string, skipped map[string]string) {
 	for reason, n := range counts {
 		m.skipped.WithLabelValues(source, reason).Set(float64(n))
 	}
+}
+
+func (m *SourceMetrics) setConnected(source string, up bool, since time.Time) {
+	if m == nil {
+		return
+	}
+	m.syncErrors.WithLabelValues(source) // export 0 before the first error
+	v := 0.0
+	if up {
+		v = 1
+	}
+	m.connected.WithLabelValues(source).Set(v)
+	m.since.WithLabelValues(source).Set(float64(since.UnixNano()) / 1e9)
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/kubernetes/scheme"
 	k8stesting "k8s.io/client-go/testing"
@@ -48,18 +50,25 @@ func loadManifests(t *testing.T, path string) []runtime.Object {
 // harness runs a Kubernetes source and collects what it reports.
 type harness struct {
 	t        *testing.T
-	client   *fake.Clientset
 	src      *Kubernetes
 	reg      *prometheus.Registry
 	cats     chan *catalog.Catalog
 	gateways chan DiscoveredGateway
 	done     chan error
 	logs     *meshtest.SyncBuffer
+	cancel   context.CancelFunc
+	stopped  bool
+	last     *catalog.Catalog
 }
 
 func newHarness(t *testing.T, client *fake.Clientset, configure func(*Kubernetes)) *harness {
 	t.Helper()
-	h := &harness{t: t, client: client, reg: prometheus.NewRegistry(), cats: make(chan *catalog.Catalog, 64),
+	return startHarness(t, client, configure)
+}
+
+func startHarness(t *testing.T, client kubernetes.Interface, configure func(*Kubernetes)) *harness {
+	t.Helper()
+	h := &harness{t: t, reg: prometheus.NewRegistry(), cats: make(chan *catalog.Catalog, 64),
 		gateways: make(chan DiscoveredGateway, 64), done: make(chan error, 1), logs: &meshtest.SyncBuffer{}}
 	h.src = &Kubernetes{
 		Cluster:       "primary",
@@ -78,19 +87,27 @@ func newHarness(t *testing.T, client *fake.Clientset, configure func(*Kubernetes
 		configure(h.src)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	h.cancel = cancel
 	go func() { h.done <- h.src.Run(ctx, func(c *catalog.Catalog) { h.cats <- c }) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-h.done:
-			if err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("Run did not return after cancel")
-		}
-	})
+	t.Cleanup(h.stop)
 	return h
+}
+
+// stop ends the source and checks that Run returns cleanly.
+func (h *harness) stop() {
+	if h.stopped {
+		return
+	}
+	h.stopped = true
+	h.cancel()
+	select {
+	case err := <-h.done:
+		if err != nil {
+			h.t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		h.t.Error("Run did not return after cancel")
+	}
 }
 
 // next waits for the next catalog.
@@ -98,6 +115,7 @@ func (h *harness) next() *catalog.Catalog {
 	h.t.Helper()
 	select {
 	case c := <-h.cats:
+		h.last = c
 		return c
 	case err := <-h.done:
 		h.t.Fatalf("source stopped: %v", err)
@@ -110,15 +128,33 @@ func (h *harness) next() *catalog.Catalog {
 // until waits for a catalog satisfying ok.
 func (h *harness) until(what string, ok func(*catalog.Catalog) bool) *catalog.Catalog {
 	h.t.Helper()
-	deadline := time.After(10 * time.Second)
+	return h.untilWithin(10*time.Second, what, ok)
+}
+
+func (h *harness) untilWithin(limit time.Duration, what string, ok func(*catalog.Catalog) bool) *catalog.Catalog {
+	h.t.Helper()
+	deadline := time.After(limit)
 	for {
 		select {
 		case c := <-h.cats:
+			h.last = c
 			if ok(c) {
 				return c
 			}
 		case <-deadline:
-			h.t.Fatalf("no catalog with %s within 10s", what)
+			h.t.Fatalf("no catalog with %s within %v", what, limit)
+		}
+	}
+}
+
+// current is the latest catalog reported so far.
+func (h *harness) current() *catalog.Catalog {
+	for {
+		select {
+		case c := <-h.cats:
+			h.last = c
+		default:
+			return h.last
 		}
 	}
 }
@@ -413,7 +449,8 @@ func TestIstioProtocol(t *testing.T) {
 	}
 }
 
-// The appliance's RBAC manifest is read-only and covers everything the source watches.
+// The appliance's RBAC manifest grants exactly KubernetesReads (what the source reads), binds it
+// to its ServiceAccount, and nothing else: read-only, no Secrets.
 func TestRBACManifest(t *testing.T) {
 	objs := loadManifests(t, "../../deploy/kubernetes/rbac.yaml")
 	var role *rbacv1.ClusterRole
@@ -432,26 +469,28 @@ func TestRBACManifest(t *testing.T) {
 	if role == nil || binding == nil || sa == nil {
 		t.Fatalf("manifest lacks a ClusterRole, ClusterRoleBinding or ServiceAccount")
 	}
-	granted := map[string]bool{}
+	var granted, want []string
 	for _, r := range role.Rules {
-		for _, verb := range r.Verbs {
-			if verb != "get" && verb != "list" && verb != "watch" {
-				t.Errorf("rule %v grants %q: the role must be read-only", r, verb)
-			}
+		if len(r.ResourceNames) > 0 || len(r.NonResourceURLs) > 0 {
+			t.Errorf("rule %v: resourceNames and nonResourceURLs are not what the source reads", r)
 		}
 		for _, g := range r.APIGroups {
 			for _, res := range r.Resources {
-				granted[g+"/"+res] = len(r.Verbs) == 3
-				if res == "secrets" || res == "*" {
-					t.Errorf("the role grants %s", res)
+				for _, verb := range r.Verbs {
+					granted = append(granted, verb+" "+g+"/"+res)
 				}
 			}
 		}
 	}
-	for _, need := range []string{"/services", "/pods", "/namespaces", "discovery.k8s.io/endpointslices"} {
-		if !granted[need] {
-			t.Errorf("the role does not grant get/list/watch on %s", need)
+	for _, r := range KubernetesReads {
+		for _, verb := range r.Verbs {
+			want = append(want, verb+" "+r.Group+"/"+r.Resource)
 		}
+	}
+	slices.Sort(granted)
+	slices.Sort(want)
+	if !slices.Equal(granted, want) {
+		t.Errorf("rbac.yaml grants %v; the source reads %v (KubernetesReads): make them equal", granted, want)
 	}
 	if binding.RoleRef.Name != role.Name || len(binding.Subjects) != 1 || binding.Subjects[0].Name != sa.Name || binding.Subjects[0].Namespace != sa.Namespace {
 		t.Errorf("binding %+v does not bind %s to %s/%s", binding, role.Name, sa.Namespace, sa.Name)

@@ -67,6 +67,8 @@ type dataplane struct {
 	failover  bool
 	// listen adds settings to the config's listen section, e.g. ", maxConnections: 2".
 	listen string
+	// priorities are the gateways' failover priorities (gateways[i].priority); nil: all 0.
+	priorities []uint32
 }
 
 var builtin = dataplane{name: "builtin", configure: func(testing.TB, string) string { return "dataplane: builtin\n" }, failover: true}
@@ -108,7 +110,11 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 	var gws strings.Builder
 	for i, g := range e.mesh.gateways {
 		host, port, _ := net.SplitHostPort(g)
-		fmt.Fprintf(&gws, "  - {name: eastwest-%d, address: %s, port: %s}\n", i, host, port)
+		prio := uint32(0)
+		if i < len(dp.priorities) {
+			prio = dp.priorities[i]
+		}
+		fmt.Fprintf(&gws, "  - {name: eastwest-%d, address: %s, port: %s, priority: %d}\n", i, host, port, prio)
 	}
 	// mesh.peerMetadata is on: harmless to every other step, and ForgedHeaders checks what the
 	// sidecars decode of it.
