@@ -1,9 +1,18 @@
 # The internal NLB the legacy VMs reach through the DNS rewrite: one TCP listener and target group
-# per catalog port. Client addresses are preserved, because the appliance enforces each service's
-# allowedClients CIDRs on the caller's address.
+# per catalog port, and with reverse_port one more for the reverse direction's inbound mTLS
+# listener (mesh workloads calling VM services). Client addresses are preserved, because the
+# appliance enforces each service's allowedClients CIDRs on the caller's address.
 
 locals {
-  ports = { for p in var.listener_ports : tostring(p.port) => p }
+  service_ports = { for p in var.listener_ports : tostring(p.port) => p }
+  reverse_list  = var.reverse_port == null ? [] : [var.reverse_port]
+  reverse_ports = { for p in local.reverse_list : tostring(p) => { port = p, protocol = "mtls" } }
+  ports         = merge(local.service_ports, local.reverse_ports)
+  # Who may reach each port: the legacy VMs the service ports, the mesh the reverse port.
+  ingress = merge(
+    { for pair in setproduct(keys(local.service_ports), var.client_cidrs) : "${pair[0]}-${pair[1]}" => { port = pair[0], cidr = pair[1], from = "legacy VMs" } },
+    { for pair in setproduct(keys(local.reverse_ports), var.mesh_cidrs) : "${pair[0]}-${pair[1]}" => { port = pair[0], cidr = pair[1], from = "mesh workloads (reverse direction, mTLS)" } },
+  )
 }
 
 resource "aws_lb" "this" {
@@ -54,6 +63,17 @@ resource "aws_lb_listener" "port" {
   load_balancer_arn = aws_lb.this.arn
   port              = each.value.port
   protocol          = "TCP"
+
+  lifecycle {
+    precondition {
+      condition     = var.reverse_port == null || length(var.mesh_cidrs) > 0
+      error_message = "reverse_port is set but mesh_cidrs is empty: give the CIDRs of the mesh workloads (pods or nodes) that call VM services through the fleet."
+    }
+    precondition {
+      condition     = var.reverse_port == null || !contains([for p in var.listener_ports : p.port], var.reverse_port)
+      error_message = "reverse_port is also in listener_ports: the reverse direction's inbound port is reserved (fwdproxy's reverse.port); choose another."
+    }
+  }
 
   default_action {
     type             = "forward"

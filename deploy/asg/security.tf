@@ -14,10 +14,10 @@ resource "aws_security_group" "nlb" {
 }
 
 resource "aws_vpc_security_group_ingress_rule" "nlb_clients" {
-  for_each = { for pair in setproduct(keys(local.ports), var.client_cidrs) : "${pair[0]}-${pair[1]}" => { port = pair[0], cidr = pair[1] } }
+  for_each = local.ingress
 
   security_group_id = aws_security_group.nlb.id
-  description       = "service port ${each.value.port} from legacy VMs"
+  description       = "port ${each.value.port} from ${each.value.from}"
   ip_protocol       = "tcp"
   from_port         = tonumber(each.value.port)
   to_port           = tonumber(each.value.port)
@@ -45,10 +45,10 @@ resource "aws_security_group" "instances" {
 }
 
 resource "aws_vpc_security_group_ingress_rule" "clients" {
-  for_each = { for pair in setproduct(keys(local.ports), var.client_cidrs) : "${pair[0]}-${pair[1]}" => { port = pair[0], cidr = pair[1] } }
+  for_each = local.ingress
 
   security_group_id = aws_security_group.instances.id
-  description       = "service port ${each.value.port} from legacy VMs (client IP preserved)"
+  description       = "port ${each.value.port} from ${each.value.from} (client IP preserved)"
   ip_protocol       = "tcp"
   from_port         = tonumber(each.value.port)
   to_port           = tonumber(each.value.port)

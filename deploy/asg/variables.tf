@@ -101,6 +101,28 @@ variable "listener_ports" {
   }
 }
 
+variable "reverse_port" {
+  type        = number
+  default     = null
+  description = "The reverse direction's inbound mTLS port (fwdproxy's reverse.port, 15443 by default there), served by one more NLB listener and target group, for mesh workloads calling VM services through the fleet; null: none."
+
+  validation {
+    condition     = var.reverse_port == null ? true : (var.reverse_port >= 1 && var.reverse_port <= 65535 && floor(var.reverse_port) == var.reverse_port && !contains([7946, 9100, 9102, 9180, 15000, 15090, 18000], var.reverse_port))
+    error_message = "reverse_port must be a whole number between 1 and 65535 and not one of the appliance's own ports (7946, 9100, 9102, 9180, 15000, 15090, 18000)."
+  }
+}
+
+variable "mesh_cidrs" {
+  type        = list(string)
+  default     = []
+  description = "CIDRs of the mesh workloads (pods or nodes) allowed to reach reverse_port; required with it. They authenticate with mesh mTLS as well."
+
+  validation {
+    condition     = alltrue([for c in var.mesh_cidrs : can(cidrhost(c, 0))])
+    error_message = "Each mesh CIDR must be a CIDR block such as 10.100.0.0/16."
+  }
+}
+
 variable "client_cidrs" {
   type        = list(string)
   description = "CIDRs of the legacy VMs allowed to reach the service ports (the NLB preserves client addresses, so the instances' security group admits these; the catalog's allowedClients narrows further per service)."
