@@ -25,6 +25,9 @@ import (
 type Doc struct {
 	File string
 	root *yaml.Node
+	// incomplete is set when decoding stopped part way (a key given twice leaves its mapping out):
+	// the values decoded are then not the file's, and validating them would only mislead.
+	incomplete bool
 }
 
 // ErrEmpty is wrapped by Decode's error for a file that holds no YAML document, or only a null
@@ -52,9 +55,13 @@ func Decode(file string, data []byte, out any) (*Doc, error) {
 	var p Problems
 	checkNode(root, reflect.TypeOf(out), "", &p)
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(out); err != nil && !errors.Is(err, io.EOF) && len(p) == 0 {
+	err = dec.Decode(out)
+	var te *yaml.TypeError
+	// yaml refuses a whole mapping that has a key twice before decoding any of it.
+	doc.incomplete = err != nil && !errors.Is(err, io.EOF) &&
+		(!errors.As(err, &te) || slices.ContainsFunc(te.Errors, func(e string) bool { return strings.Contains(e, "already defined") }))
+	if err != nil && !errors.Is(err, io.EOF) && len(p) == 0 {
 		// What the walk above let through: yaml's own words, with its line.
-		var te *yaml.TypeError
 		if !errors.As(err, &te) {
 			return nil, syntaxError(file, data, err)
 		}
@@ -84,6 +91,9 @@ func (d *Doc) Check(decodeErr error, p Problems) error {
 		}
 	} else if decodeErr != nil {
 		return decodeErr
+	}
+	if d.incomplete {
+		refused = append(refused, "") // everything: the values checked are not the file's
 	}
 	for _, e := range p.errors(d) {
 		if !under(e.Path, refused) {

@@ -142,6 +142,22 @@ func TestDuplicateKey(t *testing.T) {
 	}
 }
 
+// TestDuplicateKeyStopsValidation: a key given twice stops yaml's decode part way, so the
+// caller's validation of what was decoded (here: a field found missing) is not reported beside it.
+func TestDuplicateKeyStopsValidation(t *testing.T) {
+	var out testConfig
+	doc, err := Decode("f.yaml", []byte("listen: {address: a}\nnames: [x]\nlisten: {address: b}\n"), &out)
+	if doc == nil || err == nil {
+		t.Fatalf("doc %v, err %v", doc, err)
+	}
+	var p Problems
+	p.Addf("names", "required") // what validating the partly decoded value finds
+	got := doc.Check(err, p)
+	if got == nil || !strings.Contains(got.Error(), "f.yaml:3: listen: given twice (first on line 1)") || strings.Contains(got.Error(), "required") {
+		t.Fatalf("Check = %v; want only the key given twice", got)
+	}
+}
+
 // TestSyntaxErrorLine: a syntax error is reported at the offending line, not where the enclosing
 // block starts.
 func TestSyntaxErrorLine(t *testing.T) {
