@@ -1,0 +1,140 @@
+package peers
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+// put writes locally and sends the change.
+func (n *Node) put(key string, value []byte) (bool, error) {
+	e, changed, err := n.store.Put(key, value)
+	if err != nil || !changed {
+		return false, err
+	}
+	n.send([]Entry{e}, true)
+	return true, nil
+}
+
+func (n *Node) del(key string) bool {
+	e, ok := n.store.Delete(key)
+	if ok {
+		n.send([]Entry{e}, true)
+	}
+	return ok
+}
+
+// send spreads changed entries: small ones as gossip broadcasts (each peer that learns something
+// new passes it on), large ones by a reliable send to every member from the writer only.
+func (n *Node) send(entries []Entry, local bool) {
+	var big []Entry
+	for _, e := range entries {
+		msg := encodeMessage(msgDelta, []Entry{e})
+		if len(msg) <= n.maxCast {
+			n.queue.QueueBroadcast(&broadcast{key: e.Key, msg: msg})
+			continue
+		}
+		big = append(big, e)
+	}
+	if len(big) > 0 && local {
+		members := n.memberList()
+		go func() {
+			for _, e := range big {
+				msg := encodeMessage(msgDelta, []Entry{e})
+				for _, m := range members {
+					if m.Name == n.cfg.Name {
+						continue
+					}
+					if err := n.ml.SendReliable(&m, msg); err != nil {
+						n.log.Debug("large entry not sent; anti-entropy will carry it", "key", e.Key, "peer", m.Name, "error", err)
+					}
+				}
+			}
+		}()
+	}
+	n.poke()
+}
+
+// Apply upserts operator entries. Every service is checked with the catalog's rules, alone and
+// together with the operator entries already in the store; nothing is written if any fails.
+func (n *Node) Apply(services []catalog.Service) (changed int, err error) {
+	current := map[string]catalog.Service{}
+	for _, s := range n.OperatorServices() {
+		current[s.Host] = s
+	}
+	next := &catalog.Catalog{Services: slices.Clone(services)}
+	next.Normalize()
+	for _, s := range next.Services {
+		current[s.Host] = s
+	}
+	all := &catalog.Catalog{}
+	for _, s := range current {
+		all.Services = append(all.Services, s)
+	}
+	all.Normalize()
+	if err := all.Validate(n.cfg.CatalogOptions); err != nil {
+		return 0, fmt.Errorf("operator entries would conflict: %w", err)
+	}
+	for _, s := range next.Services {
+		v, err := json.Marshal(s)
+		if err != nil {
+			return changed, err
+		}
+		ok, err := n.put(OperatorKey(s.Host), v)
+		if err != nil {
+			return changed, err
+		}
+		if ok {
+			changed++
+		}
+	}
+	return changed, nil
+}
+
+// Delete removes operator entries by host; it returns the hosts that existed.
+func (n *Node) Delete(hosts []string) []string {
+	var gone []string
+	for _, h := range hosts {
+		if n.del(OperatorKey(h)) {
+			gone = append(gone, h)
+		}
+	}
+	return gone
+}
+
+// OperatorServices are the operator entries, sorted by host.
+func (n *Node) OperatorServices() []catalog.Service {
+	return servicesOf(n.store.Live(prefixOperator)).Services
+}
+
+// SetDiscovered replaces what a discovery source found (the leader calls it): changed services
+// are written, services no longer found are deleted, unchanged ones cause no traffic.
+func (n *Node) SetDiscovered(source string, c *catalog.Catalog) {
+	n.ownedMu.Lock()
+	n.owned[source] = c
+	n.ownedMu.Unlock()
+	prefix := discoveredPrefix(source)
+	stale := map[string]bool{}
+	for _, e := range n.store.Live(prefix) {
+		stale[e.Key] = true
+	}
+	for _, s := range c.Services {
+		key := DiscoveredKey(source, s.Host)
+		delete(stale, key)
+		v, err := json.Marshal(s)
+		if err == nil {
+			_, err = n.put(key, v)
+		}
+		if err != nil {
+			n.log.Error("discovered service not shared with the fleet", "source", source, "host", s.Host, "error", err)
+		}
+	}
+	for k := range stale {
+		n.del(k)
+	}
+	if _, err := n.put(readyKey(source), emptyObject); err != nil {
+		n.log.Error("cannot mark source reported", "source", source, "error", err)
+	}
+}
