@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -26,6 +25,7 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 	"github.com/fwdproxy/fwdproxy/pkg/dataplane"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/gateways"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
 	"github.com/fwdproxy/fwdproxy/pkg/peers"
 )
@@ -54,7 +54,7 @@ type Daemon struct {
 	// services is every translated service's state, by host, for fwdproxy status (skipped.go).
 	services []admin.ServiceState
 	// kube holds the gateways discovered in Kubernetes (kubernetes.go); nil without any.
-	kube *kubeGateways
+	kube *gateways.Discovered
 
 	metrics *daemonMetrics
 	// translator and builder remember the last rebuild, so the next costs what changed; only
@@ -263,26 +263,11 @@ func (d *Daemon) setErr(err error) error {
 	return err
 }
 
-// resolveGateways turns gateway addresses into IPs now, every 30s and whenever a discovered
-// gateway changes; a failed lookup keeps the last known addresses.
+// resolveGateways runs the gateway source (pkg/gateways) over the configured and discovered
+// gateways; a change rebuilds the configuration.
 func (d *Daemon) resolveGateways(ctx context.Context) error {
-	known := map[string][]netip.AddrPort{}
-	for {
-		targets := d.gatewayTargets() // configured and discovered (kubernetes.go)
-		for _, g := range targets {
-			addrs, err := g.resolve(ctx)
-			if err != nil {
-				d.log.Warn("cannot resolve gateway; keeping its last known addresses", "gateway", g.Name, "address", g.Hosts, "error", err)
-				continue
-			}
-			known[g.Name] = addrs
-		}
-		var gws []controlplane.Gateway
-		for _, g := range targets {
-			if addrs := known[g.Name]; len(addrs) > 0 {
-				gws = append(gws, controlplane.Gateway{Name: g.Name, Network: g.Network, Addresses: addrs, Priority: g.Priority})
-			}
-		}
+	r := &gateways.Resolver{Config: d.cfg, Discovered: d.kube, Log: d.log}
+	return r.Run(ctx, func(gws []controlplane.Gateway) {
 		d.mu.Lock()
 		changed := !slices.EqualFunc(gws, d.gateways, func(a, b controlplane.Gateway) bool {
 			return a.Name == b.Name && a.Priority == b.Priority && slices.Equal(a.Addresses, b.Addresses)
@@ -292,31 +277,7 @@ func (d *Daemon) resolveGateways(ctx context.Context) error {
 		if changed {
 			d.poke()
 		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(30 * time.Second):
-		case <-d.kube.wake():
-		}
-	}
-}
-
-func resolve(ctx context.Context, host string, port uint16) ([]netip.AddrPort, error) {
-	if ip, err := netip.ParseAddr(host); err == nil {
-		return []netip.AddrPort{netip.AddrPortFrom(ip, port)}, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]netip.AddrPort, 0, len(ips))
-	for _, ip := range ips {
-		out = append(out, netip.AddrPortFrom(ip.Unmap(), port))
-	}
-	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return out, nil
+	})
 }
 
 // Ready reports whether this instance can carry traffic: it has an identity, every catalog

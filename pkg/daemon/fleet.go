@@ -223,11 +223,9 @@ func (d *Daemon) followGateways(ctx context.Context, node *peers.Node) error {
 		changed := node.Store().Changed()
 		for _, g := range node.Gateways() {
 			dg := discovery.DiscoveredGateway{Name: g.Name, Network: g.Network, Port: g.Port, Addresses: g.Addresses}
-			d.kube.mu.Lock()
-			cur, ok := d.kube.found[g.Name]
-			d.kube.mu.Unlock()
+			cur, ok := d.kube.Get(g.Name)
 			if !ok || cur.Network != dg.Network || cur.Port != dg.Port || !slices.Equal(cur.Addresses, dg.Addresses) {
-				d.kube.set(dg)
+				d.kube.Set(dg)
 			}
 		}
 		select {

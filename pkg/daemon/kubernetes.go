@@ -3,9 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"slices"
-	"sync"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -16,78 +14,8 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/gateways"
 )
-
-// kubeGateways holds the east-west gateways discovered in Kubernetes clusters, by name. The
-// gateway resolver (daemon.go, resolveGateways) treats them like configured gateways, and is
-// woken when they change.
-type kubeGateways struct {
-	mu      sync.Mutex
-	found   map[string]discovery.DiscoveredGateway
-	changed chan struct{}
-}
-
-func (k *kubeGateways) set(g discovery.DiscoveredGateway) {
-	k.mu.Lock()
-	k.found[g.Name] = g
-	k.mu.Unlock()
-	select {
-	case k.changed <- struct{}{}:
-	default:
-	}
-}
-
-// wake fires when a discovered gateway changes; nil (never) without Kubernetes discovery.
-func (k *kubeGateways) wake() <-chan struct{} {
-	if k == nil {
-		return nil
-	}
-	return k.changed
-}
-
-// gatewayTarget is a gateway to resolve: a configured one (one address) or a discovered one (the
-// load balancer's IPs and host names).
-type gatewayTarget struct {
-	Name, Network  string
-	Port, Priority uint32
-	Hosts          []string
-}
-
-// gatewayTargets lists the configured gateways, then the discovered ones.
-func (d *Daemon) gatewayTargets() []gatewayTarget {
-	var out []gatewayTarget
-	for _, g := range d.cfg.Gateways {
-		out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Priority: g.Priority, Hosts: []string{g.Address}})
-	}
-	if d.kube == nil {
-		return out
-	}
-	d.kube.mu.Lock()
-	defer d.kube.mu.Unlock()
-	for _, k := range d.cfg.Discovery.Kubernetes {
-		if !k.Gateway.Enabled() {
-			continue
-		}
-		if g, ok := d.kube.found[k.Gateway.Name]; ok {
-			out = append(out, gatewayTarget{Name: g.Name, Network: g.Network, Port: g.Port, Priority: k.Gateway.Priority, Hosts: g.Addresses})
-		}
-	}
-	return out
-}
-
-// resolve looks up every host of the gateway; any failure keeps the gateway's last known addresses.
-func (t gatewayTarget) resolve(ctx context.Context) ([]netip.AddrPort, error) {
-	var out []netip.AddrPort
-	for _, h := range t.Hosts {
-		addrs, err := resolve(ctx, h, uint16(t.Port))
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, addrs...)
-	}
-	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return slices.Compact(out), nil
-}
 
 // catalogOptions validates the merged catalog against the gateways the config names (configured,
 // and to be discovered in Kubernetes) and any other gateway that currently has addresses. A
@@ -110,7 +38,7 @@ func (d *Daemon) kubernetesSources() []discovery.Source {
 	if len(d.cfg.Discovery.Kubernetes) == 0 {
 		return nil
 	}
-	d.kube = &kubeGateways{found: map[string]discovery.DiscoveredGateway{}, changed: make(chan struct{}, 1)}
+	d.kube = gateways.NewDiscovered()
 	var out []discovery.Source
 	for i, k := range d.cfg.Discovery.Kubernetes {
 		src := &discovery.Kubernetes{
@@ -124,7 +52,7 @@ func (d *Daemon) kubernetesSources() []discovery.Source {
 				Enabled: k.Gateway.Enabled(), Name: k.Gateway.Name, Namespace: k.Gateway.Namespace,
 				LabelSelector: k.Gateway.LabelSelector, Port: k.Gateway.Port, Network: k.Gateway.Network,
 			},
-			OnGateway: d.kube.set,
+			OnGateway: d.kube.Set,
 			Options:   d.cfg.CatalogOptions(),
 			Log:       d.log.With("component", "discovery"),
 			Metrics:   metrics,

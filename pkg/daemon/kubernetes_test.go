@@ -87,7 +87,7 @@ func TestDiscoveredGateway(t *testing.T) {
 	go func() { done <- d.resolveGateways(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	d.kube.set(discovery.DiscoveredGateway{Name: "primary", Port: 15443, Addresses: []string{"127.0.0.2", "127.0.0.1"}})
+	d.kube.Set(discovery.DiscoveredGateway{Name: "primary", Port: 15443, Addresses: []string{"127.0.0.2", "127.0.0.1"}})
 	want := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:15443"), netip.MustParseAddrPort("127.0.0.2:15443")}
 	eventually(t, "the discovered gateway resolved", func() bool { return slices.Equal(gatewayAddrs(d, "primary"), want) })
 	cat, opts, _, conflicts = d.Inputs()
@@ -103,7 +103,7 @@ func TestDiscoveredGateway(t *testing.T) {
 	}
 
 	// The load balancer moves: picked up without waiting for the periodic re-resolution.
-	d.kube.set(discovery.DiscoveredGateway{Name: "primary", Port: 15443, Addresses: []string{"127.0.0.3"}})
+	d.kube.Set(discovery.DiscoveredGateway{Name: "primary", Port: 15443, Addresses: []string{"127.0.0.3"}})
 	eventually(t, "the moved gateway", func() bool {
 		return slices.Equal(gatewayAddrs(d, "primary"), []netip.AddrPort{netip.MustParseAddrPort("127.0.0.3:15443")})
 	})

@@ -10,6 +10,7 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 	"github.com/fwdproxy/fwdproxy/pkg/discovery"
+	"github.com/fwdproxy/fwdproxy/pkg/gateways"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
 )
 
@@ -42,7 +43,7 @@ func Offline(ctx context.Context, cfg *config.Config) (*catalog.Catalog, control
 	}
 	var gws []controlplane.Gateway
 	for _, g := range cfg.Gateways {
-		addrs, err := resolve(ctx, g.Address, uint16(g.Port))
+		addrs, err := gateways.Resolve(ctx, g.Address, uint16(g.Port))
 		if err != nil {
 			notes = append(notes, fmt.Sprintf("gateway %s left out: %v", g.Name, err))
 			continue
