@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 	"github.com/fwdproxy/fwdproxy/internal/localsock"
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -179,18 +180,15 @@ func (d *Daemon) startLeading(ctx context.Context, node *peers.Node, sources []d
 }
 
 func (d *Daemon) runLeaderSource(ctx context.Context, node *peers.Node, src discovery.Source, name string) {
-	backoff := time.Second
+	bo := backoff.New(backoff.Spread(time.Second, time.Minute))
 	for ctx.Err() == nil {
 		err := src.Run(ctx, func(c *catalog.Catalog) { node.SetDiscovered(name, c) })
 		if ctx.Err() != nil {
 			return
 		}
-		d.log.Error("discovery source failed on the fleet leader; retrying", "source", src.Name(), "error", err, "retry_in", backoff)
-		select {
-		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, time.Minute)
+		retry := bo.Next()
+		d.log.Error("discovery source failed on the fleet leader; retrying", "source", src.Name(), "error", err, "retry_in", retry)
+		backoff.Sleep(ctx, retry)
 	}
 }
 

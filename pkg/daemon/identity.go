@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"k8s.io/apimachinery/pkg/util/wait"
 
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 	"github.com/fwdproxy/fwdproxy/internal/filewatch"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
@@ -177,14 +178,14 @@ func (d *Daemon) acmpcaIdentity(a *config.ACMPCAIdentity, m *identityMetrics) (*
 		}
 	}
 	if bundle == nil {
-		bo := wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.2, Steps: 1 << 30, Cap: 30 * time.Second}
+		bo := backoff.New(wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.2, Cap: 30 * time.Second})
 		for {
 			bundle, err = issuer.Issue(ctx)
 			if err == nil {
 				break
 			}
 			m.rotationErrors.Inc()
-			retry := bo.Step()
+			retry := bo.Next()
 			log.Error("cannot obtain the identity from ACM PCA; retrying", "error", err, "retry_in", retry.String())
 			select {
 			case <-ctx.Done():

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"time"
@@ -27,6 +26,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 )
 
 // subscription is what the data plane asked for of one resource type, and what it accepted.
@@ -111,8 +112,7 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 	}
 	defer conn.Close()
 	client := discoverypb.NewAggregatedDiscoveryServiceClient(conn)
-	const initial = 200 * time.Millisecond
-	backoff := initial
+	bo := backoff.New(backoff.Spread(200*time.Millisecond, dp.opts.MaxBackoff))
 	for {
 		progressed, err := dp.session(ctx, client)
 		dp.setConnected(false)
@@ -121,9 +121,9 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 		}
 		tooLarge := status.Code(err) == codes.ResourceExhausted
 		if progressed && !tooLarge {
-			backoff = initial
+			bo.Reset()
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := bo.Next()
 		if tooLarge {
 			// The control plane keeps its responses under xdslimit.MaxMessageBytes, so this is a
 			// control plane with another limit (or a data plane configured lower): the same
@@ -145,7 +145,6 @@ func (dp *DataPlane) runXDS(ctx context.Context) error {
 			return nil
 		case <-time.After(wait):
 		}
-		backoff = min(2*backoff, dp.opts.MaxBackoff)
 	}
 }
 

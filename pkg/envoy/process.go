@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 )
 
@@ -106,13 +107,15 @@ func (p *Process) Run(ctx context.Context) error {
 	if maxB <= 0 {
 		maxB = 30 * time.Second
 	}
-	backoff := minB
+	bo := backoff.New(backoff.Spread(minB, maxB))
 	for {
 		started := time.Now()
 		cmd := exec.Command(p.Binary, p.args()...)
 		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		var retry time.Duration
 		if err := cmd.Start(); err != nil {
-			p.Log.Error("cannot start envoy; retrying", "binary", p.Binary, "error", err, "retry_in", backoff.String())
+			retry = bo.Next()
+			p.Log.Error("cannot start envoy; retrying", "binary", p.Binary, "error", err, "retry_in", retry.String())
 		} else {
 			n := p.starts.Add(1)
 			p.Log.Info("envoy started", "pid", cmd.Process.Pid, "start", n, "bootstrap", p.BootstrapPath)
@@ -122,21 +125,19 @@ func (p *Process) Run(ctx context.Context) error {
 			case err := <-done:
 				ran := time.Since(started)
 				if ran > time.Minute {
-					backoff = minB // it ran fine for a while: restart promptly
+					bo.Reset() // it ran fine for a while: restart promptly
 				}
+				retry = bo.Next()
 				p.Log.Error("envoy exited; restarting", "pid", cmd.Process.Pid, "exit", exitString(err),
-					"ran_for", ran.Round(time.Millisecond).String(), "retry_in", backoff.String())
+					"ran_for", ran.Round(time.Millisecond).String(), "retry_in", retry.String())
 			case <-ctx.Done():
 				p.stop(cmd, done)
 				return nil
 			}
 		}
-		select {
-		case <-ctx.Done():
+		if !backoff.Sleep(ctx, retry) {
 			return nil
-		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, maxB)
 	}
 }
 

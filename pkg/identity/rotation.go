@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 )
 
 // Rotator renews an identity before it expires. The current bundle keeps serving until Issue
@@ -51,7 +53,6 @@ func (r *Rotator) backoff() wait.Backoff {
 	if b.Duration <= 0 {
 		b = wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.2, Cap: 5 * time.Minute}
 	}
-	b.Steps = 1 << 30 // never give up; Cap bounds the delay
 	return b
 }
 
@@ -68,10 +69,10 @@ func (r *Rotator) Run(ctx context.Context, current *Bundle) error {
 	for {
 		at := r.RenewalTime(current)
 		log.Info("identity renewal scheduled", "identity", current.String(), "renew_at", at.UTC().Format(time.RFC3339))
-		if !sleep(ctx, at.Sub(now())) {
+		if !backoff.Sleep(ctx, at.Sub(now())) {
 			return nil
 		}
-		bo := r.backoff()
+		bo := backoff.New(r.backoff())
 		for {
 			next, err := r.Issue(ctx)
 			if err == nil {
@@ -85,30 +86,15 @@ func (r *Rotator) Run(ctx context.Context, current *Bundle) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			retry := bo.Step()
+			retry := bo.Next()
 			log.Error("identity renewal failed; the current certificate keeps serving", "error", err,
 				"retry_in", retry.String(), "current_expires", current.NotAfter().UTC().Format(time.RFC3339))
 			if r.OnError != nil {
 				r.OnError(err, retry)
 			}
-			if !sleep(ctx, retry) {
+			if !backoff.Sleep(ctx, retry) {
 				return nil
 			}
 		}
-	}
-}
-
-// sleep waits d or until ctx is done; it reports whether d elapsed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }

@@ -2,9 +2,10 @@ package peers
 
 import (
 	"context"
-	"math/rand/v2"
 	"slices"
 	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/backoff"
 )
 
 // Join contacts the given peers now; it returns how many answered.
@@ -13,25 +14,27 @@ func (n *Node) Join(addrs []string) (int, error) { return n.ml.Join(addrs) }
 // joinLoop joins the seeds at start, retrying with backoff until one answers, then checks every
 // RejoinInterval for seeds that are not members (a healed partition, a restarted fleet).
 func (n *Node) joinLoop(ctx context.Context) {
-	wait, joined := time.Duration(0), false
+	// Back off 1s, 2s, 4s ... 30s, with jitter, until a seed answers.
+	bo := backoff.New(backoff.Spread(time.Second, 30*time.Second))
+	joined := false
 	for {
 		ok := n.joinSeeds(ctx, joined)
 		if !n.joinTried.Swap(true) {
 			n.poke()
 		}
+		wait := n.cfg.RejoinInterval
 		if ok {
-			joined, wait = true, n.cfg.RejoinInterval
+			joined = true
+			bo.Reset()
 		} else {
-			// Back off 1s, 2s, 4s ... 30s, with jitter, until a seed answers.
-			wait = min(max(2*wait, time.Second), 30*time.Second)
-			wait = wait/2 + rand.N(wait/2+1)
+			wait = bo.Next()
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
 		case <-n.rejoin:
-			wait = 0 // a member just failed: retry now, then back off from 1s if nobody answers
+			bo.Reset() // a member just failed: retry now, then back off from 1s if nobody answers
 		}
 	}
 }
