@@ -493,7 +493,7 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		var resp *http.Response
 		var err error
-		if rt.pool != nil && h1FastPath(req) {
+		if rt.pool != nil && !h1Disabled.Load() && h1FastPath(req) {
 			addr := h.addr
 			resp, err = rt.roundTripH1(req, addr, func() (net.Conn, error) { return c.dialAddr(req.Context(), rt, addr) })
 		} else {
