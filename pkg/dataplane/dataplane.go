@@ -117,7 +117,10 @@ type DataPlane struct {
 	endpoints map[string][]endpointSpec // by EDS name
 	subs      map[string]*subscription  // by type URL
 	listeners map[string]*listenerRT    // by bind address
-	draining  sync.WaitGroup
+	// parsedListeners and parsedClusters keep what was parsed, by resource name (parsecache.go).
+	parsedListeners parseCache[*listenerConfig]
+	parsedClusters  parseCache[*clusterConfig]
+	draining        sync.WaitGroup
 
 	logLimit      ratelog.Limiter // repeated warnings (accept failures on every listener)
 	fileLimit     int             // RLIMIT_NOFILE at start, 0 if unknown

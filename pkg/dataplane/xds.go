@@ -410,18 +410,19 @@ func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscover
 		}
 		maps.Copy(next, changed)
 	}
+	names := slices.Sorted(maps.Keys(next))
 	msgs := make([]proto.Message, 0, len(next))
-	for _, name := range slices.Sorted(maps.Keys(next)) {
+	for _, name := range names {
 		msgs = append(msgs, next[name].msg)
 	}
 	var err error
 	switch s.typeURL {
 	case resource.ListenerType:
-		err = dp.applyListeners(typed[*listener.Listener](msgs))
+		err = dp.applyListeners(names, next)
 	case resource.RouteType:
 		err = dp.applyRoutes(typed[*route.RouteConfiguration](msgs))
 	case resource.ClusterType:
-		err = dp.applyClusters(typed[*clusterpb.Cluster](msgs))
+		err = dp.applyClusters(names, next)
 	case resource.EndpointType:
 		err = dp.applyEndpoints(typed[*endpoint.ClusterLoadAssignment](msgs))
 	case resource.SecretType:
@@ -432,6 +433,8 @@ func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscover
 	}
 	if s.wildcard {
 		s.accepted = next
+		dp.parsedListeners.keepOnly(dp.subs[resource.ListenerType].accepted)
+		dp.parsedClusters.keepOnly(dp.subs[resource.ClusterType].accepted)
 		return nil
 	}
 	maps.Copy(s.accepted, changed)
@@ -467,12 +470,17 @@ func (dp *DataPlane) remove(typeURL string, names []string) {
 	dp.prune(typeURL, keep)
 }
 
-func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
+// applyListeners applies the whole set of listeners, in name order; only the ones that changed
+// since they were last parsed are parsed again (parsecache.go).
+func (dp *DataPlane) applyListeners(order []string, ls map[string]acceptedResource) error {
 	byAddr := map[string]*listenerConfig{}
 	names := map[string]bool{}
 	var errs []error
-	for _, l := range ls {
-		cfg, err := dp.parseListener(l, dp.opts.ListenAddress)
+	for _, name := range order {
+		r := ls[name]
+		cfg, err := dp.parsedListeners.get(name, r, func() (*listenerConfig, error) {
+			return dp.parseListener(r.msg.(*listener.Listener), dp.opts.ListenAddress)
+		})
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -510,7 +518,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 	for addr, l := range dp.listeners {
 		cfg, keep := byAddr[addr]
 		if keep {
-			if !proto.Equal(l.cfg.Load().proto, cfg.proto) {
+			if cur := l.cfg.Load(); cur != cfg && !proto.Equal(cur.proto, cfg.proto) {
 				l.cfg.Store(cfg)
 				l.reconfigure(cfg)
 				dp.log.Info("listener updated in place", "listener", cfg.name, "address", addr)
@@ -549,11 +557,16 @@ func (dp *DataPlane) applyRoutes(rs []*route.RouteConfiguration) error {
 	return nil
 }
 
-func (dp *DataPlane) applyClusters(cs []*clusterpb.Cluster) error {
-	cfgs := map[string]*clusterConfig{}
+// applyClusters applies the whole set of clusters, in name order; only the ones that changed
+// since they were last parsed are parsed again (parsecache.go).
+func (dp *DataPlane) applyClusters(order []string, cs map[string]acceptedResource) error {
+	cfgs := make(map[string]*clusterConfig, len(cs))
 	var errs []error
-	for _, c := range cs {
-		cfg, err := dp.parseCluster(c)
+	for _, name := range order {
+		r := cs[name]
+		cfg, err := dp.parsedClusters.get(name, r, func() (*clusterConfig, error) {
+			return dp.parseCluster(r.msg.(*clusterpb.Cluster))
+		})
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -574,7 +587,7 @@ func (dp *DataPlane) applyClusters(cs []*clusterpb.Cluster) error {
 		switch {
 		case c == nil:
 			c = newCluster(dp, cfg)
-		case !proto.Equal(c.rt.Load().cfg.proto, cfg.proto):
+		case c.rt.Load().cfg != cfg && !proto.Equal(c.rt.Load().cfg.proto, cfg.proto):
 			c.setConfig(cfg)
 		default:
 			m[name] = c
