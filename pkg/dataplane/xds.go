@@ -232,36 +232,56 @@ func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedD
 		if err := send(ack); err != nil {
 			return progressed, err
 		}
-		// Accepted listeners and clusters may reference other routes, endpoints and secrets.
-		for _, t := range typeOrder {
-			sub := dp.subs[t]
-			if sub.wildcard {
-				continue
-			}
-			want := dp.wanted(t)
-			if slices.Equal(want, sub.names) {
-				continue
-			}
-			req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t}
-			for _, n := range want {
-				if _, ok := slices.BinarySearch(sub.names, n); !ok {
-					req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, n)
-				}
-			}
-			for _, n := range sub.names {
-				if _, ok := slices.BinarySearch(want, n); !ok {
-					req.ResourceNamesUnsubscribe = append(req.ResourceNamesUnsubscribe, n)
-					delete(sub.accepted, n)
-				}
-			}
-			sub.names = want
-			dp.prune(t, want)
+		if applyErr != nil {
+			continue // nothing changed: the subscriptions stand
+		}
+		for _, req := range dp.resubscribe(s.typeURL) {
 			if err := send(req); err != nil {
 				return progressed, err
 			}
 		}
 		dp.updateReady()
 	}
+}
+
+// references tells which types a type's resources name: listeners their routes (and the inbound
+// listener its secrets), clusters their endpoints and secrets.
+var references = map[string][]string{
+	resource.ListenerType: {resource.RouteType, resource.SecretType},
+	resource.ClusterType:  {resource.EndpointType, resource.SecretType},
+}
+
+// resubscribe follows what the accepted listeners and clusters reference (routes, endpoints,
+// secrets) after resources of type applied were accepted: the requests that subscribe to new
+// names and unsubscribe from forgotten ones.
+func (dp *DataPlane) resubscribe(applied string) []*discoverypb.DeltaDiscoveryRequest {
+	var out []*discoverypb.DeltaDiscoveryRequest
+	for _, t := range typeOrder {
+		sub := dp.subs[t]
+		if sub.wildcard || !slices.Contains(references[applied], t) {
+			continue
+		}
+		want := dp.wanted(t)
+		if slices.Equal(want, sub.names) {
+			continue
+		}
+		req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t}
+		for _, n := range want {
+			if _, ok := slices.BinarySearch(sub.names, n); !ok {
+				req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, n)
+			}
+		}
+		for _, n := range sub.names {
+			if _, ok := slices.BinarySearch(want, n); !ok {
+				req.ResourceNamesUnsubscribe = append(req.ResourceNamesUnsubscribe, n)
+				delete(sub.accepted, n)
+			}
+		}
+		sub.names = want
+		dp.prune(t, want)
+		out = append(out, req)
+	}
+	return out
 }
 
 // wanted lists the names of a non-wildcard type that the accepted config references.
@@ -410,19 +430,21 @@ func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscover
 		}
 		maps.Copy(next, changed)
 	}
-	names := slices.Sorted(maps.Keys(next))
-	msgs := make([]proto.Message, 0, len(next))
-	for _, name := range names {
-		msgs = append(msgs, next[name].msg)
+	var msgs []proto.Message
+	if !s.wildcard {
+		msgs = make([]proto.Message, 0, len(next))
+		for _, name := range slices.Sorted(maps.Keys(next)) {
+			msgs = append(msgs, next[name].msg)
+		}
 	}
 	var err error
 	switch s.typeURL {
 	case resource.ListenerType:
-		err = dp.applyListeners(names, next)
+		err = dp.applyListeners(slices.Sorted(maps.Keys(next)), next)
 	case resource.RouteType:
 		err = dp.applyRoutes(typed[*route.RouteConfiguration](msgs))
 	case resource.ClusterType:
-		err = dp.applyClusters(names, next)
+		err = dp.applyClusters(changed, resp.GetRemovedResources())
 	case resource.EndpointType:
 		err = dp.applyEndpoints(typed[*endpoint.ClusterLoadAssignment](msgs))
 	case resource.SecretType:
@@ -557,13 +579,13 @@ func (dp *DataPlane) applyRoutes(rs []*route.RouteConfiguration) error {
 	return nil
 }
 
-// applyClusters applies the whole set of clusters, in name order; only the ones that changed
-// since they were last parsed are parsed again (parsecache.go).
-func (dp *DataPlane) applyClusters(order []string, cs map[string]acceptedResource) error {
-	cfgs := make(map[string]*clusterConfig, len(cs))
+// applyClusters applies a delta of clusters: the changed ones (parsed unless they were before,
+// parsecache.go) and the removed ones; the others stay as they are.
+func (dp *DataPlane) applyClusters(changed map[string]acceptedResource, removed []string) error {
+	cfgs := make(map[string]*clusterConfig, len(changed))
 	var errs []error
-	for _, name := range order {
-		r := cs[name]
+	for _, name := range slices.Sorted(maps.Keys(changed)) {
+		r := changed[name]
 		cfg, err := dp.parsedClusters.get(name, r, func() (*clusterConfig, error) {
 			return dp.parseCluster(r.msg.(*clusterpb.Cluster))
 		})
@@ -571,17 +593,20 @@ func (dp *DataPlane) applyClusters(order []string, cs map[string]acceptedResourc
 			errs = append(errs, err)
 			continue
 		}
-		if cfgs[cfg.name] != nil {
-			errs = append(errs, fmt.Errorf("cluster %q: listed twice", cfg.name))
-			continue
-		}
-		cfgs[cfg.name] = cfg
+		cfgs[name] = cfg
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	old := *dp.clusters.Load()
-	m := make(map[string]*cluster, len(cfgs))
+	m := maps.Clone(old)
+	var gone []*cluster
+	for _, name := range removed {
+		if c := m[name]; c != nil && cfgs[name] == nil {
+			delete(m, name)
+			gone = append(gone, c)
+		}
+	}
 	for name, cfg := range cfgs {
 		c := old[name]
 		switch {
@@ -590,7 +615,6 @@ func (dp *DataPlane) applyClusters(order []string, cs map[string]acceptedResourc
 		case c.rt.Load().cfg != cfg && !proto.Equal(c.rt.Load().cfg.proto, cfg.proto):
 			c.setConfig(cfg)
 		default:
-			m[name] = c
 			continue
 		}
 		if len(cfg.dns) > 0 {
@@ -603,10 +627,8 @@ func (dp *DataPlane) applyClusters(order []string, cs map[string]acceptedResourc
 		m[name] = c
 	}
 	dp.clusters.Store(&m)
-	for name, c := range old {
-		if m[name] == nil {
-			c.close()
-		}
+	for _, c := range gone {
+		c.close()
 	}
 	return nil
 }
