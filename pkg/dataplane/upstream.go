@@ -113,6 +113,12 @@ func (c *cluster) setConfig(cfg *clusterConfig) {
 				return c.dp.clientCertificate(spec)
 			},
 		}
+		if spec.sessionKeys > 0 {
+			// As Envoy (max_session_keys): a new connection resumes the last session instead of
+			// a full handshake. VerifyConnection still checks the resumed chain against the trust
+			// bundle and SANs of the moment.
+			rt.tls.ClientSessionCache = newSessionCache(c.dp, spec)
+		}
 	}
 	if cfg.http2 {
 		rt.h2 = &http2.Transport{
