@@ -1,10 +1,14 @@
 package dataplane
 
 import (
+	"bufio"
 	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -77,5 +81,77 @@ func benchGet(b *testing.B, c *http.Client, url, host string) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		b.Fatalf("status %d", resp.StatusCode)
+	}
+}
+
+// BenchmarkH1AB compares the HTTP/1.1 fast path (h1.go) with http.Transport on the same data
+// plane, alternating within one run (three rounds of both sides): 32 keep-alive clients, each a raw connection writing a GET
+// and reading its response (as wrk does), so the client costs little next to the proxy.
+//
+//	go test -run '^$' -bench H1AB -benchtime 5s ./pkg/dataplane/
+func BenchmarkH1AB(b *testing.B) {
+	e := newEnv(b, 0)
+	mesh := newMeshServer(b, e.ca, reviewsID, false)
+	port := freePort(b)
+	svc := reviews(port, catalog.HTTP)
+	opts := e.options(mesh.addr)
+	opts.AccessLog = false
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	for round := range 3 {
+		for _, side := range []struct {
+			name string
+			off  bool
+		}{{"fastpath", false}, {"transport", true}} {
+			b.Run(fmt.Sprintf("%s/round%d", side.name, round+1), func(b *testing.B) {
+				h1Disabled.Store(side.off)
+				defer h1Disabled.Store(false)
+				benchRawKeepAlive(b, addr, svc.Host, 32)
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
+			})
+		}
+	}
+}
+
+// benchRawKeepAlive runs b.N GETs over conns keep-alive connections, one goroutine each.
+func benchRawKeepAlive(b *testing.B, addr, host string, conns int) {
+	req := []byte("GET /bench HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: bench\r\n\r\n")
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, conns)
+	b.ResetTimer()
+	for range conns {
+		wg.Go(func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for next.Add(1) <= int64(b.N) {
+				if _, err := c.Write(req); err != nil {
+					errs <- err
+					return
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					errs <- fmt.Errorf("status %d", resp.StatusCode)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
 	}
 }

@@ -1,7 +1,7 @@
 // Package dataplane is fwdproxy's built-in data plane: a small Envoy stand-in that takes its
-// whole configuration from the control plane over one ADS stream (xDS v3, state of the world)
-// and moves the bytes, so a host without Envoy (a laptop, a Windows VM, a test) can reach the
-// mesh with one static binary.
+// whole configuration from the control plane over one delta ADS stream (xDS v3; a change costs
+// the resources it changed, xds.go and parsecache.go) and moves the bytes, so a host without Envoy
+// (a laptop, a Windows VM, a test) can reach the mesh with one static binary.
 //
 // It serves exactly the subset of xDS that pkg/controlplane emits:
 //
@@ -19,7 +19,8 @@
 //     max_ejection_percent, interval), upstream HTTP/1.1 or HTTP/2 per HttpProtocolOptions.
 //   - TLS origination from UpstreamTlsContext: SNI, ALPN, the client chain and key from an SDS
 //     secret, server chain verification against an SDS trust bundle and SAN matching
-//     (match_typed_subject_alt_names), failing closed. Secrets apply to new connections at once.
+//     (match_typed_subject_alt_names), failing closed. Secrets apply to new connections at once;
+//     TLS sessions resume (max_session_keys) until the certificate or trust bundle rotates.
 //
 // Anything else in a response is rejected (NACK) with a message naming the resource and the
 // field, and the last accepted configuration keeps serving. Updates swap atomically: a
@@ -117,7 +118,10 @@ type DataPlane struct {
 	endpoints map[string][]endpointSpec // by EDS name
 	subs      map[string]*subscription  // by type URL
 	listeners map[string]*listenerRT    // by bind address
-	draining  sync.WaitGroup
+	// parsedListeners and parsedClusters keep what was parsed, by resource name (parsecache.go).
+	parsedListeners parseCache[*listenerConfig]
+	parsedClusters  parseCache[*clusterConfig]
+	draining        sync.WaitGroup
 
 	logLimit      ratelog.Limiter // repeated warnings (accept failures on every listener)
 	fileLimit     int             // RLIMIT_NOFILE at start, 0 if unknown

@@ -10,6 +10,7 @@ import (
 	"net/http/httptrace"
 	"net/textproto"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -24,6 +25,9 @@ const (
 	h1MaxIdle     = 1024            // idle connections kept per endpoint
 	h1BufferSize  = 4 << 10
 )
+
+// h1Disabled sends every request through http.Transport: the A/B benchmark's other side.
+var h1Disabled atomic.Bool
 
 // h1Pool holds idle upstream connections per endpoint address for one cluster runtime.
 type h1Pool struct {

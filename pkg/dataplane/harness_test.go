@@ -217,6 +217,7 @@ type meshServer struct {
 	hellos  []hello
 	clients []*x509.Certificate
 	accepts atomic.Int64
+	resumed atomic.Int64 // handshakes that resumed a TLS session
 	srv     *http.Server
 	// requests are the HTTP requests received, in order.
 	requests []seenRequest
@@ -301,6 +302,9 @@ func newMeshServer(t testing.TB, ca *meshtest.CA, serverID string, tcp bool) *me
 			m.mu.Lock()
 			m.clients = append(m.clients, cs.PeerCertificates[0])
 			m.mu.Unlock()
+			if cs.DidResume {
+				m.resumed.Add(1)
+			}
 			return nil
 		},
 	}

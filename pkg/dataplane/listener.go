@@ -23,13 +23,16 @@ type listenerRT struct {
 	cfg  atomic.Pointer[listenerConfig]
 
 	// serving is the HTTP server connections are handed to; it is replaced when the listener's
-	// configuration changes what the server itself enforces (idle timeout, header size).
-	serving  atomic.Pointer[httpServing]
-	retired  sync.WaitGroup // servers replaced and still finishing their requests
-	mu       sync.Mutex
-	conns    map[*trackedConn]struct{}
-	closing  atomic.Bool
-	loopDone chan struct{}
+	// configuration changes what the server itself enforces (idle timeout, header size). It is
+	// started on the first HTTP connection: a TCP listener (most of them at fleet scale) never
+	// holds a server and its goroutine. servingMu orders starting one with drain.
+	serving   atomic.Pointer[httpServing]
+	servingMu sync.Mutex
+	retired   sync.WaitGroup // servers replaced and still finishing their requests
+	mu        sync.Mutex
+	conns     map[*trackedConn]struct{}
+	closing   atomic.Bool
+	loopDone  chan struct{}
 }
 
 // httpServing is one http.Server of a listener, with what it was built for.
@@ -71,8 +74,23 @@ func (dp *DataPlane) bind(cfg *listenerConfig) (*listenerRT, error) {
 
 // start serves the socket.
 func (l *listenerRT) start() {
-	l.serving.Store(l.newServing(paramsOf(l.cfg.Load())))
 	go l.acceptLoop()
+}
+
+// currentServing is the HTTP server of the moment, started if there is none yet; nil once the
+// listener drains.
+func (l *listenerRT) currentServing() *httpServing {
+	if s := l.serving.Load(); s != nil {
+		return s
+	}
+	l.servingMu.Lock()
+	defer l.servingMu.Unlock()
+	if s := l.serving.Load(); s != nil || l.closing.Load() {
+		return s
+	}
+	s := l.newServing(paramsOf(l.cfg.Load()))
+	l.serving.Store(s)
+	return s
 }
 
 func (l *listenerRT) newServing(p serverParams) *httpServing {
@@ -103,9 +121,11 @@ func (l *listenerRT) newServing(p serverParams) *httpServing {
 // (bounded by the drain time) and closes its idle connections.
 func (l *listenerRT) reconfigure(cfg *listenerConfig) {
 	p := paramsOf(cfg)
+	l.servingMu.Lock()
+	defer l.servingMu.Unlock()
 	old := l.serving.Load()
-	if old.params == p || l.closing.Load() {
-		return
+	if old == nil || old.params == p || l.closing.Load() {
+		return // none started yet: the first HTTP connection starts one for cfg
 	}
 	l.serving.Store(l.newServing(p))
 	l.retired.Go(func() { retire(old, l.dp.opts.DrainTime) })
@@ -121,7 +141,11 @@ func retire(s *httpServing, timeout time.Duration) {
 // handHTTP gives an accepted connection to the current HTTP server.
 func (l *listenerRT) handHTTP(tc *trackedConn) {
 	for {
-		s := l.serving.Load()
+		s := l.currentServing()
+		if s == nil { // draining
+			tc.Close()
+			return
+		}
 		select {
 		case s.ln.ch <- tc:
 			return
@@ -215,8 +239,13 @@ func (l *listenerRT) drain(timeout time.Duration) {
 	<-l.loopDone
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	srv := l.serving.Load().srv
-	go func() { _ = srv.Shutdown(ctx) }()
+	l.servingMu.Lock() // closing is set: no server starts after this
+	var srv *http.Server
+	if s := l.serving.Load(); s != nil {
+		srv = s.srv
+		go func() { _ = srv.Shutdown(ctx) }()
+	}
+	l.servingMu.Unlock()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for l.active() > 0 && ctx.Err() == nil {
@@ -225,7 +254,9 @@ func (l *listenerRT) drain(timeout time.Duration) {
 		case <-tick.C:
 		}
 	}
-	_ = srv.Close()
+	if srv != nil {
+		_ = srv.Close()
+	}
 	l.mu.Lock()
 	left := make([]*trackedConn, 0, len(l.conns))
 	for c := range l.conns {

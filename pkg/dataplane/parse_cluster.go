@@ -41,6 +41,7 @@ type tlsSpec struct {
 	sans        []sanMatcher
 	minVersion  uint16
 	maxVersion  uint16
+	sessionKeys int // max_session_keys: TLS sessions kept for resumption, 0 for none
 }
 
 type sanMatcher struct {
@@ -212,7 +213,10 @@ func parseOutlier(od *clusterpb.OutlierDetection) *outlierSpec {
 }
 
 func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
-	s := &tlsSpec{sni: u.GetSni(), minVersion: tls.VersionTLS12, maxVersion: tls.VersionTLS13}
+	s := &tlsSpec{sni: u.GetSni(), minVersion: tls.VersionTLS12, maxVersion: tls.VersionTLS13, sessionKeys: 1}
+	if k := u.GetMaxSessionKeys(); k != nil { // Envoy's default is 1
+		s.sessionKeys = int(k.GetValue())
+	}
 	if u.GetAllowRenegotiation() {
 		return nil, errors.New("allow_renegotiation: not supported")
 	}

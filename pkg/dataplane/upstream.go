@@ -113,6 +113,12 @@ func (c *cluster) setConfig(cfg *clusterConfig) {
 				return c.dp.clientCertificate(spec)
 			},
 		}
+		if spec.sessionKeys > 0 {
+			// As Envoy (max_session_keys): a new connection resumes the last session instead of
+			// a full handshake. VerifyConnection still checks the resumed chain against the trust
+			// bundle and SANs of the moment.
+			rt.tls.ClientSessionCache = newSessionCache(c.dp, spec)
+		}
 	}
 	if cfg.http2 {
 		rt.h2 = &http2.Transport{
@@ -493,7 +499,7 @@ func (c *cluster) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		var resp *http.Response
 		var err error
-		if rt.pool != nil && h1FastPath(req) {
+		if rt.pool != nil && !h1Disabled.Load() && h1FastPath(req) {
 			addr := h.addr
 			resp, err = rt.roundTripH1(req, addr, func() (net.Conn, error) { return c.dialAddr(req.Context(), rt, addr) })
 		} else {

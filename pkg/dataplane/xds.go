@@ -231,36 +231,56 @@ func (dp *DataPlane) session(ctx context.Context, client discoverypb.AggregatedD
 		if err := send(ack); err != nil {
 			return progressed, err
 		}
-		// Accepted listeners and clusters may reference other routes, endpoints and secrets.
-		for _, t := range typeOrder {
-			sub := dp.subs[t]
-			if sub.wildcard {
-				continue
-			}
-			want := dp.wanted(t)
-			if slices.Equal(want, sub.names) {
-				continue
-			}
-			req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t}
-			for _, n := range want {
-				if _, ok := slices.BinarySearch(sub.names, n); !ok {
-					req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, n)
-				}
-			}
-			for _, n := range sub.names {
-				if _, ok := slices.BinarySearch(want, n); !ok {
-					req.ResourceNamesUnsubscribe = append(req.ResourceNamesUnsubscribe, n)
-					delete(sub.accepted, n)
-				}
-			}
-			sub.names = want
-			dp.prune(t, want)
+		if applyErr != nil {
+			continue // nothing changed: the subscriptions stand
+		}
+		for _, req := range dp.resubscribe(s.typeURL) {
 			if err := send(req); err != nil {
 				return progressed, err
 			}
 		}
 		dp.updateReady()
 	}
+}
+
+// references tells which types a type's resources name: listeners their routes (and the inbound
+// listener its secrets), clusters their endpoints and secrets.
+var references = map[string][]string{
+	resource.ListenerType: {resource.RouteType, resource.SecretType},
+	resource.ClusterType:  {resource.EndpointType, resource.SecretType},
+}
+
+// resubscribe follows what the accepted listeners and clusters reference (routes, endpoints,
+// secrets) after resources of type applied were accepted: the requests that subscribe to new
+// names and unsubscribe from forgotten ones.
+func (dp *DataPlane) resubscribe(applied string) []*discoverypb.DeltaDiscoveryRequest {
+	var out []*discoverypb.DeltaDiscoveryRequest
+	for _, t := range typeOrder {
+		sub := dp.subs[t]
+		if sub.wildcard || !slices.Contains(references[applied], t) {
+			continue
+		}
+		want := dp.wanted(t)
+		if slices.Equal(want, sub.names) {
+			continue
+		}
+		req := &discoverypb.DeltaDiscoveryRequest{TypeUrl: t}
+		for _, n := range want {
+			if _, ok := slices.BinarySearch(sub.names, n); !ok {
+				req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, n)
+			}
+		}
+		for _, n := range sub.names {
+			if _, ok := slices.BinarySearch(want, n); !ok {
+				req.ResourceNamesUnsubscribe = append(req.ResourceNamesUnsubscribe, n)
+				delete(sub.accepted, n)
+			}
+		}
+		sub.names = want
+		dp.prune(t, want)
+		out = append(out, req)
+	}
+	return out
 }
 
 // wanted lists the names of a non-wildcard type that the accepted config references.
@@ -409,18 +429,21 @@ func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscover
 		}
 		maps.Copy(next, changed)
 	}
-	msgs := make([]proto.Message, 0, len(next))
-	for _, name := range slices.Sorted(maps.Keys(next)) {
-		msgs = append(msgs, next[name].msg)
+	var msgs []proto.Message
+	if !s.wildcard {
+		msgs = make([]proto.Message, 0, len(next))
+		for _, name := range slices.Sorted(maps.Keys(next)) {
+			msgs = append(msgs, next[name].msg)
+		}
 	}
 	var err error
 	switch s.typeURL {
 	case resource.ListenerType:
-		err = dp.applyListeners(typed[*listener.Listener](msgs))
+		err = dp.applyListeners(slices.Sorted(maps.Keys(next)), next)
 	case resource.RouteType:
 		err = dp.applyRoutes(typed[*route.RouteConfiguration](msgs))
 	case resource.ClusterType:
-		err = dp.applyClusters(typed[*clusterpb.Cluster](msgs))
+		err = dp.applyClusters(changed, resp.GetRemovedResources())
 	case resource.EndpointType:
 		err = dp.applyEndpoints(typed[*endpoint.ClusterLoadAssignment](msgs))
 	case resource.SecretType:
@@ -431,6 +454,8 @@ func (dp *DataPlane) applyDelta(s *subscription, resp *discoverypb.DeltaDiscover
 	}
 	if s.wildcard {
 		s.accepted = next
+		dp.parsedListeners.keepOnly(dp.subs[resource.ListenerType].accepted)
+		dp.parsedClusters.keepOnly(dp.subs[resource.ClusterType].accepted)
 		return nil
 	}
 	maps.Copy(s.accepted, changed)
@@ -466,12 +491,17 @@ func (dp *DataPlane) remove(typeURL string, names []string) {
 	dp.prune(typeURL, keep)
 }
 
-func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
+// applyListeners applies the whole set of listeners, in name order; only the ones that changed
+// since they were last parsed are parsed again (parsecache.go).
+func (dp *DataPlane) applyListeners(order []string, ls map[string]acceptedResource) error {
 	byAddr := map[string]*listenerConfig{}
 	names := map[string]bool{}
 	var errs []error
-	for _, l := range ls {
-		cfg, err := dp.parseListener(l, dp.opts.ListenAddress)
+	for _, name := range order {
+		r := ls[name]
+		cfg, err := dp.parsedListeners.get(name, r, func() (*listenerConfig, error) {
+			return dp.parseListener(r.msg.(*listener.Listener), dp.opts.ListenAddress)
+		})
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -509,7 +539,7 @@ func (dp *DataPlane) applyListeners(ls []*listener.Listener) error {
 	for addr, l := range dp.listeners {
 		cfg, keep := byAddr[addr]
 		if keep {
-			if !proto.Equal(l.cfg.Load().proto, cfg.proto) {
+			if cur := l.cfg.Load(); cur != cfg && !proto.Equal(cur.proto, cfg.proto) {
 				l.cfg.Store(cfg)
 				l.reconfigure(cfg)
 				dp.log.Info("listener updated in place", "listener", cfg.name, "address", addr)
@@ -548,35 +578,42 @@ func (dp *DataPlane) applyRoutes(rs []*route.RouteConfiguration) error {
 	return nil
 }
 
-func (dp *DataPlane) applyClusters(cs []*clusterpb.Cluster) error {
-	cfgs := map[string]*clusterConfig{}
+// applyClusters applies a delta of clusters: the changed ones (parsed unless they were before,
+// parsecache.go) and the removed ones; the others stay as they are.
+func (dp *DataPlane) applyClusters(changed map[string]acceptedResource, removed []string) error {
+	cfgs := make(map[string]*clusterConfig, len(changed))
 	var errs []error
-	for _, c := range cs {
-		cfg, err := dp.parseCluster(c)
+	for _, name := range slices.Sorted(maps.Keys(changed)) {
+		r := changed[name]
+		cfg, err := dp.parsedClusters.get(name, r, func() (*clusterConfig, error) {
+			return dp.parseCluster(r.msg.(*clusterpb.Cluster))
+		})
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if cfgs[cfg.name] != nil {
-			errs = append(errs, fmt.Errorf("cluster %q: listed twice", cfg.name))
-			continue
-		}
-		cfgs[cfg.name] = cfg
+		cfgs[name] = cfg
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	old := *dp.clusters.Load()
-	m := make(map[string]*cluster, len(cfgs))
+	m := maps.Clone(old)
+	var gone []*cluster
+	for _, name := range removed {
+		if c := m[name]; c != nil && cfgs[name] == nil {
+			delete(m, name)
+			gone = append(gone, c)
+		}
+	}
 	for name, cfg := range cfgs {
 		c := old[name]
 		switch {
 		case c == nil:
 			c = newCluster(dp, cfg)
-		case !proto.Equal(c.rt.Load().cfg.proto, cfg.proto):
+		case c.rt.Load().cfg != cfg && !proto.Equal(c.rt.Load().cfg.proto, cfg.proto):
 			c.setConfig(cfg)
 		default:
-			m[name] = c
 			continue
 		}
 		if len(cfg.dns) > 0 {
@@ -589,10 +626,8 @@ func (dp *DataPlane) applyClusters(cs []*clusterpb.Cluster) error {
 		m[name] = c
 	}
 	dp.clusters.Store(&m)
-	for name, c := range old {
-		if m[name] == nil {
-			c.close()
-		}
+	for _, c := range gone {
+		c.close()
 	}
 	return nil
 }
