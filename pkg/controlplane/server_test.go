@@ -162,7 +162,15 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Listeners and clusters alone do not make a data plane current: it needs the secrets too.
-	time.Sleep(100 * time.Millisecond)
+	waitFor(t, "the listener and cluster ACKs recorded", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		n := 0
+		for _, st := range s.streams {
+			n += len(st.acked)
+		}
+		return n == 2
+	})
 	if st := s.Status(); st.AckedCurrent != 0 || st.AckedAny != 0 {
 		t.Fatalf("counted as current without secrets: %+v", st)
 	}
@@ -317,11 +325,9 @@ func TestNACKDoesNotLoop(t *testing.T) {
 			got <- r
 		}
 	}()
-	select {
-	case <-got:
-		t.Fatal("the rejected version was sent again right after the NACK")
-	case <-time.After(300 * time.Millisecond):
-	}
+	// Once the NACK is handled, the next response must be the next version (5 clusters), not the
+	// rejected one (1) again.
+	waitFor(t, "the NACK counted", func() bool { return testutil.ToFloat64(s.metrics.nacks.WithLabelValues("cluster")) == 1 })
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/bookinfo.yaml", bundle, nil)); err != nil {
 		t.Fatal(err)
 	}
