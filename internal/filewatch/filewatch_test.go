@@ -33,15 +33,21 @@ func watchOnce(t *testing.T, path string, opts Options, change func()) bool {
 
 func TestChangeIsSeen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "f")
-	os.WriteFile(path, []byte("a"), 0o644)
+	if err := os.WriteFile(path, []byte("a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	opts := Options{Debounce: 10 * time.Millisecond, Poll: time.Hour}
 	if !watchOnce(t, path, opts, func() { os.WriteFile(path, []byte("b"), 0o644) }) {
 		t.Fatal("a write was not seen")
 	}
 	// Atomic replace by rename, as config tools and Kubernetes do.
 	if !watchOnce(t, path, opts, func() {
-		os.WriteFile(path+".tmp", []byte("c"), 0o644)
-		os.Rename(path+".tmp", path)
+		if err := os.WriteFile(path+".tmp", []byte("c"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(path+".tmp", path); err != nil {
+			t.Fatal(err)
+		}
 	}) {
 		t.Fatal("a rename was not seen")
 	}
@@ -49,9 +55,13 @@ func TestChangeIsSeen(t *testing.T) {
 
 func TestChangeBeforeWatchStartsIsSeenWithBaseline(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "f")
-	os.WriteFile(path, []byte("a"), 0o644)
+	if err := os.WriteFile(path, []byte("a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	base := Take([]string{path})
-	os.WriteFile(path, []byte("b"), 0o644) // changed after the caller read it, before Watch
+	if err := os.WriteFile(path, []byte("b"), 0o644); err != nil { // changed after the caller read it, before Watch
+		t.Fatal(err)
+	}
 	if !watchOnce(t, path, Options{Debounce: 10 * time.Millisecond, Poll: time.Hour, Baseline: &base}, nil) {
 		t.Fatal("a change made before the watcher started was missed")
 	}

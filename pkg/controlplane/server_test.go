@@ -137,7 +137,10 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	s := startServer(t)
 	first := snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)
@@ -215,7 +218,10 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 }
 
 func TestSDSSecretRotation(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := startServer(t)
 	b1 := testBundle(t, ca)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", b1, nil)); err != nil {
@@ -255,7 +261,10 @@ func TestSDSSecretRotation(t *testing.T) {
 
 // TestDeltaADS checks the incremental protocol on the same server.
 func TestDeltaADS(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := startServer(t)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/bookinfo.yaml", testBundle(t, ca), nil)); err != nil {
 		t.Fatal(err)
@@ -307,7 +316,10 @@ func TestDeltaADS(t *testing.T) {
 // TestNACKDoesNotLoop checks that a rejected version is not sent again (a client would reject it
 // again, forever); the next change is.
 func TestNACKDoesNotLoop(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	s := startServer(t)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)); err != nil {
@@ -344,7 +356,10 @@ func TestNACKDoesNotLoop(t *testing.T) {
 // A client that NACKs over and over (here 100 times the same response) is counted every time
 // but logged only a few times a minute.
 func TestRepeatedNACKsAreCountedAndRateLimited(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	logs := &meshtest.SyncBuffer{}
 	reg := prometheus.NewRegistry()

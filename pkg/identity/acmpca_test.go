@@ -121,7 +121,10 @@ func TestACMPCAIssueRejectsBadCertificates(t *testing.T) {
 
 	f.SetURI("")
 	iss := testIssuer(srv)
-	other, _ := meshtest.NewCA("other-mesh")
+	other, err := meshtest.NewCA("other-mesh")
+	if err != nil {
+		t.Fatal(err)
+	}
 	iss.Roots = func() ([]byte, error) { return other.RootPEM, nil }
 	if _, err := iss.Issue(context.Background()); err == nil || !strings.Contains(err.Error(), "does not verify") {
 		t.Fatalf("a certificate not chaining to the configured roots was accepted: %v", err)
