@@ -30,7 +30,10 @@ func checkPeerMetadata(t *testing.T, c *http.Client, url, host string) {
 		{"with", http.Header{PeerMetadataIDHeader: {id}, PeerMetadataHeader: {value}}},
 		{"without", nil},
 	} {
-		req, _ := http.NewRequest("GET", url, nil)
+		req, err := http.NewRequest("GET", url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = host
 		for k, v := range tc.hdr {
 			req.Header[k] = v
