@@ -419,7 +419,10 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		protos.SetUnencryptedHTTP2(true)
 		h2c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Protocols: &protos}}
 		defer h2c.CloseIdleConnections()
-		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(p.http)+"/h2c", nil)
+		req, err := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(p.http)+"/h2c", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = "productpage.example.internal"
 		resp, err := h2c.Do(req)
 		if err != nil {
