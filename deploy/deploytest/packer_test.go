@@ -128,6 +128,9 @@ func TestPackerInstallScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(entries) == 0 {
+		t.Fatalf("no files in %s", packerFiles)
+	}
 	for _, e := range entries {
 		if e.Name() != "install.sh" && !strings.Contains(s, `"$FILES/`+e.Name()+`"`) && !strings.Contains(s, "$FILES/$unit") {
 			t.Errorf("install.sh does not install files/%s", e.Name())

@@ -48,6 +48,9 @@ func checkPeerMetadata(t *testing.T, c *http.Client, url, host string) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
+		if len(r.Headers) == 0 {
+			t.Fatalf("%s: the report names no headers the application received", tc.name)
+		}
 		for _, h := range r.Headers {
 			if strings.HasPrefix(h, "x-envoy-peer-metadata") {
 				t.Errorf("%s: the application received %s", tc.name, h)

@@ -102,6 +102,9 @@ func TestACMPCAIssue(t *testing.T) {
 			}
 			// The key never left: no request carries it.
 			keyBlock, _ := pem.Decode(b.KeyPEM)
+			if keyBlock == nil || len(f.Bodies()) == 0 {
+				t.Fatalf("nothing to check: key block %v, %d requests to the CA", keyBlock != nil, len(f.Bodies()))
+			}
 			for _, body := range f.Bodies() {
 				if bytes.Contains(body, []byte("PRIVATE KEY")) || bytes.Contains(body, keyBlock.Bytes) {
 					t.Fatal("a request to the CA carries the private key")
