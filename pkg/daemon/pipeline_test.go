@@ -178,27 +178,28 @@ func TestPipelineCatalogEdits(t *testing.T) {
 	first := env.d.XDS.Current().ConfigVersion
 
 	// A bad edit: the same TCP port twice.
-	bad := pipelineCatalog(freePort(t), `  - host: b.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+	tcpPort := freePort(t)
+	bad := pipelineCatalog(freePort(t), fmt.Sprintf(`  - host: b.ns.svc.cluster.local
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/b]
   - host: c.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/c]
-`)
+`, tcpPort, tcpPort))
 	if err := os.WriteFile(env.catalogPath, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the bad edit rejected", func() bool {
-		return strings.Contains(env.logs.String(), "port 7000 (tcp) collides with b.ns.svc.cluster.local")
+		return strings.Contains(env.logs.String(), fmt.Sprintf("port %d (tcp) collides with b.ns.svc.cluster.local", tcpPort))
 	})
 	if v := env.d.XDS.Current().ConfigVersion; v != first {
 		t.Fatalf("a rejected edit changed the served version %s -> %s", first, v)
 	}
 
-	good := pipelineCatalog(freePort(t), `  - host: b.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+	good := pipelineCatalog(freePort(t), fmt.Sprintf(`  - host: b.ns.svc.cluster.local
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/b]
-`)
+`, tcpPort))
 	if err := os.WriteFile(env.catalogPath, []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
