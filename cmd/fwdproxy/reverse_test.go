@@ -24,8 +24,12 @@ func TestMeshConfigReverseFromConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteString(reverseSection)
-	f.Close()
+	if _, err := f.WriteString(reverseSection); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
 	out, stderr, err := run(t, "mesh-config", "--config", cfg, "--reverse")
 	if err != nil {
 		t.Fatalf("mesh-config --reverse: %v\n%s", err, stderr)
