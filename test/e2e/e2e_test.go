@@ -390,6 +390,9 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 				!slices.Equal(x["URI"], uri) {
 				t.Errorf("%s: XFCC entry %v, want By=%s, the hash of fwdproxy's certificate and URI %q", host, x, id, uri)
 			}
+			if len(r.Headers) == 0 {
+				t.Fatalf("%s: the report names no headers the application received", host)
+			}
 			for _, h := range r.Headers {
 				if strings.HasPrefix(h, "x-envoy-") && h != "x-envoy-external-address" {
 					t.Errorf("%s: the application received %s", host, h)
