@@ -54,7 +54,9 @@ func cliConfig(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(dir, "catalog.yaml"), data, 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg := `
 node: {id: cli-test}
 gateways:
@@ -66,7 +68,9 @@ identity:
 discovery: {files: [catalog.yaml]}
 `
 	path := filepath.Join(dir, "config.yaml")
-	os.WriteFile(path, []byte(cfg), 0o644)
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	return path
 }
 
@@ -169,12 +173,14 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 		t.Fatalf("validate good config: %v\n%s%s", err, out, stderr)
 	}
 	catalogPath := filepath.Join(filepath.Dir(cfg), "catalog.yaml")
-	os.WriteFile(catalogPath, []byte(`services:
+	if err := os.WriteFile(catalogPath, []byte(`services:
   - host: x.ns.svc.cluster.local
     ports: [{number: 99999, protocol: http}]
     identities: [spiffe://cluster.local/ns/ns/sa/x]
     allowedClients: [10.0.0.1]
-`), 0o644)
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	_, stderr, err = run(t, "validate", "--config", cfg)
 	if err == nil {
 		t.Fatal("validate accepted a bad catalog")
@@ -217,7 +223,9 @@ func TestValidateRefusesUnsafeInput(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := cliConfig(t)
 			if tc.catalog != "" {
-				os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644)
+				if err := os.WriteFile(filepath.Join(filepath.Dir(cfg), "catalog.yaml"), []byte(tc.catalog), 0o644); err != nil {
+					t.Fatal(err)
+				}
 			} else if err := os.Chmod(filepath.Join(filepath.Dir(cfg), "key.pem"), 0o644); err != nil {
 				t.Fatal(err)
 			}
@@ -288,7 +296,9 @@ func TestEnvoyAcceptsCLIOutput(t *testing.T) {
 		t.Fatalf("bootstrap: %v\n%s", err, stderr)
 	}
 	bootstrapPath := filepath.Join(dir, "bootstrap.json")
-	os.WriteFile(bootstrapPath, []byte(out), 0o644)
+	if err := os.WriteFile(bootstrapPath, []byte(out), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := meshtest.EnvoyValidate(bootstrapPath, 2*time.Minute); err != nil {
 		t.Error(err)
 	}
@@ -302,7 +312,9 @@ func TestEnvoyAcceptsCLIOutput(t *testing.T) {
 		t.Fatal("the static config does not resolve the named gateway itself")
 	}
 	staticPath := filepath.Join(dir, "static.json")
-	os.WriteFile(staticPath, []byte(out), 0o644)
+	if err := os.WriteFile(staticPath, []byte(out), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := meshtest.EnvoyValidate(staticPath, 2*time.Minute); err != nil {
 		t.Error(err)
 	}

@@ -143,7 +143,10 @@ func TestVersion(t *testing.T) {
 func TestValidateEveryProblemInOneRun(t *testing.T) {
 	cfg := cliConfig(t)
 	dir := filepath.Dir(cfg)
-	body, _ := os.ReadFile(cfg)
+	body, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	stdout, _, err := run(t, "validate", "-o", "json", cfg)
 	var good validation
 	if err != nil || json.Unmarshal([]byte(stdout), &good) != nil || !good.OK || len(good.Problems) != 0 || !good.Built || good.Services != 4 || good.Clusters != 5 {
@@ -154,8 +157,10 @@ listen:
   adress: 0.0.0.0
 upstream:
   connectTimeout: 5`, 1)
-	os.WriteFile(cfg, []byte(bad), 0o644)
-	os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(`services:
+	if err := os.WriteFile(cfg, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(`services:
   - host: a.ns.svc.cluster.local
     ports: [{number: nine, protocol: http}]
     identities: [spiffe://cluster.local/ns/ns/sa/a]
@@ -164,8 +169,12 @@ upstream:
       - number: 80
         protocl: http
     identities: [spiffe://cluster.local/ns/ns/sa/b]
-`), 0o644)
-	os.Chmod(filepath.Join(dir, "key.pem"), 0o644)
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(dir, "key.pem"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	c := func(line int, rest string) string { return cfg + ":" + strconv.Itoa(line) + ": " + rest }
 	k := func(line int, rest string) string {
 		return filepath.Join(dir, "catalog.yaml") + ":" + strconv.Itoa(line) + ": " + rest
@@ -208,7 +217,9 @@ upstream:
 	}
 
 	// A mis-indented line is reported where it is, not where its block starts.
-	os.WriteFile(cfg, []byte(string(body)+"listen:\n  address: 0.0.0.0\n  accessLog: false\n maxConnections: 10\n"), 0o644)
+	if err := os.WriteFile(cfg, []byte(string(body)+"listen:\n  address: 0.0.0.0\n  accessLog: false\n maxConnections: 10\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	_, stderr, err = run(t, "validate", cfg)
 	if exitCode(err) != 1 || !strings.Contains(stderr, c(13, "YAML syntax: ")) {
 		t.Errorf("mis-indented line 13: exit %d\n%s", exitCode(err), stderr)

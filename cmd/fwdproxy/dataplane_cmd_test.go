@@ -29,7 +29,10 @@ func TestStandaloneDataplane(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, _ := ca.IssueFor(demoFleetID, time.Hour)
+	leaf, err := ca.IssueFor(demoFleetID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, _, _, err := leaf.WriteFiles(dir, ca.RootPEM); err != nil {
 		t.Fatal(err)
 	}
@@ -37,10 +40,15 @@ func TestStandaloneDataplane(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(fmt.Sprintf("services:\n  - host: db.ns.svc.cluster.local\n    ports: [{number: %d, protocol: tcp}]\n    identities: [spiffe://cluster.local/ns/ns/sa/db]\n", port)), 0o644)
-	metricsPort, _ := meshtest.FreePort()
+	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(fmt.Sprintf("services:\n  - host: db.ns.svc.cluster.local\n    ports: [{number: %d, protocol: tcp}]\n    identities: [spiffe://cluster.local/ns/ns/sa/db]\n", port)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	metricsPort, err := meshtest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
 	metrics := "127.0.0.1:" + strconv.Itoa(metricsPort)
-	os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(fmt.Sprintf(`node: {id: standalone}
+	if err := os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(fmt.Sprintf(`node: {id: standalone}
 gateways: [{name: gw, address: 127.0.0.1}]
 identity:
   spiffeID: %s
@@ -51,7 +59,9 @@ xds: {socket: xds.sock}
 admin: {socket: admin.sock}
 metrics: {address: %s}
 dataplane: none
-`, demoFleetID, metrics)), 0o644)
+`, demoFleetID, metrics)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg, err := config.Load(filepath.Join(dir, "config.yaml"))
 	if err != nil {
 		t.Fatal(err)

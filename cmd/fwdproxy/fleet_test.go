@@ -62,20 +62,26 @@ func TestFleetVerbs(t *testing.T) {
 
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`gateways: [{name: gw, address: 10.0.0.1}]
+	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`gateways: [{name: gw, address: 10.0.0.1}]
 identity:
   spiffeID: spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy
   files: {certChain: c.pem, privateKey: k.pem, roots: r.pem}
 admin: {socket: %s}
-`, socket)), 0o644)
+`, socket)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	tokenFile := filepath.Join(dir, "token")
-	os.WriteFile(tokenFile, []byte("ci "+token+"\n"), 0o600)
+	if err := os.WriteFile(tokenFile, []byte("ci "+token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	file := filepath.Join(dir, "svc.yaml")
-	os.WriteFile(file, []byte(`services:
+	if err := os.WriteFile(file, []byte(`services:
   - host: reviews.default.svc.cluster.local
     ports: [{number: 9080, protocol: http}]
     identities: [spiffe://cluster.local/ns/default/sa/reviews]
-`), 0o644)
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	run := func(args ...string) (string, error) {
 		cmd := exec.Command(binary, args...)
 		var out bytes.Buffer
@@ -135,12 +141,16 @@ admin: {socket: %s}
 	}
 
 	// Another user gets nothing from the socket, whether its mode or its credentials stop it.
-	os.Chmod(filepath.Dir(binary), 0o755)
+	if err := os.Chmod(filepath.Dir(binary), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	out, err = meshtest.RunAs(t, meshtest.Nobody, meshtest.Nobody, nil, binary, "delete", "--admin", socket, "reviews.default.svc.cluster.local")
 	if err == nil || !strings.Contains(out, "permission denied") || !strings.Contains(out, "admin.group") {
 		t.Fatalf("delete as nobody: %v\n%s", err, out)
 	}
-	os.Chmod(socket, 0o666)
+	if err := os.Chmod(socket, 0o666); err != nil {
+		t.Fatal(err)
+	}
 	out, err = meshtest.RunAs(t, meshtest.Nobody, meshtest.Nobody, nil, binary, "delete", "--admin", "unix:"+socket, "reviews.default.svc.cluster.local")
 	if err == nil || !strings.Contains(out, "permission denied: nobody is not root or the daemon's user") {
 		t.Fatalf("delete as nobody through a 0666 socket: %v\n%s", err, out)
@@ -171,7 +181,9 @@ admin: {socket: %s}
 		t.Fatalf("status without token: %v\n%s", err, out)
 	}
 	// A bad file is refused with its line.
-	os.WriteFile(file, []byte("services:\n  - host: x.default.svc.cluster.local\n    ports: [{number: 0, protocol: http}]\n"), 0o644)
+	if err := os.WriteFile(file, []byte("services:\n  - host: x.default.svc.cluster.local\n    ports: [{number: 0, protocol: http}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	out, err = run("apply", "--config", cfgPath, "-f", file)
 	if err == nil || !strings.Contains(out, "svc.yaml:3") {
 		t.Fatalf("bad apply: %v\n%s", err, out)
@@ -187,7 +199,10 @@ func TestKeygen(t *testing.T) {
 	if err != nil || len(keys) != 1 || len(keys[0]) != 32 {
 		t.Fatalf("keygen output %q: %v", out, err)
 	}
-	again, _ := exec.Command(binary, "keygen").Output()
+	again, err := exec.Command(binary, "keygen").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if bytes.Equal(out, again) {
 		t.Fatal("two keys are equal")
 	}
@@ -222,7 +237,9 @@ func TestBulkUndo(t *testing.T) {
 		fmt.Fprintf(&b, "  - {host: s%d.bulk.svc.cluster.local, ports: [{number: %d, protocol: tcp}], identities: [spiffe://cluster.local/ns/bulk/sa/s%d]}\n", i, 10000+i, i)
 	}
 	file := filepath.Join(dir, "bulk.yaml")
-	os.WriteFile(file, []byte(b.String()), 0o644)
+	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	common := []string{"--admin", socket, "--config", filepath.Join(dir, "none.yaml"), "--timeout", "60s"}
 	runCLI := func(args ...string) (string, time.Duration) {
 		t.Helper()

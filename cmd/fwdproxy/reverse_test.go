@@ -24,8 +24,12 @@ func TestMeshConfigReverseFromConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteString(reverseSection)
-	f.Close()
+	if _, err := f.WriteString(reverseSection); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
 	out, stderr, err := run(t, "mesh-config", "--config", cfg, "--reverse")
 	if err != nil {
 		t.Fatalf("mesh-config --reverse: %v\n%s", err, stderr)
@@ -49,7 +53,9 @@ func TestMeshConfigReverseFromConfig(t *testing.T) {
 
 	// --reverse FILE still takes a reverse file; a config without a reverse section says so.
 	file := filepath.Join(t.TempDir(), "reverse.yaml")
-	os.WriteFile(file, []byte("loadBalancer: 10.0.0.5\nservices: [{host: a.vm.internal, ports: [{number: 80, protocol: http}]}]\n"), 0o644)
+	if err := os.WriteFile(file, []byte("loadBalancer: 10.0.0.5\nservices: [{host: a.vm.internal, ports: [{number: 80, protocol: http}]}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if out, stderr, err := run(t, "mesh-config", "--config", cfg, "--reverse", file); err != nil || !strings.Contains(out, "- a.vm.internal") {
 		t.Errorf("--reverse FILE: %v %s\n%s", err, stderr, out)
 	}

@@ -206,8 +206,14 @@ func statsFragment(t *testing.T, statsAddr, adminAddr string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sh, sp, _ := net.SplitHostPort(statsAddr)
-	ah, ap, _ := net.SplitHostPort(adminAddr)
+	sh, sp, err := net.SplitHostPort(statsAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ah, ap, err := net.SplitHostPort(adminAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
 	frag := string(raw)
 	for _, r := range [][2]string{
 		{"{address: 0.0.0.0, port_value: 15090}", "{address: " + sh + ", port_value: " + sp + "}"},
@@ -285,7 +291,10 @@ func (e *envoyInstance) traffic(t *testing.T) {
 	t.Helper()
 	client := &http.Client{Timeout: 10 * time.Second}
 	get := func(host string) int {
-		req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:"+strconv.Itoa(e.httpPort)+"/", nil)
+		req, err := http.NewRequest(http.MethodGet, "http://127.0.0.1:"+strconv.Itoa(e.httpPort)+"/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = host
 		resp, err := client.Do(req)
 		if err != nil {
@@ -343,7 +352,10 @@ func TestEnvoyStatsListenerServesOnlyStats(t *testing.T) {
 		{http.MethodGet, "/stats"}, {http.MethodGet, "/config_dump"}, {http.MethodPost, "/quitquitquit"},
 		{http.MethodPost, "/drain_listeners"}, {http.MethodGet, "/stats/prometheus/../../config_dump"},
 	} {
-		r, _ := http.NewRequest(req.method, "http://"+e.statsAddr+req.path, nil)
+		r, err := http.NewRequest(req.method, "http://"+e.statsAddr+req.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		resp, err := http.DefaultClient.Do(r)
 		if err != nil {
 			t.Fatal(err)

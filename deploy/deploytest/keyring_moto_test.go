@@ -105,7 +105,10 @@ func TestKeyringFetchMoto(t *testing.T) {
 		if _, err := os.Stat(path + ".tmp"); !os.IsNotExist(err) {
 			t.Errorf("the temporary file is left behind: %v", err)
 		}
-		got, _ := os.ReadFile(path)
+		got, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if strings.TrimSpace(string(got)) != strings.TrimSpace(keyring) {
 			t.Fatalf("gossip.keys = %q, want the secret %q", got, keyring)
 		}

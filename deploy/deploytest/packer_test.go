@@ -128,6 +128,9 @@ func TestPackerInstallScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(entries) == 0 {
+		t.Fatalf("no files in %s", packerFiles)
+	}
 	for _, e := range entries {
 		if e.Name() != "install.sh" && !strings.Contains(s, `"$FILES/`+e.Name()+`"`) && !strings.Contains(s, "$FILES/$unit") {
 			t.Errorf("install.sh does not install files/%s", e.Name())
@@ -223,7 +226,10 @@ func TestSystemdUnits(t *testing.T) {
 	}
 	var paths []string
 	for _, n := range []string{"fwdproxy.service", "fwdproxy-envoy.service", "fwdproxy-lifecycle.service"} {
-		p, _ := filepath.Abs(filepath.Join(packerFiles, n))
+		p, err := filepath.Abs(filepath.Join(packerFiles, n))
+		if err != nil {
+			t.Fatal(err)
+		}
 		paths = append(paths, p)
 	}
 	out, _ := exec.Command(analyze, append([]string{"verify"}, paths...)...).CombinedOutput()
@@ -314,7 +320,10 @@ func TestLifecycleHandler(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	script, _ := filepath.Abs(filepath.Join(packerFiles, "fwdproxy-lifecycle"))
+	script, err := filepath.Abs(filepath.Join(packerFiles, "fwdproxy-lifecycle"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(script)
 	cmd.Env = []string{
 		"PATH=" + bin + ":/usr/bin:/bin",

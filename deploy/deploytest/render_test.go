@@ -195,6 +195,9 @@ func TestRenderedConfig(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the rendered catalog does not parse: %v", err)
 	}
+	if len(cat.Services) == 0 {
+		t.Fatal("the rendered catalog has no services")
+	}
 	var listeners []int64
 	for _, p := range vars["listener_ports"].AsValueSlice() {
 		n, _ := p.GetAttr("port").AsBigFloat().Int64()

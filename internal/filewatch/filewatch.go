@@ -16,6 +16,17 @@ import (
 	"github.com/fsnotify/fsnotify"
 )
 
+// watchEvent, set only by this package's tests, hears "watching" once Watch watches and
+// "compared" after each content comparison (and its callback), so tests wait for those rather
+// than for time to pass.
+var watchEvent func(event string)
+
+func notify(event string) {
+	if watchEvent != nil {
+		watchEvent(event)
+	}
+}
+
 // Options tune the watcher; zero values get defaults.
 type Options struct {
 	Debounce time.Duration // default 200ms
@@ -81,6 +92,7 @@ func Watch(ctx context.Context, paths []string, opts Options, onChange func()) e
 	}
 	poll := time.NewTicker(opts.Poll)
 	defer poll.Stop()
+	notify("watching")
 	for {
 		select {
 		case <-ctx.Done():
@@ -104,6 +116,7 @@ func Watch(ctx context.Context, paths []string, opts Options, onChange func()) e
 				last = h
 				onChange()
 			}
+			notify("compared")
 		}
 	}
 }

@@ -128,7 +128,9 @@ func TestListenPermissions(t *testing.T) {
 
 	// Where others can write the directory, they could put their own socket in its place.
 	open := t.TempDir()
-	os.Chmod(open, 0o777)
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := Listen(filepath.Join(open, "xds.sock"), -1); err == nil || !strings.Contains(err.Error(), "writable by other users") {
 		t.Fatalf("in a world-writable directory: %v", err)
 	}
@@ -136,7 +138,9 @@ func TestListenPermissions(t *testing.T) {
 		t.Fatal("accepted a path over the limit")
 	}
 	notSock := filepath.Join(t.TempDir(), "file")
-	os.WriteFile(notSock, nil, 0o600)
+	if err := os.WriteFile(notSock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := Listen(notSock, -1); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("over a regular file: %v", err)
 	}

@@ -87,7 +87,10 @@ func TestDebianStandIns(t *testing.T) {
 	})
 
 	t.Run("tcp", func(t *testing.T) {
-		conf, _ := ClientTLS(f.leaf, f.ca, tcpT, []string{"istio-peer-exchange", "istio"}, mysqlID)
+		conf, err := ClientTLS(f.leaf, f.ca, tcpT, []string{"istio-peer-exchange", "istio"}, mysqlID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		c, err := DialMesh(context.Background(), gw, conf)
 		if err != nil {
 			t.Fatal(err)
@@ -121,9 +124,15 @@ func TestDebianStandIns(t *testing.T) {
 			if tc.target == tcpT {
 				id = mysqlID
 			}
-			conf, _ := ClientTLS(tc.leaf, f.ca, tc.target, tc.alpn, id)
+			conf, err := ClientTLS(tc.leaf, f.ca, tc.target, tc.alpn, id)
+			if err != nil {
+				t.Fatal(err)
+			}
 			if tc.target == httpT {
-				req, _ := http.NewRequest("GET", "http://productpage/", nil)
+				req, err := http.NewRequest("GET", "http://productpage/", nil)
+				if err != nil {
+					t.Fatal(err)
+				}
 				if resp, err := MeshHTTPClient(gw, conf, false).Do(req); err == nil {
 					resp.Body.Close()
 					t.Errorf("%s: status %d, want a refused connection", tc.name, resp.StatusCode)

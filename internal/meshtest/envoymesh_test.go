@@ -149,7 +149,10 @@ func TestEnvoyStandIns(t *testing.T) {
 	})
 
 	t.Run("peer metadata", func(t *testing.T) {
-		conf, _ := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, productpageID)
+		conf, err := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, productpageID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		c := MeshHTTPClient(m.gw.Addr, conf, false)
 		defer c.CloseIdleConnections()
 		checkPeerMetadata(t, c, "http://productpage/", "productpage.example.internal")
@@ -158,10 +161,16 @@ func TestEnvoyStandIns(t *testing.T) {
 	t.Run("xfcc", func(t *testing.T) {
 		// A caller's own x-forwarded-client-cert is kept, and the sidecar appends the element
 		// naming the caller's verified URI SAN; the application trusts only that last one.
-		conf, _ := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, productpageID)
+		conf, err := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, productpageID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		c := MeshHTTPClient(m.gw.Addr, conf, false)
 		defer c.CloseIdleConnections()
-		req, _ := http.NewRequest("GET", "http://productpage/", nil)
+		req, err := http.NewRequest("GET", "http://productpage/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Header.Set("X-Forwarded-Client-Cert", `By=spiffe://x/y;URI=spiffe://cluster.local/ns/evil/sa/evil`)
 		req.Header.Set("x-meshtest-peer-uri", "spiffe://cluster.local/ns/evil/sa/evil")
 		resp, err := c.Do(req)
@@ -185,7 +194,10 @@ func TestEnvoyStandIns(t *testing.T) {
 
 	t.Run("tcp", func(t *testing.T) {
 		before := m.sidecarStats(t, "mysql")
-		conf, _ := ClientTLS(m.leaf, m.ca, tcpT, []string{"istio-peer-exchange", "istio"}, mysqlID)
+		conf, err := ClientTLS(m.leaf, m.ca, tcpT, []string{"istio-peer-exchange", "istio"}, mysqlID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		c, err := DialMesh(context.Background(), m.gw.Addr, conf)
 		if err != nil {
 			t.Fatal(err)
@@ -226,7 +238,10 @@ func TestEnvoyStandIns(t *testing.T) {
 		// the sidecar's, checked against the sidecar's SPIFFE ID.
 		before := m.gatewayStats(t)
 		for _, alpn := range [][]string{{"istio"}, {"istio-http/1.0"}, {"h2", "istio-h2"}} {
-			conf, _ := ClientTLS(m.leaf, m.ca, httpT, alpn, productpageID)
+			conf, err := ClientTLS(m.leaf, m.ca, httpT, alpn, productpageID)
+			if err != nil {
+				t.Fatal(err)
+			}
 			c, err := DialMesh(context.Background(), m.gw.Addr, conf)
 			if err != nil {
 				t.Fatalf("%v: %v", alpn, err)
@@ -241,7 +256,10 @@ func TestEnvoyStandIns(t *testing.T) {
 			}
 			c.Close()
 		}
-		conf, _ := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/someone-else")
+		conf, err := ClientTLS(m.leaf, m.ca, httpT, []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/someone-else")
+		if err != nil {
+			t.Fatal(err)
+		}
 		if _, err := DialMesh(context.Background(), m.gw.Addr, conf); err == nil || !strings.Contains(err.Error(), "server identity") {
 			t.Errorf("wrong server identity: err %v", err)
 		}
@@ -268,7 +286,10 @@ func TestEnvoyStandIns(t *testing.T) {
 			{"unknown host", Target{Host: "ratings.bookinfo.svc.cluster.local", Port: 9080}, []string{"istio-http/1.1"}},
 		}
 		for _, tc := range cases {
-			conf, _ := ClientTLS(m.leaf, m.ca, tc.target, tc.alpn, productpageID)
+			conf, err := ClientTLS(m.leaf, m.ca, tc.target, tc.alpn, productpageID)
+			if err != nil {
+				t.Fatal(err)
+			}
 			if c, err := DialMesh(context.Background(), m.gw.Addr, conf); err == nil {
 				c.Close()
 				t.Errorf("%s: handshake succeeded through the gateway", tc.name)
@@ -333,7 +354,10 @@ func TestEnvoyStandIns(t *testing.T) {
 				{"URI SAN in a look-alike trust domain", lookalike},
 			}
 			for _, tc := range cases {
-				conf, _ := ClientTLS(tc.leaf, m.ca, m.targets[s.name], s.alpn, s.id)
+				conf, err := ClientTLS(tc.leaf, m.ca, m.targets[s.name], s.alpn, s.id)
+				if err != nil {
+					t.Fatal(err)
+				}
 				refused(t, s.name+": "+tc.name, m.gw.Addr, conf)
 			}
 			// Not TLS, straight to the sidecar: it matches no chain (transport_protocol tls).
@@ -379,7 +403,10 @@ func TestEnvoyStandIns(t *testing.T) {
 			if tc.sidecar == "mysql" {
 				id = mysqlID
 			}
-			conf, _ := ClientTLS(m.leaf, m.ca, m.targets[tc.sidecar], tc.offer, id)
+			conf, err := ClientTLS(m.leaf, m.ca, m.targets[tc.sidecar], tc.offer, id)
+			if err != nil {
+				t.Fatal(err)
+			}
 			c, err := DialMesh(context.Background(), m.addrs[tc.sidecar], conf)
 			if err != nil {
 				t.Errorf("%s %v: %v", tc.sidecar, tc.offer, err)
@@ -406,7 +433,10 @@ func TestEnvoyStandIns(t *testing.T) {
 	})
 
 	t.Run("allowed callers", func(t *testing.T) {
-		conf, _ := ClientTLS(m.leaf, m.ca, m.targets["details"], []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/details")
+		conf, err := ClientTLS(m.leaf, m.ca, m.targets["details"], []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/details")
+		if err != nil {
+			t.Fatal(err)
+		}
 		c := MeshHTTPClient(m.gw.Addr, conf, false)
 		defer c.CloseIdleConnections()
 		if code, _ := get(t, c, "http://details/", "details"); code != http.StatusForbidden {
@@ -421,7 +451,10 @@ func TestEnvoyStandIns(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		conf, _ = ClientTLS(allowed, m.ca, m.targets["details"], []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/details")
+		conf, err = ClientTLS(allowed, m.ca, m.targets["details"], []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/details")
+		if err != nil {
+			t.Fatal(err)
+		}
 		c2 := MeshHTTPClient(m.gw.Addr, conf, false)
 		defer c2.CloseIdleConnections()
 		if code, r := get(t, c2, "http://details/", "details"); code != 200 || r.Caller != deniedCaller {
@@ -436,7 +469,10 @@ func TestEnvoyStandIns(t *testing.T) {
 	})
 
 	t.Run("gateway down", func(t *testing.T) {
-		conf, _ := ClientTLS(m.leaf, m.ca, tcpT, []string{"istio"}, mysqlID)
+		conf, err := ClientTLS(m.leaf, m.ca, tcpT, []string{"istio"}, mysqlID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		c, err := DialMesh(context.Background(), m.gw.Addr, conf)
 		if err != nil {
 			t.Fatal(err)

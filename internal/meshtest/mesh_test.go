@@ -88,7 +88,10 @@ func get(t *testing.T, c *http.Client, url, host string) (int, Report) {
 
 func getWith(t *testing.T, c *http.Client, url, host string, hdr http.Header) (int, Report) {
 	t.Helper()
-	req, _ := http.NewRequest("GET", url, nil)
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	req.Host = host
 	for k, v := range hdr {
 		req.Header[k] = v
@@ -244,7 +247,10 @@ func TestSidecarRefusesNonMeshClients(t *testing.T) {
 			t.Fatal(err)
 		}
 		c := MeshHTTPClient(f.gw.Addr(), conf, false)
-		req, _ := http.NewRequest("GET", "http://productpage/", nil)
+		req, err := http.NewRequest("GET", "http://productpage/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if resp, err := c.Do(req); err == nil {
 			resp.Body.Close()
 			t.Errorf("%s: got status %d, want a failed handshake", tc.name, resp.StatusCode)
@@ -259,7 +265,10 @@ func TestSidecarRefusesNonMeshClients(t *testing.T) {
 	}
 
 	// The client checks the sidecar's identity too.
-	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/someone-else")
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, "spiffe://cluster.local/ns/bookinfo/sa/someone-else")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, err := DialMesh(context.Background(), f.gw.Addr(), conf); err == nil || !strings.Contains(err.Error(), "server identity") {
 		t.Errorf("wrong server identity: err %v", err)
 	}
@@ -274,7 +283,10 @@ func TestGatewayClosesUnknownSNI(t *testing.T) {
 		{Host: "productpage.bookinfo.svc.cluster.local", Port: 9080, Subset: "v9"},
 		{Host: "ratings.bookinfo.svc.cluster.local", Port: 9080},
 	} {
-		conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, productpageID)
+		conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, productpageID)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if c, err := DialMesh(context.Background(), f.gw.Addr(), conf); err == nil {
 			c.Close()
 			t.Errorf("%s: handshake succeeded through the gateway", target)
@@ -295,7 +307,10 @@ func TestGatewayClosesUnknownSNI(t *testing.T) {
 		t.Errorf("gateway stats %+v", st)
 	}
 	f.gw.Unroute(known)
-	conf, _ := ClientTLS(f.leaf, f.ca, known, []string{"istio-http/1.1"}, productpageID)
+	conf, err := ClientTLS(f.leaf, f.ca, known, []string{"istio-http/1.1"}, productpageID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if c, err := DialMesh(context.Background(), f.gw.Addr(), conf); err == nil {
 		c.Close()
 		t.Error("unrouted target still reachable")
@@ -308,7 +323,10 @@ func TestTCPSidecarWithoutPeerExchange(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
 	f.sidecar(t, SidecarOptions{Name: "mysql", SPIFFEID: mysqlID, Protocol: TCP}, target)
-	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio"}, mysqlID)
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio"}, mysqlID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	c, err := DialMesh(context.Background(), f.gw.Addr(), conf)
 	if err != nil {
 		t.Fatal(err)
@@ -328,7 +346,10 @@ func TestTCPSidecarEchoes(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
 	f.sidecar(t, SidecarOptions{Name: "mysql", SPIFFEID: mysqlID, Protocol: TCP}, target)
-	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio-peer-exchange", "istio"}, mysqlID)
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio-peer-exchange", "istio"}, mysqlID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	c, err := DialMesh(context.Background(), f.gw.Addr(), conf)
 	if err != nil {
 		t.Fatal(err)
@@ -368,7 +389,10 @@ func TestSidecarAllowedCallers(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "productpage.bookinfo.svc.cluster.local", Port: 9080}
 	side := f.sidecar(t, SidecarOptions{Name: "productpage", SPIFFEID: productpageID, Protocol: HTTP, AllowedCallers: []string{"spiffe://cluster.local/ns/x/sa/y"}}, target)
-	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, productpageID)
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio-http/1.1"}, productpageID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if code, _ := get(t, MeshHTTPClient(f.gw.Addr(), conf, false), "http://p/", "p"); code != http.StatusForbidden {
 		t.Errorf("status %d, want 403", code)
 	}
@@ -381,7 +405,10 @@ func TestGatewayCloseCutsConnections(t *testing.T) {
 	f := newFixture(t)
 	target := Target{Host: "mysql.bookinfo.svc.cluster.local", Port: 3306}
 	f.sidecar(t, SidecarOptions{Name: "mysql", SPIFFEID: mysqlID, Protocol: TCP}, target)
-	conf, _ := ClientTLS(f.leaf, f.ca, target, []string{"istio"}, mysqlID)
+	conf, err := ClientTLS(f.leaf, f.ca, target, []string{"istio"}, mysqlID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	c, err := DialMesh(context.Background(), f.gw.Addr(), conf)
 	if err != nil {
 		t.Fatal(err)

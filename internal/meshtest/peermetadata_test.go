@@ -30,7 +30,10 @@ func checkPeerMetadata(t *testing.T, c *http.Client, url, host string) {
 		{"with", http.Header{PeerMetadataIDHeader: {id}, PeerMetadataHeader: {value}}},
 		{"without", nil},
 	} {
-		req, _ := http.NewRequest("GET", url, nil)
+		req, err := http.NewRequest("GET", url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = host
 		for k, v := range tc.hdr {
 			req.Header[k] = v
@@ -44,6 +47,9 @@ func checkPeerMetadata(t *testing.T, c *http.Client, url, host string) {
 		r, err := ParseReport(string(body))
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if len(r.Headers) == 0 {
+			t.Fatalf("%s: the report names no headers the application received", tc.name)
 		}
 		for _, h := range r.Headers {
 			if strings.HasPrefix(h, "x-envoy-peer-metadata") {

@@ -140,7 +140,10 @@ func TestMutualTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	cdir := t.TempDir()
-	client, _ := ca.IssueFor("spiffe://cluster.local/ns/ops/sa/operator", time.Hour)
+	client, err := ca.IssueFor("spiffe://cluster.local/ns/ops/sa/operator", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cChain, cKey, _, err := client.WriteFiles(cdir, ca.RootPEM)
 	if err != nil {
 		t.Fatal(err)
@@ -178,7 +181,10 @@ func TestMutualTLS(t *testing.T) {
 	if !strings.Contains(logs.String(), `principal="cert spiffe://cluster.local/ns/ops/sa/operator" via="tcp 127.0.0.1:`) {
 		t.Fatalf("audit log does not name the certificate:\n%s", logs.String())
 	}
-	nocert, _ := ClientTLS("", "", root)
+	nocert, err := ClientTLS("", "", root)
+	if err != nil {
+		t.Fatal(err)
+	}
 	nocert.ServerName = "admin.fwdproxy.test"
 	anon := &Client{BaseURL: srv.URL, HTTP: &http.Client{Transport: &http.Transport{TLSClientConfig: nocert}}}
 	if _, err := anon.Status(context.Background()); err == nil {

@@ -222,7 +222,10 @@ func TestEnvoyAcceptsBootstrap(t *testing.T) {
 // TestEnvoyAcceptsGoldenInputs: for every translation golden input, the static render and the
 // ADS resources.
 func TestEnvoyAcceptsGoldenInputs(t *testing.T) {
-	inputs, _ := filepath.Glob("testdata/in/*.yaml")
+	inputs, err := filepath.Glob("testdata/in/*.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(inputs) == 0 {
 		t.Fatal("no golden inputs")
 	}

@@ -51,10 +51,18 @@ func TestPeerMetadataDecodesAsIstioDoes(t *testing.T) {
 		t.Errorf("id %q, want sidecar~0.0.0.0~%s.legacy~legacy.svc.cluster.local", id, p.Instance)
 	}
 	// Deterministic (sorted keys), so every instance sends the same bytes.
-	raw, _ := base64.StdEncoding.DecodeString(value)
+	raw, err := base64.StdEncoding.DecodeString(value)
+	if err != nil || len(raw) == 0 {
+		t.Fatalf("metadata value %q: %v", value, err)
+	}
 	var st structpb.Struct
-	_ = proto.Unmarshal(raw, &st)
-	again, _ := proto.MarshalOptions{Deterministic: true}.Marshal(&st)
+	if err := proto.Unmarshal(raw, &st); err != nil {
+		t.Fatal(err)
+	}
+	again, err := proto.MarshalOptions{Deterministic: true}.Marshal(&st)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if string(again) != string(raw) {
 		t.Error("the Struct is not serialized deterministically")
 	}

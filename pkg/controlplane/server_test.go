@@ -137,7 +137,10 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	s := startServer(t)
 	first := snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)
@@ -162,7 +165,15 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Listeners and clusters alone do not make a data plane current: it needs the secrets too.
-	time.Sleep(100 * time.Millisecond)
+	waitFor(t, "the listener and cluster ACKs recorded", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		n := 0
+		for _, st := range s.streams {
+			n += len(st.acked)
+		}
+		return n == 2
+	})
 	if st := s.Status(); st.AckedCurrent != 0 || st.AckedAny != 0 {
 		t.Fatalf("counted as current without secrets: %+v", st)
 	}
@@ -207,7 +218,10 @@ func TestADSFullConfigUpdateAckNackReconnect(t *testing.T) {
 }
 
 func TestSDSSecretRotation(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := startServer(t)
 	b1 := testBundle(t, ca)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", b1, nil)); err != nil {
@@ -247,7 +261,10 @@ func TestSDSSecretRotation(t *testing.T) {
 
 // TestDeltaADS checks the incremental protocol on the same server.
 func TestDeltaADS(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := startServer(t)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/bookinfo.yaml", testBundle(t, ca), nil)); err != nil {
 		t.Fatal(err)
@@ -299,7 +316,10 @@ func TestDeltaADS(t *testing.T) {
 // TestNACKDoesNotLoop checks that a rejected version is not sent again (a client would reject it
 // again, forever); the next change is.
 func TestNACKDoesNotLoop(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	s := startServer(t)
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/minimal-tcp.yaml", bundle, nil)); err != nil {
@@ -317,11 +337,9 @@ func TestNACKDoesNotLoop(t *testing.T) {
 			got <- r
 		}
 	}()
-	select {
-	case <-got:
-		t.Fatal("the rejected version was sent again right after the NACK")
-	case <-time.After(300 * time.Millisecond):
-	}
+	// Once the NACK is handled, the next response must be the next version (5 clusters), not the
+	// rejected one (1) again.
+	waitFor(t, "the NACK counted", func() bool { return testutil.ToFloat64(s.metrics.nacks.WithLabelValues("cluster")) == 1 })
 	if err := s.Set(context.Background(), snapshotFor(t, "testdata/in/bookinfo.yaml", bundle, nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +356,10 @@ func TestNACKDoesNotLoop(t *testing.T) {
 // A client that NACKs over and over (here 100 times the same response) is counted every time
 // but logged only a few times a minute.
 func TestRepeatedNACKsAreCountedAndRateLimited(t *testing.T) {
-	ca, _ := meshtest.NewCA("cluster.local")
+	ca, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
 	bundle := testBundle(t, ca)
 	logs := &meshtest.SyncBuffer{}
 	reg := prometheus.NewRegistry()

@@ -64,6 +64,9 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		if snap.ConfigVersion != fresh.ConfigVersion {
 			t.Fatalf("change %d: incremental build version %s, fresh %s", i, snap.ConfigVersion, fresh.ConfigVersion)
 		}
+		if len(fresh.Cache.VersionMap) == 0 {
+			t.Fatalf("change %d: a fresh build has no delta versions to compare", i)
+		}
 		for typ, m := range fresh.Cache.VersionMap {
 			if fmt.Sprint(m) != fmt.Sprint(snap.Cache.VersionMap[typ]) {
 				t.Fatalf("change %d: %s delta versions differ from a fresh build", i, typ)
@@ -78,13 +81,21 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 	}
 	// A rebuild still validates what changed, inside the shared route configuration too.
 	cat.Services[0].Ports[0].Number = 9090 // the route configuration of a port of its own
-	res, _ := tr.Translate(cat, opts)
+	res, err := tr.Translate(cat, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken := 0
 	for _, rc := range res.Routes {
 		if rc.Name == "9090" {
+			broken++
 			bad := proto.Clone(rc.VirtualHosts[0]).(*route.VirtualHost) // a new object, as a change makes
 			bad.Domains = nil                                           // a virtual host needs a domain
 			rc.VirtualHosts[0] = bad
 		}
+	}
+	if broken != 1 {
+		t.Fatalf("%d route configurations named 9090 to break", broken)
 	}
 	if _, err := b.Build(res, nil); err == nil || !strings.Contains(err.Error(), "9090") {
 		t.Fatalf("invalid virtual host accepted or error unclear: %v", err)

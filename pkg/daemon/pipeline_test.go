@@ -3,11 +3,11 @@ package daemon
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -78,6 +78,7 @@ func runDaemon(t *testing.T, d *Daemon) (stop func()) {
 
 type pipelineEnv struct {
 	dir, catalogPath string
+	logs             *meshtest.SyncBuffer
 	cfg              *config.Config
 	ca               *meshtest.CA
 	d                *Daemon
@@ -123,7 +124,8 @@ admin: {socket: admin.sock}
 	if err != nil {
 		t.Fatal(err)
 	}
-	env.d = New(env.cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	env.logs = &meshtest.SyncBuffer{}
+	env.d = New(env.cfg, slog.New(slog.NewTextHandler(env.logs, nil)))
 	runDaemon(t, env.d)
 	return env
 }
@@ -176,25 +178,28 @@ func TestPipelineCatalogEdits(t *testing.T) {
 	first := env.d.XDS.Current().ConfigVersion
 
 	// A bad edit: the same TCP port twice.
-	bad := pipelineCatalog(freePort(t), `  - host: b.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+	tcpPort := freePort(t)
+	bad := pipelineCatalog(freePort(t), fmt.Sprintf(`  - host: b.ns.svc.cluster.local
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/b]
   - host: c.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/c]
-`)
+`, tcpPort, tcpPort))
 	if err := os.WriteFile(env.catalogPath, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond) // past the watcher's debounce
+	eventually(t, "the bad edit rejected", func() bool {
+		return strings.Contains(env.logs.String(), fmt.Sprintf("port %d (tcp) collides with b.ns.svc.cluster.local", tcpPort))
+	})
 	if v := env.d.XDS.Current().ConfigVersion; v != first {
 		t.Fatalf("a rejected edit changed the served version %s -> %s", first, v)
 	}
 
-	good := pipelineCatalog(freePort(t), `  - host: b.ns.svc.cluster.local
-    ports: [{number: 7000, protocol: tcp}]
+	good := pipelineCatalog(freePort(t), fmt.Sprintf(`  - host: b.ns.svc.cluster.local
+    ports: [{number: %d, protocol: tcp}]
     identities: [spiffe://cluster.local/ns/ns/sa/b]
-`)
+`, tcpPort))
 	if err := os.WriteFile(env.catalogPath, []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -210,12 +215,20 @@ func TestPipelineIdentityRotation(t *testing.T) {
 	eventually(t, "first snapshot", func() bool { return env.d.XDS.Current() != nil })
 	v1 := env.d.XDS.Current().SecretsVersion
 
-	other, _ := meshtest.NewCA("cluster.local")
-	foreign, _ := other.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
+	other, err := meshtest.NewCA("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := other.IssueFor("spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(filepath.Join(env.dir, "cert-chain.pem"), foreign.ChainPEM, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond)
+	eventually(t, "the foreign certificate rejected", func() bool {
+		return strings.Contains(env.logs.String(), "identity files rejected; still serving the last good identity")
+	})
 	if env.d.XDS.Current().SecretsVersion != v1 {
 		t.Fatal("a certificate that does not match the key and roots was served")
 	}

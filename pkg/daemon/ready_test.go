@@ -138,6 +138,7 @@ type adsClient struct {
 	stream discoverypb.AggregatedDiscoveryService_StreamAggregatedResourcesClient
 	node   *core.Node
 	acked  map[string]string // type URL -> last ACKed version
+	nonces map[string]string // type URL -> nonce of the last response
 	// sawSecrets: secrets come once per identity, not with every catalog change.
 	sawSecrets bool
 }
@@ -161,7 +162,7 @@ func dialADS(t *testing.T, ctx context.Context, cfg *config.Config, node string)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &adsClient{stream: stream, node: &core.Node{Id: node, Cluster: "fwdproxy"}, acked: map[string]string{}}
+	c := &adsClient{stream: stream, node: &core.Node{Id: node, Cluster: "fwdproxy"}, acked: map[string]string{}, nonces: map[string]string{}}
 	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.SecretType} {
 		if err := stream.Send(&discoverypb.DiscoveryRequest{Node: c.node, TypeUrl: typ}); err != nil {
 			t.Fatal(err)
@@ -176,6 +177,7 @@ func (c *adsClient) answer(nack string) (*discoverypb.DiscoveryResponse, error) 
 	if err != nil {
 		return nil, err
 	}
+	c.nonces[resp.GetTypeUrl()] = resp.GetNonce()
 	req := &discoverypb.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce(), VersionInfo: c.acked[resp.GetTypeUrl()]}
 	if nack != "" {
 		req.ErrorDetail = &status.Status{Code: 3, Message: nack}
@@ -223,7 +225,8 @@ func TestReadyBeforeRun(t *testing.T) {
 
 func TestReadyTransitions(t *testing.T) {
 	cfg, catalogPath := readyFixture(t)
-	d := New(cfg, slog.New(slog.DiscardHandler))
+	var logs meshtest.SyncBuffer
+	d := New(cfg, slog.New(slog.NewTextHandler(&logs, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
@@ -249,7 +252,10 @@ func TestReadyTransitions(t *testing.T) {
 	sctx, stop := context.WithCancel(ctx)
 	nacker := dialADS(t, sctx, cfg, cfg.Node.ID)
 	nacker.answerBoth(t, "listener rejected by test")
-	time.Sleep(200 * time.Millisecond)
+	meshtest.Eventually(t, 10*time.Second, "the NACK counted", func() bool {
+		v, _ := value(scrape(t, cfg.Metrics.Address), "fwdproxy_xds_nacks_total", map[string]string{"type": "listener"})
+		return v >= 1
+	})
 	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
 	stop()
 
@@ -290,7 +296,9 @@ func TestReadyTransitions(t *testing.T) {
 	if err := os.WriteFile(catalogPath, []byte("services: [{host: \"\"}]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond)
+	meshtest.Eventually(t, 10*time.Second, "the bad edit rejected", func() bool {
+		return strings.Contains(logs.String(), "catalog file rejected; still serving the last good catalog")
+	})
 	waitReady(t, cfg.Metrics.Address, http.StatusOK, "ready")
 
 	// The data plane goes away: not ready.
@@ -330,15 +338,13 @@ func TestReadyIgnoresOtherClients(t *testing.T) {
 
 	other := dialADS(t, ctx, cfg, "someone-else")
 	other.answerBoth(t, "")
-	time.Sleep(300 * time.Millisecond)
-	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
-	if st := d.XDS.Status(); st.Clients != 1 || st.AckedAny != 0 {
-		t.Fatalf("status %+v: another node's ACK counted", st)
+	// Its NACK is not this instance's problem either. Sent on the same stream, it is handled after
+	// the ACKs: once it is counted, so were they.
+	lt := resource.ListenerType
+	if err := other.stream.Send(&discoverypb.DiscoveryRequest{Node: other.node, TypeUrl: lt, ResponseNonce: other.nonces[lt],
+		VersionInfo: other.acked[lt], ErrorDetail: &status.Status{Code: 3, Message: "listener rejected by someone else"}}); err != nil {
+		t.Fatal(err)
 	}
-
-	// Its NACK of the next configuration is not this instance's problem.
-	nacker := dialADS(t, ctx, cfg, "someone-else")
-	nacker.answerBoth(t, "listener rejected by someone else")
 	metric := func(name string) string {
 		resp, err := http.Get("http://" + cfg.Metrics.Address + "/metrics")
 		if err != nil {
@@ -354,6 +360,10 @@ func TestReadyIgnoresOtherClients(t *testing.T) {
 		return "missing"
 	}
 	meshtest.Eventually(t, 5*time.Second, "the foreign NACK counted", func() bool { return metric("fwdproxy_xds_foreign_nacks_total") == "1" })
+	waitReady(t, cfg.Metrics.Address, http.StatusServiceUnavailable, "no data plane has acknowledged a configuration")
+	if st := d.XDS.Status(); st.Clients != 1 || st.AckedAny != 0 {
+		t.Fatalf("status %+v: another node's ACK counted", st)
+	}
 	if n := metric("fwdproxy_xds_nacks_total"); n != "0" {
 		t.Fatalf("fwdproxy_xds_nacks_total{type=listener} = %s after another client's NACK", n)
 	}

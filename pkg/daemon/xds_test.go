@@ -136,7 +136,9 @@ func TestXDSOverTCPNeedsAClientCertificate(t *testing.T) {
 	}
 	server, _ := ca.IssueWithDNS("spiffe://cluster.local/ns/fwdproxy/sa/xds", []string{"xds.fwdproxy.test"}, time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
 	sdir := filepath.Join(dir, "xds-tls")
-	os.Mkdir(sdir, 0o700)
+	if err := os.Mkdir(sdir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	chain, key, root, err := server.WriteFiles(sdir, ca.RootPEM)
 	if err != nil {
 		t.Fatal(err)
@@ -162,7 +164,10 @@ func TestXDSOverTCPNeedsAClientCertificate(t *testing.T) {
 	if got, err := fetchKey(addr, insecure.NewCredentials()); got || err == nil {
 		t.Fatalf("a plain-text TCP client: got key %v, %v", got, err)
 	}
-	leaf, _ := ca.IssueFor("spiffe://cluster.local/ns/laptops/sa/dataplane", time.Hour)
+	leaf, err := ca.IssueFor("spiffe://cluster.local/ns/laptops/sa/dataplane", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cert, _ := tls.X509KeyPair(leaf.ChainPEM, leaf.KeyPEM)
 	withCert := anon.Clone()
 	withCert.Certificates = []tls.Certificate{cert}

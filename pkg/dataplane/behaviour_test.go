@@ -270,7 +270,10 @@ func TestConfigSwapKeepsConnections(t *testing.T) {
 	reused := func() bool {
 		var r bool
 		ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { r = i.Reused }})
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", httpPort), nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", httpPort), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = web.Host
 		resp, err := client.Do(req)
 		if err != nil {

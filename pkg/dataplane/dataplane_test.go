@@ -56,7 +56,10 @@ func TestHTTPByHostAndAlias(t *testing.T) {
 	}
 	// The client's X-Forwarded-For is kept and the peer appended, comma-separated without a space
 	// as Envoy writes it; hop-by-hop headers dropped.
-	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/post", port), strings.NewReader("payload"))
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/post", port), strings.NewReader("payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	req.Host = "reviews.example.com"
 	req.Header.Set("X-Forwarded-For", "10.1.2.3")
 	req.Header.Set("Connection", "keep-alive, X-Private")

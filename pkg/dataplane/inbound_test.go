@@ -64,6 +64,9 @@ func TestParseInboundFromTranslation(t *testing.T) {
 	if names := cfg.secretNames(); !slices.Contains(names, "default") || !slices.Contains(names, "ROOTCA") {
 		t.Errorf("secrets wanted: %v", names)
 	}
+	if len(res.Clusters) != 2 {
+		t.Fatalf("%d inbound clusters, want billing's and ldap's", len(res.Clusters))
+	}
 	for _, c := range res.Clusters {
 		cc, err := dp.parseCluster(c)
 		if err != nil {

@@ -46,6 +46,9 @@ func translated(t *testing.T) *controlplane.Resources {
 func TestParseAcceptsControlPlaneOutput(t *testing.T) {
 	dp := New(Options{})
 	res := translated(t)
+	if len(res.Listeners) == 0 || len(res.Routes) == 0 || len(res.Clusters) == 0 || len(res.Endpoints) == 0 {
+		t.Fatalf("nothing to parse: %d listeners, %d routes, %d clusters, %d endpoints", len(res.Listeners), len(res.Routes), len(res.Clusters), len(res.Endpoints))
+	}
 	for _, l := range res.Listeners {
 		cfg, err := dp.parseListener(l, "")
 		if err != nil {

@@ -140,7 +140,10 @@ func TestPeerMetadataReachesTheMeshAsFwdproxysOwn(t *testing.T) {
 	hdr[meshtest.PeerMetadataHeader] = append(hdr[meshtest.PeerMetadataHeader], "second")
 	for _, h2 := range []bool{false, true} {
 		what := fmt.Sprintf("h2=%v", h2)
-		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", port), nil)
+		req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/", port), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = svc.Host
 		req.Header = hdr.Clone()
 		req.Header["x-envoy-peer-metadata-id"] = []string{"lower-case copy"}
@@ -205,7 +208,10 @@ func TestPeerMetadataAsEnvoySendsIt(t *testing.T) {
 		c := clientFrom(t, "127.0.0.2", h2)
 		for i, p := range []uint32{port, envoyPort} {
 			what := fmt.Sprintf("h2=%v %s", h2, []string{"built-in", "Envoy"}[i])
-			req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/x", p), nil)
+			req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/x", p), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
 			req.Host = svc.Host
 			req.Header = forgedPeer.Clone()
 			req.Header.Set("X-Case", what)

@@ -105,7 +105,9 @@ func TestFileSourceReloadsAndKeepsLastGood(t *testing.T) {
 
 func TestFileSourceFailsOnBadFirstLoad(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "catalog.yaml")
-	os.WriteFile(path, []byte("services: [{host: x}]\n"), 0o644)
+	if err := os.WriteFile(path, []byte("services: [{host: x}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	err := (&File{Path: path}).Run(context.Background(), func(*catalog.Catalog) {})
 	if err == nil || !strings.Contains(err.Error(), "catalog.yaml:1: services[0].host") {
 		t.Fatalf("err = %v", err)

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 )
 
 // fakeEnvoy records each start's arguments, crashes on its first run, and on SIGTERM records
@@ -26,6 +28,7 @@ if [ ! -f "$state/crashed" ]; then
   touch "$state/crashed"
   exit 3
 fi
+touch "$state/trapped"
 while :; do sleep 1 & wait $!; done
 `
 
@@ -76,16 +79,25 @@ func TestEnvoySupervisor(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// The second run's trap is in place once it wrote "trapped"; then stop: drain, SIGTERM, exit.
+	meshtest.Eventually(t, 10*time.Second, "the second run traps SIGTERM", func() bool {
+		_, err := os.Stat(filepath.Join(dir, "trapped"))
+		return err == nil
+	})
 	// Both runs got the bootstrap and the drain time.
-	b, _ := os.ReadFile(filepath.Join(dir, "starts"))
+	b, err := os.ReadFile(filepath.Join(dir, "starts"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("envoy starts: %q, want 2", lines)
+	}
 	for _, l := range lines {
 		if !strings.HasSuffix(l, "-c "+p.BootstrapPath+" --drain-time-s 1 --disable-hot-restart --concurrency 1") {
 			t.Errorf("envoy started with %q", l)
 		}
 	}
-	// Wait for the second run's trap to be in place, then stop: drain, SIGTERM, exit.
-	time.Sleep(200 * time.Millisecond)
 	pid, _ := strconv.Atoi(strings.Fields(lines[len(lines)-1])[0])
 	stopped := time.Now()
 	cancel()

@@ -102,6 +102,9 @@ func TestACMPCAIssue(t *testing.T) {
 			}
 			// The key never left: no request carries it.
 			keyBlock, _ := pem.Decode(b.KeyPEM)
+			if keyBlock == nil || len(f.Bodies()) == 0 {
+				t.Fatalf("nothing to check: key block %v, %d requests to the CA", keyBlock != nil, len(f.Bodies()))
+			}
 			for _, body := range f.Bodies() {
 				if bytes.Contains(body, []byte("PRIVATE KEY")) || bytes.Contains(body, keyBlock.Bytes) {
 					t.Fatal("a request to the CA carries the private key")
@@ -121,7 +124,10 @@ func TestACMPCAIssueRejectsBadCertificates(t *testing.T) {
 
 	f.SetURI("")
 	iss := testIssuer(srv)
-	other, _ := meshtest.NewCA("other-mesh")
+	other, err := meshtest.NewCA("other-mesh")
+	if err != nil {
+		t.Fatal(err)
+	}
 	iss.Roots = func() ([]byte, error) { return other.RootPEM, nil }
 	if _, err := iss.Issue(context.Background()); err == nil || !strings.Contains(err.Error(), "does not verify") {
 		t.Fatalf("a certificate not chaining to the configured roots was accepted: %v", err)

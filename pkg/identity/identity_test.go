@@ -71,11 +71,20 @@ func TestLoadsIstioStyleCertificate(t *testing.T) {
 func TestRejectsBadIdentities(t *testing.T) {
 	ca := newCA(t)
 	other := newCA(t)
-	good, _ := ca.IssueFor(fleetID, time.Hour)
-	wrongSAN, _ := ca.IssueFor("spiffe://cluster.local/ns/other/sa/x", time.Hour)
+	good, err := ca.IssueFor(fleetID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongSAN, err := ca.IssueFor("spiffe://cluster.local/ns/other/sa/x", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	expired, _ := ca.Issue(fleetID, time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour))
 	notYet, _ := ca.Issue(fleetID, time.Now().Add(time.Hour), time.Now().Add(2*time.Hour))
-	foreign, _ := other.IssueFor(fleetID, time.Hour)
+	foreign, err := other.IssueFor(fleetID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	leafOnly := firstPEM(good.ChainPEM)
 	cases := []struct {
 		name              string
@@ -117,7 +126,10 @@ func TestRejectsBadIdentities(t *testing.T) {
 // TestKeyReadableByOthersIsRefused: the fleet's private key must be readable by the daemon only.
 func TestKeyReadableByOthersIsRefused(t *testing.T) {
 	ca := newCA(t)
-	leaf, _ := ca.IssueFor(fleetID, time.Hour)
+	leaf, err := ca.IssueFor(fleetID, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := t.TempDir()
 	chain, key, root, err := leaf.WriteFiles(dir, ca.RootPEM)
 	if err != nil {

@@ -156,6 +156,9 @@ func TestIstioAcceptsTheResources(t *testing.T) {
 				len(m.SubjectAltNames) != 1 || m.SubjectAltNames[0] != "spiffe://cluster.local/ns/fwdproxy/sa/fwdproxy" {
 				t.Errorf("service entry: %v", m)
 			}
+			if len(m.Ports) == 0 {
+				t.Errorf("service entry %v has no ports", m.Hosts)
+			}
 			for _, p := range m.Ports {
 				if m.Endpoints[0].Ports[p.Name] != 15443 {
 					t.Errorf("service entry %v: port %s reaches endpoint port %d, want 15443", m.Hosts, p.Name, m.Endpoints[0].Ports[p.Name])

@@ -237,7 +237,12 @@ func TestPartitionHealsWithoutLosingWrites(t *testing.T) {
 	apply(t, a[0].Node, []catalog.Service{svc("left.default.svc.cluster.local", 9080)})
 	apply(t, b[1].Node, []catalog.Service{svc("right.default.svc.cluster.local", 9080)})
 	apply(t, a[1].Node, []catalog.Service{svc("both.default.svc.cluster.local", 1001)})
-	time.Sleep(5 * time.Millisecond)
+	first, ok := a[1].Store().Get(OperatorKey("both.default.svc.cluster.local"))
+	if !ok {
+		t.Fatal("the first write is not in its writer's store")
+	}
+	// The second write is later by the wall clock, which the hybrid clock stamps in milliseconds.
+	meshtest.Eventually(t, time.Second, "the wall clock passes the first write", func() bool { return time.Now().UnixMilli() > first.Time.Wall })
 	apply(t, b[2].Node, []catalog.Service{svc("both.default.svc.cluster.local", 1002)})
 	gone := a[0].Delete([]string{"left.default.svc.cluster.local"})
 	apply(t, a[0].Node, []catalog.Service{svc("left2.default.svc.cluster.local", 9080)})

@@ -9,7 +9,6 @@ package e2e_test
 
 import (
 	"bufio"
-	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -30,8 +29,6 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
-	"github.com/fwdproxy/fwdproxy/pkg/config"
-	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
 
 // consecutiveErrors is the outlier detection threshold the scenario configures.
@@ -93,23 +90,16 @@ func start(t testing.TB, newMesh func(testing.TB, *meshtest.CA, ports) *mesh, dp
 	e.ports = ports{http: freePort(t), h2: freePort(t), tcp: freePort(t), grpc: freePort(t)}
 	e.mesh = newMesh(t, ca, e.ports)
 	e.certs = filepath.Join(e.dir, "certs")
-	if err := os.MkdirAll(e.certs, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := ca.IssueFor(fleetID, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(e.certs, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
-	e.fleetLeaf = leaf.Cert
+	e.fleetLeaf = writeFleetCert(t, ca, e.certs, time.Hour).Cert
 	e.catalog = filepath.Join(e.dir, "catalog.yaml")
 	e.writeCatalog(false)
 	e.metrics = "127.0.0.1:" + strconv.Itoa(freePort(t))
 	var gws strings.Builder
 	for i, g := range e.mesh.gateways {
-		host, port, _ := net.SplitHostPort(g)
+		host, port, err := net.SplitHostPort(g)
+		if err != nil {
+			t.Fatal(err)
+		}
 		prio := uint32(0)
 		if i < len(dp.priorities) {
 			prio = dp.priorities[i]
@@ -133,73 +123,28 @@ upstream:
   connectTimeout: 2s
   outlierDetection: {consecutiveErrors: %d, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
 %s`, gws.String(), fleetID, dp.listen, e.metrics, consecutiveErrors, dp.configure(t, e.dir))
-	cfgPath := filepath.Join(e.dir, "config.yaml")
-	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := config.Load(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
-	var stopOnce sync.Once
-	var stopErr error
-	e.stop = func() error {
-		stopOnce.Do(func() {
-			cancel()
-			select {
-			case stopErr = <-done:
-			case <-time.After(45 * time.Second):
-				stopErr = errors.New("daemon did not stop within 45s")
-			}
-		})
-		return stopErr
-	}
-	t.Cleanup(func() {
+	d := runDaemon(t, e.dir, cfgYAML, e.logs, slog.LevelDebug, 45*time.Second, 0)
+	e.stop = d.stop
+	t.Cleanup(func() { // before the daemon stops
 		e.clients.Range(func(_, c any) bool { c.(*http.Client).CloseIdleConnections(); return true })
-		if err := e.stop(); err != nil {
-			t.Errorf("daemon: %v", err)
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", e.logs.String())
-		}
 	})
-	e.waitReady(done)
-	return e
-}
-
-// waitReady waits for /ready and a first answer from productpage.
-func (e *env) waitReady(done chan error) {
-	e.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	why := ""
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-done:
-			done <- err // for stop
-			e.t.Fatalf("daemon stopped: %v\n%s", err, e.logs.String())
-		case <-time.After(100 * time.Millisecond):
-		}
+	// Ready, and a first answer from productpage.
+	d.await(t, 30*time.Second, 100*time.Millisecond, "ready", func() error {
 		resp, err := http.Get("http://" + e.metrics + "/ready")
 		if err != nil {
-			why = err.Error()
-			continue
+			return err
 		}
-		b, _ := io.ReadAll(resp.Body)
+		b, err := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if why = string(b); resp.StatusCode != 200 {
-			continue
+		if err != nil || resp.StatusCode != 200 {
+			return fmt.Errorf("/ready: %d %q %v", resp.StatusCode, b, err)
 		}
-		code, _, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/")
-		if err == nil && code == 200 {
-			return
+		if code, _, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/"); err != nil || code != 200 {
+			return fmt.Errorf("productpage: %d %v", code, err)
 		}
-		why = fmt.Sprintf("productpage: %d %v", code, err)
-	}
-	e.t.Fatalf("not ready after 30s: %s\n%s", why, e.logs.String())
+		return nil
+	})
+	return e
 }
 
 func (e *env) writeCatalog(withAdded bool) {
@@ -445,6 +390,9 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 				!slices.Equal(x["URI"], uri) {
 				t.Errorf("%s: XFCC entry %v, want By=%s, the hash of fwdproxy's certificate and URI %q", host, x, id, uri)
 			}
+			if len(r.Headers) == 0 {
+				t.Fatalf("%s: the report names no headers the application received", host)
+			}
 			for _, h := range r.Headers {
 				if strings.HasPrefix(h, "x-envoy-") && h != "x-envoy-external-address" {
 					t.Errorf("%s: the application received %s", host, h)
@@ -474,7 +422,10 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		protos.SetUnencryptedHTTP2(true)
 		h2c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Protocols: &protos}}
 		defer h2c.CloseIdleConnections()
-		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(p.http)+"/h2c", nil)
+		req, err := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(p.http)+"/h2c", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
 		req.Host = "productpage.example.internal"
 		resp, err := h2c.Do(req)
 		if err != nil {
@@ -665,26 +616,7 @@ func runSuite(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) *mesh,
 		if r, err := e.tcp(""); err != nil || r.Serial != old {
 			t.Errorf("after a rejected identity: serial %s, %v; want the last good %s", r.Serial, err, old)
 		}
-		leaf, err := e.ca.IssueFor(fleetID, 2*time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, _, err := leaf.WriteFiles(e.certs, e.ca.RootPEM); err != nil {
-			t.Fatal(err)
-		}
-		e.fleetLeaf = leaf.Cert
-		want := leaf.Cert.SerialNumber.Text(16)
-		// Each TCP connection is a new TLS session upstream: it must present the new leaf.
-		e.eventually("new certificate presented", func() error {
-			r, err := e.tcp("")
-			if err != nil {
-				return err
-			}
-			if r.Serial != want {
-				return fmt.Errorf("sidecar saw serial %s, want %s", r.Serial, want)
-			}
-			return nil
-		})
+		e.rotateFleetCert()
 		l.progress(t, 20)
 		l.finish(t)
 	})
@@ -758,15 +690,7 @@ func (e *env) metric(name, label string) float64 {
 // eventually retries f for up to 20s.
 func (e *env) eventually(what string, f func() error) {
 	e.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	e.t.Fatalf("%s: not after 20s: %v", what, err)
+	eventually(e.t, what, f)
 }
 
 // load is steady traffic: HTTP workers on productpage and a TCP worker, counting failures.

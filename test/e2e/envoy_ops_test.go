@@ -24,7 +24,10 @@ import (
 // envoyPID is the pid of the Envoy the daemon started with the bootstrap in e.dir.
 func (e *env) envoyPID() (int, error) {
 	boot := filepath.Join(e.dir, "envoy-bootstrap.json")
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		return 0, err
+	}
 	for _, p := range procs {
 		b, err := os.ReadFile(p)
 		if err != nil || !bytes.Contains(b, []byte(boot)) {

@@ -25,8 +25,6 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
-	"github.com/fwdproxy/fwdproxy/pkg/config"
-	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
 
 // The reverse direction end to end: mesh workloads, originating mTLS as an Istio sidecar does
@@ -127,52 +125,19 @@ reverse:
 		vmHTTPHost, vmHTTPPort, e.httpVMs[0].Addr, e.httpVMs[1].Addr,
 		vmTCPHost, vmTCPPort, e.tcpVMs[0].Addr, e.tcpVMs[1].Addr, frontendID,
 		dp.configure(t, e.dir))
-	cfgPath := filepath.Join(e.dir, "config.yaml")
-	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := config.Load(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- daemon.New(cfg, log).Run(ctx) }()
-	t.Cleanup(func() {
+	d := runDaemon(t, e.dir, cfgYAML, e.logs, slog.LevelDebug, 45*time.Second, 0)
+	t.Cleanup(func() { // before the daemon stops
 		e.clients.Range(func(_, c any) bool { c.(*http.Client).CloseIdleConnections(); return true })
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(45 * time.Second):
-			t.Error("daemon did not stop within 45s")
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", e.logs.String())
-		}
 	})
 	// Ready once both VM services answer an allowed caller.
-	deadline := time.Now().Add(30 * time.Second)
-	var why error
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-done:
-			done <- err
-			t.Fatalf("daemon stopped: %v\n%s", err, e.logs.String())
-		case <-time.After(100 * time.Millisecond):
+	d.await(t, 30*time.Second, 100*time.Millisecond, "reverse direction serving", func() error {
+		if _, _, err := e.getHTTP(e.frontend, "/ready"); err != nil {
+			return err
 		}
-		if _, _, why = e.getHTTP(e.frontend, "/ready"); why != nil {
-			continue
-		}
-		if _, why = e.tcpCall(e.frontend, "ping"); why == nil {
-			return e
-		}
-	}
-	t.Fatalf("reverse direction not serving after 30s: %v\n%s", why, e.logs.String())
-	return nil
+		_, err := e.tcpCall(e.frontend, "ping")
+		return err
+	})
+	return e
 }
 
 // writeFleetIdentity issues a new fleet certificate and swaps it in, as a rotation does.
@@ -588,20 +553,6 @@ func (e *reverseEnv) clusterDump() string {
 		out = append(out, string(b))
 	}
 	return strings.Join(out, "\n")
-}
-
-// eventually retries f for up to 20s.
-func eventually(t *testing.T, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("%s: not after 20s: %v", what, err)
 }
 
 // startLoad runs HTTP and TCP callers of the VM services as the allowed workload.

@@ -4,8 +4,6 @@ package e2e_test
 
 import (
 	"bufio"
-	"context"
-
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,8 +17,6 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
-	"github.com/fwdproxy/fwdproxy/pkg/config"
-	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
 
 // The README's benchmark catalog, served for real: 10,000 services, each with a port on one
@@ -30,9 +26,7 @@ const (
 	scaleServices = 10000
 	// scaleListen is a loopback address of its own, so the 10,001 ports cannot collide with
 	// other tests' listeners on 127.0.0.1.
-	scaleListen   = "127.0.0.77"
-	scaleTCPBase  = 20000
-	scaleHTTPPort = 10080
+	scaleListen = "127.0.0.77"
 )
 
 func scaleHost(i int) string { return fmt.Sprintf("svc-%05d.ns-%03d.svc.cluster.local", i, i%100) }
@@ -62,21 +56,13 @@ func runLargeCatalog(t *testing.T, dp dataplane) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	certs := filepath.Join(dir, "certs")
-	if err := os.MkdirAll(certs, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := ca.IssueFor(fleetID, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := leaf.WriteFiles(certs, ca.RootPEM); err != nil {
-		t.Fatal(err)
-	}
-	httpPort := scaleHTTPPort
+	writeFleetCert(t, ca, filepath.Join(dir, "certs"), time.Hour)
+	// The shared HTTP port, then one TCP port per service.
+	picked := freePortsOn(t, scaleListen, 1+scaleServices)
+	httpPort, tcpPorts := picked[0], picked[1:]
 	const httpSvc, tcpSvc = 4242, 7777
 	httpTarget := meshtest.Target{Host: scaleHost(httpSvc), Port: uint32(httpPort)}
-	tcpTarget := meshtest.Target{Host: scaleHost(tcpSvc), Port: uint32(scaleTCPBase + tcpSvc)}
+	tcpTarget := meshtest.Target{Host: scaleHost(tcpSvc), Port: uint32(tcpPorts[tcpSvc])}
 
 	// The mesh: one gateway, a sidecar for each of the two services the test calls.
 	gwAddr, err := meshtest.FreeAddr()
@@ -109,12 +95,15 @@ func runLargeCatalog(t *testing.T, dp dataplane) {
 	cat.WriteString("services:\n")
 	for i := range scaleServices {
 		fmt.Fprintf(&cat, "  - host: %s\n    ports: [{number: %d, protocol: http}, {number: %d, protocol: tcp}]\n    identities: [%s]\n",
-			scaleHost(i), httpPort, scaleTCPBase+i, scaleID(i))
+			scaleHost(i), httpPort, tcpPorts[i], scaleID(i))
 	}
 	if err := os.WriteFile(filepath.Join(dir, "catalog.yaml"), []byte(cat.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	gwHost, gwPort, _ := net.SplitHostPort(gw.Addr())
+	gwHost, gwPort, err := net.SplitHostPort(gw.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
 	metrics := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	cfgYAML := fmt.Sprintf(`node: {id: e2e-scale}
 gateways: [{name: eastwest, address: %s, port: %s}]
@@ -127,61 +116,26 @@ xds: {socket: xds.sock}
 metrics: {address: %s}
 admin: {socket: admin.sock}
 %s`, gwHost, gwPort, fleetID, scaleListen, metrics, dp.configure(t, dir))
-	cfgPath := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(cfgPath, []byte(cfgYAML), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := config.Load(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &meshtest.SyncBuffer{}
-	d := daemon.New(cfg, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
 	started := time.Now()
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(2 * time.Minute):
-			t.Error("daemon did not stop within 2 minutes")
-		}
-		if t.Failed() {
-			t.Logf("daemon log (last 8 KiB):\n%s", tail(logs.String(), 8<<10))
-		}
-	})
+	d := runDaemon(t, dir, cfgYAML, logs, slog.LevelInfo, 2*time.Minute, 8<<10)
 
 	// Acknowledged: ready on the current configuration, not an earlier one. A cold start of this
 	// size takes a while on a busy 2-core machine; the bound only stops a hung test.
-	why := ""
-	for deadline := time.Now().Add(5 * time.Minute); ; {
-		select {
-		case err := <-done:
-			done <- err
-			t.Fatalf("daemon stopped: %v", err)
-		case <-time.After(250 * time.Millisecond):
-		}
+	d.await(t, 5*time.Minute, 250*time.Millisecond, "the "+dp.name+" data plane acknowledges the 10,000-service configuration", func() error {
 		resp, err := http.Get("http://" + metrics + "/ready")
-		if err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if why = strings.TrimSpace(string(b)); resp.StatusCode == 200 && why == "ready" {
-				break
-			}
-		} else {
-			why = err.Error()
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the %s data plane did not acknowledge the 10,000-service configuration: /ready %q", dp.name, why)
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if why := strings.TrimSpace(string(b)); err != nil || resp.StatusCode != 200 || why != "ready" {
+			return fmt.Errorf("/ready: %d %q %v", resp.StatusCode, why, err)
 		}
-	}
+		return nil
+	})
 	ready := time.Since(started)
-	if st := d.XDS.Status(); st.AckedCurrent < 1 {
+	if st := d.d.XDS.Status(); st.AckedCurrent < 1 {
 		t.Fatalf("xDS status %+v: no data plane on the current configuration", st)
 	}
 	if strings.Contains(logs.String(), "rejected configuration") || strings.Contains(logs.String(), "larger than this data plane takes") {
@@ -236,9 +190,24 @@ admin: {socket: admin.sock}
 		dp.name, ready.Seconds())
 }
 
-func tail(s string, n int) string {
-	if len(s) <= n {
-		return s
+// freePortsOn returns n distinct ports that were free on host a moment ago: each from a port-0
+// listener, all held open until the last is picked.
+func freePortsOn(t testing.TB, host string, n int) []int {
+	t.Helper()
+	ports := make([]int, 0, n)
+	held := make([]net.Listener, 0, n)
+	defer func() {
+		for _, l := range held {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+		if err != nil {
+			t.Fatalf("port %d of %d on %s: %v", len(ports)+1, n, host, err)
+		}
+		held = append(held, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	return s[len(s)-n:]
+	return ports
 }

@@ -281,26 +281,7 @@ func runTranscoding(t *testing.T, newMesh func(testing.TB, *meshtest.CA, ports) 
 			}()
 		}
 		l.progress(t, 20)
-		leaf, err := e.ca.IssueFor(fleetID, 2*time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, _, err := leaf.WriteFiles(e.certs, e.ca.RootPEM); err != nil {
-			t.Fatal(err)
-		}
-		want := leaf.Cert.SerialNumber.Text(16)
-		// A new TCP connection is a new TLS session upstream: it presents the new leaf once the
-		// data plane has it.
-		e.eventually("new certificate presented", func() error {
-			r, err := e.tcp("")
-			if err != nil {
-				return err
-			}
-			if r.Serial != want {
-				return fmt.Errorf("sidecar saw serial %s, want %s", r.Serial, want)
-			}
-			return nil
-		})
+		e.rotateFleetCert()
 		l.progress(t, 20)
 		l.finish(t)
 	})
