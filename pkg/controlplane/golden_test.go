@@ -409,7 +409,7 @@ func checkGoldenFile(t *testing.T, path string, got []byte) {
 		t.Errorf("%s exists but the translation gives nothing of its kind (run make golden to remove it)", path)
 		return
 	}
-	if diff := cmp.Diff(string(want), string(got)); diff != "" {
+	if diff := cmp.Diff(strings.Split(string(want), "\n"), strings.Split(string(got), "\n")); diff != "" {
 		t.Errorf("%s differs from the translation (-file +translation); if intended, run make golden and review the diff:\n%s", path, diff)
 	}
 }
