@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -1166,20 +1165,12 @@ func readDataSource(d *core.DataSource) ([]byte, error) {
 		return s.InlineBytes, nil
 	case *core.DataSource_InlineString:
 		return []byte(s.InlineString), nil
-	case *core.DataSource_Filename:
-		b, err := os.ReadFile(s.Filename)
-		if err != nil {
-			return nil, err
-		}
-		return b, nil
-	case *core.DataSource_EnvironmentVariable:
-		v, ok := os.LookupEnv(s.EnvironmentVariable)
-		if !ok {
-			return nil, fmt.Errorf("environment variable %s is not set", s.EnvironmentVariable)
-		}
-		return []byte(v), nil
+	case nil:
+		return nil, errors.New("empty data source")
 	}
-	return nil, errors.New("empty data source")
+	// The control plane sends secrets inline; a config must not make the data plane read its
+	// host's files or environment.
+	return nil, errors.New("filename and environment_variable are not supported; send the data inline")
 }
 
 // ---- endpoints ----
