@@ -104,9 +104,7 @@ type DataPlane struct {
 	metrics *metrics
 	proxy   *httputil.ReverseProxy
 
-	logStdout, logStderr *accessLogger
-	filesMu              sync.Mutex
-	files                map[string]*accessLogger
+	logStdout *accessLogger
 
 	// What requests read, swapped whole on every update.
 	clusters atomic.Pointer[map[string]*cluster]
@@ -153,8 +151,6 @@ func New(o Options) *DataPlane {
 		log:       o.Log,
 		metrics:   newMetrics(o.Registerer),
 		logStdout: &accessLogger{w: o.AccessLog},
-		logStderr: &accessLogger{w: os.Stderr},
-		files:     map[string]*accessLogger{},
 		endpoints: map[string][]endpointSpec{},
 		listeners: map[string]*listenerRT{},
 		fileLimit: fileLimit(),

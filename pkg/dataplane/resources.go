@@ -18,7 +18,6 @@ import (
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	transcoderpb "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
@@ -51,8 +50,6 @@ var (
 	nameRBACRoute  = fullName(&rbachttp.RBACPerRoute{})
 	nameRouter     = fullName(&router.Router{})
 	nameStdout     = fullName(&streamlog.StdoutAccessLog{})
-	nameStderr     = fullName(&streamlog.StderrAccessLog{})
-	nameFileLog    = fullName(&fileal.FileAccessLog{})
 	nameUpstreamTL = fullName(&tlsv3.UpstreamTlsContext{})
 	nameHTTPOpts   = fullName(&upstreamhttp.HttpProtocolOptions{})
 )
@@ -452,26 +449,8 @@ func (dp *DataPlane) parseAccessLogs(logs []*accesslog.AccessLog, field string, 
 				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
 			}
 			out = append(out, dp.logStdout)
-		case nameStderr:
-			if m.(*streamlog.StderrAccessLog).GetLogFormat() != nil {
-				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
-			}
-			out = append(out, dp.logStderr)
-		case nameFileLog:
-			fl := m.(*fileal.FileAccessLog)
-			if fl.GetAccessLogFormat() != nil {
-				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
-			}
-			if fl.GetPath() == "" {
-				return nil, fmt.Errorf("%s.path: required", f)
-			}
-			lg, err := dp.fileLogger(fl.GetPath())
-			if err != nil {
-				return nil, fmt.Errorf("%s.path: %v", f, err)
-			}
-			out = append(out, lg)
 		default:
-			return nil, fmt.Errorf("%s: access logger %s is not supported; use stdout, stderr or file", f, fullName(m))
+			return nil, fmt.Errorf("%s: access logger %s is not supported; use stdout", f, fullName(m))
 		}
 	}
 	return out, nil

@@ -4,8 +4,13 @@ import (
 	"strings"
 	"testing"
 
+	accesslogpb "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
+	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // TestRefusesWhatNothingEmits: configuration the control plane never emits (see
@@ -28,6 +33,16 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			}}})
 			return err
 		}, `secret "default": tls_certificate: certificate_chain: filename and environment_variable are not supported; send the data inline`},
+		{"an access log to a file", func() error {
+			_, err := New(Options{}).parseAccessLogs([]*accesslogpb.AccessLog{{Name: "envoy.access_loggers.file",
+				ConfigType: accessLogTyped(mustAnyT(t, &fileal.FileAccessLog{Path: "/tmp/access.log"}))}}, "access_log", true)
+			return err
+		}, "access_log[0] (envoy.access_loggers.file): access logger envoy.extensions.access_loggers.file.v3.FileAccessLog is not supported; use stdout"},
+		{"an access log to stderr", func() error {
+			_, err := New(Options{}).parseAccessLogs([]*accesslogpb.AccessLog{{Name: "envoy.access_loggers.stderr",
+				ConfigType: accessLogTyped(mustAnyT(t, &streamlog.StderrAccessLog{}))}}, "access_log", false)
+			return err
+		}, "access logger envoy.extensions.access_loggers.stream.v3.StderrAccessLog is not supported; use stdout"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -35,4 +50,13 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			}
 		})
 	}
+}
+
+func mustAnyT(t *testing.T, m proto.Message) *anypb.Any {
+	t.Helper()
+	a, err := anypb.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }
