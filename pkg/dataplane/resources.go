@@ -888,9 +888,9 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 	if len(c.GetTransportSocketMatches()) > 0 {
 		return nil, fail("transport_socket_matches: not supported; use transport_socket")
 	}
-	//nolint:staticcheck // the deprecated field still selects HTTP/2 in Envoy
+	//nolint:staticcheck // rejected, not used: the control plane sets typed_extension_protocol_options
 	if c.GetHttp2ProtocolOptions() != nil {
-		cfg.http2 = true
+		return nil, fail("http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[%s]", nameHTTPOpts)
 	}
 	for key, a := range c.GetTypedExtensionProtocolOptions() {
 		f := "typed_extension_protocol_options[" + key + "]"

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	accesslogpb "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
+	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
@@ -43,6 +44,12 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 				ConfigType: accessLogTyped(mustAnyT(t, &streamlog.StderrAccessLog{}))}}, "access_log", false)
 			return err
 		}, "access logger envoy.extensions.access_loggers.stream.v3.StderrAccessLog is not supported; use stdout"},
+		{"the deprecated cluster http2_protocol_options", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.Http2ProtocolOptions = &core.Http2ProtocolOptions{} //nolint:staticcheck // the deprecated field under test
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
