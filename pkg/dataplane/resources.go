@@ -418,18 +418,12 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 	return c, nil
 }
 
-// checkADS accepts a config source that points at the ADS stream (or is unset, meaning the same).
+// checkADS accepts a config source that points at the ADS stream, as the control plane's all do.
 func checkADS(cs *core.ConfigSource, field string) error {
-	if cs == nil {
-		return nil
+	if cs.GetAds() == nil {
+		return fmt.Errorf("%s: only ads is supported by the built-in data plane (it has one ADS stream)", field)
 	}
-	switch cs.GetConfigSourceSpecifier().(type) {
-	case *core.ConfigSource_Ads, nil:
-		return nil
-	case *core.ConfigSource_Self:
-		return nil
-	}
-	return fmt.Errorf("%s: only ads is supported by the built-in data plane (it has one ADS stream)", field)
+	return nil
 }
 
 func (dp *DataPlane) parseAccessLogs(logs []*accesslog.AccessLog, field string, http bool) ([]*accessLogger, error) {

@@ -50,6 +50,18 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := New(Options{}).parseCluster(c)
 			return err
 		}, "http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]"},
+		{"endpoints from a config source other than ADS", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.EdsClusterConfig.EdsConfig = &core.ConfigSource{ConfigSourceSpecifier: &core.ConfigSource_Self{Self: &core.SelfConfigSource{}}}
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "eds_cluster_config.eds_config: only ads is supported by the built-in data plane (it has one ADS stream)"},
+		{"endpoints without a config source", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.EdsClusterConfig = nil
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "eds_cluster_config.eds_config: only ads is supported"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
