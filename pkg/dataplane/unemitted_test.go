@@ -7,6 +7,7 @@ import (
 	accesslogpb "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -62,6 +63,32 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := New(Options{}).parseCluster(c)
 			return err
 		}, "eds_cluster_config.eds_config: only ads is supported"},
+		{"an RBAC DENY policy", func() error {
+			_, err := parseRBAC(&rbacconfig.RBAC{Action: rbacconfig.RBAC_DENY}, "rules")
+			return err
+		}, "rules.action: DENY is not supported; use ALLOW"},
+		{"RBAC permissions other than any", func() error {
+			_, err := parseRBAC(&rbacconfig.RBAC{Policies: map[string]*rbacconfig.Policy{"p": {
+				Permissions: []*rbacconfig.Permission{{Rule: &rbacconfig.Permission_OrRules{OrRules: &rbacconfig.Permission_Set{}}}},
+			}}}, "rules")
+			return err
+		}, "rules.policies[p].permissions[0]: permission *rbacv3.Permission_OrRules is not supported by the built-in data plane; only any: true"},
+		{"an RBAC principal by remote_ip", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_RemoteIp{RemoteIp: &core.CidrRange{AddressPrefix: "10.0.0.0"}}}, "principals[0]")
+			return err
+		}, "principals[0]: principal *rbacv3.Principal_RemoteIp is not supported by the built-in data plane; use direct_remote_ip or authenticated"},
+		{"an RBAC principal matching anyone", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_Any{Any: true}}, "principals[0]")
+			return err
+		}, "principal *rbacv3.Principal_Any is not supported"},
+		{"an RBAC principal negated", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_NotId{NotId: &rbacconfig.Principal{}}}, "principals[0]")
+			return err
+		}, "principal *rbacv3.Principal_NotId is not supported"},
+		{"an RBAC principal authenticated by anyone", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_Authenticated_{Authenticated: &rbacconfig.Principal_Authenticated{}}}, "principals[0]")
+			return err
+		}, "principals[0].authenticated.principal_name: required"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
