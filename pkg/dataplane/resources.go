@@ -212,9 +212,8 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 				return nil, fail("%s: only one connection_limit filter is supported", field)
 			case cl.GetMaxConnections().GetValue() == 0:
 				return nil, fail("%s.max_connections: required, at least 1", field)
-			case cl.GetRuntimeEnabled() != nil && !cl.GetRuntimeEnabled().GetDefaultValue().GetValue():
-				// Without a runtime, the flag is its default: off.
-				continue
+			case cl.GetRuntimeEnabled() != nil:
+				return nil, fail("%s.runtime_enabled: not supported; the built-in data plane has no runtime", field)
 			}
 			cfg.maxConns = int(min(cl.GetMaxConnections().GetValue(), 1<<31))
 			cfg.limitDelay = cl.GetDelay().AsDuration()
@@ -345,12 +344,7 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 		return nil, fmt.Errorf("%s: route_specifier must be rds or route_config (scoped routes are not supported)", field)
 	}
 	if len(h.GetUpgradeConfigs()) > 0 {
-		// Upgrades (WebSocket) are proxied on HTTP/1.1 upstreams regardless; accept the list.
-		for i, u := range h.GetUpgradeConfigs() {
-			if len(u.GetFilters()) > 0 {
-				return nil, fmt.Errorf("%s.upgrade_configs[%d].filters: not supported", field, i)
-			}
-		}
+		return nil, fmt.Errorf("%s.upgrade_configs: not supported", field)
 	}
 	filters := h.GetHttpFilters()
 	if len(filters) == 0 {

@@ -7,12 +7,18 @@ import (
 	accesslogpb "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
 )
 
 // TestRefusesWhatNothingEmits: configuration the control plane never emits (see
@@ -89,6 +95,19 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_Authenticated_{Authenticated: &rbacconfig.Principal_Authenticated{}}}, "principals[0]")
 			return err
 		}, "principals[0].authenticated.principal_name: required"},
+		{"a connection limit behind a runtime flag", func() error {
+			l := proto.Clone(translated(t).Listeners[0]).(*listener.Listener)
+			cl := &connlimit.ConnectionLimit{StatPrefix: "x", MaxConnections: wrapperspb.UInt64(1),
+				RuntimeEnabled: &core.RuntimeFeatureFlag{DefaultValue: wrapperspb.Bool(false), RuntimeKey: "x"}}
+			l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: mustAnyT(t, cl)}
+			_, err := New(Options{}).parseListener(l, "")
+			return err
+		}, "filter_chains[0].filters[0] (envoy.filters.network.connection_limit).runtime_enabled: not supported; the built-in data plane has no runtime"},
+		{"HTTP upgrades", func() error {
+			_, err := New(Options{}).parseHCM(&hcm.HttpConnectionManager{UpgradeConfigs: []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
+				RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{ConfigSource: controlplane.ADSConfigSource(), RouteConfigName: "80"}}}, "hcm")
+			return err
+		}, "hcm.upgrade_configs: not supported"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
