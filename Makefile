@@ -52,9 +52,11 @@ demo:
 	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
 	bin/fwdproxy demo
 
-# Rewrite the translation golden files; review the diff before committing.
+# Rewrite the translation golden files (pkg/controlplane/testdata/out), then check that the
+# built-in data plane accepts them; review the diff before committing.
 golden:
-	$(GO) test ./pkg/controlplane -run TestGolden -update
+	$(GO) test -count=1 ./pkg/controlplane -run '^TestGolden$$' -update
+	$(GO) test -count=1 ./pkg/dataplane -run '^TestGoldenAccepted$$'
 
 clean:
 	rm -rf bin

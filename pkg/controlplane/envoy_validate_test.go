@@ -146,6 +146,9 @@ func adsEquivalent(t testing.TB, res *Resources, secrets []*tlsv3.Secret) *boots
 				if err := f.GetTypedConfig().UnmarshalTo(m); err != nil {
 					t.Fatal(err)
 				}
+				if m.GetRouteConfig() != nil && strings.HasPrefix(l.Name, "inbound_") {
+					continue // the reverse direction's chains carry their routes inline
+				}
 				if m.GetRds().GetConfigSource().GetAds() == nil {
 					t.Fatalf("listener %s: HTTP routes are not taken from ADS: %v", l.Name, m.GetRouteSpecifier())
 				}
@@ -157,10 +160,32 @@ func adsEquivalent(t testing.TB, res *Resources, secrets []*tlsv3.Secret) *boots
 				f.ConfigType = &listener.Filter_TypedConfig{TypedConfig: mustAny(m)}
 			}
 		}
+		for _, fc := range l.FilterChains {
+			if fc.GetTransportSocket() == nil {
+				continue
+			}
+			// The reverse direction's downstream TLS: its secrets become static ones too.
+			tlsCtx := &tlsv3.DownstreamTlsContext{}
+			if err := fc.TransportSocket.GetTypedConfig().UnmarshalTo(tlsCtx); err != nil {
+				t.Fatal(err)
+			}
+			ctx := tlsCtx.CommonTlsContext
+			for _, s := range append(ctx.TlsCertificateSdsSecretConfigs, ctx.GetCombinedValidationContext().GetValidationContextSdsSecretConfig()) {
+				if s.GetSdsConfig().GetAds() == nil {
+					t.Fatalf("listener %s: secret %q is not taken from ADS", l.Name, s.GetName())
+				}
+				s.SdsConfig = nil
+			}
+			fc.TransportSocket.ConfigType = &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)}
+		}
 		static.Listeners = append(static.Listeners, l)
 	}
 	for _, c := range res.Clusters {
 		c = proto.Clone(c).(*cluster.Cluster)
+		if c.GetType() == cluster.Cluster_STATIC || c.GetType() == cluster.Cluster_STRICT_DNS {
+			static.Clusters = append(static.Clusters, c) // the reverse direction's VM clusters
+			continue
+		}
 		if c.GetType() != cluster.Cluster_EDS || c.GetEdsClusterConfig().GetEdsConfig().GetAds() == nil {
 			t.Fatalf("cluster %s: endpoints are not taken from ADS (EDS)", c.Name)
 		}
@@ -222,14 +247,7 @@ func TestEnvoyAcceptsBootstrap(t *testing.T) {
 // TestEnvoyAcceptsGoldenInputs: for every translation golden input, the static render and the
 // ADS resources.
 func TestEnvoyAcceptsGoldenInputs(t *testing.T) {
-	inputs, err := filepath.Glob("testdata/in/*.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(inputs) == 0 {
-		t.Fatal("no golden inputs")
-	}
-	for _, in := range inputs {
+	for _, in := range validGoldenInputs(t) {
 		t.Run(strings.TrimSuffix(filepath.Base(in), ".yaml"), func(t *testing.T) {
 			cat, opts := loadGolden(t, in)
 			res, err := Translate(cat, opts)

@@ -1,176 +1,21 @@
 package controlplane
 
 import (
-	"bytes"
-	"encoding/json"
-	"flag"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	"go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
-
-var update = flag.Bool("update", false, "rewrite golden files in testdata/out")
-
-// goldenInput is one testdata/in case: translation options and a catalog.
-type goldenInput struct {
-	ListenAddress string `yaml:"listenAddress"`
-	AccessLog     *bool  `yaml:"accessLog"`
-	Gateways      []struct {
-		Name      string   `yaml:"name"`
-		Network   string   `yaml:"network"`
-		Addresses []string `yaml:"addresses"`
-	} `yaml:"gateways"`
-	// Unchecked decodes the catalog without the catalog's rules, as if it slipped past them, to
-	// show what translation leaves out.
-	Unchecked bool      `yaml:"unchecked"`
-	Catalog   yaml.Node `yaml:"catalog"`
-	// PeerMetadata, when present, is Options.PeerMetadata.
-	PeerMetadata *struct {
-		WorkloadName      string `yaml:"workloadName"`
-		Namespace         string `yaml:"namespace"`
-		CanonicalService  string `yaml:"canonicalService"`
-		CanonicalRevision string `yaml:"canonicalRevision"`
-		App               string `yaml:"app"`
-		Version           string `yaml:"version"`
-		ClusterID         string `yaml:"clusterID"`
-	} `yaml:"peerMetadata"`
-}
-
-func loadGolden(t *testing.T, path string) (*catalog.Catalog, Options) {
-	t.Helper()
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var in goldenInput
-	if err := yaml.Unmarshal(data, &in); err != nil {
-		t.Fatal(err)
-	}
-	catYAML, err := yaml.Marshal(&in.Catalog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts := Options{
-		ListenAddress:  in.ListenAddress,
-		ConnectTimeout: 5 * time.Second,
-		Outlier:        Outlier{ConsecutiveErrors: 5, Interval: 10 * time.Second, BaseEjectionTime: 30 * time.Second, MaxEjectionPercent: 50},
-		AccessLog:      in.AccessLog == nil || *in.AccessLog,
-	}
-	if pm := in.PeerMetadata; pm != nil {
-		opts.PeerMetadata = &PeerMetadata{WorkloadName: pm.WorkloadName, Namespace: pm.Namespace, CanonicalService: pm.CanonicalService,
-			CanonicalRevision: pm.CanonicalRevision, App: pm.App, Version: pm.Version, ClusterID: pm.ClusterID}
-	}
-	var names []string
-	for _, g := range in.Gateways {
-		gw := Gateway{Name: g.Name, Network: g.Network}
-		for _, a := range g.Addresses {
-			gw.Addresses = append(gw.Addresses, netip.MustParseAddrPort(a))
-		}
-		opts.Gateways = append(opts.Gateways, gw)
-		names = append(names, g.Name)
-	}
-	if in.Unchecked {
-		cat := &catalog.Catalog{}
-		if err := yaml.Unmarshal(catYAML, cat); err != nil {
-			t.Fatal(err)
-		}
-		cat.Normalize()
-		return cat, opts
-	}
-	cat, err := catalog.Parse(path, catYAML, catalog.Options{Gateways: names})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cat, opts
-}
-
-// TestGolden pins the exact Envoy JSON for each testdata/in case. Review changes to
-// testdata/out by eye; regenerate with: go test ./pkg/controlplane -run TestGolden -update
-func TestGolden(t *testing.T) {
-	inputs, _ := filepath.Glob("testdata/in/*.yaml")
-	if len(inputs) == 0 {
-		t.Fatal("no golden inputs")
-	}
-	for _, in := range inputs {
-		name := strings.TrimSuffix(filepath.Base(in), ".yaml")
-		t.Run(name, func(t *testing.T) {
-			cat, opts := loadGolden(t, in)
-			res, err := Translate(cat, opts)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := NewSnapshot(res, nil); err != nil {
-				t.Fatalf("snapshot invalid: %v", err)
-			}
-			got, err := RenderJSON(res, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got = append(got, '\n')
-			out := filepath.Join("testdata/out", name+".json")
-			if *update {
-				if err := os.WriteFile(out, got, 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(out)
-			if err != nil {
-				t.Fatalf("%v (run with -update to create it)", err)
-			}
-			if !bytes.Equal(got, want) {
-				t.Errorf("%s differs from the translation; if the change is intended, run with -update and review the diff", out)
-			}
-			checkGoldenSkipped(t, filepath.Join("testdata/out", name+".skipped.json"), res.Skipped)
-		})
-	}
-}
-
-// checkGoldenSkipped pins the services a case leaves out, in NAME.skipped.json next to the
-// resources; a case that leaves none out has no such file.
-func checkGoldenSkipped(t *testing.T, path string, skipped []SkippedService) {
-	t.Helper()
-	var got []byte
-	if len(skipped) > 0 {
-		var err error
-		if got, err = json.MarshalIndent(skipped, "", "  "); err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, '\n')
-	}
-	if *update {
-		if got == nil {
-			if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
-				t.Fatal(err)
-			}
-		} else if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want, err := os.ReadFile(path)
-	if os.IsNotExist(err) {
-		want, err = nil, nil
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("the services left out differ from %s (absent: none left out); if intended, run with -update and review the diff:\n%s", path, got)
-	}
-}
 
 func TestIstioWireConventions(t *testing.T) {
 	if got := SNI(9080, "", "reviews.default.svc.cluster.local"); got != "outbound_.9080_._.reviews.default.svc.cluster.local" {
@@ -354,8 +199,7 @@ func TestHTTPListenersTrustNoClientHeader(t *testing.T) {
 // or TCP proxy's stat prefix at the first dot (the rest lands in the metric name), so every name
 // statistics are emitted under is dot-free and still tells the resources apart.
 func TestStatNamesHaveNoDots(t *testing.T) {
-	inputs, _ := filepath.Glob("testdata/in/*.yaml")
-	for _, in := range inputs {
+	for _, in := range validGoldenInputs(t) {
 		cat, opts := loadGolden(t, in)
 		res, err := Translate(cat, opts)
 		if err != nil {
@@ -369,20 +213,32 @@ func TestStatNamesHaveNoDots(t *testing.T) {
 			seen[c.AltStatName] = true
 		}
 		for _, l := range res.Listeners {
-			for _, f := range l.FilterChains[0].Filters {
-				m, err := f.GetTypedConfig().UnmarshalNew()
-				if err != nil {
-					t.Fatal(err)
-				}
-				prefix := m.(interface{ GetStatPrefix() string }).GetStatPrefix()
+			for _, fc := range l.FilterChains {
 				want := StatPrefix(l.Address.GetSocketAddress().GetPortValue())
-				if f.Name == NetworkRBACFilter {
-					want = "tcp." + want + "."
+				if strings.HasPrefix(l.Name, "inbound_") {
+					// The inbound listener's chains are named by SNI, outbound_.PORT_._.HOST.
+					port, host, ok := strings.Cut(strings.TrimPrefix(fc.Name, "outbound_."), "_._.")
+					n, err := strconv.Atoi(port)
+					if !ok || err != nil {
+						t.Fatalf("%s: inbound chain %q is not named by SNI", in, fc.Name)
+					}
+					want = InboundStatPrefix(uint32(n), host)
 				}
-				if prefix != want || strings.Contains(strings.TrimSuffix(strings.TrimPrefix(prefix, "tcp."), "."), ".") || seen[f.Name+prefix] {
-					t.Errorf("%s: listener %s filter %s: stat prefix %q, want %q", in, l.Name, f.Name, prefix, want)
+				for _, f := range fc.Filters {
+					m, err := f.GetTypedConfig().UnmarshalNew()
+					if err != nil {
+						t.Fatal(err)
+					}
+					prefix := m.(interface{ GetStatPrefix() string }).GetStatPrefix()
+					want := want
+					if f.Name == NetworkRBACFilter {
+						want = "tcp." + want + "."
+					}
+					if prefix != want || strings.Contains(strings.TrimSuffix(strings.TrimPrefix(prefix, "tcp."), "."), ".") || seen[f.Name+prefix] {
+						t.Errorf("%s: listener %s filter %s: stat prefix %q, want %q", in, l.Name, f.Name, prefix, want)
+					}
+					seen[f.Name+prefix] = true
 				}
-				seen[f.Name+prefix] = true
 			}
 		}
 	}

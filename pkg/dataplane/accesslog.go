@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -20,22 +19,6 @@ func (l *accessLogger) write(line []byte) {
 	l.mu.Lock()
 	_, _ = l.w.Write(line)
 	l.mu.Unlock()
-}
-
-// fileLogger returns the logger of a file access log, opening it once.
-func (dp *DataPlane) fileLogger(path string) (*accessLogger, error) {
-	dp.filesMu.Lock()
-	defer dp.filesMu.Unlock()
-	if l := dp.files[path]; l != nil {
-		return l, nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	l := &accessLogger{w: f}
-	dp.files[path] = l
-	return l, nil
 }
 
 func dash(s string) string {

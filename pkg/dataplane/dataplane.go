@@ -3,18 +3,21 @@
 // the resources it changed, xds.go and parsecache.go) and moves the bytes, so a host without Envoy
 // (a laptop, a Windows VM, a test) can reach the mesh with one static binary.
 //
-// It serves exactly the subset of xDS that pkg/controlplane emits:
+// It serves the subset of xDS that pkg/controlplane emits (TestGoldenAccepted parses every
+// translation golden case; TestRefusesWhatNothingEmits pins refusals of what none emits):
 //
-//   - LDS: listeners with one filter chain: an optional network RBAC filter (peer address rules)
-//     then tcp_proxy to a cluster, or an HTTP connection manager (HTTP/1.1 and HTTP/2 with prior
+//   - LDS: listeners with one filter chain (matched on source_prefix_ranges): the
+//     connection_limit filter, an optional network RBAC filter (peer address rules), then
+//     tcp_proxy to a cluster, or an HTTP connection manager (HTTP/1.1 and HTTP/2 with prior
 //     knowledge, RDS or inline routes, an optional HTTP RBAC filter with per-virtual-host
-//     RBACPerRoute overrides, the router filter, access logs) with Envoy's request header
+//     RBACPerRoute overrides, the router filter, stdout access logs) with Envoy's request header
 //     handling: use_remote_address, internal_address_config, forward_client_cert_details,
-//     request IDs, the x-envoy-* headers a client may not set (headers.go).
+//     request IDs, the x-envoy-* headers a client may not set (headers.go); and the reverse
+//     direction's inbound listener (inbound.go).
 //   - RDS: virtual hosts matched by Host the way Envoy does (exact, then suffix and prefix
 //     wildcards, then "*"), prefix and path routes to a cluster, route timeouts,
 //     internal_only_headers.
-//   - CDS/EDS: EDS or STATIC clusters, round robin, connect timeout, outlier detection
+//   - CDS/EDS: EDS, STATIC or STRICT_DNS clusters, round robin, connect timeout, outlier detection
 //     (consecutive 5xx / gateway failures, ejection for base_ejection_time x ejections,
 //     max_ejection_percent, interval), upstream HTTP/1.1 or HTTP/2 per HttpProtocolOptions.
 //   - TLS origination from UpstreamTlsContext: SNI, ALPN, the client chain and key from an SDS
@@ -105,9 +108,7 @@ type DataPlane struct {
 	metrics *metrics
 	proxy   *httputil.ReverseProxy
 
-	logStdout, logStderr *accessLogger
-	filesMu              sync.Mutex
-	files                map[string]*accessLogger
+	logStdout *accessLogger
 
 	// What requests read, swapped whole on every update.
 	clusters atomic.Pointer[map[string]*cluster]
@@ -157,8 +158,6 @@ func New(o Options) *DataPlane {
 		log:       o.Log,
 		metrics:   newMetrics(o.Registerer),
 		logStdout: &accessLogger{w: o.AccessLog},
-		logStderr: &accessLogger{w: os.Stderr},
-		files:     map[string]*accessLogger{},
 		endpoints: map[string][]endpointSpec{},
 		listeners: map[string]*listenerRT{},
 		fileLimit: fileLimit(),

@@ -200,15 +200,13 @@ func (dp *DataPlane) parseInbound(l *listener.Listener, cfg *listenerConfig) (*l
 	return cfg, nil
 }
 
-// inboundLogs keeps a chain's stdout/stderr loggers; their format is the inbound one here.
+// inboundLogs keeps a chain's stdout loggers; their format is the inbound one here.
 func (dp *DataPlane) inboundLogs(logs []*accesslog.AccessLog) []*accessLogger {
 	var out []*accessLogger
 	for _, l := range logs {
 		switch protoreflect.FullName(l.GetTypedConfig().MessageName()) {
 		case nameStdout:
 			out = append(out, dp.logStdout)
-		case nameStderr:
-			out = append(out, dp.logStderr)
 		}
 	}
 	return out

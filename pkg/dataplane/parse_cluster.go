@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"os"
 	"regexp"
 	"strings"
 	"time"
@@ -117,9 +116,9 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 	if len(c.GetTransportSocketMatches()) > 0 {
 		return nil, fail("transport_socket_matches: not supported; use transport_socket")
 	}
-	//nolint:staticcheck // the deprecated field still selects HTTP/2 in Envoy
+	//nolint:staticcheck // rejected, not used: the control plane sets typed_extension_protocol_options
 	if c.GetHttp2ProtocolOptions() != nil {
-		cfg.http2 = true
+		return nil, fail("http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[%s]", nameHTTPOpts)
 	}
 	for key, a := range c.GetTypedExtensionProtocolOptions() {
 		f := "typed_extension_protocol_options[" + key + "]"
@@ -376,18 +375,10 @@ func readDataSource(d *core.DataSource) ([]byte, error) {
 		return s.InlineBytes, nil
 	case *core.DataSource_InlineString:
 		return []byte(s.InlineString), nil
-	case *core.DataSource_Filename:
-		b, err := os.ReadFile(s.Filename)
-		if err != nil {
-			return nil, err
-		}
-		return b, nil
-	case *core.DataSource_EnvironmentVariable:
-		v, ok := os.LookupEnv(s.EnvironmentVariable)
-		if !ok {
-			return nil, fmt.Errorf("environment variable %s is not set", s.EnvironmentVariable)
-		}
-		return []byte(v), nil
+	case nil:
+		return nil, errors.New("empty data source")
 	}
-	return nil, errors.New("empty data source")
+	// The control plane sends secrets inline; a config must not make the data plane read its
+	// host's files or environment.
+	return nil, errors.New("filename and environment_variable are not supported; send the data inline")
 }

@@ -10,7 +10,6 @@ import (
 	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	transcoderpb "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
@@ -158,9 +157,8 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 				return nil, fail("%s: only one connection_limit filter is supported", field)
 			case cl.GetMaxConnections().GetValue() == 0:
 				return nil, fail("%s.max_connections: required, at least 1", field)
-			case cl.GetRuntimeEnabled() != nil && !cl.GetRuntimeEnabled().GetDefaultValue().GetValue():
-				// Without a runtime, the flag is its default: off.
-				continue
+			case cl.GetRuntimeEnabled() != nil:
+				return nil, fail("%s.runtime_enabled: not supported; the built-in data plane has no runtime", field)
 			}
 			cfg.maxConns = int(min(cl.GetMaxConnections().GetValue(), 1<<31))
 			cfg.limitDelay = cl.GetDelay().AsDuration()
@@ -291,12 +289,7 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 		return nil, fmt.Errorf("%s: route_specifier must be rds or route_config (scoped routes are not supported)", field)
 	}
 	if len(h.GetUpgradeConfigs()) > 0 {
-		// Upgrades (WebSocket) are proxied on HTTP/1.1 upstreams regardless; accept the list.
-		for i, u := range h.GetUpgradeConfigs() {
-			if len(u.GetFilters()) > 0 {
-				return nil, fmt.Errorf("%s.upgrade_configs[%d].filters: not supported", field, i)
-			}
-		}
+		return nil, fmt.Errorf("%s.upgrade_configs: not supported", field)
 	}
 	filters := h.GetHttpFilters()
 	if len(filters) == 0 {
@@ -364,18 +357,12 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 	return c, nil
 }
 
-// checkADS accepts a config source that points at the ADS stream (or is unset, meaning the same).
+// checkADS accepts a config source that points at the ADS stream, as the control plane's all do.
 func checkADS(cs *core.ConfigSource, field string) error {
-	if cs == nil {
-		return nil
+	if cs.GetAds() == nil {
+		return fmt.Errorf("%s: only ads is supported by the built-in data plane (it has one ADS stream)", field)
 	}
-	switch cs.GetConfigSourceSpecifier().(type) {
-	case *core.ConfigSource_Ads, nil:
-		return nil
-	case *core.ConfigSource_Self:
-		return nil
-	}
-	return fmt.Errorf("%s: only ads is supported by the built-in data plane (it has one ADS stream)", field)
+	return nil
 }
 
 func (dp *DataPlane) parseAccessLogs(logs []*accesslog.AccessLog, field string, http bool) ([]*accessLogger, error) {
@@ -395,26 +382,8 @@ func (dp *DataPlane) parseAccessLogs(logs []*accesslog.AccessLog, field string, 
 				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
 			}
 			out = append(out, dp.logStdout)
-		case nameStderr:
-			if m.(*streamlog.StderrAccessLog).GetLogFormat() != nil {
-				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
-			}
-			out = append(out, dp.logStderr)
-		case nameFileLog:
-			fl := m.(*fileal.FileAccessLog)
-			if fl.GetAccessLogFormat() != nil {
-				return nil, fmt.Errorf("%s.log_format: custom formats are not supported; the default format is used", f)
-			}
-			if fl.GetPath() == "" {
-				return nil, fmt.Errorf("%s.path: required", f)
-			}
-			lg, err := dp.fileLogger(fl.GetPath())
-			if err != nil {
-				return nil, fmt.Errorf("%s.path: %v", f, err)
-			}
-			out = append(out, lg)
 		default:
-			return nil, fmt.Errorf("%s: access logger %s is not supported; use stdout, stderr or file", f, fullName(m))
+			return nil, fmt.Errorf("%s: access logger %s is not supported; use stdout", f, fullName(m))
 		}
 	}
 	return out, nil

@@ -64,12 +64,8 @@ func parseRBAC(r *rbacconfig.RBAC, field string) (*rbacEngine, error) {
 		return nil, nil
 	}
 	e := &rbacEngine{}
-	switch r.GetAction() {
-	case rbacconfig.RBAC_ALLOW:
-	case rbacconfig.RBAC_DENY:
-		e.deny = true
-	default:
-		return nil, fmt.Errorf("%s.action: %s is not supported; use ALLOW or DENY", field, r.GetAction())
+	if r.GetAction() != rbacconfig.RBAC_ALLOW {
+		return nil, fmt.Errorf("%s.action: %s is not supported; use ALLOW", field, r.GetAction())
 	}
 	if r.GetAuditLoggingOptions() != nil {
 		return nil, fmt.Errorf("%s.audit_logging_options: not supported", field)
@@ -117,83 +113,23 @@ func checkPermission(p *rbacconfig.Permission, field string) error {
 			return fmt.Errorf("%s.any: must be true", field)
 		}
 		return nil
-	case *rbacconfig.Permission_OrRules:
-		for i, x := range r.OrRules.GetRules() {
-			if err := checkPermission(x, fmt.Sprintf("%s.or_rules.rules[%d]", field, i)); err != nil {
-				return err
-			}
-		}
-		if len(r.OrRules.GetRules()) == 0 {
-			return fmt.Errorf("%s.or_rules: empty", field)
-		}
-		return nil
-	case *rbacconfig.Permission_AndRules:
-		for i, x := range r.AndRules.GetRules() {
-			if err := checkPermission(x, fmt.Sprintf("%s.and_rules.rules[%d]", field, i)); err != nil {
-				return err
-			}
-		}
-		return nil
 	default:
 		return fmt.Errorf("%s: permission %T is not supported by the built-in data plane; only any: true", field, p.GetRule())
 	}
 }
 
 func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
+	// The control plane names callers by peer address (plain listeners) or certificate
+	// (the reverse direction), nothing else.
 	switch id := p.GetIdentifier().(type) {
-	case *rbacconfig.Principal_Any:
-		if !id.Any {
-			return nil, fmt.Errorf("%s.any: must be true", field)
-		}
-		return func(peerID) bool { return true }, nil
 	case *rbacconfig.Principal_DirectRemoteIp:
 		return cidrPrincipal(id.DirectRemoteIp.GetAddressPrefix(), id.DirectRemoteIp.GetPrefixLen().GetValue(), id.DirectRemoteIp.GetPrefixLen() != nil, field+".direct_remote_ip")
-	case *rbacconfig.Principal_RemoteIp:
-		// With no trusted proxies in front, the remote address is the direct peer.
-		return cidrPrincipal(id.RemoteIp.GetAddressPrefix(), id.RemoteIp.GetPrefixLen().GetValue(), id.RemoteIp.GetPrefixLen() != nil, field+".remote_ip")
-	case *rbacconfig.Principal_SourceIp: //nolint:staticcheck // deprecated alias of direct_remote_ip
-		return cidrPrincipal(id.SourceIp.GetAddressPrefix(), id.SourceIp.GetPrefixLen().GetValue(), id.SourceIp.GetPrefixLen() != nil, field+".source_ip")
-	case *rbacconfig.Principal_OrIds:
-		var ms []principal
-		for i, x := range id.OrIds.GetIds() {
-			m, err := parsePrincipal(x, fmt.Sprintf("%s.or_ids.ids[%d]", field, i))
-			if err != nil {
-				return nil, err
-			}
-			ms = append(ms, m)
-		}
-		return func(a peerID) bool {
-			for _, m := range ms {
-				if m(a) {
-					return true
-				}
-			}
-			return false
-		}, nil
-	case *rbacconfig.Principal_AndIds:
-		var ms []principal
-		for i, x := range id.AndIds.GetIds() {
-			m, err := parsePrincipal(x, fmt.Sprintf("%s.and_ids.ids[%d]", field, i))
-			if err != nil {
-				return nil, err
-			}
-			ms = append(ms, m)
-		}
-		return func(a peerID) bool {
-			for _, m := range ms {
-				if !m(a) {
-					return false
-				}
-			}
-			return true
-		}, nil
 	case *rbacconfig.Principal_Authenticated_:
 		// Envoy matches principal_name against the certificate's URI SANs (then DNS SANs and
-		// the subject, which mesh certificates leave empty); no principal_name matches any
-		// authenticated peer.
+		// the subject, which mesh certificates leave empty).
 		pn := id.Authenticated.GetPrincipalName()
 		if pn == nil {
-			return func(a peerID) bool { return len(a.uris) > 0 }, nil
+			return nil, fmt.Errorf("%s.authenticated.principal_name: required", field)
 		}
 		m, err := stringMatcher(pn)
 		if err != nil {
@@ -207,14 +143,8 @@ func parsePrincipal(p *rbacconfig.Principal, field string) (principal, error) {
 			}
 			return false
 		}, nil
-	case *rbacconfig.Principal_NotId:
-		m, err := parsePrincipal(id.NotId, field+".not_id")
-		if err != nil {
-			return nil, err
-		}
-		return func(a peerID) bool { return !m(a) }, nil
 	default:
-		return nil, fmt.Errorf("%s: principal %T is not supported by the built-in data plane; use direct_remote_ip, remote_ip, authenticated, any, or_ids, and_ids or not_id", field, p.GetIdentifier())
+		return nil, fmt.Errorf("%s: principal %T is not supported by the built-in data plane; use direct_remote_ip or authenticated", field, p.GetIdentifier())
 	}
 }
 

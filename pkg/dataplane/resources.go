@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"time"
 
-	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -36,8 +35,6 @@ var (
 	nameRBACRoute  = fullName(&rbachttp.RBACPerRoute{})
 	nameRouter     = fullName(&router.Router{})
 	nameStdout     = fullName(&streamlog.StdoutAccessLog{})
-	nameStderr     = fullName(&streamlog.StderrAccessLog{})
-	nameFileLog    = fullName(&fileal.FileAccessLog{})
 	nameUpstreamTL = fullName(&tlsv3.UpstreamTlsContext{})
 	nameHTTPOpts   = fullName(&upstreamhttp.HttpProtocolOptions{})
 )

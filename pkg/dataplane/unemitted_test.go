@@ -1,0 +1,127 @@
+package dataplane
+
+import (
+	"strings"
+	"testing"
+
+	accesslogpb "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
+	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
+	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
+)
+
+// TestRefusesWhatNothingEmits: configuration the control plane never emits (see
+// TestGoldenAccepted for what it does) is refused with the field named, not half-supported.
+func TestRefusesWhatNothingEmits(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		parse func() error
+		want  string
+	}{
+		{"a secret read from a file", func() error {
+			_, err := parseSecret(&tlsv3.Secret{Name: "ROOTCA", Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+				TrustedCa: &core.DataSource{Specifier: &core.DataSource_Filename{Filename: "/etc/ssl/certs/ca-certificates.crt"}},
+			}}})
+			return err
+		}, `secret "ROOTCA": validation_context.trusted_ca: filename and environment_variable are not supported; send the data inline`},
+		{"a secret read from the environment", func() error {
+			_, err := parseSecret(&tlsv3.Secret{Name: "default", Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
+				CertificateChain: &core.DataSource{Specifier: &core.DataSource_EnvironmentVariable{EnvironmentVariable: "HOME"}},
+			}}})
+			return err
+		}, `secret "default": tls_certificate: certificate_chain: filename and environment_variable are not supported; send the data inline`},
+		{"an access log to a file", func() error {
+			_, err := New(Options{}).parseAccessLogs([]*accesslogpb.AccessLog{{Name: "envoy.access_loggers.file",
+				ConfigType: accessLogTyped(mustAnyT(t, &fileal.FileAccessLog{Path: "/tmp/access.log"}))}}, "access_log", true)
+			return err
+		}, "access_log[0] (envoy.access_loggers.file): access logger envoy.extensions.access_loggers.file.v3.FileAccessLog is not supported; use stdout"},
+		{"an access log to stderr", func() error {
+			_, err := New(Options{}).parseAccessLogs([]*accesslogpb.AccessLog{{Name: "envoy.access_loggers.stderr",
+				ConfigType: accessLogTyped(mustAnyT(t, &streamlog.StderrAccessLog{}))}}, "access_log", false)
+			return err
+		}, "access logger envoy.extensions.access_loggers.stream.v3.StderrAccessLog is not supported; use stdout"},
+		{"the deprecated cluster http2_protocol_options", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.Http2ProtocolOptions = &core.Http2ProtocolOptions{} //nolint:staticcheck // the deprecated field under test
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]"},
+		{"endpoints from a config source other than ADS", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.EdsClusterConfig.EdsConfig = &core.ConfigSource{ConfigSourceSpecifier: &core.ConfigSource_Self{Self: &core.SelfConfigSource{}}}
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "eds_cluster_config.eds_config: only ads is supported by the built-in data plane (it has one ADS stream)"},
+		{"endpoints without a config source", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.EdsClusterConfig = nil
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "eds_cluster_config.eds_config: only ads is supported"},
+		{"an RBAC DENY policy", func() error {
+			_, err := parseRBAC(&rbacconfig.RBAC{Action: rbacconfig.RBAC_DENY}, "rules")
+			return err
+		}, "rules.action: DENY is not supported; use ALLOW"},
+		{"RBAC permissions other than any", func() error {
+			_, err := parseRBAC(&rbacconfig.RBAC{Policies: map[string]*rbacconfig.Policy{"p": {
+				Permissions: []*rbacconfig.Permission{{Rule: &rbacconfig.Permission_OrRules{OrRules: &rbacconfig.Permission_Set{}}}},
+			}}}, "rules")
+			return err
+		}, "rules.policies[p].permissions[0]: permission *rbacv3.Permission_OrRules is not supported by the built-in data plane; only any: true"},
+		{"an RBAC principal by remote_ip", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_RemoteIp{RemoteIp: &core.CidrRange{AddressPrefix: "10.0.0.0"}}}, "principals[0]")
+			return err
+		}, "principals[0]: principal *rbacv3.Principal_RemoteIp is not supported by the built-in data plane; use direct_remote_ip or authenticated"},
+		{"an RBAC principal matching anyone", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_Any{Any: true}}, "principals[0]")
+			return err
+		}, "principal *rbacv3.Principal_Any is not supported"},
+		{"an RBAC principal negated", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_NotId{NotId: &rbacconfig.Principal{}}}, "principals[0]")
+			return err
+		}, "principal *rbacv3.Principal_NotId is not supported"},
+		{"an RBAC principal authenticated by anyone", func() error {
+			_, err := parsePrincipal(&rbacconfig.Principal{Identifier: &rbacconfig.Principal_Authenticated_{Authenticated: &rbacconfig.Principal_Authenticated{}}}, "principals[0]")
+			return err
+		}, "principals[0].authenticated.principal_name: required"},
+		{"a connection limit behind a runtime flag", func() error {
+			l := proto.Clone(translated(t).Listeners[0]).(*listener.Listener)
+			cl := &connlimit.ConnectionLimit{StatPrefix: "x", MaxConnections: wrapperspb.UInt64(1),
+				RuntimeEnabled: &core.RuntimeFeatureFlag{DefaultValue: wrapperspb.Bool(false), RuntimeKey: "x"}}
+			l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: mustAnyT(t, cl)}
+			_, err := New(Options{}).parseListener(l, "")
+			return err
+		}, "filter_chains[0].filters[0] (envoy.filters.network.connection_limit).runtime_enabled: not supported; the built-in data plane has no runtime"},
+		{"HTTP upgrades", func() error {
+			_, err := New(Options{}).parseHCM(&hcm.HttpConnectionManager{UpgradeConfigs: []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
+				RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{ConfigSource: controlplane.ADSConfigSource(), RouteConfigName: "80"}}}, "hcm")
+			return err
+		}, "hcm.upgrade_configs: not supported"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %v, want it to contain %q", err, c.want)
+			}
+		})
+	}
+}
+
+func mustAnyT(t *testing.T, m proto.Message) *anypb.Any {
+	t.Helper()
+	a, err := anypb.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
