@@ -53,6 +53,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -91,6 +92,9 @@ type options struct {
 	timing                       string
 	timeout                      time.Duration
 	startBatch                   int
+	profile                      int // instance to profile during the changes, -1 for none
+	memLimit                     string
+	minFreeMiB                   int
 	keep                         bool
 	out, progress                io.Writer
 }
@@ -106,8 +110,14 @@ func main() {
 	flag.StringVar(&o.timing, "timing", "lan", "peers.timing of every instance: lan (production's default), wan or local")
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "limit for the fleet's start and for each change")
 	flag.IntVar(&o.startBatch, "start-batch", 4, "instances started at once after the leader (bounds the memory of concurrent first builds)")
+	flag.IntVar(&o.profile, "profile", -1, "instance whose CPU profile of the changes is written to its work directory (cpu.pprof; implies -keep)")
+	flag.StringVar(&o.memLimit, "instance-memlimit", "", "GOMEMLIMIT of each instance (e.g. 300MiB; empty: none, as in production) so that the fleet fits a shared machine")
+	flag.IntVar(&o.minFreeMiB, "min-free", 1536, "stop when the machine's available memory (MemAvailable) falls below this many MiB")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (configs, catalog, instance logs)")
 	flag.Parse()
+	if o.profile >= 0 {
+		o.keep = true
+	}
 	o.out, o.progress = os.Stdout, os.Stderr
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -127,11 +137,35 @@ func runInstance(path string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	go profileOnSignal(filepath.Join(filepath.Dir(path), "cpu.pprof"))
 	if err := daemon.New(cfg, log).Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "daemon:", err)
 		return 1
 	}
 	return 0
+}
+
+// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile).
+func profileOnSignal(path string) {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
+	var f *os.File
+	for s := range sig {
+		switch {
+		case s == syscall.SIGUSR1 && f == nil:
+			var err error
+			if f, err = os.Create(path); err == nil {
+				err = pprof.StartCPUProfile(f)
+			}
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "cpu profile:", err)
+			}
+		case s == syscall.SIGUSR2 && f != nil:
+			pprof.StopCPUProfile()
+			f.Close()
+			f = nil
+		}
+	}
 }
 
 // result is what run measured (the smoke test checks it).
@@ -290,6 +324,9 @@ peers:
 		in.cmd = exec.Command(self)
 		in.cmd.Dir = in.dir
 		in.cmd.Env = append(os.Environ(), instanceEnv+"="+filepath.Join(in.dir, "config.yaml"))
+		if o.memLimit != "" {
+			in.cmd.Env = append(in.cmd.Env, "GOMEMLIMIT="+o.memLimit)
+		}
 		in.cmd.Stdout, in.cmd.Stderr = logf, logf
 		if err := in.cmd.Start(); err != nil {
 			logf.Close()
@@ -313,6 +350,9 @@ peers:
 				case <-ctx.Done():
 					return ctx.Err()
 				case <-time.After(20 * time.Millisecond):
+				}
+				if err := memoryLeft(o.minFreeMiB); err != nil {
+					return err
 				}
 				if time.Now().After(deadline) {
 					return fmt.Errorf("%s: its data plane holds %d clusters, not %d, after %s:\n%s", in.name, in.dp.clusterCount(), wantClusters, o.timeout, tail(filepath.Join(in.dir, "daemon.log"), 20))
@@ -360,6 +400,12 @@ peers:
 	idleSecs := time.Since(idleAt).Seconds()
 
 	res := &result{}
+	if o.profile >= 0 && o.profile < len(insts) {
+		p := insts[o.profile]
+		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
+		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"))
+		defer func() { _ = p.cmd.Process.Signal(syscall.SIGUSR2); time.Sleep(time.Second) }()
+	}
 	cpu0 := cpuAll(insts)
 	changesStart := time.Now()
 	var deltaBytes int
@@ -376,6 +422,9 @@ peers:
 		applied := time.Now()
 		if _, changed, err := writer.admin.Apply(ctx, "change.yaml", []byte(doc.String())); err != nil || changed != 1 {
 			return nil, fmt.Errorf("change %d on %s: applied %d, %v", k, writer.name, changed, err)
+		}
+		if err := memoryLeft(o.minFreeMiB); err != nil {
+			return nil, err
 		}
 		acks := make([]float64, len(insts))
 		served := make([]float64, len(insts))
@@ -635,6 +684,23 @@ func lostStreams(insts []*instance) int64 {
 		}
 	}
 	return n
+}
+
+// memoryLeft fails when the machine's available memory is below minMiB: the fleet shares it.
+func memoryLeft(minMiB int) error {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil || minMiB <= 0 {
+		return nil
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemAvailable:" {
+			kb, _ := strconv.Atoi(f[1])
+			if kb/1024 < minMiB {
+				return fmt.Errorf("the machine has %d MiB of memory available, under -min-free %d: stopping (fewer instances or services, or -instance-memlimit)", kb/1024, minMiB)
+			}
+		}
+	}
+	return nil
 }
 
 // --- process and metrics readings --------------------------------------------------------------
