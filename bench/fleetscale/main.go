@@ -436,11 +436,21 @@ peers:
 			acks[i] = at.Sub(applied).Seconds()
 		}
 		for i, in := range insts {
-			s, err := gauge(ctx, in.metricsAddr, "fwdproxy_snapshot_last_update_timestamp_seconds")
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", in.name, err)
+			// The server sets the gauge after handing the snapshot to its streams: the ACK may
+			// come first, so wait for the gauge to move past the apply.
+			for {
+				s, err := gauge(ctx, in.metricsAddr, "fwdproxy_snapshot_last_update_timestamp_seconds")
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", in.name, err)
+				}
+				if served[i] = time.Unix(0, int64(s*1e9)).Sub(applied).Seconds(); served[i] > 0 {
+					break
+				}
+				if time.Since(applied) > o.timeout {
+					return nil, fmt.Errorf("change %d: %s: snapshot not served within %s", k, in.name, o.timeout)
+				}
+				time.Sleep(10 * time.Millisecond)
 			}
-			served[i] = time.Unix(0, int64(s*1e9)).Sub(applied).Seconds()
 		}
 		res.perInst, res.served = append(res.perInst, acks), append(res.served, served)
 		res.fleet = append(res.fleet, slices.Max(acks))
@@ -506,7 +516,7 @@ func report(o options, r *result, rxPerChange float64) {
 	row("apply -> every instance's data plane ACKed (per change)", r.fleet, " s", 1)
 	row("apply -> one instance's ACK (per change and instance)", all, " s", 1)
 	row("apply -> that instance's snapshot served (gossip, merge, translation, snapshot)", served, " s", 1)
-	row("served -> that instance's ACK (xDS push)", push, " s", 1)
+	row("served -> that instance's ACK (xDS push; the server records served after handing the snapshot to its streams, so it can be below 0)", push, " s", 1)
 	row("instance CPU per change (less idle)", r.cpu, " s", 1)
 	row("instance RSS after the changes", r.rss, " MiB", 1)
 	row("instance peak RSS", r.hwm, " MiB", 1)
