@@ -123,6 +123,10 @@ const lostRetention = time.Hour
 // maxQueued bounds the broadcast queue.
 const maxQueued = 4096
 
+// maxDirectQueued: local changes are also sent straight to every member while the broadcast
+// queue holds no more than this.
+const maxDirectQueued = 64
+
 // Member is what a peer knows about one member of the fleet.
 type Member struct {
 	Name   string `json:"name"`

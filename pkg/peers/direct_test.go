@@ -1,0 +1,56 @@
+package peers
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+)
+
+// noGossip leaves a peer no way to spread a change but the writer's direct send: no gossip
+// rounds, and probes (which piggyback broadcasts) and push/pull far beyond the test.
+func noGossip(c *memberlist.Config) {
+	fastTimings(c)
+	c.GossipNodes = 0
+	c.ProbeInterval = time.Hour
+	c.PushPullInterval = time.Hour
+}
+
+// TestLocalChangeGoesStraightToEveryMember: an operator's change reaches every member from the
+// writer itself, not only by gossip rounds.
+func TestLocalChangeGoesStraightToEveryMember(t *testing.T) {
+	const size = 4
+	var fleet []*testPeer
+	var addrs []string
+	for i := range size {
+		// Joining every earlier peer exchanges state with each, so all know all without gossip.
+		p := startPeer(t, fmt.Sprintf("peer-%02d", i), peerOpts{tune: noGossip, seeds: addrs})
+		fleet = append(fleet, p)
+		addrs = append(addrs, p.tr.Addr())
+	}
+	meshtest.Eventually(t, 20*time.Second, "all peers know each other", func() bool {
+		for _, p := range fleet {
+			if p.ml.NumMembers() != size {
+				return false
+			}
+		}
+		return true
+	})
+	host := "direct.ns.svc.cluster.local"
+	if _, err := fleet[2].Apply([]catalog.Service{svc(host, 7070)}); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := fleet[2].Store().Get(OperatorKey(host))
+	meshtest.Eventually(t, 10*time.Second, "every peer holds the change", func() bool {
+		for _, p := range fleet {
+			if e, ok := p.Store().Get(OperatorKey(host)); !ok || string(e.Value) != string(want.Value) {
+				return false
+			}
+		}
+		return true
+	})
+}
