@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
@@ -206,12 +208,23 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	tcpPorts := map[uint32]*listener.Listener{}
 	httpUsed, tcpOwner := map[uint32]bool{}, map[uint32]string{}
 	next := make(map[string]*translated, len(services))
+	outs := make([]*translated, len(services))
+	var todo []int
 	for i := range services {
 		svc := &services[i]
-		out := t.services[svc.Host]
-		if out == nil || !reflect.DeepEqual(&out.svc, svc) {
-			out = translateService(svc, opts, gateways)
+		if out := t.services[svc.Host]; out != nil && reflect.DeepEqual(&out.svc, svc) {
+			outs[i] = out
+			continue
 		}
+		todo = append(todo, i)
+	}
+	common := newCommonParts(opts)
+	parallel(len(todo), func(j int) {
+		i := todo[j]
+		outs[i] = translateService(&services[i], opts, gateways, common)
+	})
+	for i := range services {
+		svc, out := &services[i], outs[i]
 		next[svc.Host] = out
 		if out.noGateway != nil {
 			res.skip(svc.Host, SkipNoGatewayAddress, out.noGateway.Error())
@@ -273,9 +286,37 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	return res, nil
 }
 
+// parallel runs f(0..n-1) on every core; f must be safe to run concurrently.
+func parallel(n int, f func(int)) {
+	parallelWorkers(n, func(w, workers int) {
+		for i := w; i < n; i += workers {
+			f(i)
+		}
+	})
+}
+
+// parallelWorkers runs f(w, workers) for w in 0..workers-1 at once, workers being up to one per
+// core, fewer for small n (under 64 items a goroutine is not worth starting).
+func parallelWorkers(n int, f func(w, workers int)) {
+	workers := min(runtime.GOMAXPROCS(0), max(1, n/64))
+	if workers == 1 {
+		f(0, 1)
+		return
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(w, workers)
+		}()
+	}
+	wg.Wait()
+}
+
 // translateService builds one service's clusters, endpoints, TCP listeners and virtual hosts.
 // It depends on the service and the options alone, which is what lets a Translator reuse it.
-func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway) *translated {
+func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway, common *commonParts) *translated {
 	out := &translated{svc: svc.Clone()}
 	eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
 	if err != nil {
@@ -291,7 +332,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 		}
 		for _, subset := range subsets {
 			name := ClusterName(p.Number, subset, svc.Host)
-			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, opts))
+			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, common))
 			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
 				ClusterName: name,
 				Endpoints:   byPriority(eps, gateways),
@@ -301,7 +342,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 			if out.tcp == nil {
 				out.tcp = map[uint32]*listener.Listener{}
 			}
-			l := tcpListener(svc, p, opts)
+			l := tcpListener(svc, p, opts, common)
 			limitConnections(l, opts.Limits)
 			out.tcp[p.Number] = l
 			continue
@@ -309,7 +350,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 		if out.vhosts == nil {
 			out.vhosts, out.transcode = map[uint32][]*route.VirtualHost{}, map[uint32]bool{}
 		}
-		vhs := virtualHosts(svc, p)
+		vhs := virtualHosts(svc, p, common)
 		for _, v := range vhs {
 			out.transcode[p.Number] = transcodeVirtualHost(v, svc, p) || out.transcode[p.Number]
 		}
@@ -385,7 +426,66 @@ func mustAny(m proto.Message) *anypb.Any {
 // hit under normal load; Istio's sidecars do the same.
 const maxCircuit = 4294967295
 
-func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, opts Options) *cluster.Cluster {
+// commonParts are the messages every cluster, listener or route of one translation has alike.
+// Resources share them rather than each holding a copy: at 10,000 services copies were a large
+// part of a build's allocations, of its marshaling (each packed Any) and of its validation. Shared
+// messages are never modified (nor is anything served, see Translator).
+type commonParts struct {
+	ads             *core.ConfigSource
+	tlsParams       *tlsv3.TlsParameters
+	certSDS         []*tlsv3.SdsSecretConfig // not appended to: its one element is what is shared
+	rootsSDS        *tlsv3.SdsSecretConfig
+	eds             *cluster.Cluster_EdsClusterConfig
+	connectTimeout  *durationpb.Duration
+	circuitBreakers *cluster.CircuitBreakers
+	outlier         *cluster.OutlierDetection
+	http1, http2    *anypb.Any // upstream HttpProtocolOptions
+	accessLogs      []*accesslog.AccessLog
+	noTimeout       *durationpb.Duration
+	retry           *route.RetryPolicy
+	prefixAll       *route.RouteMatch
+}
+
+func newCommonParts(opts Options) *commonParts {
+	ads := ADSConfigSource()
+	explicit := func(c *upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig) *anypb.Any {
+		return mustAny(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: c}})
+	}
+	return &commonParts{
+		ads:            ads,
+		tlsParams:      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
+		certSDS:        []*tlsv3.SdsSecretConfig{{Name: SecretCertificate, SdsConfig: ads}},
+		rootsSDS:       &tlsv3.SdsSecretConfig{Name: SecretRoots, SdsConfig: ads},
+		eds:            &cluster.Cluster_EdsClusterConfig{EdsConfig: ads},
+		connectTimeout: durationpb.New(opts.ConnectTimeout),
+		circuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
+			MaxConnections:     wrapperspb.UInt32(maxCircuit),
+			MaxPendingRequests: wrapperspb.UInt32(maxCircuit),
+			MaxRequests:        wrapperspb.UInt32(maxCircuit),
+			MaxRetries:         wrapperspb.UInt32(maxCircuit),
+		}}},
+		outlier: &cluster.OutlierDetection{
+			Consecutive_5Xx:                    wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			ConsecutiveGatewayFailure:          wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
+			Interval:                           durationpb.New(opts.Outlier.Interval),
+			BaseEjectionTime:                   durationpb.New(opts.Outlier.BaseEjectionTime),
+			MaxEjectionPercent:                 wrapperspb.UInt32(opts.Outlier.MaxEjectionPercent),
+		},
+		http1: explicit(&upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
+		}),
+		http2: explicit(&upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+		}),
+		accessLogs: accessLogs(opts.AccessLog),
+		noTimeout:  durationpb.New(0),
+		retry:      connectRetry(),
+		prefixAll:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+	}
+}
+
+func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, common *commonParts) *cluster.Cluster {
 	sans := make([]*tlsv3.SubjectAltNameMatcher, 0, len(svc.Identities))
 	for _, id := range svc.Identities {
 		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
@@ -396,15 +496,13 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 	tlsCtx := &tlsv3.UpstreamTlsContext{
 		Sni: SNI(p.Number, subset, svc.Host),
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			TlsParams:     &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
-			AlpnProtocols: ALPN(p.Protocol),
-			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{
-				Name: SecretCertificate, SdsConfig: ADSConfigSource(),
-			}},
+			TlsParams:                      common.tlsParams,
+			AlpnProtocols:                  ALPN(p.Protocol),
+			TlsCertificateSdsSecretConfigs: common.certSDS,
 			ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{
 				CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
 					DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: sans},
-					ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: SecretRoots, SdsConfig: ADSConfigSource()},
+					ValidationContextSdsSecretConfig: common.rootsSDS,
 				},
 			},
 		},
@@ -413,40 +511,22 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 		Name:                 name,
 		AltStatName:          ClusterStatName(name),
 		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
-		EdsClusterConfig:     &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()},
-		ConnectTimeout:       durationpb.New(opts.ConnectTimeout),
+		EdsClusterConfig:     common.eds,
+		ConnectTimeout:       common.connectTimeout,
 		LbPolicy:             cluster.Cluster_ROUND_ROBIN,
-		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
-			MaxConnections:     wrapperspb.UInt32(maxCircuit),
-			MaxPendingRequests: wrapperspb.UInt32(maxCircuit),
-			MaxRequests:        wrapperspb.UInt32(maxCircuit),
-			MaxRetries:         wrapperspb.UInt32(maxCircuit),
-		}}},
-		OutlierDetection: &cluster.OutlierDetection{
-			Consecutive_5Xx:                    wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
-			ConsecutiveGatewayFailure:          wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
-			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
-			Interval:                           durationpb.New(opts.Outlier.Interval),
-			BaseEjectionTime:                   durationpb.New(opts.Outlier.BaseEjectionTime),
-			MaxEjectionPercent:                 wrapperspb.UInt32(opts.Outlier.MaxEjectionPercent),
-		},
+		CircuitBreakers:      common.circuitBreakers,
+		OutlierDetection:     common.outlier,
 		TransportSocket: &core.TransportSocket{
 			Name:       wellknown.TransportSocketTLS,
 			ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)},
 		},
 	}
 	if p.Protocol.IsHTTP() {
-		hpo := &upstreamhttp.HttpProtocolOptions{}
+		hpo := common.http1
 		if p.Protocol.UsesHTTP2Upstream() {
-			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
-				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
-			}}
-		} else {
-			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
-				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
-			}}
+			hpo = common.http2
 		}
-		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: mustAny(hpo)}
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: hpo}
 	}
 	return c
 }
@@ -489,7 +569,7 @@ func accessLogs(enabled bool) []*accesslog.AccessLog {
 	}}
 }
 
-func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.Listener {
+func tcpListener(svc *catalog.Service, p catalog.Port, opts Options, common *commonParts) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, p.Number)
 	chain := &listener.FilterChain{Filters: []*listener.Filter{{
 		Name: wellknown.TCPProxy,
@@ -499,7 +579,7 @@ func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.L
 			// A gateway that refuses the connection is not the end: try another (the built-in
 			// data plane does the same).
 			MaxConnectAttempts: wrapperspb.UInt32(2),
-			AccessLog:          accessLogs(opts.AccessLog),
+			AccessLog:          common.accessLogs,
 		})},
 	}}}
 	if len(svc.AllowedClients) > 0 {
@@ -617,7 +697,7 @@ func connectRetry() *route.RetryPolicy {
 
 // virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
 // subset (its hosts), each routing everything to its cluster.
-func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
+func virtualHosts(svc *catalog.Service, p catalog.Port, common *commonParts) []*route.VirtualHost {
 	vh := func(name, subset string, hosts []string) *route.VirtualHost {
 		var domains []string
 		for _, h := range hosts {
@@ -628,12 +708,12 @@ func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
 			Domains: domains,
 			Routes: []*route.Route{{
 				Name:  "default",
-				Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+				Match: common.prefixAll,
 				Action: &route.Route_Route{Route: &route.RouteAction{
 					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(p.Number, subset, svc.Host)},
 					// No overall deadline, as in Istio: long polls and gRPC streams are normal.
-					Timeout:     durationpb.New(0),
-					RetryPolicy: connectRetry(),
+					Timeout:     common.noTimeout,
+					RetryPolicy: common.retry,
 				}},
 			}},
 		}
