@@ -6,6 +6,7 @@ package controlplane
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
 	"runtime"
@@ -167,6 +168,18 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 type Translator struct {
 	opts     Options
 	services map[string]*translated // by host
+	// last is the last call's result, for a change that leaves every resource name as it was
+	// (see patch); hosts and invalid are its placeable services and the invalid ones it skipped.
+	last    *Resources
+	hosts   []string
+	invalid []SkippedService
+	// index is where each resource is in last, by name (built when first needed).
+	index *resourceIndex
+}
+
+type resourceIndex struct {
+	listeners, routes, clusters, endpoints map[string]int
+	vhosts                                 map[string]map[string]int // by route configuration
 }
 
 // translated is one service's share of the resources.
@@ -190,10 +203,11 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		return nil, err
 	}
 	if t.services == nil || !reflect.DeepEqual(t.opts, opts) {
-		t.opts, t.services = opts, map[string]*translated{}
+		t.opts, t.services, t.last, t.index = opts, map[string]*translated{}, nil, nil
 	}
 	res := &Resources{}
 	services := placeable(cat, res)
+	invalid := slices.Clone(res.Skipped)
 	gateways := map[string]Gateway{}
 	for _, g := range opts.Gateways {
 		gateways[g.Name] = g
@@ -222,7 +236,20 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	parallel(len(todo), func(j int) {
 		i := todo[j]
 		outs[i] = translateService(&services[i], opts, gateways, common)
+		if old := t.services[services[i].Host]; old != nil {
+			outs[i].keepEqual(old)
+		}
 	})
+	if patched := t.patch(services, invalid, outs, todo); patched != nil {
+		return patched, nil
+	}
+	defer func() {
+		t.hosts, t.invalid, t.index = t.hosts[:0], invalid, nil
+		for i := range services {
+			t.hosts = append(t.hosts, services[i].Host)
+		}
+		t.last = res.clone()
+	}()
 	for i := range services {
 		svc, out := &services[i], outs[i]
 		next[svc.Host] = out
@@ -256,20 +283,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	t.services = next
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
-		rc := &route.RouteConfiguration{
-			Name:                RouteName(hp.port),
-			VirtualHosts:        hp.hosts,
-			ValidateClusters:    wrapperspb.Bool(false),
-			InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
-		}
-		if peerHeaders != nil {
-			for _, h := range peerHeaders {
-				rc.RequestHeadersToAdd = append(rc.RequestHeadersToAdd, proto.Clone(h).(*core.HeaderValueOption))
-			}
-			// The sidecar answers with its own peer metadata; it is not the VM's business.
-			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
-		}
-		res.Routes = append(res.Routes, rc)
+		res.Routes = append(res.Routes, routeConfiguration(hp.port, hp.hosts, peerHeaders))
 		l := httpListener(hp.port, hp.rbac, hp.transcode, opts)
 		limitConnections(l, opts.Limits)
 		res.Listeners = append(res.Listeners, l)
@@ -284,6 +298,182 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
 	res.sortSkipped()
 	return res, nil
+}
+
+func routeConfiguration(port uint32, hosts []*route.VirtualHost, peerHeaders []*core.HeaderValueOption) *route.RouteConfiguration {
+	rc := &route.RouteConfiguration{
+		Name:                RouteName(port),
+		VirtualHosts:        hosts,
+		ValidateClusters:    wrapperspb.Bool(false),
+		InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
+	}
+	if peerHeaders != nil {
+		for _, h := range peerHeaders {
+			rc.RequestHeadersToAdd = append(rc.RequestHeadersToAdd, proto.Clone(h).(*core.HeaderValueOption))
+		}
+		// The sidecar answers with its own peer metadata; it is not the VM's business.
+		rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
+	}
+	return rc
+}
+
+// keepEqual puts back the objects of old, the same service's last translation, that have the
+// same content as their new translation: a change to one of a service's resources (its identity
+// is in its clusters only) must not make the others, or the route configuration holding its
+// virtual host, new objects to marshal, validate and send again.
+func (out *translated) keepEqual(old *translated) {
+	if out.noGateway != nil || old.noGateway != nil {
+		return
+	}
+	for i, c := range out.clusters {
+		if i < len(old.clusters) && proto.Equal(c, old.clusters[i]) {
+			out.clusters[i] = old.clusters[i]
+		}
+	}
+	for i, e := range out.endpoints {
+		if i < len(old.endpoints) && proto.Equal(e, old.endpoints[i]) {
+			out.endpoints[i] = old.endpoints[i]
+		}
+	}
+	for port, l := range out.tcp {
+		if o := old.tcp[port]; o != nil && proto.Equal(l, o) {
+			out.tcp[port] = o
+		}
+	}
+	for port, vhs := range out.vhosts {
+		o := old.vhosts[port]
+		for i, vh := range vhs {
+			if i < len(o) && proto.Equal(vh, o[i]) {
+				vhs[i] = o[i]
+			}
+		}
+	}
+}
+
+// patch is the last result with the resources of the changed services (outs[i] for i in changed)
+// put in place of their old ones, or nil when that would not be what a whole translation gives:
+// when a service came or went, was or is skipped, or a changed service's resources have other
+// names or ports (which decide the listeners' order, conflicts and RBAC). Then sorting is not
+// needed (the names are the ones sorted last time), and a change costs what it changes.
+func (t *Translator) patch(services []catalog.Service, invalid []SkippedService, outs []*translated, changed []int) *Resources {
+	if t.last == nil || len(services) != len(t.hosts) || !slices.Equal(invalid, t.invalid) || len(changed) > len(services)/4 {
+		return nil
+	}
+	for i := range services {
+		if services[i].Host != t.hosts[i] {
+			return nil
+		}
+	}
+	for _, i := range changed {
+		if !sameShape(t.services[services[i].Host], outs[i]) {
+			return nil
+		}
+	}
+	for _, sk := range t.last.Skipped {
+		if sk.Reason != SkipInvalid {
+			for _, i := range changed {
+				if services[i].Host == sk.Host {
+					return nil
+				}
+			}
+		}
+	}
+	if t.index == nil {
+		t.index = indexResources(t.last)
+	}
+	last, ix := t.last, t.index
+	res := last.clone()
+	hosts := map[int][]*route.VirtualHost{} // route configurations with a changed virtual host
+	for _, i := range changed {
+		svc, out := &services[i], outs[i]
+		for _, c := range out.clusters {
+			res.Clusters[ix.clusters[c.Name]] = c
+		}
+		for _, e := range out.endpoints {
+			res.Endpoints[ix.endpoints[e.ClusterName]] = e
+		}
+		for _, l := range out.tcp {
+			res.Listeners[ix.listeners[l.Name]] = l
+		}
+		for port, vhs := range out.vhosts {
+			r := ix.routes[RouteName(port)]
+			old := t.services[svc.Host].vhosts[port]
+			for k, vh := range vhs {
+				if vh == old[k] {
+					continue
+				}
+				if hosts[r] == nil {
+					hosts[r] = slices.Clone(last.Routes[r].VirtualHosts)
+				}
+				hosts[r][ix.vhosts[RouteName(port)][vh.Name]] = vh
+			}
+		}
+		t.services[svc.Host] = out
+	}
+	peerHeaders, _ := peerMetadataHeaders(t.opts.PeerMetadata) // valid: the whole translation took them
+	for r, vhs := range hosts {
+		port, _ := strconv.Atoi(last.Routes[r].Name)
+		res.Routes[r] = routeConfiguration(uint32(port), vhs, peerHeaders)
+	}
+	t.last = res
+	return res.clone() // the caller's own lists: t.last stays as returned, whatever it does
+}
+
+func (r *Resources) clone() *Resources {
+	return &Resources{
+		Listeners: slices.Clone(r.Listeners), Routes: slices.Clone(r.Routes),
+		Clusters: slices.Clone(r.Clusters), Endpoints: slices.Clone(r.Endpoints), Skipped: slices.Clone(r.Skipped),
+	}
+}
+
+// sameShape says whether a service's new translation has the resource names, ports and
+// policies of its old one (see patch).
+func sameShape(old, out *translated) bool {
+	if old == nil || old.noGateway != nil || out.noGateway != nil || !slices.Equal(old.svc.Ports, out.svc.Ports) ||
+		(len(old.svc.AllowedClients) > 0) != (len(out.svc.AllowedClients) > 0) || !maps.Equal(old.transcode, out.transcode) {
+		return false
+	}
+	if !slices.EqualFunc(old.clusters, out.clusters, func(a, b *cluster.Cluster) bool { return a.Name == b.Name }) ||
+		!slices.EqualFunc(old.endpoints, out.endpoints, func(a, b *endpoint.ClusterLoadAssignment) bool { return a.ClusterName == b.ClusterName }) ||
+		len(old.tcp) != len(out.tcp) || len(old.vhosts) != len(out.vhosts) {
+		return false
+	}
+	for port, l := range out.tcp {
+		if o := old.tcp[port]; o == nil || o.Name != l.Name {
+			return false
+		}
+	}
+	for port, vhs := range out.vhosts {
+		if !slices.EqualFunc(old.vhosts[port], vhs, func(a, b *route.VirtualHost) bool { return a.Name == b.Name }) {
+			return false
+		}
+	}
+	return true
+}
+
+func indexResources(res *Resources) *resourceIndex {
+	ix := &resourceIndex{
+		listeners: make(map[string]int, len(res.Listeners)), routes: make(map[string]int, len(res.Routes)),
+		clusters: make(map[string]int, len(res.Clusters)), endpoints: make(map[string]int, len(res.Endpoints)),
+		vhosts: make(map[string]map[string]int, len(res.Routes)),
+	}
+	for i, l := range res.Listeners {
+		ix.listeners[l.Name] = i
+	}
+	for i, r := range res.Routes {
+		ix.routes[r.Name] = i
+		ix.vhosts[r.Name] = make(map[string]int, len(r.VirtualHosts))
+		for k, vh := range r.VirtualHosts {
+			ix.vhosts[r.Name][vh.Name] = k
+		}
+	}
+	for i, c := range res.Clusters {
+		ix.clusters[c.Name] = i
+	}
+	for i, e := range res.Endpoints {
+		ix.endpoints[e.ClusterName] = i
+	}
+	return ix
 }
 
 // parallel runs f(0..n-1) on every core; f must be safe to run concurrently.

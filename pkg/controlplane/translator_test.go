@@ -37,7 +37,7 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		func() { cat.Services = append([]catalog.Service{largeCatalog(60).Services[0]}, cat.Services[1:]...) },
 		func() { cat.Services[20].Subsets = []catalog.Subset{{Name: "v2", Hosts: []string{"v2.example"}}} },
 		func() { cat.Services[21].AllowedClients = []string{"10.1.0.0/16"} },
-		func() {}, // nothing
+		func() {},                           // nothing
 		func() { opts.ConnectTimeout *= 2 }, // every service
 		func() { cat.Services[5].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed-again" },
 	}
@@ -94,14 +94,27 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 	if again.Clusters[0] != prev.Clusters[0] || again.Listeners[0] != prev.Listeners[0] {
 		t.Fatal("unchanged service translated anew")
 	}
+	// A change to a service's identity gives new clusters; its endpoints, listener and virtual
+	// host (in the shared route configuration) stay the same objects.
+	cat.Services[9].Identities[0] = "spiffe://cluster.local/ns/x/sa/nine"
+	changed, _ := tr.Translate(cat, opts)
+	for i := range changed.Clusters {
+		if c := changed.Clusters[i]; (c != prev.Clusters[i]) != strings.HasSuffix(c.Name, cat.Services[9].Host) {
+			t.Fatalf("cluster %s: new object %v", c.Name, c != prev.Clusters[i])
+		}
+	}
+	if !slices.Equal(changed.Endpoints, prev.Endpoints) || !slices.Equal(changed.Listeners, prev.Listeners) || !slices.Equal(changed.Routes, prev.Routes) {
+		t.Fatal("an identity change made new endpoints, listeners or route configurations")
+	}
 	// A rebuild still validates what changed, inside the shared route configuration too.
 	cat.Services[0].Ports[0].Number = 9090 // the route configuration of a port of its own
 	res, _ := tr.Translate(cat, opts)
-	for _, rc := range res.Routes {
+	for i, rc := range res.Routes {
 		if rc.Name == "9090" {
-			bad := proto.Clone(rc.VirtualHosts[0]).(*route.VirtualHost) // a new object, as a change makes
-			bad.Domains = nil                                           // a virtual host needs a domain
-			rc.VirtualHosts[0] = bad
+			bad := proto.Clone(rc).(*route.RouteConfiguration) // new objects, as a change makes
+			bad.VirtualHosts[0].Domains = nil                  // a virtual host needs a domain
+			res.Routes = slices.Clone(res.Routes)
+			res.Routes[i] = bad
 		}
 	}
 	if _, err := b.Build(res, nil); err == nil || !strings.Contains(err.Error(), "9090") {
