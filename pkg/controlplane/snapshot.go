@@ -159,7 +159,9 @@ func diff(prev *typeState, items []types.Resource) *change {
 		default:
 			cmp = strings.Compare(cache.GetResourceName(items[i]), cache.GetResourceName(prev.items[j]))
 		}
-		if i > 0 && i < len(items) && cmp <= 0 && cache.GetResourceName(items[i-1]) >= cache.GetResourceName(items[i]) {
+		// Items out of order show at a step that compares names (an object in its old place
+		// needs no check): refuse them there.
+		if cmp != 0 && i > 0 && i < len(items) && cmp < 0 && cache.GetResourceName(items[i-1]) >= cache.GetResourceName(items[i]) {
 			return full() // not sorted by name
 		}
 		switch {
