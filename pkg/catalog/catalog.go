@@ -188,12 +188,12 @@ func (c *Catalog) Validate(opts Options) error { return c.Problems(opts).Err() }
 // cannot also be an HTTP port, since the listener on that port can route only one way.
 func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 	var p strictyaml.Problems
-	hostOwner := map[string]string{} // host name -> field that claimed it
+	hostOwner := make(map[string]string, len(c.Services)) // host name -> field that claimed it
 	type portUse struct {
 		field, host string
 		proto       Protocol
 	}
-	portOwner := map[uint32]portUse{}
+	portOwner := make(map[uint32]portUse, len(c.Services))
 	claim := func(field, name string) {
 		n := normHost(name)
 		if prev, ok := hostOwner[n]; ok {

@@ -240,7 +240,9 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			newHosts = hosts
 		}
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
-		if c.full {
+		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0) {
+			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
+		} else if c.full {
 			st.versions = make(map[string]string, len(items))
 			st.named = make(map[string]types.ResourceWithTTL, len(items))
 		} else {
@@ -280,7 +282,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		for _, i := range c.todo {
 			update(i)
 		}
-		if typ == resource.EndpointType {
+		if typ == resource.EndpointType && (c.full || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
 			// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
 			// xDS sends only resources whose version changed: unchanged endpoints would
 			// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
@@ -417,15 +419,12 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 	touched := map[resource.Type]map[string]bool{}
 	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
 		c, st, target := changes[typ], next[typ], refOf[typ]
-		if c.full || b.refCount == nil {
-			counts[target] = map[string]int{}
-		} else {
-			counts[target] = maps.Clone(b.refCount[target])
-		}
+		full := c.full || b.refCount == nil
+		delta := map[string]int{} // on the last build's counts; all of them for a full build
 		touched[target] = map[string]bool{}
 		add := func(rr map[resource.Type]map[string]bool, n int) {
 			for name := range rr[target] {
-				counts[target][name] += n
+				delta[name] += n
 				touched[target][name] = true
 			}
 		}
@@ -449,8 +448,20 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 				add(c.prev.refs[j], -1)
 			}
 		}
-		for name, n := range counts[target] {
-			if n == 0 && touched[target][name] {
+		switch {
+		case !full && !slices.ContainsFunc(slices.Collect(maps.Values(delta)), func(n int) bool { return n != 0 }):
+			counts[target] = b.refCount[target] // the same references: shared, never modified
+			continue
+		case full:
+			counts[target] = delta
+		default:
+			counts[target] = maps.Clone(b.refCount[target])
+			for name, n := range delta {
+				counts[target][name] += n
+			}
+		}
+		for name := range touched[target] {
+			if counts[target][name] == 0 {
 				delete(counts[target], name)
 			}
 		}
