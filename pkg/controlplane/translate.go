@@ -384,31 +384,42 @@ func (t *Translator) patch(services []catalog.Service, invalid []SkippedService,
 	last, ix := t.last, t.index
 	res := last.clone()
 	hosts := map[int][]*route.VirtualHost{} // route configurations with a changed virtual host
+	missing := false                        // a name not in the last result: not for patching
+	at := func(m map[string]int, name string) int {
+		i, ok := m[name]
+		missing = missing || !ok
+		return i
+	}
 	for _, i := range changed {
 		svc, out := &services[i], outs[i]
 		for _, c := range out.clusters {
-			res.Clusters[ix.clusters[c.Name]] = c
+			res.Clusters[at(ix.clusters, c.Name)] = c
 		}
 		for _, e := range out.endpoints {
-			res.Endpoints[ix.endpoints[e.ClusterName]] = e
+			res.Endpoints[at(ix.endpoints, e.ClusterName)] = e
 		}
 		for _, l := range out.tcp {
-			res.Listeners[ix.listeners[l.Name]] = l
+			res.Listeners[at(ix.listeners, l.Name)] = l
 		}
 		for port, vhs := range out.vhosts {
-			r := ix.routes[RouteName(port)]
+			r := at(ix.routes, RouteName(port))
 			old := t.services[svc.Host].vhosts[port]
 			for k, vh := range vhs {
-				if vh == old[k] {
+				if vh == old[k] || missing {
 					continue
 				}
 				if hosts[r] == nil {
 					hosts[r] = slices.Clone(last.Routes[r].VirtualHosts)
 				}
-				hosts[r][ix.vhosts[RouteName(port)][vh.Name]] = vh
+				hosts[r][at(ix.vhosts[RouteName(port)], vh.Name)] = vh
 			}
 		}
-		t.services[svc.Host] = out
+		if missing {
+			return nil
+		}
+	}
+	for _, i := range changed {
+		t.services[services[i].Host] = outs[i]
 	}
 	peerHeaders, _ := peerMetadataHeaders(t.opts.PeerMetadata) // valid: the whole translation took them
 	for r, vhs := range hosts {
