@@ -328,6 +328,13 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		for i := range c.digests {
 			typeHash.Write(c.digests[i].sum[:])
 		}
+		if typ == resource.EndpointType {
+			// The same for state of the world: a changed cluster changes the endpoints'
+			// version, so the cache answers the endpoints request Envoy makes for the warming
+			// cluster at once (an unchanged version would leave it waiting for the 15 s
+			// initial_fetch_timeout).
+			typeHash.Write([]byte(snap.Resources[types.Cluster].Version))
+		}
 		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
 		configHash.Write([]byte(typ + "=" + v + ";"))
 		snap.Resources[cache.GetResponseType(typ)] = cache.Resources{Version: v, Items: st.named}
