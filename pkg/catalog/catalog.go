@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -187,12 +188,12 @@ func (c *Catalog) Validate(opts Options) error { return c.Problems(opts).Err() }
 // cannot also be an HTTP port, since the listener on that port can route only one way.
 func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 	var p strictyaml.Problems
-	hostOwner := map[string]string{} // host name -> field that claimed it
+	hostOwner := make(map[string]string, len(c.Services)) // host name -> field that claimed it
 	type portUse struct {
 		field, host string
 		proto       Protocol
 	}
-	portOwner := map[uint32]portUse{}
+	portOwner := make(map[uint32]portUse, len(c.Services))
 	claim := func(field, name string) {
 		n := normHost(name)
 		if prev, ok := hostOwner[n]; ok {
@@ -202,7 +203,7 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 		hostOwner[n] = field
 	}
 	for i, s := range c.Services {
-		f := fmt.Sprintf("services[%d]", i)
+		f := "services[" + strconv.Itoa(i) + "]"
 		if s.Host == "" {
 			p.Addf(f+".host", "required: the service's FQDN, e.g. reviews.default.svc.cluster.local")
 		} else if err := checkHost(s.Host); err != nil {
@@ -224,7 +225,7 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 		seen := map[uint32]bool{}
 		hasHTTP := false
 		for j, port := range s.Ports {
-			pf := fmt.Sprintf("%s.ports[%d]", f, j)
+			pf := f + ".ports[" + strconv.Itoa(j) + "]"
 			if port.Number < 1 || port.Number > 65535 {
 				p.Addf(pf+".number", "%d is not a valid port; use 1-65535", port.Number)
 				continue
@@ -323,6 +324,9 @@ func (c *Catalog) Problems(opts Options) strictyaml.Problems {
 
 func checkHost(h string) error {
 	n := normHost(h)
+	if isDNS1123Subdomain(n) && strings.Contains(n, ".") {
+		return nil // the common case, without the regular expression (a third of a 10,000-service check)
+	}
 	if errs := validation.IsDNS1123Subdomain(n); len(errs) > 0 {
 		return fmt.Errorf("%q is not a valid DNS name: %s", h, strings.Join(errs, "; "))
 	}
@@ -330,6 +334,25 @@ func checkHost(h string) error {
 		return fmt.Errorf("%q is not fully qualified; write the FQDN, e.g. %s.default.svc.cluster.local", h, n)
 	}
 	return nil
+}
+
+// isDNS1123Subdomain is validation.IsDNS1123Subdomain's language: at most 253 characters, labels
+// of lower-case letters, digits and '-' that start and end with a letter or digit.
+func isDNS1123Subdomain(n string) bool {
+	if len(n) == 0 || len(n) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(n, ".") {
+		if label == "" || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			if c := label[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // CheckSPIFFEID returns an error explaining why id is not a SPIFFE ID usable as a workload identity.

@@ -305,9 +305,10 @@ func (s *Server) request(id int64, node *core.Node, typeURL, version, nonce stri
 				"node", c.Node, "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage(), "not_logged_since_last", left)
 		}
 	case isErr:
-		s.metrics.foreignNacks.WithLabelValues(TypeName(typeURL)).Inc()
+		// Logged before counted: whoever sees the count finds the log line.
 		s.log.Warn("xDS client that is not this instance's data plane rejected configuration",
 			"node", c.Node, "peer", c.Peer.String(), "type", TypeName(typeURL), "nonce", nonce, "error", status.GetMessage())
+		s.metrics.foreignNacks.WithLabelValues(TypeName(typeURL)).Inc()
 	}
 }
 

@@ -4,7 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"runtime"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -59,22 +62,40 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	return (&Builder{}).Build(res, bundle)
 }
 
-// Builder builds snapshots and remembers which resource contents it has already validated, so a
-// rebuild after a small catalog change validates only what changed. Safe for one goroutine.
+// Builder builds snapshots and remembers its last build, so that a rebuild after a small catalog
+// change costs what changed: a resource passed again (a Translator hands back the same object for
+// an unchanged service) is neither marshaled nor validated again, and the snapshot's maps, its
+// size limit and its references are updated for the changed resources only. Safe for one
+// goroutine.
 type Builder struct {
+	// last is each type's state in the last good build (listeners, routes, clusters, endpoints).
+	last map[resource.Type]*typeState
+	// validated are the sums of contents validated before: a new object with the same content
+	// (a service changed and changed back) is not validated again.
 	validated map[[32]byte]struct{}
-	// digested are the last build's resources: one passed again (a Translator hands back the
-	// same object for an unchanged service) is neither marshaled nor validated again.
-	digested map[types.Resource]digest
 	// vhosts are the virtual hosts of the last build's route configurations, digested and
 	// valid: a route configuration holds every service's virtual host on its port, and a change
 	// to one service must not marshal and validate all of them again.
 	vhosts map[*route.VirtualHost]digest
-	// refs are the route and endpoint names the last build's listeners and clusters reference.
-	refs map[types.Resource]map[resource.Type]map[string]bool
+	// clusterSums are the last build's cluster sums, by the EDS name of their endpoints.
+	clusterSums map[string][32]byte
+	// refCount counts, per route or endpoint name, the listeners or clusters referencing it.
+	refCount map[resource.Type]map[string]int
 	// MaxMessageBytes is the largest xDS message a data plane takes; a snapshot with a response
 	// larger than that is refused. Zero means xdslimit.MaxMessageBytes.
 	MaxMessageBytes int
+}
+
+// typeState is one type's resources as served, with what was derived from each.
+type typeState struct {
+	items   []types.Resource
+	digests []digest
+	refs    []map[resource.Type]map[string]bool // listeners and clusters: what each references
+	// versions and named are the snapshot's maps, shared with the cache: never modified, a
+	// change clones them.
+	versions map[string]string
+	named    map[string]types.ResourceWithTTL
+	size     int // bytes of the response carrying all of them
 }
 
 func (b *Builder) maxMessageBytes() int {
@@ -98,21 +119,95 @@ func responseBytes(typ resource.Type, size int, name string) int {
 	return protowire.SizeTag(2) + protowire.SizeBytes(any) + len(name) + perResourceOverhead
 }
 
+// change is how one type's resources differ from the last build's.
+type change struct {
+	prev    *typeState
+	items   []types.Resource
+	digests []digest // of items; filled for the unchanged ones by diff, for the rest by digest
+	same    []bool   // items[i] is the last build's object (its digest and references carry over)
+	prevAt  []int    // the last build's index of items[i]'s name, or -1
+	todo    []int    // indices in items to digest: new or changed
+	gone    []int    // indices in prev.items whose name is no longer there
+	full    bool     // no usable last build: every map is built anew
+}
+
+// diff compares items with the last build's by name (both sorted, as Resources are) and object.
+// Unsorted or repeated names, or a change to most resources, give a full rebuild.
+func diff(prev *typeState, items []types.Resource) *change {
+	c := &change{prev: prev, items: items, digests: make([]digest, len(items)), same: make([]bool, len(items)), prevAt: make([]int, len(items))}
+	full := func() *change {
+		c.full, c.todo, c.gone = true, c.todo[:0], nil
+		for i := range items {
+			c.same[i], c.prevAt[i] = false, -1
+			c.todo = append(c.todo, i)
+		}
+		return c
+	}
+	if prev == nil {
+		return full()
+	}
+	i, j := 0, 0
+	for i < len(items) || j < len(prev.items) {
+		var cmp int
+		switch {
+		case i == len(items):
+			cmp = 1
+		case j == len(prev.items):
+			cmp = -1
+		case items[i] == prev.items[j]:
+			cmp = 0
+		default:
+			cmp = strings.Compare(cache.GetResourceName(items[i]), cache.GetResourceName(prev.items[j]))
+		}
+		// Items out of order show at a step that compares names (an object in its old place
+		// needs no check): refuse them there.
+		if cmp != 0 && i > 0 && i < len(items) && cmp < 0 && cache.GetResourceName(items[i-1]) >= cache.GetResourceName(items[i]) {
+			return full() // not sorted by name
+		}
+		switch {
+		case cmp < 0: // new name
+			c.prevAt[i] = -1
+			c.todo = append(c.todo, i)
+			i++
+		case cmp > 0: // name gone
+			c.gone = append(c.gone, j)
+			j++
+		default:
+			c.prevAt[i] = j
+			if items[i] == prev.items[j] {
+				c.same[i], c.digests[i] = true, prev.digests[j]
+			} else {
+				c.todo = append(c.todo, i)
+			}
+			i, j = i+1, j+1
+		}
+	}
+	if 4*(len(c.todo)+len(c.gone)) > len(items)+len(prev.items) {
+		return full()
+	}
+	return c
+}
+
 // Build is NewSnapshot with the builder's memory of its last build. The resources in res are
 // served from then on and must not be modified: a change is a new object (as Translator makes).
 func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
-	byType := map[resource.Type][]types.Resource{}
-	for _, l := range res.Listeners {
-		byType[resource.ListenerType] = append(byType[resource.ListenerType], l)
+	byType := map[resource.Type][]types.Resource{
+		resource.ListenerType: make([]types.Resource, len(res.Listeners)),
+		resource.RouteType:    make([]types.Resource, len(res.Routes)),
+		resource.ClusterType:  make([]types.Resource, len(res.Clusters)),
+		resource.EndpointType: make([]types.Resource, len(res.Endpoints)),
 	}
-	for _, r := range res.Routes {
-		byType[resource.RouteType] = append(byType[resource.RouteType], r)
+	for i, r := range res.Listeners {
+		byType[resource.ListenerType][i] = r
 	}
-	for _, c := range res.Clusters {
-		byType[resource.ClusterType] = append(byType[resource.ClusterType], c)
+	for i, r := range res.Routes {
+		byType[resource.RouteType][i] = r
 	}
-	for _, e := range res.Endpoints {
-		byType[resource.EndpointType] = append(byType[resource.EndpointType], e)
+	for i, r := range res.Clusters {
+		byType[resource.ClusterType][i] = r
+	}
+	for i, r := range res.Endpoints {
+		byType[resource.EndpointType][i] = r
 	}
 	var secrets []types.Resource
 	if bundle != nil {
@@ -127,51 +222,124 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	}
 	snap := &cache.Snapshot{VersionMap: map[string]map[string]string{}}
 	configHash := sha256.New()
-	seen := make(map[[32]byte]struct{}, len(b.validated))
-	digested := make(map[types.Resource]digest, len(b.digested))
-	vhosts := map[*route.VirtualHost]digest{}
-	clusterSums := make(map[string][32]byte, len(byType[resource.ClusterType])) // by EDS name
+	next := map[resource.Type]*typeState{}
+	changes := map[resource.Type]*change{}
+	var newHosts map[*route.VirtualHost]digest
+	clusterSums := map[string]*[32]byte{} // changes to b.clusterSums: nil for a cluster gone
+	reversion := map[string]bool{}        // endpoints whose cluster changed
 	limit := b.maxMessageBytes()
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		items := byType[typ]
-		digests, err := b.digest(typ, items, vhosts)
+		c := diff(b.last[typ], items)
+		changes[typ] = c
+		hosts, err := b.digest(typ, c)
 		if err != nil {
 			return nil, err
 		}
-		typeHash := sha256.New()
-		versions := make(map[string]string, len(items))
-		size := perResponseOverhead
-		for i, r := range items {
-			d := digests[i]
-			// A data plane takes one response of each type whole; one it cannot receive must
-			// never be served (it would drop the stream and retry forever), so refuse it here,
-			// where the last good snapshot keeps serving.
-			if size += responseBytes(typ, d.size, cache.GetResourceName(r)); size > limit {
-				return nil, fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
-					TypeName(typ), size, len(items), TypeName(typ), limit)
-			}
-			seen[d.sum] = struct{}{}
-			digested[r] = d
-			typeHash.Write(d.sum[:])
-			versions[cache.GetResourceName(r)] = d.version
-			switch r := r.(type) {
-			case *clusterv3.Cluster:
-				clusterSums[edsName(r)] = d.sum
-			case *endpoint.ClusterLoadAssignment:
-				// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
-				// xDS sends only resources whose version changed: unchanged endpoints would
-				// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
-				// are versioned with their cluster, and a cluster change resends them.
-				if c, ok := clusterSums[r.GetClusterName()]; ok {
-					v := sha256.Sum256(append(d.sum[:], c[:]...))
-					versions[r.GetClusterName()] = hex.EncodeToString(v[:8])
+		if hosts != nil {
+			newHosts = hosts
+		}
+		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
+		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0) {
+			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
+		} else if c.full {
+			st.versions = make(map[string]string, len(items))
+			st.named = make(map[string]types.ResourceWithTTL, len(items))
+		} else {
+			st.versions, st.named, st.size = maps.Clone(c.prev.versions), maps.Clone(c.prev.named), c.prev.size
+			for _, j := range c.gone {
+				r := c.prev.items[j]
+				name := cache.GetResourceName(r)
+				delete(st.versions, name)
+				delete(st.named, name)
+				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
+				if cl, ok := r.(*clusterv3.Cluster); ok {
+					clusterSums[edsName(cl)] = nil
+					reversion[edsName(cl)] = true
 				}
 			}
 		}
+		update := func(i int) {
+			r, d := items[i], c.digests[i]
+			name := cache.GetResourceName(r)
+			if j := c.prevAt[i]; j >= 0 {
+				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
+			}
+			st.size += responseBytes(typ, d.size, name)
+			st.versions[name] = d.version
+			st.named[name] = types.ResourceWithTTL{Resource: r}
+			if cl, ok := r.(*clusterv3.Cluster); ok {
+				if j := c.prevAt[i]; j >= 0 {
+					if old := edsName(c.prev.items[j].(*clusterv3.Cluster)); old != edsName(cl) {
+						clusterSums[old], reversion[old] = nil, true
+					}
+				}
+				sum := d.sum
+				clusterSums[edsName(cl)] = &sum
+				reversion[edsName(cl)] = true
+			}
+		}
+		for _, i := range c.todo {
+			update(i)
+		}
+		if typ == resource.EndpointType && (c.full || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
+			// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
+			// xDS sends only resources whose version changed: unchanged endpoints would
+			// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
+			// are versioned with their cluster, and a cluster change resends them.
+			version := func(i int) {
+				e := items[i].(*endpoint.ClusterLoadAssignment)
+				d := c.digests[i]
+				st.versions[e.GetClusterName()] = d.version
+				sum, ok := clusterSums[e.GetClusterName()]
+				if !ok {
+					if s, found := b.clusterSums[e.GetClusterName()]; found {
+						sum = &s
+					}
+				}
+				if sum != nil {
+					v := sha256.Sum256(append(d.sum[:], sum[:]...))
+					st.versions[e.GetClusterName()] = hex.EncodeToString(v[:8])
+				}
+			}
+			if c.full || len(reversion) > len(items)/4 {
+				for i := range items {
+					version(i)
+				}
+			} else {
+				for _, i := range c.todo {
+					version(i)
+				}
+				for name := range reversion {
+					if i, ok := indexByName(items, name); ok && c.same[i] {
+						version(i)
+					}
+				}
+			}
+		}
+		// A data plane takes one response of each type whole; one it cannot receive must
+		// never be served (it would drop the stream and retry forever), so refuse it here,
+		// where the last good snapshot keeps serving.
+		if st.size > limit {
+			return nil, fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
+				TypeName(typ), st.size, len(items), TypeName(typ), limit)
+		}
+		typeHash := sha256.New()
+		for i := range c.digests {
+			typeHash.Write(c.digests[i].sum[:])
+		}
+		if typ == resource.EndpointType {
+			// The same for state of the world: a changed cluster changes the endpoints'
+			// version, so the cache answers the endpoints request Envoy makes for the warming
+			// cluster at once (an unchanged version would leave it waiting for the 15 s
+			// initial_fetch_timeout).
+			typeHash.Write([]byte(snap.Resources[types.Cluster].Version))
+		}
 		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
 		configHash.Write([]byte(typ + "=" + v + ";"))
-		snap.Resources[cache.GetResponseType(typ)] = cache.NewResources(v, items)
-		snap.VersionMap[typ] = versions
+		snap.Resources[cache.GetResponseType(typ)] = cache.Resources{Version: v, Items: st.named}
+		snap.VersionMap[typ] = st.versions
+		next[typ] = st
 	}
 	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16]}
 	secretVersions := map[string]string{}
@@ -185,52 +353,168 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	}
 	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
 	snap.VersionMap[resource.SecretType] = secretVersions
-	refs, err := b.consistent(snap, byType)
+	counts, err := b.consistent(snap, changes, next)
 	if err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
-	// Remember only the current contents, so memory stays proportional to the catalog.
-	b.validated, b.digested, b.vhosts, b.refs = seen, digested, vhosts, refs
+	b.commit(next, changes, newHosts, clusterSums, counts)
 	return out, nil
 }
 
-// consistent is the cache's Snapshot.Consistent (every route and endpoint resource is referenced
-// by a listener or cluster, and every reference resolves) with each resource's references found
-// by the cache's own GetResourceReferences, once per resource object: finding a listener's routes
-// means decoding its filters, which at 10,000 listeners is a large part of a rebuild.
-func (b *Builder) consistent(snap *cache.Snapshot, byType map[resource.Type][]types.Resource) (map[types.Resource]map[resource.Type]map[string]bool, error) {
-	refs := make(map[types.Resource]map[resource.Type]map[string]bool, len(b.refs))
-	want := map[resource.Type]map[string]bool{resource.RouteType: {}, resource.EndpointType: {}}
-	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
-		for _, r := range byType[typ] {
-			rr, ok := b.refs[r]
-			if !ok {
-				rr = cache.GetResourceReferences(map[string]types.ResourceWithTTL{cache.GetResourceName(r): {Resource: r}})
+// indexByName finds the resource named name in items, sorted by name.
+func indexByName(items []types.Resource, name string) (int, bool) {
+	return slices.BinarySearchFunc(items, name, func(r types.Resource, n string) int {
+		return strings.Compare(cache.GetResourceName(r), n)
+	})
+}
+
+// commit makes a successful build the one the next compares with. What it keeps is proportional
+// to the catalog: the current resources, their digests and references.
+func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource.Type]*change, hosts map[*route.VirtualHost]digest,
+	clusterSums map[string]*[32]byte, counts map[resource.Type]map[string]int) {
+	full := false
+	for _, c := range changes {
+		full = full || c.full
+	}
+	if b.validated == nil || len(b.validated) > 4*(1024+len(b.clusterSums)) {
+		full = true // forget the sums of what is no longer served
+	}
+	if full {
+		b.validated = map[[32]byte]struct{}{}
+		for _, st := range next {
+			for _, d := range st.digests {
+				b.validated[d.sum] = struct{}{}
 			}
-			refs[r] = rr
-			for t, names := range rr {
-				if want[t] != nil {
-					for n := range names {
-						want[t][n] = true
-					}
+		}
+	} else {
+		for typ, c := range changes {
+			for _, i := range c.todo {
+				b.validated[next[typ].digests[i].sum] = struct{}{}
+			}
+		}
+	}
+	if c := changes[resource.ClusterType]; c.full || b.clusterSums == nil {
+		b.clusterSums = map[string][32]byte{}
+		for i, r := range next[resource.ClusterType].items {
+			b.clusterSums[edsName(r.(*clusterv3.Cluster))] = next[resource.ClusterType].digests[i].sum
+		}
+	} else {
+		for name, sum := range clusterSums {
+			if sum == nil {
+				delete(b.clusterSums, name)
+			} else {
+				b.clusterSums[name] = *sum
+			}
+		}
+	}
+	if hosts != nil {
+		b.vhosts = hosts
+	}
+	b.refCount = counts
+	b.last = next
+}
+
+// consistent is the cache's Snapshot.Consistent (every route and endpoint resource is referenced
+// by a listener or cluster, and every reference resolves), checked for what changed: the last
+// build was consistent. Each resource's references are found by the cache's own
+// GetResourceReferences, once per resource object: finding a listener's routes means decoding its
+// filters, which at 10,000 listeners is a large part of a full build. It fills the listeners' and
+// clusters' refs and returns the reference counts of this build.
+func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*change, next map[resource.Type]*typeState) (map[resource.Type]map[string]int, error) {
+	refOf := map[resource.Type]resource.Type{resource.ListenerType: resource.RouteType, resource.ClusterType: resource.EndpointType}
+	counts := map[resource.Type]map[string]int{}
+	touched := map[resource.Type]map[string]bool{}
+	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
+		c, st, target := changes[typ], next[typ], refOf[typ]
+		full := c.full || b.refCount == nil
+		delta := map[string]int{} // on the last build's counts; all of them for a full build
+		touched[target] = map[string]bool{}
+		add := func(rr map[resource.Type]map[string]bool, n int) {
+			for name := range rr[target] {
+				delta[name] += n
+				touched[target][name] = true
+			}
+		}
+		st.refs = make([]map[resource.Type]map[string]bool, len(st.items))
+		for i, r := range st.items {
+			if c.same[i] {
+				st.refs[i] = c.prev.refs[c.prevAt[i]]
+				if !c.full {
+					continue
 				}
+			} else {
+				st.refs[i] = cache.GetResourceReferences(map[string]types.ResourceWithTTL{cache.GetResourceName(r): {Resource: r}})
+				if j := c.prevAt[i]; !c.full && j >= 0 {
+					add(c.prev.refs[j], -1)
+				}
+			}
+			add(st.refs[i], 1)
+		}
+		if !c.full {
+			for _, j := range c.gone {
+				add(c.prev.refs[j], -1)
+			}
+		}
+		switch {
+		case !full && !slices.ContainsFunc(slices.Collect(maps.Values(delta)), func(n int) bool { return n != 0 }):
+			counts[target] = b.refCount[target] // the same references: shared, never modified
+			continue
+		case full:
+			counts[target] = delta
+		default:
+			counts[target] = maps.Clone(b.refCount[target])
+			for name, n := range delta {
+				counts[target][name] += n
+			}
+		}
+		for name := range touched[target] {
+			if counts[target][name] == 0 {
+				delete(counts[target], name)
 			}
 		}
 	}
 	for _, typ := range []resource.Type{resource.RouteType, resource.EndpointType} {
 		have := snap.Resources[cache.GetResponseType(typ)].Items
-		for n := range want[typ] {
-			if _, ok := have[n]; !ok {
-				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), n)
+		c := changes[typ]
+		for name := range touched[typ] {
+			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
+				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
 			}
 		}
-		for n := range have {
-			if !want[typ][n] {
-				return nil, fmt.Errorf("%s %q is in the snapshot but nothing references it", TypeName(typ), n)
+		check := func(name string) error {
+			if _, ok := have[name]; ok && counts[typ][name] == 0 {
+				return fmt.Errorf("%s %q is in the snapshot but nothing references it", TypeName(typ), name)
+			}
+			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
+				return fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
+			}
+			return nil
+		}
+		if c.full || changes[resource.ListenerType].full && typ == resource.RouteType || changes[resource.ClusterType].full && typ == resource.EndpointType {
+			for name := range have {
+				if err := check(name); err != nil {
+					return nil, err
+				}
+			}
+			continue
+		}
+		for name := range touched[typ] {
+			if err := check(name); err != nil {
+				return nil, err
+			}
+		}
+		for _, i := range c.todo {
+			if err := check(cache.GetResourceName(c.items[i])); err != nil {
+				return nil, err
+			}
+		}
+		for _, j := range c.gone {
+			if err := check(cache.GetResourceName(c.prev.items[j])); err != nil {
+				return nil, err
 			}
 		}
 	}
-	return refs, nil
+	return counts, nil
 }
 
 // edsName is the name of the endpoints an EDS cluster takes.
@@ -247,73 +531,66 @@ type digest struct {
 	version string // the delta xDS version: the sum's first 8 bytes in hex
 }
 
-// digest marshals, hashes and (unless validated before) validates items, on every core: these
-// are independent, and at 10,000 services they are most of a build. Items digested by the last
-// build are taken as they were. The virtual hosts of valid route configurations go to vhosts.
-func (b *Builder) digest(typ resource.Type, items []types.Resource, vhosts map[*route.VirtualHost]digest) ([]digest, error) {
-	out := make([]digest, len(items))
+// digest marshals, hashes and (unless validated before) validates the new and changed items, on
+// every core: these are independent, and at 10,000 services they are most of a build. For route
+// configurations it returns the virtual hosts of this build (nil for other types).
+func (b *Builder) digest(typ resource.Type, c *change) (map[*route.VirtualHost]digest, error) {
+	items, out, todo := c.items, c.digests, c.todo
 	errs := make([]error, len(items))
-	var mu sync.Mutex // vhosts
-	keepHosts := func(rc *route.RouteConfiguration, ds []digest) {
-		mu.Lock()
-		defer mu.Unlock()
-		for i, vh := range rc.GetVirtualHosts() {
-			vhosts[vh] = ds[i]
-		}
+	var hostDigests [][]digest // per item, for route configurations
+	if typ == resource.RouteType {
+		hostDigests = make([][]digest, len(items))
 	}
-	var todo []int
-	for i, r := range items {
-		if d, ok := b.digested[r]; ok {
-			out[i] = d
+	parallelWorkers(len(todo), func(w, workers int) {
+		marshal := proto.MarshalOptions{Deterministic: true}
+		var v deepValidator
+		for j := w; j < len(todo); j += workers {
+			i := todo[j]
+			r := items[i]
 			if rc, ok := r.(*route.RouteConfiguration); ok {
-				keepHosts(rc, b.hostDigests(rc))
-			}
-			continue
-		}
-		todo = append(todo, i)
-	}
-	workers := min(runtime.GOMAXPROCS(0), max(1, len(todo)/64))
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			marshal := proto.MarshalOptions{Deterministic: true}
-			for j := w; j < len(todo); j += workers {
-				i := todo[j]
-				r := items[i]
-				if rc, ok := r.(*route.RouteConfiguration); ok {
-					d, hosts, err := b.digestRoutes(rc, marshal)
-					out[i] = d
-					if err == nil {
-						keepHosts(rc, hosts)
-					} else {
-						errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
-					}
-					continue
-				}
-				raw, err := marshal.Marshal(r)
+				d, hosts, err := b.digestRoutes(rc, marshal, &v)
+				out[i], hostDigests[i] = d, hosts
 				if err != nil {
-					errs[i] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
-					continue
+					errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
 				}
-				out[i] = newDigest(sha256.Sum256(raw), len(raw))
-				if _, ok := b.validated[out[i].sum]; ok {
-					continue
-				}
-				if err := ValidateDeep(r); err != nil {
-					errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
-				}
+				continue
 			}
-		}()
-	}
-	wg.Wait()
+			raw, err := marshal.Marshal(r)
+			if err != nil {
+				errs[i] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
+				continue
+			}
+			out[i] = newDigest(sha256.Sum256(raw), len(raw))
+			if _, ok := b.validated[out[i].sum]; ok {
+				continue
+			}
+			if err := v.validate(r); err != nil {
+				errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
+			}
+		}
+	})
 	for _, err := range errs { // the first in resource order, whatever the scheduling
 		if err != nil {
 			return nil, err
 		}
 	}
-	return out, nil
+	if typ != resource.RouteType {
+		return nil, nil
+	}
+	if len(todo) == 0 && !c.full && b.vhosts != nil {
+		return b.vhosts, nil
+	}
+	hosts := map[*route.VirtualHost]digest{}
+	for i, r := range items {
+		ds := hostDigests[i]
+		if ds == nil {
+			ds = b.hostDigests(r.(*route.RouteConfiguration))
+		}
+		for k, vh := range r.(*route.RouteConfiguration).GetVirtualHosts() {
+			hosts[vh] = ds[k]
+		}
+	}
+	return hosts, nil
 }
 
 func newDigest(sum [32]byte, size int) digest {
@@ -325,14 +602,14 @@ func newDigest(sum [32]byte, size int) digest {
 // each host's sum: as deterministic as hashing the whole, without marshaling every service's
 // host for a change to one. Its configuration's own rules on virtual_hosts are per item, so
 // validating the rest and each host is the same check as validating the whole.
-func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.MarshalOptions) (digest, []digest, error) {
+func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.MarshalOptions, v *deepValidator) (digest, []digest, error) {
 	// rc is this build's own (not digested before, so not served yet): its list of hosts can be
 	// set aside while the rest is marshaled and validated.
 	hosts := rc.VirtualHosts
 	rc.VirtualHosts = nil
 	raw, err := marshal.Marshal(rc)
 	if err == nil {
-		err = ValidateDeep(rc)
+		err = v.validate(rc)
 	}
 	rc.VirtualHosts = hosts
 	if err != nil {
@@ -348,7 +625,7 @@ func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.Marsh
 			if err != nil {
 				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
 			}
-			if err := ValidateDeep(vh); err != nil {
+			if err := v.validate(vh); err != nil {
 				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
 			}
 			ds[i] = newDigest(sha256.Sum256(raw), len(raw))
@@ -376,62 +653,104 @@ func (b *Builder) hostDigests(rc *route.RouteConfiguration) []digest {
 // ValidateAll already checks every nested message, so it runs once per root (m and each unpacked
 // Any); the walk between roots only enters fields whose type can reach an Any.
 func ValidateDeep(m proto.Message) error {
-	if v, ok := m.(interface{ ValidateAll() error }); ok {
-		if err := v.ValidateAll(); err != nil {
+	return new(deepValidator).validate(m)
+}
+
+// deepValidator is ValidateDeep with a memory of the Anys it found valid: resources share
+// messages (see commonParts), and a shared Any is decoded and validated once. Not safe for
+// concurrent use.
+type deepValidator struct {
+	valid map[*anypb.Any]struct{}
+}
+
+func (v *deepValidator) validate(m proto.Message) error {
+	if va, ok := m.(interface{ ValidateAll() error }); ok {
+		if err := va.ValidateAll(); err != nil {
 			return err
 		}
 	}
-	return validateAnys(m.ProtoReflect(), "")
+	if err := v.walk(m.ProtoReflect()); err != nil {
+		return err.(*pathError).flatten()
+	}
+	return nil
 }
 
-func validateAnys(m protoreflect.Message, path string) error {
+// pathError is an error inside an Any with the field path to it, gathered as the walk returns
+// (the path is formatted only for an error, not for every field walked).
+type pathError struct {
+	segs []string // innermost first; "[i]" for list items and map entries
+	err  error
+}
+
+func (e *pathError) Error() string { return e.flatten().Error() }
+
+func (e *pathError) in(seg string) error {
+	e.segs = append(e.segs, seg)
+	return e
+}
+
+func (e *pathError) flatten() error {
+	var b strings.Builder
+	for i := len(e.segs) - 1; i >= 0; i-- {
+		if s := e.segs[i]; b.Len() > 0 && s[0] != '[' {
+			b.WriteByte('.')
+		}
+		b.WriteString(e.segs[i])
+	}
+	return fmt.Errorf("%s: %w", b.String(), e.err)
+}
+
+func (v *deepValidator) walk(m protoreflect.Message) error {
 	for _, fd := range anyFields(m.Descriptor()) {
 		if !m.Has(fd) {
 			continue
 		}
-		p := string(fd.Name())
-		if path != "" {
-			p = path + "." + p
-		}
-		v := m.Get(fd)
+		val := m.Get(fd)
+		var err error
 		switch {
 		case fd.IsList():
-			l := v.List()
-			for i := 0; i < l.Len(); i++ {
-				if err := validateAnyOrWalk(l.Get(i).Message(), fmt.Sprintf("%s[%d]", p, i)); err != nil {
-					return err
+			l := val.List()
+			for i := 0; i < l.Len() && err == nil; i++ {
+				if err = v.anyOrWalk(l.Get(i).Message()); err != nil {
+					err = err.(*pathError).in("[" + strconv.Itoa(i) + "]")
 				}
 			}
 		case fd.IsMap():
-			var err error
-			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				err = validateAnyOrWalk(mv.Message(), fmt.Sprintf("%s[%v]", p, k.Interface()))
+			val.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+				if err = v.anyOrWalk(mv.Message()); err != nil {
+					err = err.(*pathError).in(fmt.Sprintf("[%v]", k.Interface()))
+				}
 				return err == nil
 			})
-			if err != nil {
-				return err
-			}
 		default:
-			if err := validateAnyOrWalk(v.Message(), p); err != nil {
-				return err
-			}
+			err = v.anyOrWalk(val.Message())
+		}
+		if err != nil {
+			return err.(*pathError).in(string(fd.Name()))
 		}
 	}
 	return nil
 }
 
-func validateAnyOrWalk(m protoreflect.Message, path string) error {
+func (v *deepValidator) anyOrWalk(m protoreflect.Message) error {
 	a, ok := m.Interface().(*anypb.Any)
 	if !ok {
-		return validateAnys(m, path)
+		return v.walk(m)
+	}
+	if _, ok := v.valid[a]; ok {
+		return nil
 	}
 	inner, err := a.UnmarshalNew()
 	if err != nil {
-		return fmt.Errorf("%s: cannot decode %s: %v", path, a.GetTypeUrl(), err)
+		return &pathError{err: fmt.Errorf("cannot decode %s: %v", a.GetTypeUrl(), err)}
 	}
-	if err := ValidateDeep(inner); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+	if err := v.validate(inner); err != nil {
+		return &pathError{err: err}
 	}
+	if v.valid == nil {
+		v.valid = map[*anypb.Any]struct{}{}
+	}
+	v.valid[a] = struct{}{}
 	return nil
 }
 

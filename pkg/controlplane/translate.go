@@ -6,11 +6,14 @@ package controlplane
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
@@ -165,6 +168,18 @@ func Translate(cat *catalog.Catalog, opts Options) (*Resources, error) {
 type Translator struct {
 	opts     Options
 	services map[string]*translated // by host
+	// last is the last call's result, for a change that leaves every resource name as it was
+	// (see patch); hosts and invalid are its placeable services and the invalid ones it skipped.
+	last    *Resources
+	hosts   []string
+	invalid []SkippedService
+	// index is where each resource is in last, by name (built when first needed).
+	index *resourceIndex
+}
+
+type resourceIndex struct {
+	listeners, routes, clusters, endpoints map[string]int
+	vhosts                                 map[string]map[string]int // by route configuration
 }
 
 // translated is one service's share of the resources.
@@ -188,10 +203,11 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		return nil, err
 	}
 	if t.services == nil || !reflect.DeepEqual(t.opts, opts) {
-		t.opts, t.services = opts, map[string]*translated{}
+		t.opts, t.services, t.last, t.index = opts, map[string]*translated{}, nil, nil
 	}
 	res := &Resources{}
 	services := placeable(cat, res)
+	invalid := slices.Clone(res.Skipped)
 	gateways := map[string]Gateway{}
 	for _, g := range opts.Gateways {
 		gateways[g.Name] = g
@@ -206,12 +222,36 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	tcpPorts := map[uint32]*listener.Listener{}
 	httpUsed, tcpOwner := map[uint32]bool{}, map[uint32]string{}
 	next := make(map[string]*translated, len(services))
+	outs := make([]*translated, len(services))
+	var todo []int
 	for i := range services {
 		svc := &services[i]
-		out := t.services[svc.Host]
-		if out == nil || !reflect.DeepEqual(&out.svc, svc) {
-			out = translateService(svc, opts, gateways)
+		if out := t.services[svc.Host]; out != nil && reflect.DeepEqual(&out.svc, svc) {
+			outs[i] = out
+			continue
 		}
+		todo = append(todo, i)
+	}
+	common := newCommonParts(opts)
+	parallel(len(todo), func(j int) {
+		i := todo[j]
+		outs[i] = translateService(&services[i], opts, gateways, common)
+		if old := t.services[services[i].Host]; old != nil {
+			outs[i].keepEqual(old)
+		}
+	})
+	if patched := t.patch(services, invalid, outs, todo); patched != nil {
+		return patched, nil
+	}
+	defer func() {
+		t.hosts, t.invalid, t.index = t.hosts[:0], invalid, nil
+		for i := range services {
+			t.hosts = append(t.hosts, services[i].Host)
+		}
+		t.last = res.clone()
+	}()
+	for i := range services {
+		svc, out := &services[i], outs[i]
 		next[svc.Host] = out
 		if out.noGateway != nil {
 			res.skip(svc.Host, SkipNoGatewayAddress, out.noGateway.Error())
@@ -243,20 +283,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	t.services = next
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
-		rc := &route.RouteConfiguration{
-			Name:                RouteName(hp.port),
-			VirtualHosts:        hp.hosts,
-			ValidateClusters:    wrapperspb.Bool(false),
-			InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
-		}
-		if peerHeaders != nil {
-			for _, h := range peerHeaders {
-				rc.RequestHeadersToAdd = append(rc.RequestHeadersToAdd, proto.Clone(h).(*core.HeaderValueOption))
-			}
-			// The sidecar answers with its own peer metadata; it is not the VM's business.
-			rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
-		}
-		res.Routes = append(res.Routes, rc)
+		res.Routes = append(res.Routes, routeConfiguration(hp.port, hp.hosts, peerHeaders))
 		l := httpListener(hp.port, hp.rbac, hp.transcode, opts)
 		limitConnections(l, opts.Limits)
 		res.Listeners = append(res.Listeners, l)
@@ -273,9 +300,224 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	return res, nil
 }
 
+func routeConfiguration(port uint32, hosts []*route.VirtualHost, peerHeaders []*core.HeaderValueOption) *route.RouteConfiguration {
+	rc := &route.RouteConfiguration{
+		Name:                RouteName(port),
+		VirtualHosts:        hosts,
+		ValidateClusters:    wrapperspb.Bool(false),
+		InternalOnlyHeaders: slices.Clone(InternalOnlyHeaders),
+	}
+	if peerHeaders != nil {
+		for _, h := range peerHeaders {
+			rc.RequestHeadersToAdd = append(rc.RequestHeadersToAdd, proto.Clone(h).(*core.HeaderValueOption))
+		}
+		// The sidecar answers with its own peer metadata; it is not the VM's business.
+		rc.ResponseHeadersToRemove = []string{HeaderPeerMetadataID, HeaderPeerMetadata}
+	}
+	return rc
+}
+
+// keepEqual puts back the objects of old, the same service's last translation, that have the
+// same content as their new translation: a change to one of a service's resources (its identity
+// is in its clusters only) must not make the others, or the route configuration holding its
+// virtual host, new objects to marshal, validate and send again.
+func (out *translated) keepEqual(old *translated) {
+	if out.noGateway != nil || old.noGateway != nil {
+		return
+	}
+	for i, c := range out.clusters {
+		if i < len(old.clusters) && proto.Equal(c, old.clusters[i]) {
+			out.clusters[i] = old.clusters[i]
+		}
+	}
+	for i, e := range out.endpoints {
+		if i < len(old.endpoints) && proto.Equal(e, old.endpoints[i]) {
+			out.endpoints[i] = old.endpoints[i]
+		}
+	}
+	for port, l := range out.tcp {
+		if o := old.tcp[port]; o != nil && proto.Equal(l, o) {
+			out.tcp[port] = o
+		}
+	}
+	for port, vhs := range out.vhosts {
+		o := old.vhosts[port]
+		for i, vh := range vhs {
+			if i < len(o) && proto.Equal(vh, o[i]) {
+				vhs[i] = o[i]
+			}
+		}
+	}
+}
+
+// patch is the last result with the resources of the changed services (outs[i] for i in changed)
+// put in place of their old ones, or nil when that would not be what a whole translation gives:
+// when a service came or went, was or is skipped, or a changed service's resources have other
+// names or ports (which decide the listeners' order, conflicts and RBAC). Then sorting is not
+// needed (the names are the ones sorted last time), and a change costs what it changes.
+func (t *Translator) patch(services []catalog.Service, invalid []SkippedService, outs []*translated, changed []int) *Resources {
+	if t.last == nil || len(services) != len(t.hosts) || !slices.Equal(invalid, t.invalid) || len(changed) > len(services)/4 {
+		return nil
+	}
+	for i := range services {
+		if services[i].Host != t.hosts[i] {
+			return nil
+		}
+	}
+	for _, i := range changed {
+		if !sameShape(t.services[services[i].Host], outs[i]) {
+			return nil
+		}
+	}
+	for _, sk := range t.last.Skipped {
+		if sk.Reason != SkipInvalid {
+			for _, i := range changed {
+				if services[i].Host == sk.Host {
+					return nil
+				}
+			}
+		}
+	}
+	if t.index == nil {
+		t.index = indexResources(t.last)
+	}
+	last, ix := t.last, t.index
+	res := last.clone()
+	hosts := map[int][]*route.VirtualHost{} // route configurations with a changed virtual host
+	missing := false                        // a name not in the last result: not for patching
+	at := func(m map[string]int, name string) int {
+		i, ok := m[name]
+		missing = missing || !ok
+		return i
+	}
+	for _, i := range changed {
+		svc, out := &services[i], outs[i]
+		for _, c := range out.clusters {
+			res.Clusters[at(ix.clusters, c.Name)] = c
+		}
+		for _, e := range out.endpoints {
+			res.Endpoints[at(ix.endpoints, e.ClusterName)] = e
+		}
+		for _, l := range out.tcp {
+			res.Listeners[at(ix.listeners, l.Name)] = l
+		}
+		for port, vhs := range out.vhosts {
+			r := at(ix.routes, RouteName(port))
+			old := t.services[svc.Host].vhosts[port]
+			for k, vh := range vhs {
+				if vh == old[k] || missing {
+					continue
+				}
+				if hosts[r] == nil {
+					hosts[r] = slices.Clone(last.Routes[r].VirtualHosts)
+				}
+				hosts[r][at(ix.vhosts[RouteName(port)], vh.Name)] = vh
+			}
+		}
+		if missing {
+			return nil
+		}
+	}
+	for _, i := range changed {
+		t.services[services[i].Host] = outs[i]
+	}
+	peerHeaders, _ := peerMetadataHeaders(t.opts.PeerMetadata) // valid: the whole translation took them
+	for r, vhs := range hosts {
+		port, _ := strconv.Atoi(last.Routes[r].Name)
+		res.Routes[r] = routeConfiguration(uint32(port), vhs, peerHeaders)
+	}
+	t.last = res
+	return res.clone() // the caller's own lists: t.last stays as returned, whatever it does
+}
+
+func (r *Resources) clone() *Resources {
+	return &Resources{
+		Listeners: slices.Clone(r.Listeners), Routes: slices.Clone(r.Routes),
+		Clusters: slices.Clone(r.Clusters), Endpoints: slices.Clone(r.Endpoints), Skipped: slices.Clone(r.Skipped),
+	}
+}
+
+// sameShape says whether a service's new translation has the resource names, ports and
+// policies of its old one (see patch).
+func sameShape(old, out *translated) bool {
+	if old == nil || old.noGateway != nil || out.noGateway != nil || !slices.Equal(old.svc.Ports, out.svc.Ports) ||
+		(len(old.svc.AllowedClients) > 0) != (len(out.svc.AllowedClients) > 0) || !maps.Equal(old.transcode, out.transcode) {
+		return false
+	}
+	if !slices.EqualFunc(old.clusters, out.clusters, func(a, b *cluster.Cluster) bool { return a.Name == b.Name }) ||
+		!slices.EqualFunc(old.endpoints, out.endpoints, func(a, b *endpoint.ClusterLoadAssignment) bool { return a.ClusterName == b.ClusterName }) ||
+		len(old.tcp) != len(out.tcp) || len(old.vhosts) != len(out.vhosts) {
+		return false
+	}
+	for port, l := range out.tcp {
+		if o := old.tcp[port]; o == nil || o.Name != l.Name {
+			return false
+		}
+	}
+	for port, vhs := range out.vhosts {
+		if !slices.EqualFunc(old.vhosts[port], vhs, func(a, b *route.VirtualHost) bool { return a.Name == b.Name }) {
+			return false
+		}
+	}
+	return true
+}
+
+func indexResources(res *Resources) *resourceIndex {
+	ix := &resourceIndex{
+		listeners: make(map[string]int, len(res.Listeners)), routes: make(map[string]int, len(res.Routes)),
+		clusters: make(map[string]int, len(res.Clusters)), endpoints: make(map[string]int, len(res.Endpoints)),
+		vhosts: make(map[string]map[string]int, len(res.Routes)),
+	}
+	for i, l := range res.Listeners {
+		ix.listeners[l.Name] = i
+	}
+	for i, r := range res.Routes {
+		ix.routes[r.Name] = i
+		ix.vhosts[r.Name] = make(map[string]int, len(r.VirtualHosts))
+		for k, vh := range r.VirtualHosts {
+			ix.vhosts[r.Name][vh.Name] = k
+		}
+	}
+	for i, c := range res.Clusters {
+		ix.clusters[c.Name] = i
+	}
+	for i, e := range res.Endpoints {
+		ix.endpoints[e.ClusterName] = i
+	}
+	return ix
+}
+
+// parallel runs f(0..n-1) on every core; f must be safe to run concurrently.
+func parallel(n int, f func(int)) {
+	parallelWorkers(n, func(w, workers int) {
+		for i := w; i < n; i += workers {
+			f(i)
+		}
+	})
+}
+
+// parallelWorkers runs f(w, workers) for w in 0..workers-1 at once, workers being up to one per
+// core, fewer for small n (under 64 items a goroutine is not worth starting).
+func parallelWorkers(n int, f func(w, workers int)) {
+	workers := min(runtime.GOMAXPROCS(0), max(1, n/64))
+	if workers == 1 {
+		f(0, 1)
+		return
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(w, workers)
+		}()
+	}
+	wg.Wait()
+}
+
 // translateService builds one service's clusters, endpoints, TCP listeners and virtual hosts.
 // It depends on the service and the options alone, which is what lets a Translator reuse it.
-func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway) *translated {
+func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway, common *commonParts) *translated {
 	out := &translated{svc: svc.Clone()}
 	eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
 	if err != nil {
@@ -291,7 +533,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 		}
 		for _, subset := range subsets {
 			name := ClusterName(p.Number, subset, svc.Host)
-			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, opts))
+			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, common))
 			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
 				ClusterName: name,
 				Endpoints:   byPriority(eps, gateways),
@@ -301,7 +543,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 			if out.tcp == nil {
 				out.tcp = map[uint32]*listener.Listener{}
 			}
-			l := tcpListener(svc, p, opts)
+			l := tcpListener(svc, p, opts, common)
 			limitConnections(l, opts.Limits)
 			out.tcp[p.Number] = l
 			continue
@@ -309,7 +551,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 		if out.vhosts == nil {
 			out.vhosts, out.transcode = map[uint32][]*route.VirtualHost{}, map[uint32]bool{}
 		}
-		vhs := virtualHosts(svc, p)
+		vhs := virtualHosts(svc, p, common)
 		for _, v := range vhs {
 			out.transcode[p.Number] = transcodeVirtualHost(v, svc, p) || out.transcode[p.Number]
 		}
@@ -385,7 +627,66 @@ func mustAny(m proto.Message) *anypb.Any {
 // hit under normal load; Istio's sidecars do the same.
 const maxCircuit = 4294967295
 
-func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, opts Options) *cluster.Cluster {
+// commonParts are the messages every cluster, listener or route of one translation has alike.
+// Resources share them rather than each holding a copy: at 10,000 services copies were a large
+// part of a build's allocations, of its marshaling (each packed Any) and of its validation. Shared
+// messages are never modified (nor is anything served, see Translator).
+type commonParts struct {
+	ads             *core.ConfigSource
+	tlsParams       *tlsv3.TlsParameters
+	certSDS         []*tlsv3.SdsSecretConfig // not appended to: its one element is what is shared
+	rootsSDS        *tlsv3.SdsSecretConfig
+	eds             *cluster.Cluster_EdsClusterConfig
+	connectTimeout  *durationpb.Duration
+	circuitBreakers *cluster.CircuitBreakers
+	outlier         *cluster.OutlierDetection
+	http1, http2    *anypb.Any // upstream HttpProtocolOptions
+	accessLogs      []*accesslog.AccessLog
+	noTimeout       *durationpb.Duration
+	retry           *route.RetryPolicy
+	prefixAll       *route.RouteMatch
+}
+
+func newCommonParts(opts Options) *commonParts {
+	ads := ADSConfigSource()
+	explicit := func(c *upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig) *anypb.Any {
+		return mustAny(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: c}})
+	}
+	return &commonParts{
+		ads:            ads,
+		tlsParams:      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
+		certSDS:        []*tlsv3.SdsSecretConfig{{Name: SecretCertificate, SdsConfig: ads}},
+		rootsSDS:       &tlsv3.SdsSecretConfig{Name: SecretRoots, SdsConfig: ads},
+		eds:            &cluster.Cluster_EdsClusterConfig{EdsConfig: ads},
+		connectTimeout: durationpb.New(opts.ConnectTimeout),
+		circuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
+			MaxConnections:     wrapperspb.UInt32(maxCircuit),
+			MaxPendingRequests: wrapperspb.UInt32(maxCircuit),
+			MaxRequests:        wrapperspb.UInt32(maxCircuit),
+			MaxRetries:         wrapperspb.UInt32(maxCircuit),
+		}}},
+		outlier: &cluster.OutlierDetection{
+			Consecutive_5Xx:                    wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			ConsecutiveGatewayFailure:          wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
+			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
+			Interval:                           durationpb.New(opts.Outlier.Interval),
+			BaseEjectionTime:                   durationpb.New(opts.Outlier.BaseEjectionTime),
+			MaxEjectionPercent:                 wrapperspb.UInt32(opts.Outlier.MaxEjectionPercent),
+		},
+		http1: explicit(&upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
+		}),
+		http2: explicit(&upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+		}),
+		accessLogs: accessLogs(opts.AccessLog),
+		noTimeout:  durationpb.New(0),
+		retry:      connectRetry(),
+		prefixAll:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+	}
+}
+
+func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, common *commonParts) *cluster.Cluster {
 	sans := make([]*tlsv3.SubjectAltNameMatcher, 0, len(svc.Identities))
 	for _, id := range svc.Identities {
 		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
@@ -396,15 +697,13 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 	tlsCtx := &tlsv3.UpstreamTlsContext{
 		Sni: SNI(p.Number, subset, svc.Host),
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			TlsParams:     &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
-			AlpnProtocols: ALPN(p.Protocol),
-			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{
-				Name: SecretCertificate, SdsConfig: ADSConfigSource(),
-			}},
+			TlsParams:                      common.tlsParams,
+			AlpnProtocols:                  ALPN(p.Protocol),
+			TlsCertificateSdsSecretConfigs: common.certSDS,
 			ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{
 				CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
 					DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: sans},
-					ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: SecretRoots, SdsConfig: ADSConfigSource()},
+					ValidationContextSdsSecretConfig: common.rootsSDS,
 				},
 			},
 		},
@@ -413,40 +712,22 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 		Name:                 name,
 		AltStatName:          ClusterStatName(name),
 		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
-		EdsClusterConfig:     &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()},
-		ConnectTimeout:       durationpb.New(opts.ConnectTimeout),
+		EdsClusterConfig:     common.eds,
+		ConnectTimeout:       common.connectTimeout,
 		LbPolicy:             cluster.Cluster_ROUND_ROBIN,
-		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
-			MaxConnections:     wrapperspb.UInt32(maxCircuit),
-			MaxPendingRequests: wrapperspb.UInt32(maxCircuit),
-			MaxRequests:        wrapperspb.UInt32(maxCircuit),
-			MaxRetries:         wrapperspb.UInt32(maxCircuit),
-		}}},
-		OutlierDetection: &cluster.OutlierDetection{
-			Consecutive_5Xx:                    wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
-			ConsecutiveGatewayFailure:          wrapperspb.UInt32(opts.Outlier.ConsecutiveErrors),
-			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
-			Interval:                           durationpb.New(opts.Outlier.Interval),
-			BaseEjectionTime:                   durationpb.New(opts.Outlier.BaseEjectionTime),
-			MaxEjectionPercent:                 wrapperspb.UInt32(opts.Outlier.MaxEjectionPercent),
-		},
+		CircuitBreakers:      common.circuitBreakers,
+		OutlierDetection:     common.outlier,
 		TransportSocket: &core.TransportSocket{
 			Name:       wellknown.TransportSocketTLS,
 			ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)},
 		},
 	}
 	if p.Protocol.IsHTTP() {
-		hpo := &upstreamhttp.HttpProtocolOptions{}
+		hpo := common.http1
 		if p.Protocol.UsesHTTP2Upstream() {
-			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
-				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
-			}}
-		} else {
-			hpo.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
-				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
-			}}
+			hpo = common.http2
 		}
-		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: mustAny(hpo)}
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: hpo}
 	}
 	return c
 }
@@ -489,7 +770,7 @@ func accessLogs(enabled bool) []*accesslog.AccessLog {
 	}}
 }
 
-func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.Listener {
+func tcpListener(svc *catalog.Service, p catalog.Port, opts Options, common *commonParts) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, p.Number)
 	chain := &listener.FilterChain{Filters: []*listener.Filter{{
 		Name: wellknown.TCPProxy,
@@ -499,7 +780,7 @@ func tcpListener(svc *catalog.Service, p catalog.Port, opts Options) *listener.L
 			// A gateway that refuses the connection is not the end: try another (the built-in
 			// data plane does the same).
 			MaxConnectAttempts: wrapperspb.UInt32(2),
-			AccessLog:          accessLogs(opts.AccessLog),
+			AccessLog:          common.accessLogs,
 		})},
 	}}}
 	if len(svc.AllowedClients) > 0 {
@@ -617,7 +898,7 @@ func connectRetry() *route.RetryPolicy {
 
 // virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
 // subset (its hosts), each routing everything to its cluster.
-func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
+func virtualHosts(svc *catalog.Service, p catalog.Port, common *commonParts) []*route.VirtualHost {
 	vh := func(name, subset string, hosts []string) *route.VirtualHost {
 		var domains []string
 		for _, h := range hosts {
@@ -628,12 +909,12 @@ func virtualHosts(svc *catalog.Service, p catalog.Port) []*route.VirtualHost {
 			Domains: domains,
 			Routes: []*route.Route{{
 				Name:  "default",
-				Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+				Match: common.prefixAll,
 				Action: &route.Route_Route{Route: &route.RouteAction{
 					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(p.Number, subset, svc.Host)},
 					// No overall deadline, as in Istio: long polls and gRPC streams are normal.
-					Timeout:     durationpb.New(0),
-					RetryPolicy: connectRetry(),
+					Timeout:     common.noTimeout,
+					RetryPolicy: common.retry,
 				}},
 			}},
 		}

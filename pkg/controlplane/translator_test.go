@@ -2,11 +2,16 @@ package controlplane
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
 // TestTranslatorMatchesTranslate: a Translator and a Builder kept across changes give exactly
@@ -28,7 +33,13 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		func() { cat.Services[3].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed" },
 		func() { cat.Services[7].Ports[1].Number = 40000 },
 		func() { cat.Services = append(cat.Services[:10], cat.Services[11:]...) },
+		func() { cat.Services = append(cat.Services, largeCatalog(60).Services[55]) }, // added last
+		func() { cat.Services = append([]catalog.Service{largeCatalog(60).Services[0]}, cat.Services[1:]...) },
+		func() { cat.Services[20].Subsets = []catalog.Subset{{Name: "v2", Hosts: []string{"v2.example"}}} },
+		func() { cat.Services[21].AllowedClients = []string{"10.1.0.0/16"} },
+		func() {},                           // nothing
 		func() { opts.ConnectTimeout *= 2 }, // every service
+		func() { cat.Services[5].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed-again" },
 	}
 	for i, change := range changes {
 		change()
@@ -71,6 +82,13 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 			if fmt.Sprint(m) != fmt.Sprint(snap.Cache.VersionMap[typ]) {
 				t.Fatalf("change %d: %s delta versions differ from a fresh build", i, typ)
 			}
+			rt := cache.GetResponseType(typ)
+			if a, b := slices.Sorted(maps.Keys(snap.Cache.Resources[rt].Items)), slices.Sorted(maps.Keys(fresh.Cache.Resources[rt].Items)); !slices.Equal(a, b) {
+				t.Fatalf("change %d: %s resources %v, fresh build %v", i, typ, a, b)
+			}
+			if snap.Cache.Resources[rt].Version != fresh.Cache.Resources[rt].Version {
+				t.Fatalf("change %d: %s version differs from a fresh build", i, typ)
+			}
 		}
 	}
 	// An unchanged service's resources are the same objects.
@@ -79,6 +97,21 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 	if again.Clusters[0] != prev.Clusters[0] || again.Listeners[0] != prev.Listeners[0] {
 		t.Fatal("unchanged service translated anew")
 	}
+	// A change to a service's identity gives new clusters; its endpoints, listener and virtual
+	// host (in the shared route configuration) stay the same objects.
+	cat.Services[9].Identities[0] = "spiffe://cluster.local/ns/x/sa/nine"
+	changed, err := tr.Translate(cat, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range changed.Clusters {
+		if c := changed.Clusters[i]; (c != prev.Clusters[i]) != strings.HasSuffix(c.Name, cat.Services[9].Host) {
+			t.Fatalf("cluster %s: new object %v", c.Name, c != prev.Clusters[i])
+		}
+	}
+	if !slices.Equal(changed.Endpoints, prev.Endpoints) || !slices.Equal(changed.Listeners, prev.Listeners) || !slices.Equal(changed.Routes, prev.Routes) {
+		t.Fatal("an identity change made new endpoints, listeners or route configurations")
+	}
 	// A rebuild still validates what changed, inside the shared route configuration too.
 	cat.Services[0].Ports[0].Number = 9090 // the route configuration of a port of its own
 	res, err := tr.Translate(cat, opts)
@@ -86,12 +119,13 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		t.Fatal(err)
 	}
 	broken := 0
-	for _, rc := range res.Routes {
+	for i, rc := range res.Routes {
 		if rc.Name == "9090" {
 			broken++
-			bad := proto.Clone(rc.VirtualHosts[0]).(*route.VirtualHost) // a new object, as a change makes
-			bad.Domains = nil                                           // a virtual host needs a domain
-			rc.VirtualHosts[0] = bad
+			bad := proto.Clone(rc).(*route.RouteConfiguration) // new objects, as a change makes
+			bad.VirtualHosts[0].Domains = nil                  // a virtual host needs a domain
+			res.Routes = slices.Clone(res.Routes)
+			res.Routes[i] = bad
 		}
 	}
 	if broken != 1 {
@@ -99,5 +133,24 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 	}
 	if _, err := b.Build(res, nil); err == nil || !strings.Contains(err.Error(), "9090") {
 		t.Fatalf("invalid virtual host accepted or error unclear: %v", err)
+	}
+	// A rebuild still checks the references of what changed: endpoints without their cluster,
+	// a cluster without its endpoints.
+	res, _ = tr.Translate(cat, opts)
+	if _, err := b.Build(res, nil); err != nil {
+		t.Fatal(err)
+	}
+	noCluster := *res
+	noCluster.Clusters = slices.Delete(slices.Clone(res.Clusters), 3, 4)
+	if _, err := b.Build(&noCluster, nil); err == nil || !strings.Contains(err.Error(), "nothing references it") {
+		t.Fatalf("endpoints of a removed cluster accepted: %v", err)
+	}
+	noEndpoints := *res
+	noEndpoints.Endpoints = slices.Delete(slices.Clone(res.Endpoints), 3, 4)
+	if _, err := b.Build(&noEndpoints, nil); err == nil || !strings.Contains(err.Error(), "referenced but not in the snapshot") {
+		t.Fatalf("a cluster without its endpoints accepted: %v", err)
+	}
+	if _, err := b.Build(res, nil); err != nil { // the refused builds left the builder as it was
+		t.Fatal(err)
 	}
 }
