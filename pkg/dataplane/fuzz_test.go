@@ -154,16 +154,17 @@ func confine(m protoreflect.Message, dir string) {
 	}
 }
 
-// checkErr fails unless err names the resource (prefix) and says what is wrong with which field.
-func checkErr(t *testing.T, err error, prefixes ...string) {
+// checkErr fails unless err is unnamed (a resource without a name: the error says so), or
+// names the resource (prefix) and says what is wrong with which field.
+func checkErr(t *testing.T, err error, unnamed, prefix string) {
 	t.Helper()
 	msg := err.Error()
-	for _, p := range prefixes {
-		if rest, ok := strings.CutPrefix(msg, p); ok && strings.TrimSpace(rest) != "" {
-			return
-		}
+	if unnamed != "" && msg == unnamed {
+		return
 	}
-	t.Fatalf("error does not name the resource and field (want a prefix of %q): %q", prefixes, msg)
+	if rest, ok := strings.CutPrefix(msg, prefix); !ok || strings.TrimSpace(rest) == "" {
+		t.Fatalf("error does not name the resource and field (want %q, or a prefix %q and more): %q", unnamed, prefix, msg)
+	}
 }
 
 // unmarshal decodes a fuzzed resource and confines it; false when the bytes are no resource.
@@ -225,7 +226,7 @@ func FuzzParseRouteConfiguration(f *testing.F) {
 		}
 		tbl, err := parseRouteConfig(&rc)
 		if err != nil {
-			checkErr(t, err, "route configuration "+strconv.Quote(rc.GetName())+": ")
+			checkErr(t, err, "", "route configuration "+strconv.Quote(rc.GetName())+": ")
 			return
 		}
 		// Every exact domain finds its own virtual host.
@@ -308,7 +309,7 @@ func FuzzParseClusterLoadAssignment(f *testing.F) {
 		}
 		eps, err := parseCLA(&cla)
 		if err != nil {
-			checkErr(t, err, "endpoints[")
+			checkErr(t, err, "", "endpoints[")
 			return
 		}
 		checkEndpoints(t, eps)
@@ -384,7 +385,7 @@ func FuzzRouteLookup(f *testing.F) {
 		}
 		tbl, err := parseRouteConfig(rc)
 		if err != nil {
-			checkErr(t, err, "route configuration \"fuzz\": ")
+			checkErr(t, err, "", "route configuration \"fuzz\": ")
 			return
 		}
 		want := modelLookup(rc, host)
@@ -404,12 +405,12 @@ func FuzzRouteLookup(f *testing.F) {
 }
 
 func modelLookup(rc *route.RouteConfiguration, host string) *route.VirtualHost {
-	h := asciiLower(host)
+	h := modelLower(host)
 	var bestSuffix, bestPrefix, any *route.VirtualHost
 	suffixLen, prefixLen := -1, -1
 	for _, v := range rc.GetVirtualHosts() {
 		for _, d := range v.GetDomains() {
-			d = asciiLower(d)
+			d = modelLower(d)
 			switch {
 			case d == "*":
 				any = v
@@ -440,7 +441,7 @@ func modelMatch(v *route.VirtualHost, path string) *route.Route {
 	for _, r := range v.GetRoutes() {
 		m := r.GetMatch()
 		fold := !m.GetCaseSensitive().GetValue()
-		eq := func(a, b string) bool { return a == b || fold && asciiLower(a) == asciiLower(b) }
+		eq := func(a, b string) bool { return a == b || fold && modelLower(a) == modelLower(b) }
 		if p, ok := m.GetPathSpecifier().(*route.RouteMatch_Path); ok {
 			if eq(path, p.Path) {
 				return r
@@ -452,7 +453,8 @@ func modelMatch(v *route.VirtualHost, path string) *route.Route {
 	return nil
 }
 
-func asciiLower(s string) string {
+// modelLower is the model's own ASCII lower-casing, apart from the code under test.
+func modelLower(s string) string {
 	b := []byte(s)
 	for i, c := range b {
 		if 'A' <= c && c <= 'Z' {
