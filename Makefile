@@ -36,8 +36,9 @@ check:
 # Every fuzz target (func FuzzX in a _test.go file), one after another for FUZZTIME each: go test
 # -fuzz takes one target per run. A crasher is written to the package's testdata/fuzz/FuzzX/,
 # which plain go test replays: fix it and commit the file as a regression input.
-# FUZZFLAGS are passed on, e.g. FUZZFLAGS=-parallel=1 on a shared machine. No vet here: make check
-# vets, and vet's pass over every dependency would come before each target.
+# FUZZFLAGS are passed on, e.g. FUZZFLAGS='-parallel=1 -fuzzminimizetime=5s' on a shared
+# machine. No vet here: make check vets, and vet's pass over every dependency would come before
+# each target.
 FUZZTIME ?= 30s
 FUZZFLAGS ?=
 fuzz:
