@@ -182,6 +182,15 @@ var fuzzPeers = []netip.Addr{netip.MustParseAddr("10.1.2.3"), netip.MustParseAdd
 func FuzzParseListener(f *testing.F) {
 	res, _ := fuzzResources(f)
 	addSeeds(f, res.Listeners)
+	// The inbound listener with a chain that lost its filter_chain_match: refused by name, where
+	// it once panicked (cloning the nil match).
+	for _, l := range res.Listeners {
+		if isInbound(l) {
+			l = proto.Clone(l).(*listener.Listener)
+			l.FilterChains[len(l.FilterChains)-1].FilterChainMatch = nil
+			addSeeds(f, []*listener.Listener{l})
+		}
+	}
 	dir := f.TempDir()
 	dp := New(Options{})
 	f.Fuzz(func(t *testing.T, b []byte) {
