@@ -1,7 +1,7 @@
 # fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
 GO ?= go
 
-.PHONY: build deps test test-aws test-terraform check bench bench-dataplane bench-envoy bench-fleet demo golden clean
+.PHONY: build deps test test-aws test-terraform check fuzz bench bench-dataplane bench-envoy bench-fleet demo golden clean
 
 build:
 	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
@@ -32,6 +32,23 @@ check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+
+# Every fuzz target (func FuzzX in a _test.go file), one after another for FUZZTIME each: go test
+# -fuzz takes one target per run. A crasher is written to the package's testdata/fuzz/FuzzX/,
+# which plain go test replays: fix it and commit the file as a regression input.
+# FUZZFLAGS are passed on, e.g. FUZZFLAGS='-parallel=1 -fuzzminimizetime=5s' on a shared
+# machine. No vet here: make check vets, and vet's pass over every dependency would come before
+# each target.
+FUZZTIME ?= 30s
+FUZZFLAGS ?=
+fuzz:
+	@set -e; for file in $$(git grep -l '^func Fuzz' -- '*_test.go'); do \
+		pkg=./$$(dirname $$file); \
+		for target in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$file); do \
+			echo "fuzz: $$pkg $$target for $(FUZZTIME)"; \
+			$(GO) test -vet=off -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) $$pkg; \
+		done; \
+	done
 
 # Go benchmarks (translation, propagation, gossip, data plane).
 bench:

@@ -96,8 +96,11 @@ func (dp *DataPlane) parseInbound(l *listener.Listener, cfg *listenerConfig) (*l
 	for i, fc := range l.GetFilterChains() {
 		f := fmt.Sprintf("filter_chains[%d]", i)
 		m := fc.GetFilterChainMatch()
-		rest := proto.Clone(m).(*listener.FilterChainMatch)
-		rest.ServerNames, rest.TransportProtocol = nil, ""
+		rest := &listener.FilterChainMatch{} // what m sets besides server names and tls
+		if m != nil {
+			rest = proto.Clone(m).(*listener.FilterChainMatch)
+			rest.ServerNames, rest.TransportProtocol = nil, ""
+		}
 		if m == nil || len(m.GetServerNames()) == 0 || m.GetTransportProtocol() != "tls" || !proto.Equal(rest, &listener.FilterChainMatch{}) {
 			return nil, fail("%s.filter_chain_match: a TLS listener's chains match server_names and transport_protocol tls, nothing else", f)
 		}

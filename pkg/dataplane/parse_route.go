@@ -69,7 +69,7 @@ type routeEntry struct {
 // lookup finds the virtual host for a Host header, Envoy's way: exact, then the longest
 // suffix wildcard, then the longest prefix wildcard, then "*".
 func (t *routeTable) lookup(host string) *virtualHost {
-	h := strings.ToLower(host)
+	h := asciiLower(host)
 	if vh := t.exact[h]; vh != nil {
 		return vh
 	}
@@ -97,7 +97,7 @@ func (vh *virtualHost) match(path string) *routeEntry {
 				return r
 			}
 		case r.exact:
-			if strings.EqualFold(path, r.path) {
+			if asciiEqualFold(path, r.path) {
 				return r
 			}
 		case r.caseSensitive:
@@ -105,7 +105,7 @@ func (vh *virtualHost) match(path string) *routeEntry {
 				return r
 			}
 		default:
-			if len(path) >= len(r.prefix) && strings.EqualFold(path[:len(r.prefix)], r.prefix) {
+			if len(path) >= len(r.prefix) && asciiEqualFold(path[:len(r.prefix)], r.prefix) {
 				return r
 			}
 		}
@@ -165,7 +165,7 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 			return nil, fail("%s.domains: empty", vf)
 		}
 		for _, d := range v.GetDomains() {
-			d = strings.ToLower(d)
+			d = asciiLower(d)
 			if prev, dup := seen[d]; dup {
 				return nil, fail("%s.domains: %q is also a domain of virtual host %q; domains must be unique", vf, d, prev)
 			}

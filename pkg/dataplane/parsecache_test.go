@@ -4,8 +4,10 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -72,7 +74,9 @@ func TestUnchangedResourcesAreNotReparsed(t *testing.T) {
 	e.push(cat, opts, func(r *controlplane.Resources) {
 		for _, c := range r.Clusters {
 			if c.Name == bad {
-				c.ConnectTimeout.Nanos++ // a new version, so the control plane sends it again
+				// A new version, so the control plane sends it again. A new Duration: the
+				// translation shares one among all its clusters.
+				c.ConnectTimeout = durationpb.New(c.ConnectTimeout.AsDuration() + time.Nanosecond)
 			}
 		}
 	})
