@@ -7,7 +7,7 @@ GO ?= go
 # module never reaches into the other, so every target below names both.
 DEPLOYTEST := deploy/deploytest
 
-.PHONY: build deps test test-aws test-terraform check bench bench-dataplane bench-envoy demo golden clean
+.PHONY: build deps test test-aws test-terraform check lint bench bench-dataplane bench-envoy demo golden clean
 
 build:
 	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
@@ -36,14 +36,25 @@ test-aws: deps
 test-terraform: deps
 	cd $(DEPLOYTEST) && $(GO) test -tags terraform -p 1 -count=1 -timeout 30m -run 'TerraformMoto' .
 
-# Formatting, go.mod/go.sum tidy, vet (the terraform-tagged tests too) in both modules.
+# Formatting, go.mod/go.sum tidy, vet and staticcheck (the terraform-tagged tests too) in both
+# modules. staticcheck is pinned in tools/go.mod (a module of its own, so its dependencies stay
+# out of the product's); `go tool` builds it from the module cache, offline after the first run.
+STATICCHECK = $(GO) tool -modfile=$(CURDIR)/tools/go.mod staticcheck
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) mod tidy -diff
 	cd $(DEPLOYTEST) && $(GO) mod tidy -diff
+	cd tools && $(GO) mod tidy -diff
 	$(GO) vet ./...
 	cd $(DEPLOYTEST) && $(GO) vet -tags terraform ./...
+	$(STATICCHECK) ./...
+	cd $(DEPLOYTEST) && $(STATICCHECK) -tags terraform ./...
+
+# staticcheck alone, both modules.
+lint:
+	$(STATICCHECK) ./...
+	cd $(DEPLOYTEST) && $(STATICCHECK) -tags terraform ./...
 
 # Go benchmarks (translation, propagation, gossip, data plane).
 bench:
