@@ -1,7 +1,13 @@
 # fwdproxy: build, test, benchmark. `make test` is the whole suite (CI runs it via .ci/run).
 GO ?= go
 
-.PHONY: build deps test test-aws test-terraform check fuzz bench bench-dataplane bench-envoy bench-fleet demo golden clean
+# The repository holds two Go modules: the product (the root) and deploy/deploytest, the tests of
+# the deployment artefacts against the third-party parsers that read them (HCL, Prometheus,
+# Istio's API), a module of its own so those stay out of the product's go.mod. `./...` in one
+# module never reaches into the other, so every target below names both.
+DEPLOYTEST := deploy/deploytest
+
+.PHONY: build deps test test-aws test-terraform check lint fuzz bench bench-dataplane bench-envoy bench-fleet demo golden clean
 
 build:
 	$(GO) build -buildvcs=auto -o bin/fwdproxy ./cmd/fwdproxy
@@ -14,24 +20,41 @@ deps:
 # (end-to-end with Envoy included).
 test: deps check
 	$(GO) test -count=1 -timeout 40m ./...
+	cd $(DEPLOYTEST) && $(GO) test -count=1 -timeout 40m ./...
 
 # Only the tests against moto_server (ACM PCA, Auto Scaling peer discovery, the boot keyring
 # fetch, and Terraform init/validate/plan/apply/destroy of deploy/asg/examples/complete); part of
 # `make test` too.
 test-aws: deps
-	$(GO) test -p 1 -count=1 -timeout 30m -run 'Moto' ./pkg/identity ./pkg/peers ./deploy/deploytest
+	$(GO) test -p 1 -count=1 -timeout 30m -run 'Moto' ./pkg/identity ./pkg/peers
+	cd $(DEPLOYTEST) && $(GO) test -p 1 -count=1 -timeout 30m -run 'Moto' .
 
 # terraform init/validate/plan/apply/destroy of deploy/asg/examples/complete against moto_server.
 # Needs a filesystem mirror of the hashicorp/aws provider (FWDPROXY_TF_PROVIDER_MIRROR, default
 # /opt/tf-plugins): the provider cannot be built from the Go module proxy, so this is not part of
 # make test.
 test-terraform: deps
-	$(GO) test -tags terraform -p 1 -count=1 -timeout 30m -run 'TerraformMoto' ./deploy/deploytest
+	cd $(DEPLOYTEST) && $(GO) test -tags terraform -p 1 -count=1 -timeout 30m -run 'TerraformMoto' .
 
+# staticcheck is pinned in tools/go.mod (a module of its own, so its dependencies stay out of the
+# product's); `go tool` builds it from the module cache, offline after the first run.
+STATICCHECK = $(GO) tool -modfile=$(CURDIR)/tools/go.mod staticcheck
+
+# Formatting, go.mod/go.sum tidy and vet (the terraform-tagged tests too) in both modules.
+# `lint` joins it once the code is clean under staticcheck (see README, Development).
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) mod tidy -diff
+	cd $(DEPLOYTEST) && $(GO) mod tidy -diff
+	cd tools && $(GO) mod tidy -diff
 	$(GO) vet ./...
+	cd $(DEPLOYTEST) && $(GO) vet -tags terraform ./...
+
+# staticcheck alone, both modules.
+lint:
+	$(STATICCHECK) ./...
+	cd $(DEPLOYTEST) && $(STATICCHECK) -tags terraform ./...
 
 # Every fuzz target (func FuzzX in a _test.go file), one after another for FUZZTIME each: go test
 # -fuzz takes one target per run. A crasher is written to the package's testdata/fuzz/FuzzX/,

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"slices"
 
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -98,7 +97,7 @@ func (s *kubeSource) Run(ctx context.Context, update func(*catalog.Catalog)) err
 
 // kubeClient builds a client from a kubeconfig file and context, or from the in-cluster service
 // account when path is empty.
-func kubeClient(path, context string) (kubernetes.Interface, error) {
+func kubeClient(path, context string) (discovery.KubeClient, error) {
 	var rc *rest.Config
 	var err error
 	if path == "" {
@@ -113,5 +112,5 @@ func kubeClient(path, context string) (kubernetes.Interface, error) {
 		}
 	}
 	rc.UserAgent = "fwdproxy"
-	return kubernetes.NewForConfig(rc)
+	return discovery.NewKubeClient(rc)
 }

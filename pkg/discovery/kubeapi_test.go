@@ -138,7 +138,7 @@ func (rc *realCluster) source(configure func(*Kubernetes)) *harness {
 	rc.t.Helper()
 	cfg := rc.ServiceAccount("fwdproxy", "fwdproxy-discovery")
 	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper { return recorder{rt: rt, rc: rc} })
-	client, err := kubernetes.NewForConfig(cfg)
+	client, err := NewKubeClient(cfg)
 	if err != nil {
 		rc.t.Fatal(err)
 	}

@@ -17,7 +17,6 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	listersdiscoveryv1 "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
@@ -39,7 +38,8 @@ import (
 type Kubernetes struct {
 	// Cluster names the cluster; the source is "kubernetes:<Cluster>".
 	Cluster string
-	Client  kubernetes.Interface
+	// Client reads the cluster: NewKubeClient, or a Clientset (tests use the fake one).
+	Client KubeClient
 	// Namespaces to watch; empty watches all.
 	Namespaces []string
 	// LabelSelector Services must match; empty matches all.

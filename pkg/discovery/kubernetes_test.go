@@ -20,7 +20,6 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/kubernetes/scheme"
 	k8stesting "k8s.io/client-go/testing"
@@ -66,7 +65,7 @@ func newHarness(t *testing.T, client *fake.Clientset, configure func(*Kubernetes
 	return startHarness(t, client, configure)
 }
 
-func startHarness(t *testing.T, client kubernetes.Interface, configure func(*Kubernetes)) *harness {
+func startHarness(t *testing.T, client KubeClient, configure func(*Kubernetes)) *harness {
 	t.Helper()
 	h := &harness{t: t, reg: prometheus.NewRegistry(), cats: make(chan *catalog.Catalog, 64),
 		gateways: make(chan DiscoveredGateway, 64), done: make(chan error, 1), logs: &meshtest.SyncBuffer{}}
