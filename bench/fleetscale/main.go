@@ -615,7 +615,8 @@ func (c *ackClient) run() {
 	defer conn.Close()
 	client := discoverypb.NewAggregatedDiscoveryServiceClient(conn)
 	for c.ctx.Err() == nil {
-		if err := c.session(client); err != nil && c.ctx.Err() == nil {
+		// session returns only when the stream breaks (never nil): reconnect after a pause.
+		if c.session(client); c.ctx.Err() == nil {
 			select {
 			case <-c.ctx.Done():
 			case <-time.After(50 * time.Millisecond):

@@ -72,13 +72,13 @@ type refusals struct {
 	errs  []error
 }
 
-func (r *refusals) last() (Cred, error, int) {
+func (r *refusals) last() (Cred, int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.creds) == 0 {
-		return Cred{}, nil, 0
+		return Cred{}, 0, nil
 	}
-	return r.creds[len(r.creds)-1], r.errs[len(r.errs)-1], len(r.creds)
+	return r.creds[len(r.creds)-1], len(r.creds), r.errs[len(r.errs)-1]
 }
 
 func TestListenPermissions(t *testing.T) {
@@ -176,7 +176,7 @@ func TestOtherUserRefused(t *testing.T) {
 	if err == nil || strings.Contains(out, "ok") {
 		t.Fatalf("nobody with the socket mode 0666 was served: %v\n%s", err, out)
 	}
-	cred, why, n := r.last()
+	cred, n, why := r.last()
 	if n != 1 || cred.UID != Nobody || cred.GID != Nobody || cred.PID <= 0 || why == nil ||
 		!strings.Contains(why.Error(), "nobody is not root or the daemon's user") || !strings.Contains(why.Error(), "test.group") {
 		t.Fatalf("refusals %d, last %v: %v", n, cred, why)

@@ -297,6 +297,7 @@ func TestEnvoyValidateCatchesWarnings(t *testing.T) {
 	deprecated := proto.Clone(b).(*bootstrap.Bootstrap)
 	xds := deprecated.StaticResources.Clusters[0]
 	xds.TypedExtensionProtocolOptions = nil
+	//lint:ignore SA1019 the deprecated field under test
 	xds.Http2ProtocolOptions = &core.Http2ProtocolOptions{}
 	res, err := meshtest.EnvoyValidate(writeJSON(t, t.TempDir(), "deprecated.json", deprecated), validateTimeout)
 	if err == nil || !strings.Contains(err.Error(), "warns") || !strings.Contains(res.Output, "http2_protocol_options") {

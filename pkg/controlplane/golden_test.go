@@ -123,7 +123,7 @@ type goldenOutlier struct {
 }
 
 func (o goldenOutlier) options() Outlier {
-	return Outlier{ConsecutiveErrors: o.ConsecutiveErrors, Interval: o.Interval, BaseEjectionTime: o.BaseEjectionTime, MaxEjectionPercent: o.MaxEjectionPercent}
+	return Outlier(o)
 }
 
 // goldenCase is a loaded testdata/in case. Err is the catalog's refusal, if it refuses it.

@@ -136,6 +136,7 @@ func TestTranslatePeerMetadata(t *testing.T) {
 	for _, r := range on.Routes {
 		got := map[string]string{}
 		for _, h := range r.RequestHeadersToAdd {
+			//lint:ignore SA1019 the deprecated field must stay unset
 			if h.AppendAction != core.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || h.Append != nil || h.KeepEmptyValue {
 				t.Errorf("route %s: %s added with %v", r.Name, h.Header.Key, h)
 			}

@@ -1,8 +1,6 @@
 package dataplane
 
 import (
-	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -10,7 +8,6 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/net/http2"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -109,11 +106,7 @@ func TestHTTP2PortAndH2CDownstream(t *testing.T) {
 	cat := &catalog.Catalog{Services: []catalog.Service{reviews(port, catalog.GRPC)}}
 	e.pushApplied(cat, e.options(mesh.addr), nil)
 	// HTTP/2 with prior knowledge downstream (codec AUTO), HTTP/2 over mTLS upstream.
-	h2c := &http.Client{Transport: &http2.Transport{AllowHTTP: true,
-		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, addr)
-		}}}
+	h2c := h2cClient((&net.Dialer{}).DialContext)
 	for _, c := range []*http.Client{h2c, {}} {
 		resp := get(t, c, port, "reviews.default.svc.cluster.local", "/grpc.Service/Method")
 		if got := body(t, resp); resp.StatusCode != 200 || got != "hello /grpc.Service/Method " {

@@ -526,3 +526,10 @@ func answerPeerMetadata(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set(meshtest.PeerMetadataHeader, own)
 	}
 }
+
+// h2cClient speaks HTTP/2 with prior knowledge over plain TCP, as a downstream h2c client does.
+func h2cClient(dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Client {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	return &http.Client{Transport: &http.Transport{Protocols: &p, DialContext: dial}}
+}

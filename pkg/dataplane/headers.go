@@ -270,7 +270,8 @@ func parseHeadersToAdd(opts []*core.HeaderValueOption, field string) ([]headerTo
 			return nil, fmt.Errorf("%s.header.value: %q holds '%%', which Envoy reads as a substitution formatter; only fixed values are supported", f, value)
 		case !httpguts.ValidHeaderFieldValue(value):
 			return nil, fmt.Errorf("%s.header.value: not a valid header value", f)
-		case o.GetAppend() != nil: //nolint:staticcheck // rejected, not used
+		//lint:ignore SA1019 read only to refuse it with the replacement named
+		case o.GetAppend() != nil:
 			return nil, fmt.Errorf("%s.append: deprecated and not supported; set append_action OVERWRITE_IF_EXISTS_OR_ADD", f)
 		case o.GetAppendAction() != core.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD:
 			return nil, fmt.Errorf("%s.append_action: %s is not supported; %s", f, o.GetAppendAction(), headerMutationsSupported)

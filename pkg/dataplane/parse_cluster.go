@@ -116,7 +116,7 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 	if len(c.GetTransportSocketMatches()) > 0 {
 		return nil, fail("transport_socket_matches: not supported; use transport_socket")
 	}
-	//nolint:staticcheck // rejected, not used: the control plane sets typed_extension_protocol_options
+	//lint:ignore SA1019 read only to refuse it: the control plane sets typed_extension_protocol_options
 	if c.GetHttp2ProtocolOptions() != nil {
 		return nil, fail("http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[%s]", nameHTTPOpts)
 	}
@@ -291,7 +291,8 @@ func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
 			}
 			s.inlineRoots = pool
 		}
-		if len(vc.GetMatchSubjectAltNames()) > 0 { //nolint:staticcheck // rejected, not used
+		//lint:ignore SA1019 read only to refuse it
+		if len(vc.GetMatchSubjectAltNames()) > 0 {
 			return nil, errors.New("validation context match_subject_alt_names: deprecated and not supported; use match_typed_subject_alt_names")
 		}
 		if len(vc.GetVerifyCertificateSpki()) > 0 || len(vc.GetVerifyCertificateHash()) > 0 || vc.GetCrl() != nil ||

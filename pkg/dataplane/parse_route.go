@@ -143,6 +143,7 @@ func parseRouteConfig(rc *route.RouteConfiguration) (*routeTable, error) {
 		if v.GetRequireTls() != route.VirtualHost_NONE {
 			return nil, fail("%s.require_tls: not supported", vf)
 		}
+		//lint:ignore SA1019 read only to refuse it
 		if v.GetRetryPolicy() != nil || v.GetHedgePolicy() != nil || len(v.GetRateLimits()) > 0 || v.GetCors() != nil {
 			return nil, fail("%s: retry, hedge, rate limit and CORS policies are not supported", vf)
 		}

@@ -87,6 +87,7 @@ func TestParseRouteHeaderMutations(t *testing.T) {
 			"request_headers_to_add[1].append_action: APPEND_IF_EXISTS_OR_ADD is not supported; the built-in data plane supports, at route configuration level only, request_headers_to_add with fixed values and append_action OVERWRITE_IF_EXISTS_OR_ADD"},
 		{"add if absent", add(func(h *core.HeaderValueOption) { h.AppendAction = core.HeaderValueOption_ADD_IF_ABSENT }),
 			"append_action: ADD_IF_ABSENT is not supported"},
+		//lint:ignore SA1019 the deprecated field under test
 		{"deprecated append", add(func(h *core.HeaderValueOption) { h.Append = wrapperspb.Bool(false) }),
 			"request_headers_to_add[1].append: deprecated and not supported"},
 		{"formatter", add(func(h *core.HeaderValueOption) { h.Header.Value = "%DOWNSTREAM_REMOTE_ADDRESS%" }),

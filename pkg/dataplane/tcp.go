@@ -96,8 +96,7 @@ func pipe(down, up net.Conn, idle time.Duration) (rx, tx int64, fault pipeFault)
 	}
 	var timer *time.Timer
 	if idle > 0 {
-		var check func()
-		check = func() {
+		check := func() {
 			since := time.Since(time.Unix(0, last.Load()))
 			if since >= idle {
 				closeBoth()

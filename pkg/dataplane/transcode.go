@@ -128,6 +128,7 @@ const (
 	maxTranscodedMessage = 1 << 20
 )
 
+//lint:ignore ST1005 Envoy's exact response text: it is sent as the body
 var errResponseTooLarge = errors.New("Response not transcoded because the transcoder's internal buffer size exceeds the configured limit.")
 
 // Request headers that describe the HTTP exchange, not the call: they do not become metadata.

@@ -53,7 +53,8 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 		}, "access logger envoy.extensions.access_loggers.stream.v3.StderrAccessLog is not supported; use stdout"},
 		{"the deprecated cluster http2_protocol_options", func() error {
 			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
-			c.Http2ProtocolOptions = &core.Http2ProtocolOptions{} //nolint:staticcheck // the deprecated field under test
+			//lint:ignore SA1019 the deprecated field under test
+			c.Http2ProtocolOptions = &core.Http2ProtocolOptions{}
 			_, err := New(Options{}).parseCluster(c)
 			return err
 		}, "http2_protocol_options: deprecated and not supported; use typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]"},
