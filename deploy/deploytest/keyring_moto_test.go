@@ -73,7 +73,7 @@ func TestKeyringFetchMoto(t *testing.T) {
 		t.Fatalf("create-secret answered %s (%v)", out, err)
 	}
 
-	run := func(t *testing.T, arn string) (dir string, err error, output []byte) {
+	run := func(t *testing.T, arn string) (dir string, output []byte, err error) {
 		dir = t.TempDir()
 		cmd := keyringFetch(t, awstest.Region, arn)
 		for old, n := range map[string]int{"/etc/fwdproxy/": 4, "chown fwdproxy:fwdproxy ": 1} {
@@ -86,11 +86,11 @@ func TestKeyringFetchMoto(t *testing.T) {
 		sh := exec.Command("sh", "-c", cmd)
 		sh.Env = env
 		output, err = sh.CombinedOutput()
-		return dir, err, output
+		return dir, output, err
 	}
 
 	t.Run("fetches", func(t *testing.T) {
-		dir, err, output := run(t, secret.ARN)
+		dir, output, err := run(t, secret.ARN)
 		if err != nil {
 			t.Fatalf("keyring fetch: %v\n%s", err, output)
 		}
@@ -119,7 +119,7 @@ func TestKeyringFetchMoto(t *testing.T) {
 	})
 
 	t.Run("missing secret leaves no keyring", func(t *testing.T) {
-		dir, err, output := run(t, strings.Replace(secret.ARN, "fwdproxy-gossip", "no-such-secret", 1))
+		dir, output, err := run(t, strings.Replace(secret.ARN, "fwdproxy-gossip", "no-such-secret", 1))
 		if err == nil || !strings.Contains(string(output), "ResourceNotFoundException") {
 			t.Fatalf("fetch of a missing secret: err %v, output %s; want ResourceNotFoundException", err, output)
 		}
