@@ -40,8 +40,8 @@ test-terraform: deps
 # product's); `go tool` builds it from the module cache, offline after the first run.
 STATICCHECK = $(GO) tool -modfile=$(CURDIR)/tools/go.mod staticcheck
 
-# Formatting, go.mod/go.sum tidy and vet (the terraform-tagged tests too) in both modules.
-# `lint` joins it once the code is clean under staticcheck (see README, Development).
+# Formatting, go.mod/go.sum tidy, vet and staticcheck (the terraform-tagged tests too) in both
+# modules.
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
@@ -50,6 +50,8 @@ check:
 	cd tools && $(GO) mod tidy -diff
 	$(GO) vet ./...
 	cd $(DEPLOYTEST) && $(GO) vet -tags terraform ./...
+	$(STATICCHECK) ./...
+	cd $(DEPLOYTEST) && $(STATICCHECK) -tags terraform ./...
 
 # staticcheck alone, both modules.
 lint:

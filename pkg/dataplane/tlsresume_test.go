@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"crypto/tls"
 	"fmt"
 	"testing"
 
@@ -47,5 +48,33 @@ func TestUpstreamTLSSessionsResumeUntilTheCertificateRotates(t *testing.T) {
 	exchange(4)
 	if n := mesh.resumed.Load(); n != 3 {
 		t.Errorf("after the rotation, the next connection did not resume the new session (%d resumed, want 3)", n)
+	}
+}
+
+// A TLS 1.3 ticket is stored after its handshake, often on the first read: one that arrives
+// after the certificate rotated must not be resumed by the connections after the rotation,
+// which would present the old identity again.
+func TestLateSessionTicketIsNotResumedAfterRotation(t *testing.T) {
+	dp := &DataPlane{}
+	secrets := map[string]*secret{"cert": {}}
+	dp.secrets.Store(&secrets)
+	caches := newSessionCaches(dp, &tlsSpec{certSecret: "cert", sessionKeys: 1})
+
+	before := caches.current() // a handshake starts with the first certificate
+	rotated := map[string]*secret{"cert": {}}
+	dp.secrets.Store(&rotated)
+	late, err := tls.NewResumptionState([]byte("ticket"), &tls.SessionState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before.Put("mesh:15443", late) // its ticket arrives after the rotation
+
+	after := caches.current()
+	if _, ok := after.Get("mesh:15443"); ok {
+		t.Fatal("a session made with the old certificate is resumed after the rotation")
+	}
+	after.Put("mesh:15443", late)
+	if _, ok := caches.current().Get("mesh:15443"); !ok {
+		t.Fatal("a session of the current certificate is not kept for resumption")
 	}
 }

@@ -56,9 +56,13 @@ func (c *cluster) requestCounter(code int) prometheus.Counter {
 
 // clusterRuntime is one version of a cluster's config with the transports built from it.
 type clusterRuntime struct {
-	cfg  *clusterConfig
-	tls  *tls.Config // nil: plain TCP
-	h1   *http.Transport
+	cfg *clusterConfig
+	tls *tls.Config // nil: plain TCP
+	// sessions hands each handshake its generation's session cache (tlsresume.go); nil when
+	// max_session_keys is 0.
+	sessions *sessionCaches
+	h1       *http.Transport
+	//lint:ignore SA1019 x/net/http2's Transport speaks HTTP/2 with prior knowledge over the connection dialAddr hands it, whatever ALPN settled, as Envoy does for an HTTP/2 cluster; net/http's own HTTP/2 needs ALPN h2 on TLS
 	h2   *http2.Transport
 	http http.RoundTripper
 	pool *h1Pool // HTTP/1.1 fast path connections (see h1.go); nil for HTTP/2 clusters
@@ -117,19 +121,13 @@ func (c *cluster) setConfig(cfg *clusterConfig) {
 			// As Envoy (max_session_keys): a new connection resumes the last session instead of
 			// a full handshake. VerifyConnection still checks the resumed chain against the trust
 			// bundle and SANs of the moment.
-			rt.tls.ClientSessionCache = newSessionCache(c.dp, spec)
+			rt.sessions = newSessionCaches(c.dp, spec)
 		}
 	}
 	if cfg.http2 {
-		rt.h2 = &http2.Transport{
-			AllowHTTP:          rt.tls == nil,
-			DisableCompression: true,
-			ReadIdleTimeout:    30 * time.Second,
-			PingTimeout:        15 * time.Second,
-			DialTLSContext: func(ctx context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
-				return c.dialAddr(ctx, rt, addr)
-			},
-		}
+		rt.h2 = newH2Transport(rt.tls == nil, func(ctx context.Context, addr string) (net.Conn, error) {
+			return c.dialAddr(ctx, rt, addr)
+		})
 		rt.http = rt.h2
 	} else {
 		rt.h1 = &http.Transport{
@@ -164,6 +162,7 @@ func (rt *clusterRuntime) closeIdle() {
 		rt.h1.CloseIdleConnections()
 	}
 	if rt.h2 != nil {
+		//lint:ignore SA1019 see clusterRuntime.h2
 		rt.h2.CloseIdleConnections()
 	}
 	if rt.pool != nil {
@@ -308,7 +307,7 @@ func (c *cluster) dialAddr(ctx context.Context, rt *clusterRuntime, addr string)
 	if rt.tls == nil {
 		return raw, nil
 	}
-	tc := tls.Client(raw, rt.tls)
+	tc := tls.Client(raw, rt.handshakeConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		if errors.Is(ctx.Err(), context.Canceled) {
