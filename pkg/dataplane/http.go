@@ -163,9 +163,6 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if tc := transcoderFor(hc, vh, re); tc != nil && l.dp.serveTranscoded(rec, r.WithContext(ctx), tc, info) {
 		return
 	}
-	if l.dp.serveDirect(rec, r, info, ctx) { // direct.go
-		return
-	}
 	l.dp.proxy.ServeHTTP(rec, r.WithContext(ctx))
 }
 
