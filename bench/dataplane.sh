@@ -30,7 +30,7 @@
 # Tunables: DURATION=10s CONNS=32 THREADS=2 TCP_WORKERS=16; FWDPROXY=path to benchmark a built
 # binary instead of building ./cmd/fwdproxy; FWDPROXY_ENVOY=path of another envoy binary;
 # BUILTIN_B_ENV="NAME=value ...": a second builtin daemon run with that environment, measured as
-# path builtin-b in the same run (an A/B, e.g. BUILTIN_B_ENV=FWDPROXY_DIRECT_PATH=off).
+# path builtin-b in the same run (an A/B, e.g. BUILTIN_B_ENV="GOGC=400 GOMAXPROCS=1").
 BUILTIN_B_ENV=${BUILTIN_B_ENV:-}
 set -euo pipefail
 cd "$(dirname "$0")/.."
