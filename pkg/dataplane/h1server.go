@@ -10,7 +10,6 @@ import (
 	"context"
 	"net/http"
 	"os"
-	"runtime/pprof"
 	"strconv"
 	"time"
 )
@@ -137,20 +136,4 @@ func (w *h1Writer) finish() error {
 		}
 	}
 	return w.bw.Flush()
-}
-
-// FWDPROXY_CPUPROFILE=path: a CPU profile of the process from start until SIGTERM-time exit is
-// not guaranteed, so it stops after FWDPROXY_CPUPROFILE_SECONDS (measurement only).
-func init() {
-	path := os.Getenv("FWDPROXY_CPUPROFILE")
-	if path == "" {
-		return
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return
-	}
-	secs, _ := strconv.Atoi(os.Getenv("FWDPROXY_CPUPROFILE_SECONDS"))
-	_ = pprof.StartCPUProfile(f)
-	time.AfterFunc(time.Duration(max(secs, 1))*time.Second, func() { pprof.StopCPUProfile(); f.Close() })
 }
