@@ -214,10 +214,6 @@ func (l *listenerRT) acceptLoop() {
 			go l.serveTCP(tc, cfg)
 			continue
 		}
-		if h1ServerOn { // h1server.go: a measurement prototype
-			go l.serveH1(tc)
-			continue
-		}
 		l.handHTTP(tc)
 	}
 }
