@@ -1,7 +1,10 @@
 package controlplane
 
 import (
+	"cmp"
+	"maps"
 	"reflect"
+	"slices"
 	"strconv"
 	"sync"
 
@@ -108,8 +111,15 @@ func (d *deltaCache) set(snap *cache.Snapshot) error {
 	if len(d.log) > deltaLogLength {
 		d.log = append(d.log[:0], d.log[len(d.log)-deltaLogLength:]...)
 	}
-	for id, w := range d.watches {
-		if d.respond(w.req, w.sub, w.ch) {
+	// In ADS order (clusters, endpoints, listeners, routes, secrets), as the SnapshotCache
+	// answers: a stream's responses share one channel, and Envoy should see a cluster before
+	// its endpoints and a listener before its routes.
+	ids := slices.SortedFunc(maps.Keys(d.watches), func(a, b int64) int {
+		ta, tb := cache.GetResponseType(d.watches[a].req.GetTypeUrl()), cache.GetResponseType(d.watches[b].req.GetTypeUrl())
+		return cmp.Or(cmp.Compare(ta, tb), cmp.Compare(a, b))
+	})
+	for _, id := range ids {
+		if w := d.watches[id]; d.respond(w.req, w.sub, w.ch) {
 			delete(d.watches, id)
 		}
 	}
