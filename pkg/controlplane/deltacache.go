@@ -68,10 +68,11 @@ func newDeltaCache() *deltaCache {
 // deltaTypes are the types served, as type URLs.
 var deltaTypes = []string{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType, resource.SecretType}
 
-// set serves snap from now on and answers the open watches it changes. The version maps are
-// compared once per set (the Builder shares an unchanged type's map, so only changed types are
-// walked); each watch then looks at the changed names only.
-func (d *deltaCache) set(snap *cache.Snapshot) error {
+// set serves snap from now on and answers the open watches it changes; each watch looks at the
+// changed names only. Those are the Builder's (changed, against base) when base is the snapshot
+// served until now; otherwise the version maps are compared, once per set (a type the Builder
+// left unchanged shares its map and is skipped).
+func (d *deltaCache) set(snap, base *cache.Snapshot, changed map[string][]string) error {
 	if err := snap.ConstructVersionMap(); err != nil {
 		return err
 	}
@@ -87,16 +88,9 @@ func (d *deltaCache) set(snap *cache.Snapshot) error {
 		if sameMap(prev, next) {
 			continue
 		}
-		var names []string
-		for name, v := range next {
-			if pv, ok := prev[name]; !ok || pv != v {
-				names = append(names, name)
-			}
-		}
-		for name := range prev {
-			if _, ok := next[name]; !ok {
-				names = append(names, name)
-			}
+		names, known := changed[typ]
+		if !known || base == nil || base != d.snap {
+			names = changedNames(prev, next)
 		}
 		if 4*len(names) > len(next)+len(prev) {
 			ch.full[typ] = true
@@ -124,6 +118,22 @@ func (d *deltaCache) set(snap *cache.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// changedNames lists the names new, changed or gone from prev to next.
+func changedNames(prev, next map[string]string) []string {
+	var names []string
+	for name, v := range next {
+		if pv, ok := prev[name]; !ok || pv != v {
+			names = append(names, name)
+		}
+	}
+	for name := range prev {
+		if _, ok := next[name]; !ok {
+			names = append(names, name)
+		}
+	}
+	return names
 }
 
 // sameMap says whether a and b are the same map object (the Builder's unchanged type).

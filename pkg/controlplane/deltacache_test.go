@@ -169,6 +169,9 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 		if len(updated) == 0 || !slices.Equal(updated, want) || len(removed) != 0 {
 			t.Fatalf("%s after a one-service change: sent %v, removed %v; want sent %v", TypeName(typ), updated, removed, want)
 		}
+		if b := slices.Compact(slices.Sorted(slices.Values(second.changed[typ]))); second.base != first.Cache || !slices.Equal(b, want) {
+			t.Fatalf("%s the Builder reports changed: %v, want %v", TypeName(typ), b, want)
+		}
 		for _, name := range updated {
 			if !strings.HasSuffix(name, "|"+host) {
 				t.Fatalf("%s %q sent for a change to %s only", TypeName(typ), name, host)
@@ -192,6 +195,9 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 		_, want := diffVersions(versions(second, typ), versions(third, typ))
 		if len(removed) != 2 || !slices.Equal(removed, want) || len(updated) != 0 {
 			t.Fatalf("%s after a removal: sent %v, removed %v; want removed %v", TypeName(typ), updated, removed, want)
+		}
+		if b := slices.Compact(slices.Sorted(slices.Values(third.changed[typ]))); !slices.Equal(b, want) {
+			t.Fatalf("%s the Builder reports changed: %v, want %v", TypeName(typ), b, want)
 		}
 		for _, name := range removed {
 			if !strings.HasSuffix(name, "|"+gone) {

@@ -118,7 +118,7 @@ func (s *Server) Set(ctx context.Context, snap *Snapshot) error {
 	if err := s.cache.SetSnapshot(ctx, fleetKey, snap.Cache); err != nil {
 		return err
 	}
-	if err := s.delta.set(snap.Cache); err != nil {
+	if err := s.delta.set(snap.Cache, snap.base, snap.changed); err != nil {
 		return err
 	}
 	s.mu.Lock()
