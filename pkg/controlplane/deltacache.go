@@ -18,8 +18,9 @@ import (
 // SnapshotCache, on every snapshot and for every delta watch, walks every resource of the type
 // and builds a new version map of all of them (and again when the ACK opens the next watch), so
 // a one-service change at 10,000 services costs 20,000 map entries per stream and type. Here
-// each Set records which names changed per type (a change log of the last deltaLogLength sets),
-// and a stream's watch looks only at the names changed since the set its state reflects.
+// each Set records which names changed per type (the Builder's list, see Snapshot.changed; a
+// change log of the last deltaLogLength sets), and a stream's watch looks only at the names
+// changed since the set its state reflects.
 //
 // The stream's state is the go-control-plane server's Subscription: its returned-resources map
 // (what the client holds, name -> version) is updated in place and handed back as the
