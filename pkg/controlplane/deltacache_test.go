@@ -290,3 +290,68 @@ func TestDeltaFullDiffWhenBehindTheLog(t *testing.T) {
 		t.Fatal("clusters held differ from the snapshot's")
 	}
 }
+
+// TestDeltaExplicitSubscriptions checks a stream that names its endpoints, subscribing and
+// unsubscribing as it goes (as the built-in data plane and Envoy's EDS do): a name subscribed
+// later is sent alone, and a change to a name unsubscribed is not sent.
+func TestDeltaExplicitSubscriptions(t *testing.T) {
+	s := startServer(t)
+	cat := largeCatalog(5)
+	var translator Translator
+	var builder Builder
+	build := func() *Snapshot {
+		t.Helper()
+		res, err := translator.Translate(cat, benchOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		snap, err := builder.Build(res, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Set(context.Background(), snap); err != nil {
+			t.Fatal(err)
+		}
+		return snap
+	}
+	first := build()
+	names := slices.Sorted(maps.Keys(first.Cache.VersionMap[resource.EndpointType]))
+	of := func(host string) string {
+		for _, n := range names {
+			if strings.HasSuffix(n, "|"+host) {
+				return n
+			}
+		}
+		t.Fatalf("no endpoints for %s in %v", host, names)
+		return ""
+	}
+	a, b := of(cat.Services[1].Host), of(cat.Services[2].Host)
+	c := dialDelta(t, s.addr)
+	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: []string{a}})
+	if got := c.recv(resource.EndpointType)[resource.EndpointType].updated; !slices.Equal(got, []string{a}) {
+		t.Fatalf("first response: %v, want %v", got, []string{a})
+	}
+	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: []string{b}})
+	if got := c.recv(resource.EndpointType)[resource.EndpointType].updated; !slices.Equal(got, []string{b}) {
+		t.Fatalf("after subscribing %s: %v", b, got)
+	}
+	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesUnsubscribe: []string{b}})
+	waitFor(t, "the unsubscription reaching the cache", func() bool {
+		s.delta.mu.Lock()
+		defer s.delta.mu.Unlock()
+		for _, w := range s.delta.watches {
+			if slices.Contains(w.req.GetResourceNamesUnsubscribe(), b) {
+				return true
+			}
+		}
+		return false
+	})
+	// Service 2 (b, unsubscribed) changes, then service 1 (a): the next response is a's alone.
+	cat.Services[2].Identities[0] = "spiffe://cluster.local/ns/x/sa/b"
+	build()
+	cat.Services[1].Identities[0] = "spiffe://cluster.local/ns/x/sa/a"
+	build()
+	if d := c.recv(resource.EndpointType)[resource.EndpointType]; !slices.Equal(d.updated, []string{a}) || len(d.removed) != 0 {
+		t.Fatalf("after changes to %s and %s: sent %v, removed %v; want sent [%s]", b, a, d.updated, d.removed, a)
+	}
+}
