@@ -38,7 +38,8 @@ func (fleetHash) ID(*core.Node) string { return fleetKey }
 // Server serves the current snapshot over ADS (state-of-the-world and delta) and SDS, and keeps
 // track of what its clients acknowledged.
 type Server struct {
-	cache   cache.SnapshotCache
+	cache   cache.SnapshotCache // state of the world
+	delta   *deltaCache         // delta (see deltacache.go)
 	xds     serverv3.Server
 	log     *slog.Logger
 	metrics *xdsMetrics
@@ -69,6 +70,7 @@ func (st *stream) client() Client { return Client{Node: st.node, Peer: st.peer} 
 func NewServer(log *slog.Logger, reg prometheus.Registerer) *Server {
 	s := &Server{
 		cache:   cache.NewSnapshotCache(true, fleetHash{}, nil),
+		delta:   newDeltaCache(),
 		log:     log,
 		metrics: newXDSMetrics(reg),
 		streams: map[int64]*stream{},
@@ -104,9 +106,19 @@ func (c nackHolding) CreateWatch(req *cache.Request, sub cache.Subscription, ch 
 	return c.SnapshotCache.CreateWatch(req, sub, ch)
 }
 
+// CreateDeltaWatch serves delta streams from the delta cache. A delta NACK needs no holding: the
+// stream's state already records the rejected versions as sent, so nothing is resent until the
+// next change.
+func (c nackHolding) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscription, ch chan cache.DeltaResponse) (func(), error) {
+	return c.s.delta.CreateDeltaWatch(req, sub, ch)
+}
+
 // Set serves snap to every client, now and on connect.
 func (s *Server) Set(ctx context.Context, snap *Snapshot) error {
 	if err := s.cache.SetSnapshot(ctx, fleetKey, snap.Cache); err != nil {
+		return err
+	}
+	if err := s.delta.set(snap.Cache, snap.base, snap.changed); err != nil {
 		return err
 	}
 	s.mu.Lock()

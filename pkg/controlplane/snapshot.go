@@ -54,6 +54,12 @@ type Snapshot struct {
 	// certificates, never the key.
 	ConfigVersion  string
 	SecretsVersion string
+	// base is the Builder's previous build this one was made from, and changed, per type URL,
+	// the names whose version differs from base's (new, changed or gone); a type absent from
+	// changed is not known this way (a full build). The delta cache uses them when base is the
+	// snapshot it served last, so that a change costs it what changed.
+	base    *cache.Snapshot
+	changed map[string][]string
 }
 
 // NewSnapshot validates every resource (including the typed configs inside them) and the
@@ -81,6 +87,8 @@ type Builder struct {
 	clusterSums map[string][32]byte
 	// refCount counts, per route or endpoint name, the listeners or clusters referencing it.
 	refCount map[resource.Type]map[string]int
+	// lastSnap is the last good build's snapshot (Snapshot.base of the next).
+	lastSnap *cache.Snapshot
 	// MaxMessageBytes is the largest xDS message a data plane takes; a snapshot with a response
 	// larger than that is refused. Zero means xdslimit.MaxMessageBytes.
 	MaxMessageBytes int
@@ -228,6 +236,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	clusterSums := map[string]*[32]byte{} // changes to b.clusterSums: nil for a cluster gone
 	reversion := map[string]bool{}        // endpoints whose cluster changed
 	limit := b.maxMessageBytes()
+	changed := map[string][]string{}
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		items := byType[typ]
 		c := diff(b.last[typ], items)
@@ -240,6 +249,8 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			newHosts = hosts
 		}
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
+		var cand []string // names whose version may differ from the last build's
+		known := !c.full
 		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0) {
 			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
 		} else if c.full {
@@ -250,6 +261,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			for _, j := range c.gone {
 				r := c.prev.items[j]
 				name := cache.GetResourceName(r)
+				cand = append(cand, name)
 				delete(st.versions, name)
 				delete(st.named, name)
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
@@ -262,6 +274,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		update := func(i int) {
 			r, d := items[i], c.digests[i]
 			name := cache.GetResourceName(r)
+			cand = append(cand, name)
 			if j := c.prevAt[i]; j >= 0 {
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 			}
@@ -306,6 +319,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				for i := range items {
 					version(i)
 				}
+				known = false
 			} else {
 				for _, i := range c.todo {
 					version(i)
@@ -313,6 +327,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				for name := range reversion {
 					if i, ok := indexByName(items, name); ok && c.same[i] {
 						version(i)
+						cand = append(cand, name)
 					}
 				}
 			}
@@ -340,8 +355,18 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		snap.Resources[cache.GetResponseType(typ)] = cache.Resources{Version: v, Items: st.named}
 		snap.VersionMap[typ] = st.versions
 		next[typ] = st
+		if known {
+			var names []string
+			for _, name := range cand {
+				v, ok := st.versions[name]
+				if pv, pok := c.prev.versions[name]; ok != pok || v != pv {
+					names = append(names, name)
+				}
+			}
+			changed[typ] = names
+		}
 	}
-	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16]}
+	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16], base: b.lastSnap, changed: changed}
 	secretVersions := map[string]string{}
 	if bundle != nil {
 		sum := sha256.Sum256(append(append([]byte{}, bundle.CertChainPEM...), bundle.RootsPEM...))
@@ -358,6 +383,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
 	b.commit(next, changes, newHosts, clusterSums, counts)
+	b.lastSnap = snap
 	return out, nil
 }
 
