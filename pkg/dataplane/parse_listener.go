@@ -56,7 +56,6 @@ type httpConfig struct {
 	transcoder  *httpTranscoder
 	logs        []*accessLogger
 	idleTimeout time.Duration
-	codec       hcm.HttpConnectionManager_CodecType
 	// maxHeadBytes (max_request_headers_kb) bounds a request head: its request line and header
 	// lines with their line ends, as Envoy counts them; maxHeaders (max_headers_count) bounds
 	// the number of request headers, Host included.
@@ -243,7 +242,6 @@ func (dp *DataPlane) parseTCPProxy(t *tcpproxy.TcpProxy, field string) (*tcpConf
 func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*httpConfig, error) {
 	c := &httpConfig{
 		idleTimeout: duration(h.GetCommonHttpProtocolOptions().GetIdleTimeout(), time.Hour),
-		codec:       h.GetCodecType(),
 		// Envoy's defaults when unset: 60 KiB and 100 headers.
 		maxHeadBytes: 60 << 10,
 		maxHeaders:   100,
@@ -265,10 +263,9 @@ func (dp *DataPlane) parseHCM(h *hcm.HttpConnectionManager, field string) (*http
 		return nil, err
 	}
 	c.headers = rh
-	switch h.GetCodecType() {
-	case hcm.HttpConnectionManager_AUTO, hcm.HttpConnectionManager_HTTP1, hcm.HttpConnectionManager_HTTP2:
-	default:
-		return nil, fmt.Errorf("%s.codec_type: %s is not supported; use AUTO, HTTP1 or HTTP2", field, h.GetCodecType())
+	// The control plane emits AUTO only: HTTP/1.1 and HTTP/2 with prior knowledge on one port.
+	if h.GetCodecType() != hcm.HttpConnectionManager_AUTO {
+		return nil, fmt.Errorf("%s.codec_type: %s is not supported by the built-in data plane; use AUTO", field, h.GetCodecType())
 	}
 	switch rs := h.GetRouteSpecifier().(type) {
 	case *hcm.HttpConnectionManager_Rds:

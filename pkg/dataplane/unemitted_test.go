@@ -109,6 +109,11 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 				RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{ConfigSource: controlplane.ADSConfigSource(), RouteConfigName: "80"}}}, "hcm")
 			return err
 		}, "hcm.upgrade_configs: not supported"},
+		{"an HCM codec other than AUTO", func() error {
+			_, err := New(Options{}).parseHCM(&hcm.HttpConnectionManager{CodecType: hcm.HttpConnectionManager_HTTP1,
+				RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{ConfigSource: controlplane.ADSConfigSource(), RouteConfigName: "80"}}}, "hcm")
+			return err
+		}, "hcm.codec_type: HTTP1 is not supported by the built-in data plane; use AUTO"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
