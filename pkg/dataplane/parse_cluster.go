@@ -342,24 +342,19 @@ func tlsVersion(v tlsv3.TlsParameters_TlsProtocol, def uint16) (uint16, error) {
 	return 0, fmt.Errorf("%s is not supported; use TLSv1_2 or TLSv1_3", v)
 }
 
+// stringMatcher compiles what the control plane emits: exact and prefix SAN and principal
+// matchers, and the retriable-methods safe_regex. Case folding, suffix and contains are refused.
 func stringMatcher(m *matcher.StringMatcher) (func(string) bool, error) {
-	fold := func(s string) string { return s }
 	if m.GetIgnoreCase() {
-		fold = strings.ToLower
+		return nil, fmt.Errorf("ignore_case: not supported by the built-in data plane")
 	}
 	switch p := m.GetMatchPattern().(type) {
 	case *matcher.StringMatcher_Exact:
-		want := fold(p.Exact)
-		return func(s string) bool { return fold(s) == want }, nil
+		want := p.Exact
+		return func(s string) bool { return s == want }, nil
 	case *matcher.StringMatcher_Prefix:
-		want := fold(p.Prefix)
-		return func(s string) bool { return strings.HasPrefix(fold(s), want) }, nil
-	case *matcher.StringMatcher_Suffix:
-		want := fold(p.Suffix)
-		return func(s string) bool { return strings.HasSuffix(fold(s), want) }, nil
-	case *matcher.StringMatcher_Contains:
-		want := fold(p.Contains)
-		return func(s string) bool { return strings.Contains(fold(s), want) }, nil
+		want := p.Prefix
+		return func(s string) bool { return strings.HasPrefix(s, want) }, nil
 	case *matcher.StringMatcher_SafeRegex:
 		re, err := regexp.Compile("^(?:" + p.SafeRegex.GetRegex() + ")$")
 		if err != nil {
@@ -367,7 +362,7 @@ func stringMatcher(m *matcher.StringMatcher) (func(string) bool, error) {
 		}
 		return re.MatchString, nil
 	}
-	return nil, fmt.Errorf("%T is not supported", m.GetMatchPattern())
+	return nil, fmt.Errorf("%T is not supported by the built-in data plane; use exact, prefix or safe_regex", m.GetMatchPattern())
 }
 
 func readDataSource(d *core.DataSource) ([]byte, error) {

@@ -14,6 +14,7 @@ import (
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -114,6 +115,18 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 				RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{ConfigSource: controlplane.ADSConfigSource(), RouteConfigName: "80"}}}, "hcm")
 			return err
 		}, "hcm.codec_type: HTTP1 is not supported by the built-in data plane; use AUTO"},
+		{"a string matcher ignoring case", func() error {
+			_, err := parsePrincipal(authenticatedBy(&matcher.StringMatcher{IgnoreCase: true, MatchPattern: &matcher.StringMatcher_Exact{Exact: "spiffe://cluster.local/ns/a/sa/b"}}), "principals[0]")
+			return err
+		}, "principals[0].authenticated.principal_name: ignore_case: not supported by the built-in data plane"},
+		{"a suffix string matcher", func() error {
+			_, err := parsePrincipal(authenticatedBy(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Suffix{Suffix: "/sa/b"}}), "principals[0]")
+			return err
+		}, "principals[0].authenticated.principal_name: *matcherv3.StringMatcher_Suffix is not supported by the built-in data plane; use exact, prefix or safe_regex"},
+		{"a contains string matcher", func() error {
+			_, err := parsePrincipal(authenticatedBy(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Contains{Contains: "/ns/a/"}}), "principals[0]")
+			return err
+		}, "*matcherv3.StringMatcher_Contains is not supported by the built-in data plane"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -121,6 +134,10 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			}
 		})
 	}
+}
+
+func authenticatedBy(m *matcher.StringMatcher) *rbacconfig.Principal {
+	return &rbacconfig.Principal{Identifier: &rbacconfig.Principal_Authenticated_{Authenticated: &rbacconfig.Principal_Authenticated{PrincipalName: m}}}
 }
 
 func mustAnyT(t *testing.T, m proto.Message) *anypb.Any {
