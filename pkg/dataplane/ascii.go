@@ -1,7 +1,7 @@
 package dataplane
 
-// Envoy folds case in ASCII only (absl::AsciiStrToLower, absl::EqualsIgnoreCase) when it picks a
-// virtual host and matches a path. strings.ToLower and strings.EqualFold fold Unicode too, and
+// Envoy folds case in ASCII only (absl::AsciiStrToLower) when it picks a virtual host.
+// strings.ToLower and strings.EqualFold fold Unicode too, and
 // ToLower turns every invalid UTF-8 byte into U+FFFD, so two different Host bytes would pick
 // the same virtual host here and different ones (or none) in Envoy.
 
@@ -22,24 +22,4 @@ func asciiLower(s string) string {
 		}
 	}
 	return string(b)
-}
-
-// asciiEqualFold reports whether a and b are equal with A-Z and a-z taken as the same.
-func asciiEqualFold(a, b string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := 0; i < len(a); i++ {
-		x, y := a[i], b[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
 }

@@ -49,14 +49,13 @@ type perRouteRBAC struct {
 
 type routeEntry struct {
 	name string
-	// exactly one of prefix or path is meaningful, per exact
-	prefix, path  string
-	exact         bool
-	caseSensitive bool
-	cluster       string
-	timeout       time.Duration // 0: none
-	rbac          *perRouteRBAC
-	transcoder    *transcoderConfig
+	// prefix is matched case-sensitively: the control plane emits prefix matches only, with
+	// case_sensitive unset (true).
+	prefix     string
+	cluster    string
+	timeout    time.Duration // 0: none
+	rbac       *perRouteRBAC
+	transcoder *transcoderConfig
 	// connectRetries: how often a request whose connection failed is tried on another endpoint.
 	connectRetries int
 	// resetRetry: retry_on has reset, so a request whose upstream connection was reset before
@@ -91,23 +90,8 @@ func (vh *virtualHost) match(path string) *routeEntry {
 		path = path[:i]
 	}
 	for _, r := range vh.routes {
-		switch {
-		case r.exact && r.caseSensitive:
-			if path == r.path {
-				return r
-			}
-		case r.exact:
-			if asciiEqualFold(path, r.path) {
-				return r
-			}
-		case r.caseSensitive:
-			if strings.HasPrefix(path, r.prefix) {
-				return r
-			}
-		default:
-			if len(path) >= len(r.prefix) && asciiEqualFold(path[:len(r.prefix)], r.prefix) {
-				return r
-			}
+		if strings.HasPrefix(path, r.prefix) {
+			return r
 		}
 	}
 	return nil
@@ -236,15 +220,15 @@ func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, *tran
 }
 
 func parseRoute(r *route.Route, field string) (*routeEntry, error) {
-	re := &routeEntry{name: r.GetName(), caseSensitive: r.GetMatch().GetCaseSensitive() == nil || r.GetMatch().GetCaseSensitive().GetValue()}
+	re := &routeEntry{name: r.GetName()}
 	m := r.GetMatch()
-	switch ps := m.GetPathSpecifier().(type) {
-	case *route.RouteMatch_Prefix:
-		re.prefix = ps.Prefix
-	case *route.RouteMatch_Path:
-		re.path, re.exact = ps.Path, true
-	default:
-		return nil, fmt.Errorf("%s.match: only prefix and path matches are supported, got %T", field, m.GetPathSpecifier())
+	ps, ok := m.GetPathSpecifier().(*route.RouteMatch_Prefix)
+	if !ok {
+		return nil, fmt.Errorf("%s.match: %T is not supported by the built-in data plane; use prefix", field, m.GetPathSpecifier())
+	}
+	re.prefix = ps.Prefix
+	if cs := m.GetCaseSensitive(); cs != nil && !cs.GetValue() {
+		return nil, fmt.Errorf("%s.match.case_sensitive: false is not supported by the built-in data plane; leave it unset", field)
 	}
 	if len(m.GetHeaders()) > 0 || len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetRuntimeFraction() != nil || len(m.GetDynamicMetadata()) > 0 || m.GetTlsContext() != nil {
 		return nil, fmt.Errorf("%s.match: header, query, gRPC, runtime, metadata and TLS matches are not supported", field)

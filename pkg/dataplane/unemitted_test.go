@@ -9,6 +9,7 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
@@ -127,6 +128,14 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := parsePrincipal(authenticatedBy(&matcher.StringMatcher{MatchPattern: &matcher.StringMatcher_Contains{Contains: "/ns/a/"}}), "principals[0]")
 			return err
 		}, "*matcherv3.StringMatcher_Contains is not supported by the built-in data plane"},
+		{"an exact path route match", func() error {
+			_, err := parseRoute(&route.Route{Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Path{Path: "/x"}}}, "routes[0]")
+			return err
+		}, "routes[0].match: *routev3.RouteMatch_Path is not supported by the built-in data plane; use prefix"},
+		{"a case-insensitive route match", func() error {
+			_, err := parseRoute(&route.Route{Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}, CaseSensitive: wrapperspb.Bool(false)}}, "routes[0]")
+			return err
+		}, "routes[0].match.case_sensitive: false is not supported by the built-in data plane; leave it unset"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
