@@ -122,9 +122,6 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if pr != nil {
 			eng = pr.engine
-			if pr.disabled {
-				eng = nil
-			}
 		}
 		if !eng.allowedPeer(pid) {
 			l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()

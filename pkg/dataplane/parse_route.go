@@ -43,8 +43,7 @@ type virtualHost struct {
 
 // perRouteRBAC overrides the HTTP RBAC filter for a virtual host or route.
 type perRouteRBAC struct {
-	disabled bool
-	engine   *rbacEngine // nil: nothing enforced
+	engine *rbacEngine
 }
 
 type routeEntry struct {
@@ -184,14 +183,8 @@ func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, *tran
 		if err != nil {
 			return nil, nil, err
 		}
-		if fc, ok := msg.(*route.FilterConfig); ok {
-			if fc.GetDisabled() && fc.GetConfig() == nil {
-				out = &perRouteRBAC{disabled: true}
-				continue
-			}
-			if msg, err = unpack(fc.GetConfig(), f+".config"); err != nil {
-				return nil, nil, err
-			}
+		if _, ok := msg.(*route.FilterConfig); ok {
+			return nil, nil, fmt.Errorf("%s: %s is not supported by the built-in data plane; send the filter's own per-route config", f, fullName(msg))
 		}
 		if fullName(msg) == nameTranscoder {
 			if tc, err = parseTranscoder(msg.(*transcoderpb.GrpcJsonTranscoder), f); err != nil {
@@ -202,10 +195,10 @@ func parsePerFilter(m map[string]*anypb.Any, field string) (*perRouteRBAC, *tran
 		if fullName(msg) != nameRBACRoute {
 			return nil, nil, fmt.Errorf("%s: per-filter config %s is not supported; only %s and %s", f, fullName(msg), nameRBACRoute, nameTranscoder)
 		}
+		// The control plane overrides the listener's empty RBAC config with rules, never disables it.
 		pr := msg.(*rbachttp.RBACPerRoute)
-		if pr.GetRbac() == nil {
-			out = &perRouteRBAC{disabled: true}
-			continue
+		if pr.GetRbac().GetRules() == nil {
+			return nil, nil, fmt.Errorf("%s.rbac.rules: required; the built-in data plane does not support RBACPerRoute without rules", f)
 		}
 		if pr.GetRbac().GetMatcher() != nil || pr.GetRbac().GetShadowRules() != nil || pr.GetRbac().GetShadowMatcher() != nil {
 			return nil, nil, fmt.Errorf("%s.rbac: matcher-based and shadow RBAC are not supported; use rules", f)

@@ -12,6 +12,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	streamlog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -136,6 +137,18 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := parseRoute(&route.Route{Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}, CaseSensitive: wrapperspb.Bool(false)}}, "routes[0]")
 			return err
 		}, "routes[0].match.case_sensitive: false is not supported by the built-in data plane; leave it unset"},
+		{"a per-route FilterConfig wrapper", func() error {
+			_, _, err := parsePerFilter(map[string]*anypb.Any{"envoy.filters.http.rbac": mustAnyT(t, &route.FilterConfig{Disabled: true})}, "typed_per_filter_config")
+			return err
+		}, "typed_per_filter_config[envoy.filters.http.rbac]: envoy.config.route.v3.FilterConfig is not supported by the built-in data plane"},
+		{"RBACPerRoute disabling the filter", func() error {
+			_, _, err := parsePerFilter(map[string]*anypb.Any{"envoy.filters.http.rbac": mustAnyT(t, &rbachttp.RBACPerRoute{})}, "typed_per_filter_config")
+			return err
+		}, "typed_per_filter_config[envoy.filters.http.rbac].rbac.rules: required; the built-in data plane does not support RBACPerRoute without rules"},
+		{"RBACPerRoute with empty rules", func() error {
+			_, _, err := parsePerFilter(map[string]*anypb.Any{"envoy.filters.http.rbac": mustAnyT(t, &rbachttp.RBACPerRoute{Rbac: &rbachttp.RBAC{}})}, "typed_per_filter_config")
+			return err
+		}, "rbac.rules: required"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
