@@ -15,7 +15,6 @@ import (
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"google.golang.org/protobuf/proto"
 )
@@ -26,8 +25,6 @@ type listenerConfig struct {
 	proto *listener.Listener
 	// sources is the filter chain's source_prefix_ranges; nil matches every peer.
 	sources *rbacEngine
-	// netRBAC is the network RBAC filter; nil allows every peer.
-	netRBAC *rbacEngine
 	tcp     *tcpConfig
 	http    *httpConfig
 	// inbound is a TLS listener's chains by SNI (inbound.go); tcp and http are then nil.
@@ -162,27 +159,9 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 			cfg.maxConns = int(min(cl.GetMaxConnections().GetValue(), 1<<31))
 			cfg.limitDelay = cl.GetDelay().AsDuration()
 		case nameNetRBAC:
-			r := m.(*rbacnet.RBAC)
-			if last {
-				return nil, fail("%s: RBAC cannot be the last filter; a terminal filter must follow", field)
-			}
-			if cfg.netRBAC != nil {
-				return nil, fail("%s: only one network RBAC filter is supported", field)
-			}
-			if r.GetMatcher() != nil || r.GetShadowMatcher() != nil {
-				return nil, fail("%s: matcher-based RBAC is not supported; use rules", field)
-			}
-			if r.GetEnforcementType() != rbacnet.RBAC_ONE_TIME_ON_FIRST_BYTE {
-				return nil, fail("%s.enforcement_type: only ONE_TIME_ON_FIRST_BYTE is supported", field)
-			}
-			eng, err := parseRBAC(r.GetRules(), field+".rules")
-			if err != nil {
-				return nil, fail("%v", err)
-			}
-			if eng == nil {
-				eng = &rbacEngine{deny: true} // no rules: nothing is denied
-			}
-			cfg.netRBAC = eng
+			// Plain listeners admit clients by filter_chain_match.source_prefix_ranges; network RBAC
+			// is emitted on the inbound (mTLS) listener only.
+			return nil, fail("%s: network RBAC on a plain listener is not supported by the built-in data plane; match filter_chain_match.source_prefix_ranges", field)
 		case nameTCPProxy:
 			if !last {
 				return nil, fail("%s: tcp_proxy is a terminal filter and must be last", field)
@@ -202,8 +181,8 @@ func (dp *DataPlane) parseListener(l *listener.Listener, override string) (*list
 			}
 			cfg.http = hc
 		default:
-			return nil, fail("%s: network filter %s is not supported by the built-in data plane; it supports %s, %s, %s and %s",
-				field, fullName(m), nameConnLimit, nameNetRBAC, nameTCPProxy, nameHCM)
+			return nil, fail("%s: network filter %s is not supported by the built-in data plane; it supports %s, %s and %s",
+				field, fullName(m), nameConnLimit, nameTCPProxy, nameHCM)
 		}
 	}
 	return cfg, nil

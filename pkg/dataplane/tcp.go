@@ -10,9 +10,9 @@ import (
 	"time"
 )
 
-// serveTCP proxies one downstream connection to the listener's cluster: network RBAC on the
-// peer address, connect (with one retry elsewhere on connection failure), then bytes both
-// ways with half-close and an idle timeout.
+// serveTCP proxies one downstream connection to the listener's cluster (the peer address was
+// admitted by the chain's source ranges at accept): connect (with one retry elsewhere on
+// connection failure), then bytes both ways with half-close and an idle timeout.
 func (l *listenerRT) serveTCP(down *trackedConn, cfg *listenerConfig) {
 	defer down.Close()
 	start := time.Now()
@@ -27,12 +27,6 @@ func (l *listenerRT) serveTCP(down *trackedConn, cfg *listenerConfig) {
 			}
 		}
 	}()
-	if !cfg.netRBAC.allowed(peerAddr(down)) {
-		l.dp.metrics.rbacDenied.WithLabelValues(cfg.name).Inc()
-		flags = "RBAC"
-		l.dp.log.Debug("connection denied by RBAC", "listener", cfg.name, "peer", down.RemoteAddr().String())
-		return
-	}
 	c := l.dp.cluster(tc.cluster)
 	if c == nil {
 		l.dp.metrics.upstreamErrs.WithLabelValues(tc.cluster, reasonNoHealthy).Inc()

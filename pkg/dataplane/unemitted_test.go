@@ -15,6 +15,7 @@ import (
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
@@ -149,6 +150,13 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, _, err := parsePerFilter(map[string]*anypb.Any{"envoy.filters.http.rbac": mustAnyT(t, &rbachttp.RBACPerRoute{Rbac: &rbachttp.RBAC{}})}, "typed_per_filter_config")
 			return err
 		}, "rbac.rules: required"},
+		{"network RBAC on a plain listener", func() error {
+			l := proto.Clone(translated(t).Listeners[0]).(*listener.Listener)
+			l.FilterChains[0].Filters = append([]*listener.Filter{{Name: "envoy.filters.network.rbac",
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAnyT(t, &rbacnet.RBAC{StatPrefix: "x"})}}}, l.FilterChains[0].Filters...)
+			_, err := New(Options{}).parseListener(l, "")
+			return err
+		}, "filter_chains[0].filters[0] (envoy.filters.network.rbac): network RBAC on a plain listener is not supported by the built-in data plane; match filter_chain_match.source_prefix_ranges"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
