@@ -287,7 +287,7 @@ func FuzzParseCluster(f *testing.F) {
 		if cfg.edsName == "" && cfg.static == nil && cfg.dns == nil && c.GetType() == clusterpb.Cluster_EDS {
 			t.Fatal("an EDS cluster without the name of its endpoints")
 		}
-		if s := cfg.tls; s != nil && s.certSecret == "" && s.rootsSecret == "" && s.inlineRoots == nil {
+		if s := cfg.tls; s != nil && s.rootsSecret == "" {
 			t.Fatal("a TLS cluster with no trust bundle: it would connect without verifying the server")
 		}
 		if od := cfg.outlier; od != nil && (od.interval <= 0 || od.maxEje < od.baseEjection || od.maxEjectionPercent > 100) {

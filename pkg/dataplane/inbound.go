@@ -124,7 +124,7 @@ func (dp *DataPlane) parseInbound(l *listener.Listener, cfg *listenerConfig) (*l
 		if err != nil {
 			return nil, fail("%s.transport_socket: %v", f, err)
 		}
-		if spec.certSecret == "" && spec.inlineCert == nil {
+		if spec.certSecret == "" {
 			return nil, fail("%s.transport_socket: a server certificate is required", f)
 		}
 		ch.tls, ch.require = spec, dtc.GetRequireClientCertificate().GetValue()

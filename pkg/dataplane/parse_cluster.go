@@ -2,7 +2,6 @@ package dataplane
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"regexp"
@@ -31,12 +30,12 @@ type clusterConfig struct {
 }
 
 type tlsSpec struct {
-	sni         string
-	alpn        []string
-	certSecret  string           // SDS name of the client certificate, or
-	inlineCert  *tls.Certificate // an inline one (or none)
-	rootsSecret string           // SDS name of the trust bundle, or
-	inlineRoots *x509.CertPool
+	sni  string
+	alpn []string
+	// SDS names of the certificate and the trust bundle: the control plane sends both over SDS,
+	// never inline.
+	certSecret  string
+	rootsSecret string
 	sans        []sanMatcher
 	minVersion  uint16
 	maxVersion  uint16
@@ -237,7 +236,9 @@ func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
 		}
 	}
 	switch {
-	case len(ctx.GetTlsCertificateSdsSecretConfigs()) > 1 || len(ctx.GetTlsCertificates()) > 1:
+	case len(ctx.GetTlsCertificates()) > 0:
+		return nil, errors.New("common_tls_context.tls_certificates: inline certificates are not supported by the built-in data plane; use tls_certificate_sds_secret_configs")
+	case len(ctx.GetTlsCertificateSdsSecretConfigs()) > 1:
 		return nil, errors.New("common_tls_context: only one client certificate is supported")
 	case len(ctx.GetTlsCertificateSdsSecretConfigs()) == 1:
 		sc := ctx.GetTlsCertificateSdsSecretConfigs()[0]
@@ -245,25 +246,14 @@ func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
 			return nil, err
 		}
 		s.certSecret = sc.GetName()
-	case len(ctx.GetTlsCertificates()) == 1:
-		c, err := parseTLSCertificate(ctx.GetTlsCertificates()[0])
-		if err != nil {
-			return nil, fmt.Errorf("common_tls_context.tls_certificates[0]: %v", err)
-		}
-		s.inlineCert = c
 	}
 	if ctx.GetTlsCertificateProviderInstance() != nil || ctx.GetCustomHandshaker() != nil {
 		return nil, errors.New("common_tls_context: certificate providers and custom handshakers are not supported; use SDS")
 	}
+	// The control plane emits a combined validation context only: its SAN matchers inline, the
+	// trust bundle over SDS.
 	var vc *tlsv3.CertificateValidationContext
 	switch v := ctx.GetValidationContextType().(type) {
-	case *tlsv3.CommonTlsContext_ValidationContext:
-		vc = v.ValidationContext
-	case *tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig:
-		if err := checkSDS(v.ValidationContextSdsSecretConfig, "common_tls_context.validation_context_sds_secret_config"); err != nil {
-			return nil, err
-		}
-		s.rootsSecret = v.ValidationContextSdsSecretConfig.GetName()
 	case *tlsv3.CommonTlsContext_CombinedValidationContext:
 		vc = v.CombinedValidationContext.GetDefaultValidationContext()
 		sc := v.CombinedValidationContext.GetValidationContextSdsSecretConfig()
@@ -274,22 +264,11 @@ func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
 	case nil:
 		return nil, errors.New("common_tls_context: a validation context is required; the built-in data plane never connects without verifying the server")
 	default:
-		return nil, fmt.Errorf("common_tls_context: validation context %T is not supported", v)
+		return nil, fmt.Errorf("common_tls_context: validation context %T is not supported by the built-in data plane; use combined_validation_context", v)
 	}
 	if vc != nil {
 		if vc.GetTrustedCa() != nil {
-			pem, err := readDataSource(vc.GetTrustedCa())
-			if err != nil {
-				return nil, fmt.Errorf("validation context trusted_ca: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, errors.New("validation context trusted_ca: no PEM certificate found")
-			}
-			if s.rootsSecret != "" {
-				return nil, errors.New("validation context: trusted_ca and an SDS trust bundle are both set; set one")
-			}
-			s.inlineRoots = pool
+			return nil, errors.New("common_tls_context.combined_validation_context.default_validation_context.trusted_ca: not supported by the built-in data plane; the trust bundle comes over SDS (validation_context_sds_secret_config)")
 		}
 		//lint:ignore SA1019 read only to refuse it
 		if len(vc.GetMatchSubjectAltNames()) > 0 {
@@ -314,8 +293,8 @@ func parseUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*tlsSpec, error) {
 			s.sans = append(s.sans, sanMatcher{typ: m.GetSanType(), match: fn})
 		}
 	}
-	if s.rootsSecret == "" && s.inlineRoots == nil {
-		return nil, errors.New("validation context: a trust bundle (trusted_ca or an SDS secret) is required")
+	if s.rootsSecret == "" {
+		return nil, errors.New("common_tls_context.combined_validation_context.validation_context_sds_secret_config: a trust bundle is required")
 	}
 	return s, nil
 }

@@ -157,6 +157,32 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := New(Options{}).parseListener(l, "")
 			return err
 		}, "filter_chains[0].filters[0] (envoy.filters.network.rbac): network RBAC on a plain listener is not supported by the built-in data plane; match filter_chain_match.source_prefix_ranges"},
+		{"an inline client certificate", func() error {
+			_, err := parseUpstreamTLS(emittedTLS(t, func(c *tlsv3.CommonTlsContext) {
+				c.TlsCertificateSdsSecretConfigs = nil
+				c.TlsCertificates = []*tlsv3.TlsCertificate{{}}
+			}))
+			return err
+		}, "common_tls_context.tls_certificates: inline certificates are not supported by the built-in data plane; use tls_certificate_sds_secret_configs"},
+		{"a plain validation context", func() error {
+			_, err := parseUpstreamTLS(emittedTLS(t, func(c *tlsv3.CommonTlsContext) {
+				c.ValidationContextType = &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{}}
+			}))
+			return err
+		}, "common_tls_context: validation context *tlsv3.CommonTlsContext_ValidationContext is not supported by the built-in data plane; use combined_validation_context"},
+		{"an SDS validation context alone", func() error {
+			_, err := parseUpstreamTLS(emittedTLS(t, func(c *tlsv3.CommonTlsContext) {
+				c.ValidationContextType = &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
+					ValidationContextSdsSecretConfig: c.GetCombinedValidationContext().GetValidationContextSdsSecretConfig()}
+			}))
+			return err
+		}, "validation context *tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig is not supported by the built-in data plane"},
+		{"an inline trusted_ca in upstream TLS", func() error {
+			_, err := parseUpstreamTLS(emittedTLS(t, func(c *tlsv3.CommonTlsContext) {
+				c.GetCombinedValidationContext().DefaultValidationContext.TrustedCa = &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: "PEM"}}
+			}))
+			return err
+		}, "common_tls_context.combined_validation_context.default_validation_context.trusted_ca: not supported by the built-in data plane; the trust bundle comes over SDS"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
@@ -164,6 +190,17 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			}
 		})
 	}
+}
+
+// emittedTLS is the first translated cluster's upstream TLS context, changed by edit.
+func emittedTLS(t *testing.T, edit func(*tlsv3.CommonTlsContext)) *tlsv3.UpstreamTlsContext {
+	t.Helper()
+	var u tlsv3.UpstreamTlsContext
+	if err := translated(t).Clusters[0].GetTransportSocket().GetTypedConfig().UnmarshalTo(&u); err != nil {
+		t.Fatal(err)
+	}
+	edit(u.CommonTlsContext)
+	return &u
 }
 
 func authenticatedBy(m *matcher.StringMatcher) *rbacconfig.Principal {

@@ -544,14 +544,11 @@ var errRouteTimeout = errors.New("upstream request timeout")
 // verifyServer checks the server's chain against the trust bundle of the moment and its SANs
 // against the cluster's matchers. Anything missing fails the handshake.
 func (dp *DataPlane) verifyServer(spec *tlsSpec, cs tls.ConnectionState) error {
-	roots := spec.inlineRoots
-	if spec.rootsSecret != "" {
-		s := dp.secret(spec.rootsSecret)
-		if s == nil || s.roots == nil {
-			return fmt.Errorf("trust bundle %q has not been received over SDS; refusing to connect unverified", spec.rootsSecret)
-		}
-		roots = s.roots
+	s := dp.secret(spec.rootsSecret)
+	if s == nil || s.roots == nil {
+		return fmt.Errorf("trust bundle %q has not been received over SDS; refusing to connect unverified", spec.rootsSecret)
 	}
+	roots := s.roots
 	if len(cs.PeerCertificates) == 0 {
 		return errors.New("server sent no certificate")
 	}
@@ -605,9 +602,6 @@ func sanValues(c *x509.Certificate, t tlsv3.SubjectAltNameMatcher_SanType) []str
 
 // clientCertificate is the cluster's client certificate of the moment (SDS may rotate it).
 func (dp *DataPlane) clientCertificate(spec *tlsSpec) (*tls.Certificate, error) {
-	if spec.inlineCert != nil {
-		return spec.inlineCert, nil
-	}
 	if spec.certSecret == "" {
 		return &tls.Certificate{}, nil
 	}
