@@ -175,7 +175,8 @@ func parseHTTPOptions(o *upstreamhttp.HttpProtocolOptions, field string) (bool, 
 			return false, fmt.Errorf("%s.explicit_http_config: only http_protocol_options (HTTP/1.1) and http2_protocol_options are supported", field)
 		}
 	case nil:
-		return false, nil
+		// The control plane always names the upstream protocol.
+		return false, fmt.Errorf("%s: no upstream protocol set is not supported by the built-in data plane; use explicit_http_config", field)
 	default:
 		return false, fmt.Errorf("%s: %T is not supported; use explicit_http_config", field, o.GetUpstreamProtocolOptions())
 	}

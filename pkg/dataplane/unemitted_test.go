@@ -17,6 +17,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -183,6 +184,12 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			}))
 			return err
 		}, "common_tls_context.combined_validation_context.default_validation_context.trusted_ca: not supported by the built-in data plane; the trust bundle comes over SDS"},
+		{"HttpProtocolOptions without an upstream protocol", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.TypedExtensionProtocolOptions = map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAnyT(t, &upstreamhttp.HttpProtocolOptions{})}
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]: no upstream protocol set is not supported by the built-in data plane; use explicit_http_config"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {
