@@ -27,6 +27,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -64,7 +65,8 @@ func (e *echoServer) received(c string) *http.Request {
 	return e.seen[c]
 }
 
-// plainStatic is a STATIC cluster of one plain-text endpoint.
+// plainStatic is a STATIC cluster of one plain-text endpoint, with outlier detection (every
+// cluster has it) that ejects nothing.
 func plainStatic(name, addr string) *clusterpb.Cluster {
 	host, port, _ := net.SplitHostPort(addr)
 	var p uint32
@@ -73,6 +75,8 @@ func plainStatic(name, addr string) *clusterpb.Cluster {
 		Name:                 name,
 		ClusterDiscoveryType: &clusterpb.Cluster_Type{Type: clusterpb.Cluster_STATIC},
 		ConnectTimeout:       durationpb.New(2 * time.Second),
+		OutlierDetection: &clusterpb.OutlierDetection{EnforcingConsecutive_5Xx: wrapperspb.UInt32(0),
+			EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(0)},
 		LoadAssignment: &endpoint.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpoint.LocalityLbEndpoints{{
 			LbEndpoints: []*endpoint.LbEndpoint{{HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
 				Address: &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{

@@ -290,7 +290,7 @@ func FuzzParseCluster(f *testing.F) {
 		if s := cfg.tls; s != nil && s.rootsSecret == "" {
 			t.Fatal("a TLS cluster with no trust bundle: it would connect without verifying the server")
 		}
-		if od := cfg.outlier; od != nil && (od.interval <= 0 || od.maxEje < od.baseEjection || od.maxEjectionPercent > 100) {
+		if od := cfg.outlier; od == nil || (od.interval <= 0 || od.maxEje < od.baseEjection || od.maxEjectionPercent > 100) {
 			t.Fatalf("outlier detection out of range: %+v", od)
 		}
 		checkEndpoints(t, cfg.static)

@@ -148,17 +148,20 @@ func (dp *DataPlane) parseCluster(c *clusterpb.Cluster) (*clusterConfig, error) 
 		}
 		cfg.tls = spec
 	}
-	cfg.outlier = parseOutlier(c.GetOutlierDetection())
-	if od := c.GetOutlierDetection(); od != nil {
-		if od.GetEnforcingFailurePercentage().GetValue() > 0 || od.GetEnforcingFailurePercentageLocalOrigin().GetValue() > 0 {
-			return nil, fail("outlier_detection: failure percentage ejection is not supported; use consecutive_5xx / consecutive_gateway_failure")
-		}
-		if od.GetSplitExternalLocalOriginErrors() {
-			return nil, fail("outlier_detection.split_external_local_origin_errors: not supported")
-		}
-		if od.GetMaxEjectionPercent().GetValue() > 100 {
-			return nil, fail("outlier_detection.max_ejection_percent: %d is over 100", od.GetMaxEjectionPercent().GetValue())
-		}
+	// The control plane gives every cluster outlier detection.
+	od := c.GetOutlierDetection()
+	if od == nil {
+		return nil, fail("outlier_detection: required; the built-in data plane does not support clusters without it")
+	}
+	cfg.outlier = parseOutlier(od)
+	if od.GetEnforcingFailurePercentage().GetValue() > 0 || od.GetEnforcingFailurePercentageLocalOrigin().GetValue() > 0 {
+		return nil, fail("outlier_detection: failure percentage ejection is not supported; use consecutive_5xx / consecutive_gateway_failure")
+	}
+	if od.GetSplitExternalLocalOriginErrors() {
+		return nil, fail("outlier_detection.split_external_local_origin_errors: not supported")
+	}
+	if od.GetMaxEjectionPercent().GetValue() > 100 {
+		return nil, fail("outlier_detection.max_ejection_percent: %d is over 100", od.GetMaxEjectionPercent().GetValue())
 	}
 	return cfg, nil
 }
@@ -183,9 +186,6 @@ func parseHTTPOptions(o *upstreamhttp.HttpProtocolOptions, field string) (bool, 
 }
 
 func parseOutlier(od *clusterpb.OutlierDetection) *outlierSpec {
-	if od == nil {
-		return nil
-	}
 	u32 := func(v interface{ GetValue() uint32 }, isNil bool, def uint32) uint32 {
 		if isNil {
 			return def

@@ -3,6 +3,8 @@ package dataplane
 import (
 	"testing"
 	"time"
+
+	clusterpb "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 )
 
 // Priority levels as Envoy balances them: all to level 0 while it is healthy, spill-over by the
@@ -10,7 +12,7 @@ import (
 // endpoint) when too few are left anywhere.
 func TestPickPriority(t *testing.T) {
 	dp := New(Options{})
-	c := newCluster(dp, &clusterConfig{name: "c", connectTimeout: time.Second})
+	c := newCluster(dp, &clusterConfig{name: "c", connectTimeout: time.Second, outlier: parseOutlier(&clusterpb.OutlierDetection{})})
 	defer c.close()
 	c.setEndpoints([]endpointSpec{
 		{addr: "10.0.0.1:1", healthy: true}, {addr: "10.0.0.2:1", healthy: true},

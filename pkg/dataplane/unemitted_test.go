@@ -190,6 +190,12 @@ func TestRefusesWhatNothingEmits(t *testing.T) {
 			_, err := New(Options{}).parseCluster(c)
 			return err
 		}, "typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions]: no upstream protocol set is not supported by the built-in data plane; use explicit_http_config"},
+		{"a cluster without outlier detection", func() error {
+			c := proto.Clone(translated(t).Clusters[0]).(*clusterpb.Cluster)
+			c.OutlierDetection = nil
+			_, err := New(Options{}).parseCluster(c)
+			return err
+		}, "outlier_detection: required; the built-in data plane does not support clusters without it"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.parse(); err == nil || !strings.Contains(err.Error(), c.want) {

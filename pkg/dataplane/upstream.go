@@ -342,7 +342,7 @@ func (c *cluster) failed(h *host, reason string) {
 // outcome feeds outlier detection with an upstream status code (503 for local failures).
 func (c *cluster) outcome(h *host, code int) {
 	od := c.rt.Load().cfg.outlier
-	if od == nil || h == nil {
+	if h == nil {
 		return
 	}
 	if code < 500 {
@@ -408,11 +408,7 @@ func ejectionTime(h *host, od *outlierSpec) time.Duration {
 
 // sweepDue runs the cluster's outlier sweep when its interval has passed since the last one.
 func (c *cluster) sweepDue(now time.Time) {
-	od := c.rt.Load().cfg.outlier
-	interval := time.Second
-	if od != nil {
-		interval = od.interval
-	}
+	interval := c.rt.Load().cfg.outlier.interval
 	last := c.lastSweep.Load()
 	if now.UnixNano()-last < int64(interval) {
 		return
@@ -432,7 +428,7 @@ func (c *cluster) sweep(now time.Time) {
 	defer c.mu.Unlock()
 	for _, h := range *c.hosts.Load() {
 		switch {
-		case h.ejected.Load() && (od == nil || !now.Before(h.ejectedAt.Add(ejectionTime(h, od)))):
+		case h.ejected.Load() && !now.Before(h.ejectedAt.Add(ejectionTime(h, od))):
 			h.ejected.Store(false)
 			c.dp.log.Info("endpoint returned to rotation", "cluster", c.name, "endpoint", h.addr)
 		case !h.ejected.Load() && h.ejections > 0:
