@@ -3,27 +3,29 @@
 // the resources it changed, xds.go and parsecache.go) and moves the bytes, so a host without Envoy
 // (a laptop, a Windows VM, a test) can reach the mesh with one static binary.
 //
-// It serves the subset of xDS that pkg/controlplane emits (TestGoldenAccepted parses every
-// translation golden case; TestRefusesWhatNothingEmits pins refusals of what none emits):
+// It serves exactly the subset of xDS that pkg/controlplane emits (TestGoldenAccepted parses
+// every translation golden case; TestRefusesWhatNothingEmits pins refusals of what none emits):
 //
-//   - LDS: listeners with one filter chain (matched on source_prefix_ranges): the
-//     connection_limit filter, an optional network RBAC filter (peer address rules), then
-//     tcp_proxy to a cluster, or an HTTP connection manager (HTTP/1.1 and HTTP/2 with prior
-//     knowledge, RDS or inline routes, an optional HTTP RBAC filter with per-virtual-host
-//     RBACPerRoute overrides, the router filter, stdout access logs) with Envoy's request header
-//     handling: use_remote_address, internal_address_config, forward_client_cert_details,
-//     request IDs, the x-envoy-* headers a client may not set (headers.go); and the reverse
-//     direction's inbound listener (inbound.go).
+//   - LDS: plain listeners with one filter chain (clients admitted by source_prefix_ranges): the
+//     connection_limit filter, then tcp_proxy to a cluster, or an HTTP connection manager
+//     (codec AUTO: HTTP/1.1 and HTTP/2 with prior knowledge; RDS or inline routes, an optional
+//     HTTP RBAC filter with per-virtual-host RBACPerRoute rules, the router filter, stdout access
+//     logs) with Envoy's request header handling: use_remote_address, internal_address_config,
+//     forward_client_cert_details, request IDs, the x-envoy-* headers a client may not set
+//     (headers.go); and the reverse direction's inbound listener (inbound.go), the only one with
+//     network RBAC.
 //   - RDS: virtual hosts matched by Host the way Envoy does (exact, then suffix and prefix
-//     wildcards, then "*"), prefix and path routes to a cluster, route timeouts,
+//     wildcards, then "*"), case-sensitive prefix routes to a cluster, route timeouts,
 //     internal_only_headers.
 //   - CDS/EDS: EDS, STATIC or STRICT_DNS clusters, round robin, connect timeout, outlier detection
-//     (consecutive 5xx / gateway failures, ejection for base_ejection_time x ejections,
-//     max_ejection_percent, interval), upstream HTTP/1.1 or HTTP/2 per HttpProtocolOptions.
+//     (required: consecutive 5xx / gateway failures, ejection for base_ejection_time x
+//     ejections, max_ejection_percent, interval), upstream HTTP/1.1 or HTTP/2 named by
+//     HttpProtocolOptions' explicit_http_config.
 //   - TLS origination from UpstreamTlsContext: SNI, ALPN, the client chain and key from an SDS
-//     secret, server chain verification against an SDS trust bundle and SAN matching
-//     (match_typed_subject_alt_names), failing closed. Secrets apply to new connections at once;
-//     TLS sessions resume (max_session_keys) until the certificate or trust bundle rotates.
+//     secret, server chain verification against an SDS trust bundle (combined_validation_context)
+//     and SAN matching (match_typed_subject_alt_names: exact or prefix), failing closed; no
+//     inline certificates or trust bundles. Secrets apply to new connections at once; TLS
+//     sessions resume (max_session_keys) until the certificate or trust bundle rotates.
 //
 // Anything else in a response is rejected (NACK) with a message naming the resource and the
 // field, and the last accepted configuration keeps serving. Updates swap atomically: a
