@@ -63,6 +63,7 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/internal/procstat"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/daemon"
 )
@@ -631,7 +632,7 @@ func (m *measurer) change(name string, cat *catalogFile, n, probe int) (step, er
 	deadline := time.Now().Add(*timeout)
 	lost := m.lost.Load()
 	prev := m.d.XDS.Current().ConfigVersion
-	cpu0 := cpuSeconds(m.pid)
+	cpu0 := procstat.CPUSeconds(m.pid)
 	written := time.Now()
 	if err := cat.write(n); err != nil {
 		return step{}, err
@@ -697,7 +698,7 @@ func (m *measurer) await(s *step, t0 time.Time, cpu0 float64, probe int, deadlin
 			s.tcpOK = r.at.Sub(t0).Seconds()
 		}
 	}
-	s.cpu = cpuSeconds(m.pid) - cpu0
+	s.cpu = procstat.CPUSeconds(m.pid) - cpu0
 	return nil
 }
 
@@ -735,11 +736,11 @@ func (m *measurer) settle(s *step, t0 time.Time, services int, deadline time.Tim
 	if nacks > 0 {
 		return fmt.Errorf("%s: envoy rejected %v responses (fwdproxy_xds_nacks_total)", s.name, nacks)
 	}
-	if s.rssMiB, s.hwmMiB, err = memMiB(m.pid); err != nil {
+	if s.rssMiB, s.hwmMiB, err = procstat.MemMiB(m.pid); err != nil {
 		return err
 	}
 	debug.FreeOSMemory() // the same measure in every run of this process
-	s.daemonRSS, _, err = memMiB(os.Getpid())
+	s.daemonRSS, _, err = procstat.MemMiB(os.Getpid())
 	return err
 }
 
@@ -905,45 +906,6 @@ func envoyChild() int {
 		}
 	}
 	return 0
-}
-
-// cpuSeconds is a process's utime+stime (/proc/PID/stat), 0 if unreadable.
-func cpuSeconds(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// The fields after "pid (comm) " start with the third, state; utime and stime are the 14th
-	// and 15th, in clock ticks (USER_HZ, 100 on Linux).
-	f := strings.Fields(string(b[bytes.LastIndex(b, []byte(") "))+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100
-}
-
-// memMiB reads VmRSS and VmHWM of a process.
-func memMiB(pid int) (rss, hwm float64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb / 1024
-		case "VmHWM:":
-			hwm = kb / 1024
-		}
-	}
-	return rss, hwm, nil
 }
 
 // adsFlavour reads the ADS API type from the bootstrap the daemon wrote.

@@ -70,6 +70,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
+	"github.com/fwdproxy/fwdproxy/internal/procstat"
 	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
@@ -468,7 +469,7 @@ peers:
 		res.cpu = append(res.cpu, (cpu[i]-idleCPU[i]/idleSecs*elapsed)/float64(o.changes))
 	}
 	for _, in := range insts {
-		rss, hwm, err := memMiB(in.cmd.Process.Pid)
+		rss, hwm, err := procstat.MemMiB(in.cmd.Process.Pid)
 		if err != nil {
 			return nil, err
 		}
@@ -719,7 +720,7 @@ func memoryLeft(minMiB int) error {
 func cpuAll(insts []*instance) []float64 {
 	out := make([]float64, len(insts))
 	for i, in := range insts {
-		out[i] = cpuSeconds(in.cmd.Process.Pid)
+		out[i] = procstat.CPUSeconds(in.cmd.Process.Pid)
 	}
 	return out
 }
@@ -730,45 +731,6 @@ func sub(a, b []float64) []float64 {
 		out[i] = a[i] - b[i]
 	}
 	return out
-}
-
-// cpuSeconds is a process's utime+stime (/proc/PID/stat), 0 if unreadable.
-func cpuSeconds(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// After "pid (comm) " the third field is the state; utime and stime are the 14th and 15th,
-	// in clock ticks (USER_HZ, 100 on Linux).
-	f := strings.Fields(string(b[bytes.LastIndex(b, []byte(") "))+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100
-}
-
-// memMiB reads VmRSS and VmHWM of a process.
-func memMiB(pid int) (rss, hwm float64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb / 1024
-		case "VmHWM:":
-			hwm = kb / 1024
-		}
-	}
-	return rss, hwm, nil
 }
 
 // metricLines fetches an instance's /metrics and returns the lines of name (with suffixes).
