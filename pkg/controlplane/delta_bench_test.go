@@ -3,9 +3,6 @@ package controlplane
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
 	"slices"
 	"testing"
 	"time"
@@ -23,14 +20,9 @@ import (
 // subscribed to every cluster and endpoint as Envoy is. Reported: p50 and p99 per change, and
 // the response bytes per change. Translation and the snapshot build are not timed.
 func BenchmarkDeltaChangeOneOf10kServices(b *testing.B) {
-	s := NewServer(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go s.Serve(ctx, lis, insecure.NewCredentials())
+	s, addr := benchServer(ctx, b)
 
 	cat := largeCatalog(10000)
 	opts := benchOptions()
@@ -51,7 +43,7 @@ func BenchmarkDeltaChangeOneOf10kServices(b *testing.B) {
 	if err := s.Set(ctx, build(-1)); err != nil {
 		b.Fatal(err)
 	}
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
 	if err != nil {
 		b.Fatal(err)

@@ -23,14 +23,9 @@ import (
 // p99 over all clients and iterations. The catalog has 1,000 services x 2 ports.
 func BenchmarkPropagation100Clients(b *testing.B) {
 	const clients = 100
-	s := NewServer(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go s.Serve(ctx, lis, insecure.NewCredentials())
+	s, addr := benchServer(ctx, b)
 
 	cat := largeCatalog(1000)
 	opts := benchOptions()
@@ -51,7 +46,7 @@ func BenchmarkPropagation100Clients(b *testing.B) {
 		b.Fatal(err)
 	}
 
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -103,4 +98,15 @@ func BenchmarkPropagation100Clients(b *testing.B) {
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// benchServer serves xDS on a loopback port until ctx ends.
+func benchServer(ctx context.Context, b *testing.B) (*Server, string) {
+	s := NewServer(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go s.Serve(ctx, lis, insecure.NewCredentials())
+	return s, lis.Addr().String()
 }
