@@ -108,3 +108,27 @@ func BenchmarkJoin10k(b *testing.B) {
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/join")
 	b.ReportMetric(float64(state), "state-bytes")
 }
+
+// BenchmarkPushPullHeld10k merges a periodic push/pull's worth of entries the store already
+// holds: 10,000 catalog entries, as a peer receives from another every push/pull interval.
+func BenchmarkPushPullHeld10k(b *testing.B) {
+	validate := CatalogValidator(catalog.Options{})
+	writer := NewStore("a", validate, StoreOptions{})
+	for j := range 10000 {
+		host := fmt.Sprintf("s%d.default.svc.cluster.local", j)
+		if _, _, err := writer.Put(OperatorKey(host), serviceJSON(b, host, uint32(1000+j%50000))); err != nil {
+			b.Fatal(err)
+		}
+	}
+	all := writer.All()
+	s := NewStore("b", validate, StoreOptions{})
+	if changed, rejected := s.Merge(all); len(changed) != len(all) || len(rejected) != 0 {
+		b.Fatalf("first merge: %d of %d changed, rejected %v", len(changed), len(all), rejected)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		if changed, _ := s.Merge(all); len(changed) != 0 {
+			b.Fatalf("%d entries changed on a resend", len(changed))
+		}
+	}
+}

@@ -212,9 +212,20 @@ func (s *Store) Merge(in []Entry) (changed []Entry, rejected []error) {
 	now := s.now()
 	horizon := now.Add(s.maxSkew).UnixMilli()
 	expired := now.Add(-s.ttl).UnixMilli()
-	// Validate outside the lock: it decodes and checks catalog entries.
-	ok := make([]Entry, 0, len(in))
+	// A push/pull resends the whole store: what is no newer than the entry held would be
+	// dropped below anyway, so it is dropped before the decoding and checks, which would
+	// otherwise be most of a periodic exchange's cost at 10,000 entries.
+	fresh := make([]Entry, 0, len(in))
+	s.mu.RLock()
 	for _, e := range in {
+		if cur := s.entries[e.Key]; cur == nil || e.Newer(cur) {
+			fresh = append(fresh, e)
+		}
+	}
+	s.mu.RUnlock()
+	// Validate outside the lock: it decodes and checks catalog entries.
+	ok := make([]Entry, 0, len(fresh))
+	for _, e := range fresh {
 		if err := checkEntry(&e); err != nil {
 			rejected = append(rejected, err)
 			continue

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,7 +48,7 @@ func TestEntryOrderIsTotal(t *testing.T) {
 	}
 }
 
-func serviceJSON(t *testing.T, host string, port uint32) []byte {
+func serviceJSON(t testing.TB, host string, port uint32) []byte {
 	t.Helper()
 	b, err := json.Marshal(svc(host, port))
 	if err != nil {
@@ -218,5 +219,54 @@ func TestGatewaysAreValidated(t *testing.T) {
 		if _, err := val(bad.key, []byte(bad.value)); err == nil {
 			t.Errorf("%s %s accepted", bad.key, bad.value)
 		}
+	}
+}
+
+// A push/pull resends entries the store already holds: they change nothing and are not decoded
+// and checked again, while a newer write still is.
+func TestMergeSkipsEntriesAlreadyHeld(t *testing.T) {
+	var checked atomic.Int32
+	validate := CatalogValidator(catalog.Options{})
+	counting := func(key string, v []byte) ([]byte, error) {
+		checked.Add(1)
+		return validate(key, v)
+	}
+	writer := NewStore("a", validate, StoreOptions{})
+	var entries []Entry
+	for j := range 50 {
+		host := fmt.Sprintf("s%d.default.svc.cluster.local", j)
+		e, _, err := writer.Put(OperatorKey(host), serviceJSON(t, host, uint32(8000+j)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		entries = append(entries, e)
+	}
+	s := NewStore("b", counting, StoreOptions{})
+	if changed, rejected := s.Merge(entries); len(changed) != 50 || len(rejected) != 0 {
+		t.Fatalf("first merge: %d changed, rejected %v", len(changed), rejected)
+	}
+	if n := checked.Load(); n != 50 {
+		t.Fatalf("first merge checked %d entries, want 50", n)
+	}
+	before, _ := s.Digest()
+	if changed, rejected := s.Merge(writer.All()); len(changed) != 0 || len(rejected) != 0 {
+		t.Fatalf("the same entries again: %d changed, rejected %v", len(changed), rejected)
+	}
+	if n := checked.Load(); n != 50 {
+		t.Errorf("entries already held were checked again: %d checks, want 50", n)
+	}
+	host := "s7.default.svc.cluster.local"
+	newer, _, err := writer.Put(OperatorKey(host), serviceJSON(t, host, 9999))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if changed, _ := s.Merge(writer.All()); len(changed) != 1 || changed[0].Key != newer.Key {
+		t.Fatalf("a newer write among held entries: changed %v", changed)
+	}
+	if n := checked.Load(); n != 51 {
+		t.Errorf("%d checks after one newer write, want 51", n)
+	}
+	if after, _ := s.Digest(); after == before {
+		t.Error("the newer write did not change the store")
 	}
 }
