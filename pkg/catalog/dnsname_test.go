@@ -20,3 +20,16 @@ func TestDNSNameFastPathMatchesValidation(t *testing.T) {
 		}
 	}
 }
+
+// TestHostLabelsAreAtMost63Characters: a DNS1123 subdomain bounds the whole name, not its
+// labels; a host with a label over 63 characters never resolves and is refused, naming it.
+func TestHostLabelsAreAtMost63Characters(t *testing.T) {
+	if err := checkHost(strings.Repeat("a", 63) + ".default.svc.cluster.local"); err != nil {
+		t.Errorf("a 63-character label refused: %v", err)
+	}
+	long := strings.Repeat("a", 64)
+	err := checkHost(long + ".default.svc.cluster.local")
+	if err == nil || !strings.Contains(err.Error(), long) || !strings.Contains(err.Error(), "at most 63") {
+		t.Errorf("a 64-character label: %v", err)
+	}
+}
