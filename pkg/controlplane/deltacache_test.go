@@ -15,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
 // deltaClient is a delta ADS stream that holds what it was sent, as a data plane does.
@@ -124,23 +126,7 @@ func diffVersions(from, to map[string]string) (updated, removed []string) {
 func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 	s := startServer(t)
 	cat := largeCatalog(50)
-	var translator Translator
-	var builder Builder
-	build := func() *Snapshot {
-		t.Helper()
-		res, err := translator.Translate(cat, benchOptions())
-		if err != nil {
-			t.Fatal(err)
-		}
-		snap, err := builder.Build(res, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Set(context.Background(), snap); err != nil {
-			t.Fatal(err)
-		}
-		return snap
-	}
+	build := serveCatalog(t, s, cat)
 	versions := func(snap *Snapshot, typ string) map[string]string { return maps.Clone(snap.Cache.VersionMap[typ]) }
 	sent := func() float64 {
 		return testutil.ToFloat64(s.metrics.resources.WithLabelValues("cluster")) + testutil.ToFloat64(s.metrics.resources.WithLabelValues("endpoint"))
@@ -246,23 +232,7 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 func TestDeltaFullDiffWhenBehindTheLog(t *testing.T) {
 	s := startServer(t)
 	cat := largeCatalog(5)
-	var translator Translator
-	var builder Builder
-	build := func() *Snapshot {
-		t.Helper()
-		res, err := translator.Translate(cat, benchOptions())
-		if err != nil {
-			t.Fatal(err)
-		}
-		snap, err := builder.Build(res, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Set(context.Background(), snap); err != nil {
-			t.Fatal(err)
-		}
-		return snap
-	}
+	build := serveCatalog(t, s, cat)
 	build()
 	c := dialDelta(t, s.addr)
 	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType})
@@ -297,23 +267,7 @@ func TestDeltaFullDiffWhenBehindTheLog(t *testing.T) {
 func TestDeltaExplicitSubscriptions(t *testing.T) {
 	s := startServer(t)
 	cat := largeCatalog(5)
-	var translator Translator
-	var builder Builder
-	build := func() *Snapshot {
-		t.Helper()
-		res, err := translator.Translate(cat, benchOptions())
-		if err != nil {
-			t.Fatal(err)
-		}
-		snap, err := builder.Build(res, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Set(context.Background(), snap); err != nil {
-			t.Fatal(err)
-		}
-		return snap
-	}
+	build := serveCatalog(t, s, cat)
 	first := build()
 	names := slices.Sorted(maps.Keys(first.Cache.VersionMap[resource.EndpointType]))
 	of := func(host string) string {
@@ -353,5 +307,27 @@ func TestDeltaExplicitSubscriptions(t *testing.T) {
 	build()
 	if d := c.recv(resource.EndpointType)[resource.EndpointType]; !slices.Equal(d.updated, []string{a}) || len(d.removed) != 0 {
 		t.Fatalf("after changes to %s and %s: sent %v, removed %v; want sent [%s]", b, a, d.updated, d.removed, a)
+	}
+}
+
+// serveCatalog returns a function that translates cat as it is now, builds its snapshot
+// incrementally (one Translator and Builder, as the daemon does) and sets it on s.
+func serveCatalog(t *testing.T, s *testServer, cat *catalog.Catalog) func() *Snapshot {
+	var translator Translator
+	var builder Builder
+	return func() *Snapshot {
+		t.Helper()
+		res, err := translator.Translate(cat, benchOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		snap, err := builder.Build(res, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Set(context.Background(), snap); err != nil {
+			t.Fatal(err)
+		}
+		return snap
 	}
 }
