@@ -19,13 +19,7 @@ import (
 //
 //	go test -run '^$' -bench HTTPKeepAlive -benchtime 3s ./pkg/dataplane/
 func BenchmarkHTTPKeepAlive(b *testing.B) {
-	e := newEnv(b, 0)
-	mesh := newMeshServer(b, e.ca, reviewsID, false)
-	port := freePort(b)
-	svc := reviews(port, catalog.HTTP)
-	opts := e.options(mesh.addr)
-	opts.AccessLog = false
-	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	port, svc := benchHTTPService(b)
 	url := fmt.Sprintf("http://127.0.0.1:%d/bench", port)
 	b.Run("sequential", func(b *testing.B) {
 		c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
@@ -90,13 +84,7 @@ func benchGet(b *testing.B, c *http.Client, url, host string) {
 //
 //	go test -run '^$' -bench H1AB -benchtime 5s ./pkg/dataplane/
 func BenchmarkH1AB(b *testing.B) {
-	e := newEnv(b, 0)
-	mesh := newMeshServer(b, e.ca, reviewsID, false)
-	port := freePort(b)
-	svc := reviews(port, catalog.HTTP)
-	opts := e.options(mesh.addr)
-	opts.AccessLog = false
-	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	port, svc := benchHTTPService(b)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	for round := range 3 {
 		for _, side := range []struct {
@@ -154,4 +142,17 @@ func benchRawKeepAlive(b *testing.B, addr, host string, conns int) {
 	for err := range errs {
 		b.Fatal(err)
 	}
+}
+
+// benchHTTPService serves one HTTP mesh service through a data plane, access log off, and
+// returns its listener port and the service.
+func benchHTTPService(b *testing.B) (uint32, catalog.Service) {
+	e := newEnv(b, 0)
+	mesh := newMeshServer(b, e.ca, reviewsID, false)
+	port := freePort(b)
+	svc := reviews(port, catalog.HTTP)
+	opts := e.options(mesh.addr)
+	opts.AccessLog = false
+	e.pushApplied(&catalog.Catalog{Services: []catalog.Service{svc}}, opts, nil)
+	return port, svc
 }
