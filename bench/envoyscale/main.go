@@ -189,7 +189,7 @@ func run(ctx context.Context) error {
 	for _, sc := range scrapes {
 		sec, mb, lines = append(sec, sc.seconds), append(mb, sc.bytes/1e6), append(lines, sc.lines)
 	}
-	fmt.Fprintf(stdout, "One scrape of Envoy's /stats/prometheus (what deploy/observability scrapes every 15s) at %d services: %.1f s, %.0f MB, %.0f lines.\n",
+	fmt.Fprintf(stdout, "One scrape of Envoy's /stats/prometheus?usedonly (what deploy/observability scrapes every 15s) at %d services: %.1f s, %.0f MB, %.0f lines.\n",
 		*services+1, median(sec), median(mb), median(lines))
 	return nil
 }
@@ -380,6 +380,7 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 		if err != nil {
 			return nil, "", scrape{}, nil, err
 		}
+		fmt.Fprintf(stderr, "  %s change %d: write -> served %.3fs, served -> ACK %.3fs\n", time.Now().Format("15:04:05.000"), k+1, c.served, c.ack)
 		cs = append(cs, c)
 	}
 	if len(cs) > 0 {
@@ -402,7 +403,7 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 	if sc, err = m.scrape(); err != nil {
 		return
 	}
-	fmt.Fprintf(stderr, "  one /stats/prometheus scrape: %.1fs, %.0f MB, %.0f lines\n", sc.seconds, sc.bytes/1e6, sc.lines)
+	fmt.Fprintf(stderr, "  one /stats/prometheus?usedonly scrape: %.1fs, %.0f MB, %.0f lines\n", sc.seconds, sc.bytes/1e6, sc.lines)
 	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil {
 		return nil, "", scrape{}, nil, err
 	}
@@ -500,7 +501,7 @@ func (m *measurer) scrape() (scrape, error) {
 	ctx, cancel := context.WithTimeout(m.ctx, *timeout)
 	defer cancel()
 	t0 := time.Now()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.admin+"/stats/prometheus", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.admin+"/stats/prometheus?usedonly", nil)
 	if err != nil {
 		return scrape{}, err
 	}

@@ -509,6 +509,21 @@ func TestEnvoyMetricsAreReal(t *testing.T) {
 			t.Errorf("no envoy_cluster_membership_healthy{envoy_cluster_name=%q} = 1", c)
 		}
 	}
+	// Envoy flushes its statistics only when asked for them (the bootstrap's stats_flush_on_admin):
+	// a scrape starts the merge of the workers' histograms, which the next scrape shows. So the
+	// histograms must move within a few scrapes, or the dashboards' latencies never would.
+	rqTime := func(m metrics) float64 {
+		return m.value("envoy_cluster_upstream_rq_time_count", map[string]string{"envoy_cluster_name": cluster(reviewsHost, e.httpPort)})
+	}
+	for n, seen := 0, m; rqTime(seen) != 3; n++ {
+		if n == 20 {
+			t.Fatalf("envoy_cluster_upstream_rq_time_count{envoy_cluster_name=%q} = %v after %d scrapes, not the 3 requests answered", cluster(reviewsHost, e.httpPort), rqTime(seen), n)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if seen, err = e.scrape(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if m.value("envoy_http_downstream_rq_total", map[string]string{"envoy_http_conn_manager_prefix": controlplane.StatPrefix(uint32(e.httpPort))}) != 6 {
 		t.Errorf("envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix=%q} is not the 6 requests sent", controlplane.StatPrefix(uint32(e.httpPort)))
 	}
