@@ -704,51 +704,52 @@ type load struct {
 }
 
 func (e *env) startLoad() *load {
-	l := &load{stop: make(chan struct{})}
-	fail := func(err error) {
-		l.failed.Add(1)
-		l.mu.Lock()
-		if len(l.errs) < 5 {
-			l.errs = append(l.errs, err.Error())
+	productpage := func() error {
+		code, r, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/")
+		if err != nil {
+			return err
 		}
-		l.mu.Unlock()
-	}
-	worker := func(do func() error) {
-		defer l.wg.Done()
-		for i := 0; i < 100000; i++ {
-			select {
-			case <-l.stop:
-				return
-			default:
-			}
-			if err := do(); err != nil {
-				fail(err)
-			} else {
-				l.ok.Add(1)
-			}
+		if code != 200 || r.Service != "productpage" {
+			return fmt.Errorf("status %d service %q", code, r.Service)
 		}
+		return nil
 	}
-	for range 3 {
-		l.wg.Add(1)
-		go worker(func() error {
-			code, r, err := e.get("", "productpage.bookinfo.svc.cluster.local", e.ports.http, "/")
-			if err != nil {
-				return err
-			}
-			if code != 200 || r.Service != "productpage" {
-				return fmt.Errorf("status %d service %q", code, r.Service)
-			}
-			return nil
-		})
-	}
-	l.wg.Add(1)
-	go worker(func() error {
+	return runLoad(productpage, productpage, productpage, func() error {
 		r, err := e.tcp("")
 		if err == nil && r.Service != "mysql" {
 			err = errors.New("tcp: wrong service " + r.Service)
 		}
 		return err
 	})
+}
+
+// runLoad runs one worker per call, each repeating its call (a bounded number of times) until
+// the load is halted, counting successes and keeping the first failures.
+func runLoad(calls ...func() error) *load {
+	l := &load{stop: make(chan struct{})}
+	for _, do := range calls {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for range 100000 {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				if err := do(); err != nil {
+					l.failed.Add(1)
+					l.mu.Lock()
+					if len(l.errs) < 5 {
+						l.errs = append(l.errs, err.Error())
+					}
+					l.mu.Unlock()
+				} else {
+					l.ok.Add(1)
+				}
+			}
+		}()
+	}
 	return l
 }
 

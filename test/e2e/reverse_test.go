@@ -557,40 +557,15 @@ func (e *reverseEnv) clusterDump() string {
 
 // startLoad runs HTTP and TCP callers of the VM services as the allowed workload.
 func (e *reverseEnv) startLoad() *load {
-	l := &load{stop: make(chan struct{})}
 	var n atomic.Int64
-	worker := func(do func() error) {
-		defer l.wg.Done()
-		for i := 0; i < 100000; i++ {
-			select {
-			case <-l.stop:
-				return
-			default:
-			}
-			if err := do(); err != nil {
-				l.failed.Add(1)
-				l.mu.Lock()
-				if len(l.errs) < 5 {
-					l.errs = append(l.errs, err.Error())
-				}
-				l.mu.Unlock()
-			} else {
-				l.ok.Add(1)
-			}
+	frontend := func() error {
+		code, r, err := e.getHTTP(e.frontend, "/load")
+		if err == nil && (code != 200 || !strings.HasPrefix(r.Backend, "http-")) {
+			err = fmt.Errorf("status %d backend %q", code, r.Backend)
 		}
+		return err
 	}
-	for range 3 {
-		l.wg.Add(1)
-		go worker(func() error {
-			code, r, err := e.getHTTP(e.frontend, "/load")
-			if err == nil && (code != 200 || !strings.HasPrefix(r.Backend, "http-")) {
-				err = fmt.Errorf("status %d backend %q", code, r.Backend)
-			}
-			return err
-		})
-	}
-	l.wg.Add(1)
-	go worker(func() error {
+	return runLoad(frontend, frontend, frontend, func() error {
 		start := time.Now().UnixNano()
 		name, err := e.tcpCall(e.frontend, "load-"+strconv.FormatInt(n.Add(1), 10))
 		if k := e.killed.Load(); err != nil && name == "tcp-0" && k != 0 && start < k {
@@ -601,7 +576,6 @@ func (e *reverseEnv) startLoad() *load {
 		}
 		return err
 	})
-	return l
 }
 
 func metricsText(t *testing.T, addr string) string {
