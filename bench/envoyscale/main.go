@@ -440,11 +440,22 @@ func (m *measurer) oneChange(cat *catalogFile, n, k int) (changeStat, error) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	served, err := m.gauge("fwdproxy_snapshot_last_update_timestamp_seconds")
-	if err != nil {
-		return changeStat{}, err
+	// The gauge is set just after the snapshot is swapped in: until it is, it holds the previous
+	// snapshot's time, and timing from that would charge this change's reload to Envoy.
+	var t0 time.Time
+	for {
+		served, err := m.gauge("fwdproxy_snapshot_last_update_timestamp_seconds")
+		if err != nil {
+			return changeStat{}, err
+		}
+		if t0 = time.Unix(0, int64(served*1e9)); t0.After(written) {
+			break
+		}
+		if err := m.check(deadline, "the changed snapshot's update time"); err != nil {
+			return changeStat{}, err
+		}
+		time.Sleep(time.Millisecond)
 	}
-	t0 := time.Unix(0, int64(served*1e9))
 	c := changeStat{served: t0.Sub(written).Seconds()}
 	for {
 		cur := m.d.XDS.Current()

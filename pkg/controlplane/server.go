@@ -115,6 +115,7 @@ func (c nackHolding) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscri
 
 // Set serves snap to every client, now and on connect.
 func (s *Server) Set(ctx context.Context, snap *Snapshot) error {
+	handed := time.Now() // the snapshot's time: delta clients may have it before Set returns
 	if err := s.cache.SetSnapshot(ctx, fleetKey, snap.Cache); err != nil {
 		return err
 	}
@@ -124,7 +125,7 @@ func (s *Server) Set(ctx context.Context, snap *Snapshot) error {
 	s.mu.Lock()
 	s.current = snap
 	s.mu.Unlock()
-	s.metrics.setSnapshot(snap)
+	s.metrics.setSnapshot(snap, handed)
 	return nil
 }
 
@@ -427,9 +428,9 @@ func newXDSMetrics(reg prometheus.Registerer) *xdsMetrics {
 	return m
 }
 
-func (m *xdsMetrics) setSnapshot(s *Snapshot) {
+func (m *xdsMetrics) setSnapshot(s *Snapshot, handed time.Time) {
 	m.info.Reset()
 	m.info.WithLabelValues(s.ConfigVersion, s.SecretsVersion).Set(1)
 	m.updates.Inc()
-	m.snapTime.SetToCurrentTime()
+	m.snapTime.Set(float64(handed.UnixNano()) / 1e9)
 }
