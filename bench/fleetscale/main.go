@@ -146,7 +146,8 @@ func runInstance(path string) int {
 	return 0
 }
 
-// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile).
+// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile), and a
+// heap profile (heap.pprof beside it) at SIGUSR2.
 func profileOnSignal(path string) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
@@ -165,6 +166,12 @@ func profileOnSignal(path string) {
 			pprof.StopCPUProfile()
 			f.Close()
 			f = nil
+			// And what the instance holds after the changes (live heap, after a collection).
+			runtime.GC()
+			if h, err := os.Create(filepath.Join(filepath.Dir(path), "heap.pprof")); err == nil {
+				_ = pprof.Lookup("heap").WriteTo(h, 0)
+				h.Close()
+			}
 		}
 	}
 }
@@ -404,7 +411,7 @@ peers:
 	if o.profile >= 0 && o.profile < len(insts) {
 		p := insts[o.profile]
 		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
-		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"))
+		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"), "(heap after them: heap.pprof)")
 		defer func() { _ = p.cmd.Process.Signal(syscall.SIGUSR2); time.Sleep(time.Second) }()
 	}
 	cpu0 := cpuAll(insts)
