@@ -323,6 +323,11 @@ func (s *Store) GC() int {
 		if e.Deleted && e.Time.Wall < expired {
 			delete(s.entries, k)
 			n++
+			for p := range s.gens {
+				if strings.HasPrefix(k, p) {
+					s.gens[p]++ // All() changed
+				}
+			}
 		}
 	}
 	return n

@@ -357,3 +357,44 @@ func TestGenerationCountsChangesUnderItsPrefix(t *testing.T) {
 		t.Errorf("writes under disc/f/ moved the operator generation to %d", g)
 	}
 }
+
+// The push/pull state is encoded once per change of the store, not once per exchange, and a
+// peer's state byte for byte equal to the one this peer last sent is not decoded again (a
+// converged fleet exchanges only such states); any other state is merged as before.
+func TestStateIsEncodedOncePerChangeAndAHeldStateNotDecoded(t *testing.T) {
+	p := startPeer(t, "solo", peerOpts{})
+	d := (*delegate)(p.Node)
+	for j := range 2000 {
+		host := fmt.Sprintf("s%d.default.svc.cluster.local", j)
+		if _, _, err := p.store.Put(OperatorKey(host), serviceJSON(t, host, 8080)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := d.LocalState(false)
+	if allocs := testing.AllocsPerRun(5, func() { d.LocalState(false) }); allocs > 20 {
+		t.Errorf("an unchanged store's state costs %.0f allocations per exchange: encoded again", allocs)
+	}
+	if allocs := testing.AllocsPerRun(5, func() { d.MergeRemoteState(state, false) }); allocs > 20 {
+		t.Errorf("a peer's state equal to this one's costs %.0f allocations: decoded again", allocs)
+	}
+
+	// A write is in the next state sent; a peer's newer entry arrives in its state.
+	host := "new.default.svc.cluster.local"
+	if _, _, err := p.store.Put(OperatorKey(host), serviceJSON(t, host, 8081)); err != nil {
+		t.Fatal(err)
+	}
+	_, entries, err := DecodeMessage(d.LocalState(false), MaxStateBytes)
+	if err != nil || len(entries) != 2001 {
+		t.Fatalf("state after a write: %d entries, %v", len(entries), err)
+	}
+	other := NewStore("other", CatalogValidator(catalog.Options{}), StoreOptions{})
+	other.Merge(entries)
+	peerHost := "peer.default.svc.cluster.local"
+	if _, _, err := other.Put(OperatorKey(peerHost), serviceJSON(t, peerHost, 8082)); err != nil {
+		t.Fatal(err)
+	}
+	d.MergeRemoteState(encodeMessage(msgState, other.All()), false)
+	if _, ok := p.store.Get(OperatorKey(peerHost)); !ok {
+		t.Fatal("a peer's newer state was not merged")
+	}
+}
