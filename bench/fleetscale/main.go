@@ -30,7 +30,9 @@
 //
 // Every instance shares this machine's cores: a change costs all the instances' rebuilds on
 // them, where a real fleet has cores per instance. The CPU per instance per change is reported
-// so that can be told apart.
+// so that can be told apart. And its memory: each instance runs with GOMEMLIMIT
+// (-instance-memlimit, 300MiB by default) so that 32 instances at 10,000 services fit one
+// machine; production instances have memory of their own and need no limit.
 //
 // Usage: go run ./bench/fleetscale [-instances 32] [-services 10000] [-changes 100] (make
 // bench-fleet). Bounded: -timeout limits setup and each change.
@@ -112,7 +114,7 @@ func main() {
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "limit for the fleet's start and for each change")
 	flag.IntVar(&o.startBatch, "start-batch", 4, "instances started at once after the leader (bounds the memory of concurrent first builds)")
 	flag.IntVar(&o.profile, "profile", -1, "instance whose CPU profile of the changes is written to its work directory (cpu.pprof; implies -keep)")
-	flag.StringVar(&o.memLimit, "instance-memlimit", "", "GOMEMLIMIT of each instance (e.g. 300MiB; empty: none, as in production) so that the fleet fits a shared machine")
+	flag.StringVar(&o.memLimit, "instance-memlimit", "300MiB", "GOMEMLIMIT of each instance, so that 32 instances at 10,000 services fit a shared machine (empty: none, as in production, where each instance has its own memory)")
 	flag.IntVar(&o.minFreeMiB, "min-free", 1536, "stop when the machine's available memory (MemAvailable) falls below this many MiB")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (configs, catalog, instance logs)")
 	flag.Parse()
@@ -146,7 +148,8 @@ func runInstance(path string) int {
 	return 0
 }
 
-// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile).
+// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile), and a
+// heap profile (heap.pprof beside it) at SIGUSR2.
 func profileOnSignal(path string) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
@@ -165,6 +168,12 @@ func profileOnSignal(path string) {
 			pprof.StopCPUProfile()
 			f.Close()
 			f = nil
+			// And what the instance holds after the changes (live heap, after a collection).
+			runtime.GC()
+			if h, err := os.Create(filepath.Join(filepath.Dir(path), "heap.pprof")); err == nil {
+				_ = pprof.Lookup("heap").WriteTo(h, 0)
+				h.Close()
+			}
 		}
 	}
 }
@@ -404,7 +413,7 @@ peers:
 	if o.profile >= 0 && o.profile < len(insts) {
 		p := insts[o.profile]
 		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
-		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"))
+		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"), "(heap after them: heap.pprof)")
 		defer func() { _ = p.cmd.Process.Signal(syscall.SIGUSR2); time.Sleep(time.Second) }()
 	}
 	cpu0 := cpuAll(insts)
@@ -507,8 +516,12 @@ func report(o options, r *result, rxPerChange float64) {
 	}
 	la, _ := os.ReadFile("/proc/loadavg")
 	w := o.out
-	fmt.Fprintf(w, "\nFleet-wide propagation: %d instances (processes, %s gossip timing, encrypted), %d services x 2 ports, %d changes one after the other; %d cores; load average before the report %s\n\n",
-		o.instances, o.timing, o.services, len(r.fleet), runtime.NumCPU(), strings.Join(strings.Fields(string(la))[:3], " "))
+	limit := o.memLimit
+	if limit == "" {
+		limit = "none"
+	}
+	fmt.Fprintf(w, "\nFleet-wide propagation: %d instances (processes, %s gossip timing, encrypted, GOMEMLIMIT %s), %d services x 2 ports, %d changes one after the other; %d cores; load average before the report %s\n\n",
+		o.instances, o.timing, limit, o.services, len(r.fleet), runtime.NumCPU(), strings.Join(strings.Fields(string(la))[:3], " "))
 	fmt.Fprintln(w, "| measure | p50 | p99 | max |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|")
 	row := func(name string, v []float64, unit string, scale float64) {
@@ -525,8 +538,14 @@ func report(o options, r *result, rxPerChange float64) {
 		"sent as a broadcast when it fits a packet); push/pull state message %.0f bytes on average (the whole store, exchanged on join and every push/pull interval). "+
 		"xDS bytes to each data plane per change (delta responses, mean): %.0f. xDS streams lost during the changes: %d.\n",
 		r.delta, r.state, rxPerChange, r.lost)
+	var cpuSum float64
+	for _, c := range r.cpu {
+		cpuSum += c
+	}
 	fmt.Fprintf(w, "Simulated: each data plane is a delta ADS client (wildcard CDS and LDS) that ACKs every response; it applies nothing. "+
-		"All %d instances share this machine's %d cores, so each change costs %d rebuilds on them.\n", o.instances, runtime.NumCPU(), o.instances)
+		"All %d instances share this machine's %d cores, so each change costs %d rebuilds on them: %.2f s of CPU per change in all, "+
+		"at least %.2f s of wall time on %d cores before any other load, where instances with cores of their own each spend their own %.3f s (median) in parallel.\n",
+		o.instances, runtime.NumCPU(), o.instances, cpuSum, cpuSum/float64(runtime.NumCPU()), runtime.NumCPU(), quantile(r.cpu, 0.5))
 }
 
 // deltaSize is the gossip delta message carrying the operator entry: the entry as the store

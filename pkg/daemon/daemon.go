@@ -61,6 +61,9 @@ type Daemon struct {
 	// rebuildLoop uses them.
 	translator controlplane.Translator
 	builder    controlplane.Builder
+	// merger remembers the last merge of the sources' catalogs, so that one changed entry is
+	// merged and checked alone rather than the whole catalog again.
+	merger discovery.Merger
 
 	// tuneDataplane, when set (by tests), edits the built-in data plane's options.
 	tuneDataplane func(*dataplane.Options)
@@ -175,7 +178,8 @@ func (d *Daemon) rebuildLoop(ctx context.Context) error {
 	}
 }
 
-// Inputs returns the merged catalog and the translation options from the current inputs.
+// Inputs returns the merged catalog (not to be modified: it shares services with the next one)
+// and the translation options from the current inputs.
 func (d *Daemon) Inputs() (*catalog.Catalog, controlplane.Options, *identity.Bundle, []error) {
 	d.mu.Lock()
 	var cats []*catalog.Catalog
@@ -185,7 +189,7 @@ func (d *Daemon) Inputs() (*catalog.Catalog, controlplane.Options, *identity.Bun
 	gws := slices.Clone(d.gateways)
 	bundle := d.bundle
 	d.mu.Unlock()
-	merged, conflicts := discovery.Merge(d.catalogOptions(gws), cats...)
+	merged, conflicts := d.merger.Merge(d.catalogOptions(gws), cats...)
 	return merged, TranslateOptions(d.cfg, gws), bundle, conflicts
 }
 

@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -75,10 +76,19 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	return (*Node)(d).queue.GetBroadcasts(overhead, limit)
 }
 
-// LocalState is the whole store for push/pull and join.
+// LocalState is the whole store for push/pull and join. The message is encoded again only after
+// the store changed: at 10,000 entries it is megabytes of JSON, and every member exchanges it
+// with another every push/pull interval.
 func (d *delegate) LocalState(join bool) []byte {
 	n := (*Node)(d)
-	msg := encodeMessage(msgState, n.store.All())
+	gen := n.store.Generation("") // read before the entries: a change in between re-encodes next time
+	n.stateMu.Lock()
+	msg := n.state
+	if msg == nil || n.stateGen != gen {
+		msg = encodeMessage(msgState, n.store.All())
+		n.state, n.stateGen = msg, gen
+	}
+	n.stateMu.Unlock()
 	if len(msg) > MaxStateBytes {
 		n.log.Error("fleet configuration too large to replicate; peers will not receive it", "bytes", len(msg), "limit", MaxStateBytes)
 		return encodeMessage(msgState, nil)
@@ -92,6 +102,15 @@ func (d *delegate) MergeRemoteState(b []byte, join bool) {
 	n := (*Node)(d)
 	if len(b) == 0 {
 		return // peer without a delegate state (should not happen within the fleet)
+	}
+	// A converged peer sends the very bytes this peer last sent: everything in them is held
+	// already (merging its own earlier state changes no store), so decoding them is skipped.
+	n.stateMu.Lock()
+	same := n.state != nil && bytes.Equal(b, n.state)
+	n.stateMu.Unlock()
+	if same {
+		n.setSynced()
+		return
 	}
 	typ, entries, err := DecodeMessage(b, MaxStateBytes)
 	if err == nil && typ != msgState {

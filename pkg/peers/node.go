@@ -115,6 +115,12 @@ type Node struct {
 	// joinTried is set after the first attempt to join the seeds: until then a peer does not
 	// lead, so a starting instance does not briefly run discovery alone.
 	joinTried atomic.Bool
+
+	// state is the last push/pull state message and the store generation it encodes: sent again
+	// until the store changes, and a peer's state equal to it is already held (delegate.go).
+	stateMu  sync.Mutex
+	state    []byte
+	stateGen uint64
 }
 
 // lostRetention is how long a failed member's address is retried.

@@ -40,11 +40,15 @@ func (s *storeSource) Run(ctx context.Context, update func(*catalog.Catalog)) er
 	case <-s.n.Synced():
 	}
 	var last []Entry
+	var lastGen uint64
 	reported := false
 	for {
 		changed := s.n.store.Changed()
 		_, isReady := s.n.store.Get(s.ready)
-		if s.ready == "" || isReady {
+		// Most changes are to other prefixes (an operator entry, while the discovered source
+		// holds 10,000): reading and comparing this one is skipped unless its keys changed.
+		if gen := s.n.store.Generation(s.prefix); (s.ready == "" || isReady) && (!reported || gen != lastGen) {
+			lastGen = gen
 			cur := s.n.store.Live(s.prefix)
 			if !reported || !slices.EqualFunc(cur, last, func(a, b Entry) bool {
 				return a.Key == b.Key && string(a.Value) == string(b.Value)

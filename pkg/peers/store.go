@@ -108,17 +108,19 @@ var ErrClockSkew = errors.New("timestamp too far in the future")
 // Store is a last-writer-wins map replicated between peers. Merge is commutative, associative and
 // idempotent, so peers that have seen the same writes hold the same contents in any order.
 type Store struct {
-	node      string
-	clock     *Clock
-	validate  Validator
-	ttl       time.Duration
-	maxSkew   time.Duration
-	now       func() time.Time
-	mu        sync.RWMutex
-	entries   map[string]*Entry
-	digest    string
+	node     string
+	clock    *Clock
+	validate Validator
+	ttl      time.Duration
+	maxSkew  time.Duration
+	now      func() time.Time
+	mu       sync.RWMutex
+	entries  map[string]*Entry
+	// sum is the XOR of the live entries' hashes (entryHash) and live their number: the digest
+	// follows each write in O(1) instead of hashing the whole store again.
+	sum       [sha256.Size]byte
 	live      int
-	dirty     bool
+	gens      map[string]uint64 // watched prefix -> changes to its keys (Generation)
 	changedCh chan struct{}
 }
 
@@ -149,7 +151,7 @@ func NewStore(node string, validate Validator, o StoreOptions) *Store {
 	}
 	return &Store{
 		node: node, clock: &Clock{now: o.Now}, validate: validate, ttl: o.TombstoneTTL,
-		maxSkew: o.MaxClockSkew, now: o.Now, entries: map[string]*Entry{}, dirty: true,
+		maxSkew: o.MaxClockSkew, now: o.Now, entries: map[string]*Entry{}, gens: map[string]uint64{},
 		changedCh: make(chan struct{}),
 	}
 }
@@ -161,11 +163,58 @@ func (s *Store) Changed() <-chan struct{} {
 	return s.changedCh
 }
 
-// markLocked records a change and wakes watchers; s.mu is held for writing.
-func (s *Store) markLocked() {
-	s.dirty = true
+// Generation counts the changes to the keys under prefix since prefix was first asked about
+// (the first call returns 0): a reader of one prefix tells in O(1) whether it has to read it
+// again, where the store holds 10,000 entries of another prefix.
+func (s *Store) Generation(prefix string) uint64 {
+	s.mu.RLock()
+	g, ok := s.gens[prefix]
+	s.mu.RUnlock()
+	if ok {
+		return g
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.gens[prefix]; !ok {
+		s.gens[prefix] = 0
+	}
+	return s.gens[prefix]
+}
+
+// setLocked replaces key's entry (nil removes it), keeps the digest's sum and the watched
+// prefixes' generations current, and wakes watchers; s.mu is held for writing.
+func (s *Store) setLocked(key string, e *Entry) {
+	if cur := s.entries[key]; cur != nil && !cur.Deleted {
+		s.toggleLocked(cur)
+		s.live--
+	}
+	if e == nil {
+		delete(s.entries, key)
+	} else {
+		s.entries[key] = e
+		if !e.Deleted {
+			s.toggleLocked(e)
+			s.live++
+		}
+	}
+	for p := range s.gens {
+		if strings.HasPrefix(key, p) {
+			s.gens[p]++
+		}
+	}
 	close(s.changedCh)
 	s.changedCh = make(chan struct{})
+}
+
+// toggleLocked adds a live entry's hash to the sum, or takes it out again (XOR).
+func (s *Store) toggleLocked(e *Entry) {
+	h := sha256.New()
+	fmt.Fprintf(h, "%d:%s%d:", len(e.Key), e.Key, len(e.Value))
+	h.Write(e.Value)
+	var b [sha256.Size]byte
+	for i, x := range h.Sum(b[:0]) {
+		s.sum[i] ^= x
+	}
 }
 
 // Put writes a value locally and returns the entry to broadcast. An unchanged value is not
@@ -187,8 +236,7 @@ func (s *Store) Put(key string, value []byte) (Entry, bool, error) {
 		return *cur, false, nil
 	}
 	e := &Entry{Key: key, Value: v, Time: s.clock.Now(), Node: s.node}
-	s.entries[key] = e
-	s.markLocked()
+	s.setLocked(key, e)
 	return *e, true, nil
 }
 
@@ -201,8 +249,7 @@ func (s *Store) Delete(key string) (Entry, bool) {
 		return Entry{}, false
 	}
 	e := &Entry{Key: key, Time: s.clock.Now(), Node: s.node, Deleted: true}
-	s.entries[key] = e
-	s.markLocked()
+	s.setLocked(key, e)
 	return *e, true
 }
 
@@ -256,13 +303,11 @@ func (s *Store) Merge(in []Entry) (changed []Entry, rejected []error) {
 		if e.Deleted && e.Time.Wall < expired {
 			// A delete older than the tombstone lifetime still removes an older value but is not kept.
 			if cur != nil {
-				delete(s.entries, e.Key)
-				s.markLocked()
+				s.setLocked(e.Key, nil)
 			}
 			continue
 		}
-		s.entries[e.Key] = &e
-		s.markLocked()
+		s.setLocked(e.Key, &e)
 		changed = append(changed, e)
 	}
 	return changed, rejected
@@ -278,6 +323,11 @@ func (s *Store) GC() int {
 		if e.Deleted && e.Time.Wall < expired {
 			delete(s.entries, k)
 			n++
+			for p := range s.gens {
+				if strings.HasPrefix(k, p) {
+					s.gens[p]++ // All() changed
+				}
+			}
 		}
 	}
 	return n
@@ -321,32 +371,15 @@ func (s *Store) Get(key string) (Entry, bool) {
 }
 
 // Digest is a hash of the live contents (keys and values, not timestamps or tombstones): peers
-// holding the same configuration report the same digest however they came by it.
+// holding the same configuration report the same digest however they came by it. It hashes the
+// XOR of the live entries' hashes, kept current by every write, so it costs the same at any size
+// (it is read after every change, for the metadata each member advertises).
 func (s *Store) Digest() (digest string, live int) {
 	s.mu.RLock()
-	if !s.dirty {
-		defer s.mu.RUnlock()
-		return s.digest, s.live
-	}
+	sum, live := s.sum, s.live
 	s.mu.RUnlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.dirty {
-		keys := make([]string, 0, len(s.entries))
-		for k, e := range s.entries {
-			if !e.Deleted {
-				keys = append(keys, k)
-			}
-		}
-		slices.Sort(keys)
-		h := sha256.New()
-		for _, k := range keys {
-			fmt.Fprintf(h, "%d:%s%d:", len(k), k, len(s.entries[k].Value))
-			h.Write(s.entries[k].Value)
-		}
-		s.digest = hex.EncodeToString(h.Sum(nil)[:12])
-		s.live = len(keys)
-		s.dirty = false
-	}
-	return s.digest, s.live
+	h := sha256.New()
+	fmt.Fprintf(h, "%d:", live)
+	h.Write(sum[:])
+	return hex.EncodeToString(h.Sum(nil)[:12]), live
 }

@@ -270,3 +270,131 @@ func TestMergeSkipsEntriesAlreadyHeld(t *testing.T) {
 		t.Error("the newer write did not change the store")
 	}
 }
+
+// The digest follows every kind of write (put, overwrite, delete, merge, an expired delete that
+// removes a value) to the digest of a store built from the same contents at once, and reading it
+// after a write into a large store costs the same as into a small one: it is read after every
+// change, so hashing the whole store again would make a one-entry change cost the whole store.
+func TestDigestFollowsWritesAtConstantCost(t *testing.T) {
+	now := time.Now()
+	clock := func() time.Time { return now }
+	s := NewStore("a", nil, StoreOptions{TombstoneTTL: time.Hour, Now: clock})
+	for j := range 10000 {
+		if _, _, err := s.Put(fmt.Sprintf("disc/f/s%05d", j), []byte(fmt.Sprintf(`{"n":%d}`, j))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Put("disc/f/s00001", []byte(`{"n":"changed"}`))
+	s.Delete("disc/f/s00002")
+	s.Merge([]Entry{{Key: "op/x", Value: []byte(`{"x":1}`), Time: Timestamp{Wall: now.UnixMilli()}, Node: "b"}})
+	// A delete older than the tombstone lifetime removes an older value and is not kept.
+	s.Merge([]Entry{{Key: "disc/f/old", Value: []byte(`{"n":3}`), Time: Timestamp{Wall: now.Add(-3 * time.Hour).UnixMilli()}, Node: "b"}})
+	s.Merge([]Entry{{Key: "disc/f/old", Time: Timestamp{Wall: now.Add(-2 * time.Hour).UnixMilli()}, Node: "b", Deleted: true}})
+
+	fresh := NewStore("c", nil, StoreOptions{})
+	for _, e := range s.All() {
+		if !e.Deleted {
+			fresh.Put(e.Key, e.Value)
+		}
+	}
+	got, n := s.Digest()
+	want, wantN := fresh.Digest()
+	if got != want || n != wantN || n != 10000 {
+		t.Fatalf("digest %s of %d live entries after the writes, %s of %d for the same contents written at once", got, n, want, wantN)
+	}
+	if _, ok := s.Get("disc/f/old"); ok || len(s.All()) != 10001 {
+		t.Fatalf("the expired delete did not remove the older value (%d entries held)", len(s.All()))
+	}
+
+	k := 0
+	allocs := testing.AllocsPerRun(20, func() {
+		k++
+		s.Put("op/x", []byte(fmt.Sprintf(`{"x":%d}`, k)))
+		s.Digest()
+	})
+	if allocs > 40 {
+		t.Errorf("a write and a digest allocate %.0f times at 10,000 entries: the digest is recomputed over the whole store", allocs)
+	}
+}
+
+// Generation moves with the changes to the keys under its prefix only: a reader of 10,000
+// discovered services is not made to read them again by an operator entry.
+func TestGenerationCountsChangesUnderItsPrefix(t *testing.T) {
+	now := time.Now()
+	s := NewStore("a", nil, StoreOptions{TombstoneTTL: time.Hour, Now: func() time.Time { return now }})
+	s.Put("disc/f/a", []byte(`1`))
+	disc, op := s.Generation("disc/f/"), s.Generation("op/")
+	s.Put("op/x", []byte(`1`))
+	s.Put("op/x", []byte(`1`)) // unchanged: no write
+	if g := s.Generation("disc/f/"); g != disc {
+		t.Errorf("an operator entry moved the discovered prefix's generation %d -> %d", disc, g)
+	}
+	if g := s.Generation("op/"); g != op+1 {
+		t.Errorf("operator generation %d -> %d after one write, want +1", op, g)
+	}
+	steps := []struct {
+		name  string
+		write func()
+	}{
+		{"put", func() { s.Put("disc/f/b", []byte(`2`)) }},
+		{"overwrite", func() { s.Put("disc/f/a", []byte(`3`)) }},
+		{"delete", func() { s.Delete("disc/f/b") }},
+		{"merge", func() {
+			s.Merge([]Entry{{Key: "disc/f/c", Value: []byte(`4`), Time: Timestamp{Wall: now.Add(-3 * time.Hour).UnixMilli()}, Node: "b"}})
+		}},
+		{"expired delete removing a value", func() {
+			s.Merge([]Entry{{Key: "disc/f/c", Time: Timestamp{Wall: now.Add(-2 * time.Hour).UnixMilli()}, Node: "b", Deleted: true}})
+		}},
+	}
+	for _, st := range steps {
+		before := s.Generation("disc/f/")
+		st.write()
+		if g := s.Generation("disc/f/"); g == before {
+			t.Errorf("%s under the prefix left its generation at %d", st.name, g)
+		}
+	}
+	if g := s.Generation("op/"); g != op+1 {
+		t.Errorf("writes under disc/f/ moved the operator generation to %d", g)
+	}
+}
+
+// The push/pull state is encoded once per change of the store, not once per exchange, and a
+// peer's state byte for byte equal to the one this peer last sent is not decoded again (a
+// converged fleet exchanges only such states); any other state is merged as before.
+func TestStateIsEncodedOncePerChangeAndAHeldStateNotDecoded(t *testing.T) {
+	p := startPeer(t, "solo", peerOpts{})
+	d := (*delegate)(p.Node)
+	for j := range 2000 {
+		host := fmt.Sprintf("s%d.default.svc.cluster.local", j)
+		if _, _, err := p.store.Put(OperatorKey(host), serviceJSON(t, host, 8080)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := d.LocalState(false)
+	if allocs := testing.AllocsPerRun(5, func() { d.LocalState(false) }); allocs > 20 {
+		t.Errorf("an unchanged store's state costs %.0f allocations per exchange: encoded again", allocs)
+	}
+	if allocs := testing.AllocsPerRun(5, func() { d.MergeRemoteState(state, false) }); allocs > 20 {
+		t.Errorf("a peer's state equal to this one's costs %.0f allocations: decoded again", allocs)
+	}
+
+	// A write is in the next state sent; a peer's newer entry arrives in its state.
+	host := "new.default.svc.cluster.local"
+	if _, _, err := p.store.Put(OperatorKey(host), serviceJSON(t, host, 8081)); err != nil {
+		t.Fatal(err)
+	}
+	_, entries, err := DecodeMessage(d.LocalState(false), MaxStateBytes)
+	if err != nil || len(entries) != 2001 {
+		t.Fatalf("state after a write: %d entries, %v", len(entries), err)
+	}
+	other := NewStore("other", CatalogValidator(catalog.Options{}), StoreOptions{})
+	other.Merge(entries)
+	peerHost := "peer.default.svc.cluster.local"
+	if _, _, err := other.Put(OperatorKey(peerHost), serviceJSON(t, peerHost, 8082)); err != nil {
+		t.Fatal(err)
+	}
+	d.MergeRemoteState(encodeMessage(msgState, other.All()), false)
+	if _, ok := p.store.Get(OperatorKey(peerHost)); !ok {
+		t.Fatal("a peer's newer state was not merged")
+	}
+}
