@@ -85,6 +85,7 @@ var (
 	timeout     = flag.Duration("timeout", 5*time.Minute, "limit for each step")
 	xdsProtocol = flag.String("xds-protocol", "delta", "how Envoy subscribes: delta or sotw (the daemon's envoy.xdsProtocol)")
 	changes     = flag.Int("changes", 20, "one-service changes at full scale after the steps, each timed from the snapshot served to Envoy's ACK")
+	scrapeEvery = flag.Duration("scrape-every", 0, "during the one-service changes, scrape Envoy's /stats/prometheus?usedonly this often, as Prometheus does (0: no scrapes)")
 	keep        = flag.Bool("keep", false, "keep the work directory (config, catalogs, daemon and Envoy logs)")
 )
 
@@ -375,6 +376,7 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 	if err != nil {
 		return nil, "", scrape{}, nil, err
 	}
+	stopScrapes := m.scrapeEvery(*scrapeEvery)
 	for k := range *changes {
 		c, err := m.oneChange(cat, n+1, k)
 		if err != nil {
@@ -382,6 +384,9 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 		}
 		fmt.Fprintf(stderr, "  %s change %d: write -> served %.3fs, served -> ACK %.3fs\n", time.Now().Format("15:04:05.000"), k+1, c.served, c.ack)
 		cs = append(cs, c)
+	}
+	if scrapes := stopScrapes(); *scrapeEvery > 0 {
+		fmt.Fprintf(stderr, "  %d scrapes during the changes (every %s)\n", scrapes, *scrapeEvery)
 	}
 	if len(cs) > 0 {
 		rx1, err := m.xdsRxBytes()
@@ -469,6 +474,33 @@ func (m *measurer) oneChange(cat *catalogFile, n, k int) (changeStat, error) {
 		time.Sleep(time.Millisecond)
 	}
 	return c, nil
+}
+
+// scrapeEvery scrapes Envoy every d (none when d is 0) until the returned function is called,
+// which waits for the scrape in progress and returns how many were made.
+func (m *measurer) scrapeEvery(d time.Duration) (stop func() int) {
+	if d <= 0 {
+		return func() int { return 0 }
+	}
+	done, finished := make(chan struct{}), make(chan int)
+	go func() {
+		n := 0
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			if _, err := m.scrape(); err != nil {
+				fmt.Fprintln(stderr, "  scrape:", err)
+			}
+			n++
+			select {
+			case <-done:
+				finished <- n
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() int { close(done); return <-finished }
 }
 
 // xdsRxBytes is what Envoy has received on its connections to the control plane.
