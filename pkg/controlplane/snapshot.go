@@ -233,6 +233,9 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	var newHosts map[*route.VirtualHost]digest
 	clusterSums := map[string]*[32]byte{} // changes to b.clusterSums: nil for a cluster gone
 	reversion := map[string]bool{}        // endpoints whose cluster changed
+	// allSums are the clusters' sums by EDS name when all clusters are digested anew (a full
+	// build): then every endpoint is versioned again, and allSums is the next b.clusterSums.
+	var allSums map[string][32]byte
 	limit := b.maxMessageBytes()
 	changed := map[string][]string{}
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
@@ -249,7 +252,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
 		var cand []string // names whose version may differ from the last build's
 		known := !c.full
-		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0) {
+		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0 && allSums == nil) {
 			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
 		} else if c.full {
 			st.versions = make(map[string]string, len(items))
@@ -269,17 +272,24 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				}
 			}
 		}
+		if typ == resource.ClusterType && c.full {
+			allSums = make(map[string][32]byte, len(items))
+		}
 		update := func(i int) {
 			r, d := items[i], c.digests[i]
 			name := cache.GetResourceName(r)
-			cand = append(cand, name)
+			if known {
+				cand = append(cand, name)
+			}
 			if j := c.prevAt[i]; j >= 0 {
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 			}
 			st.size += responseBytes(typ, d.size, name)
 			st.versions[name] = d.version
 			st.named[name] = types.ResourceWithTTL{Resource: r}
-			if cl, ok := r.(*clusterv3.Cluster); ok {
+			if cl, ok := r.(*clusterv3.Cluster); ok && allSums != nil {
+				allSums[edsName(cl)] = d.sum
+			} else if ok {
 				if j := c.prevAt[i]; j >= 0 {
 					if old := edsName(c.prev.items[j].(*clusterv3.Cluster)); old != edsName(cl) {
 						clusterSums[old], reversion[old] = nil, true
@@ -293,27 +303,35 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		for _, i := range c.todo {
 			update(i)
 		}
-		if typ == resource.EndpointType && (c.full || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
+		if typ == resource.EndpointType && (c.full || allSums != nil || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
 			// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
 			// xDS sends only resources whose version changed: unchanged endpoints would
 			// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
 			// are versioned with their cluster, and a cluster change resends them.
 			version := func(i int) {
-				e := items[i].(*endpoint.ClusterLoadAssignment)
+				name := items[i].(*endpoint.ClusterLoadAssignment).GetClusterName()
 				d := c.digests[i]
-				st.versions[e.GetClusterName()] = d.version
-				sum, ok := clusterSums[e.GetClusterName()]
-				if !ok {
-					if s, found := b.clusterSums[e.GetClusterName()]; found {
+				var sum *[32]byte
+				if allSums != nil {
+					if s, found := allSums[name]; found {
 						sum = &s
 					}
+				} else if s, ok := clusterSums[name]; ok {
+					sum = s
+				} else if s, found := b.clusterSums[name]; found {
+					sum = &s
 				}
-				if sum != nil {
-					v := sha256.Sum256(append(d.sum[:], sum[:]...))
-					st.versions[e.GetClusterName()] = hex.EncodeToString(v[:8])
+				if sum == nil {
+					st.versions[name] = d.version
+					return
 				}
+				var both [64]byte
+				copy(both[:32], d.sum[:])
+				copy(both[32:], sum[:])
+				v := sha256.Sum256(both[:])
+				st.versions[name] = hex.EncodeToString(v[:8])
 			}
-			if c.full || len(reversion) > len(items)/4 {
+			if c.full || allSums != nil || len(reversion) > len(items)/4 {
 				for i := range items {
 					version(i)
 				}
@@ -380,7 +398,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	if err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
-	b.commit(next, changes, newHosts, clusterSums, counts)
+	b.commit(next, changes, newHosts, clusterSums, allSums, counts)
 	b.lastSnap = snap
 	return out, nil
 }
@@ -395,7 +413,7 @@ func indexByName(items []types.Resource, name string) (int, bool) {
 // commit makes a successful build the one the next compares with. What it keeps is proportional
 // to the catalog: the current resources, their digests and references.
 func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource.Type]*change, hosts map[*route.VirtualHost]digest,
-	clusterSums map[string]*[32]byte, counts map[resource.Type]map[string]int) {
+	clusterSums map[string]*[32]byte, allSums map[string][32]byte, counts map[resource.Type]map[string]int) {
 	full := false
 	for _, c := range changes {
 		full = full || c.full
@@ -404,7 +422,11 @@ func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource
 		full = true // forget the sums of what is no longer served
 	}
 	if full {
-		b.validated = map[[32]byte]struct{}{}
+		n := 0
+		for _, st := range next {
+			n += len(st.digests)
+		}
+		b.validated = make(map[[32]byte]struct{}, n)
 		for _, st := range next {
 			for _, d := range st.digests {
 				b.validated[d.sum] = struct{}{}
@@ -417,7 +439,9 @@ func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource
 			}
 		}
 	}
-	if c := changes[resource.ClusterType]; c.full || b.clusterSums == nil {
+	if allSums != nil {
+		b.clusterSums = allSums
+	} else if c := changes[resource.ClusterType]; c.full || b.clusterSums == nil {
 		b.clusterSums = map[string][32]byte{}
 		for i, r := range next[resource.ClusterType].items {
 			b.clusterSums[edsName(r.(*clusterv3.Cluster))] = next[resource.ClusterType].digests[i].sum
@@ -451,12 +475,18 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
 		c, st, target := changes[typ], next[typ], refOf[typ]
 		full := c.full || b.refCount == nil
-		delta := map[string]int{} // on the last build's counts; all of them for a full build
-		touched[target] = map[string]bool{}
+		var delta map[string]int // on the last build's counts; all of them for a full build
+		if c.full {
+			delta = make(map[string]int, len(st.items)) // and touched are its names
+		} else {
+			delta, touched[target] = map[string]int{}, map[string]bool{}
+		}
 		add := func(rr []string, n int) {
 			for _, name := range rr {
 				delta[name] += n
-				touched[target][name] = true
+				if !c.full {
+					touched[target][name] = true
+				}
 			}
 		}
 		st.refs = make([][]string, len(st.items))
@@ -497,9 +527,18 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 			}
 		}
 	}
+	refBy := map[resource.Type]resource.Type{resource.RouteType: resource.ListenerType, resource.EndpointType: resource.ClusterType}
 	for _, typ := range []resource.Type{resource.RouteType, resource.EndpointType} {
 		have := snap.Resources[cache.GetResponseType(typ)].Items
 		c := changes[typ]
+		// Referenced names: touched ones, or all of them when the referencing type was built anew.
+		if changes[refBy[typ]].full {
+			for name, n := range counts[typ] {
+				if _, ok := have[name]; !ok && n > 0 {
+					return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
+				}
+			}
+		}
 		for name := range touched[typ] {
 			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
 				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
