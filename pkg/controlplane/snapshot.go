@@ -238,17 +238,8 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	var allSums map[string][32]byte
 	limit := b.maxMessageBytes()
 	changed := map[string][]string{}
-	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
-		items := byType[typ]
-		c := diff(b.last[typ], items)
-		changes[typ] = c
-		hosts, err := b.digest(typ, c, res.packed)
-		if err != nil {
-			return nil, err
-		}
-		if hosts != nil {
-			newHosts = hosts
-		}
+	// A type's maps are filled on one core while the next type is digested on every core.
+	finish := func(typ resource.Type, items []types.Resource, c *change) error {
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
 		var cand []string // names whose version may differ from the last build's
 		known := !c.full
@@ -352,7 +343,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		// never be served (it would drop the stream and retry forever), so refuse it here,
 		// where the last good snapshot keeps serving.
 		if st.size > limit {
-			return nil, fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
+			return fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
 				TypeName(typ), st.size, len(items), TypeName(typ), limit)
 		}
 		typeHash := sha256.New()
@@ -381,6 +372,37 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			}
 			changed[typ] = names
 		}
+		return nil
+	}
+	var pending chan error
+	wait := func() error {
+		if pending == nil {
+			return nil
+		}
+		err := <-pending
+		pending = nil
+		return err
+	}
+	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
+		items := byType[typ]
+		c := diff(b.last[typ], items)
+		changes[typ] = c
+		hosts, err := b.digest(typ, c, res.packed)
+		if werr := wait(); werr != nil { // the earlier type's error first
+			return nil, werr
+		}
+		if err != nil {
+			return nil, err
+		}
+		if hosts != nil {
+			newHosts = hosts
+		}
+		done := make(chan error, 1)
+		pending = done
+		go func() { done <- finish(typ, items, c) }()
+	}
+	if err := wait(); err != nil {
+		return nil, err
 	}
 	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16], base: b.lastSnap, changed: changed}
 	secretVersions := map[string]string{}
@@ -394,11 +416,22 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	}
 	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
 	snap.VersionMap[resource.SecretType] = secretVersions
+	// The sums validated this build, when they replace the ones remembered: gathered on one core
+	// while the references are checked on the other.
+	var validated map[[32]byte]struct{}
+	gathered := make(chan struct{})
+	go func() {
+		defer close(gathered)
+		if b.forgetValidated(changes) {
+			validated = allSumsOf(next)
+		}
+	}()
 	counts, err := b.consistent(snap, changes, next)
+	<-gathered
 	if err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
-	b.commit(next, changes, newHosts, clusterSums, allSums, counts)
+	b.commit(next, changes, newHosts, clusterSums, allSums, validated, counts)
 	b.lastSnap = snap
 	return out, nil
 }
@@ -413,25 +446,9 @@ func indexByName(items []types.Resource, name string) (int, bool) {
 // commit makes a successful build the one the next compares with. What it keeps is proportional
 // to the catalog: the current resources, their digests and references.
 func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource.Type]*change, hosts map[*route.VirtualHost]digest,
-	clusterSums map[string]*[32]byte, allSums map[string][32]byte, counts map[resource.Type]map[string]int) {
-	full := false
-	for _, c := range changes {
-		full = full || c.full
-	}
-	if b.validated == nil || len(b.validated) > 4*(1024+len(b.clusterSums)) {
-		full = true // forget the sums of what is no longer served
-	}
-	if full {
-		n := 0
-		for _, st := range next {
-			n += len(st.digests)
-		}
-		b.validated = make(map[[32]byte]struct{}, n)
-		for _, st := range next {
-			for _, d := range st.digests {
-				b.validated[d.sum] = struct{}{}
-			}
-		}
+	clusterSums map[string]*[32]byte, allSums map[string][32]byte, validated map[[32]byte]struct{}, counts map[resource.Type]map[string]int) {
+	if validated != nil {
+		b.validated = validated
 	} else {
 		for typ, c := range changes {
 			for _, i := range c.todo {
@@ -460,6 +477,33 @@ func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource
 	}
 	b.refCount = counts
 	b.last = next
+}
+
+// forgetValidated says whether the sums validated before are replaced by this build's, rather
+// than this build's added to them: after a full build, or when they have grown well past what
+// is served.
+func (b *Builder) forgetValidated(changes map[resource.Type]*change) bool {
+	for _, c := range changes {
+		if c.full {
+			return true
+		}
+	}
+	return b.validated == nil || len(b.validated) > 4*(1024+len(b.clusterSums))
+}
+
+// allSumsOf are the sums of every resource in next.
+func allSumsOf(next map[resource.Type]*typeState) map[[32]byte]struct{} {
+	n := 0
+	for _, st := range next {
+		n += len(st.digests)
+	}
+	sums := make(map[[32]byte]struct{}, n)
+	for _, st := range next {
+		for _, d := range st.digests {
+			sums[d.sum] = struct{}{}
+		}
+	}
+	return sums
 }
 
 // consistent is the cache's Snapshot.Consistent (every route and endpoint resource is referenced

@@ -309,12 +309,25 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		res.Listeners = append(res.Listeners, l)
 	}
 	translateInbound(opts.Reverse, opts, res)
-	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
-	res.sortSkipped()
+	concurrently(func() {
+		slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
+		slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
+		res.sortSkipped()
+	}, func() {
+		slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
+	}, func() {
+		slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
+	})
 	return res, nil
+}
+
+// concurrently runs each of fs in a goroutine of its own and waits for them all.
+func concurrently(fs ...func()) {
+	var wg sync.WaitGroup
+	for _, f := range fs {
+		wg.Go(f)
+	}
+	wg.Wait()
 }
 
 func routeConfiguration(port uint32, hosts []*route.VirtualHost, peerHeaders []*core.HeaderValueOption) *route.RouteConfiguration {
