@@ -235,7 +235,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		}
 		todo = append(todo, i)
 	}
-	common := newCommonParts(opts)
+	common := newCommonParts(opts, gateways)
 	packers := make([]*packer, runtime.GOMAXPROCS(0)) // one per worker
 	parallelWorkers(len(todo), func(w, workers int) {
 		pk := newPacker(packedSets{common.packed})
@@ -549,7 +549,13 @@ func parallelWorkers(n int, f func(w, workers int)) {
 // It depends on the service and the options alone, which is what lets a Translator reuse it.
 func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway, common *commonParts, pk *packer) *translated {
 	out := &translated{svc: svc.Clone()}
-	eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
+	lbEndpoints, err := common.allEndpoints, common.noGateway
+	if len(svc.Gateways) > 0 {
+		var eps []*endpoint.LbEndpoint
+		if eps, err = serviceEndpoints(svc, opts.Gateways, gateways); err == nil {
+			lbEndpoints = byPriority(eps, gateways)
+		}
+	}
 	if err != nil {
 		out.noGateway = err
 		return out
@@ -566,7 +572,7 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, common, pk))
 			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
 				ClusterName: name,
-				Endpoints:   byPriority(eps, gateways),
+				Endpoints:   lbEndpoints,
 			})
 		}
 		if !p.Protocol.IsHTTP() {
@@ -676,15 +682,19 @@ type commonParts struct {
 	retry           *route.RetryPolicy
 	prefixAll       *route.RouteMatch
 	packed          packedSet // the Anys above, packed valid
+	// allEndpoints reach a service through every gateway (a service that names none): the
+	// endpoints of most clusters. noGateway is why there are none.
+	allEndpoints []*endpoint.LocalityLbEndpoints
+	noGateway    error
 }
 
-func newCommonParts(opts Options) *commonParts {
+func newCommonParts(opts Options, gateways map[string]Gateway) *commonParts {
 	ads := ADSConfigSource()
 	pk := newPacker(nil)
 	explicit := func(c *upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig) *anypb.Any {
 		return pk.pack(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: c}})
 	}
-	return &commonParts{
+	common := &commonParts{
 		ads:            ads,
 		tlsParams:      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
 		certSDS:        []*tlsv3.SdsSecretConfig{{Name: SecretCertificate, SdsConfig: ads}},
@@ -717,6 +727,13 @@ func newCommonParts(opts Options) *commonParts {
 		prefixAll:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
 		packed:     pk.packed(),
 	}
+	eps, err := serviceEndpoints(&catalog.Service{}, opts.Gateways, gateways)
+	if err != nil {
+		common.noGateway = err
+	} else {
+		common.allEndpoints = byPriority(eps, gateways)
+	}
+	return common
 }
 
 func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, common *commonParts, pk *packer) *cluster.Cluster {
