@@ -517,15 +517,6 @@ func indexResources(res *Resources) *resourceIndex {
 	return ix
 }
 
-// parallel runs f(0..n-1) on every core; f must be safe to run concurrently.
-func parallel(n int, f func(int)) {
-	parallelWorkers(n, func(w, workers int) {
-		for i := w; i < n; i += workers {
-			f(i)
-		}
-	})
-}
-
 // parallelWorkers runs f(w, workers) for w in 0..workers-1 at once, workers being up to one per
 // core, fewer for small n (under 64 items a goroutine is not worth starting).
 func parallelWorkers(n int, f func(w, workers int)) {
