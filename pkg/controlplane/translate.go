@@ -236,10 +236,13 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		todo = append(todo, i)
 	}
 	common := newCommonParts(opts, gateways)
-	packers := make([]*packer, runtime.GOMAXPROCS(0)) // one per worker
+	var packers []*packer // one per worker
+	var mu sync.Mutex
 	parallelWorkers(len(todo), func(w, workers int) {
 		pk := newPacker(packedSets{common.packed})
-		packers[w] = pk
+		mu.Lock()
+		packers = append(packers, pk)
+		mu.Unlock()
 		for j := w; j < len(todo); j += workers {
 			i := todo[j]
 			outs[i] = translateService(&services[i], opts, gateways, common, pk)
@@ -250,9 +253,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	})
 	packed := packedSets{common.packed}
 	for _, pk := range packers {
-		if pk != nil {
-			packed = append(packed, pk.packed())
-		}
+		packed = append(packed, pk.packed())
 	}
 	if patched := t.patch(services, invalid, outs, todo); patched != nil {
 		patched.packed = packed
