@@ -233,7 +233,7 @@ func allowPrincipals(ids []string) *rbacconfig.RBAC {
 // idempotent methods, a request whose connection the backend reset (a VM that just died): with
 // another backend left, losing one fails no such request.
 func inboundRetry() *route.RetryPolicy {
-	rp := connectRetry()
+	rp := connectRetry(nil)
 	rp.RetryOn = "connect-failure,reset"
 	rp.NumRetries = wrapperspb.UInt32(2)
 	rp.RetriableRequestHeaders = []*route.HeaderMatcher{{

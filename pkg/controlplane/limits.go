@@ -54,10 +54,10 @@ func requestLimits(m *hcm.HttpConnectionManager, l Limits) {
 // chains: past max_connections, a new connection is closed before any other filter (or an
 // upstream connection) sees it. Its stats are connection_limit.outbound_PORT.limited_connections
 // (dot-free, like the other stat prefixes: see StatPrefix).
-func limitConnections(l *listener.Listener, limits Limits) {
+func limitConnections(l *listener.Listener, limits Limits, pk *packer) {
 	f := &listener.Filter{
 		Name: ConnectionLimitFilter,
-		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&connlimit.ConnectionLimit{
+		ConfigType: &listener.Filter_TypedConfig{TypedConfig: pk.pack(&connlimit.ConnectionLimit{
 			StatPrefix:     StatPrefix(l.GetAddress().GetSocketAddress().GetPortValue()),
 			MaxConnections: wrapperspb.UInt64(orDefault(limits.MaxConnections, DefaultMaxConnections)),
 		})},

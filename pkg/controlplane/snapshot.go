@@ -6,22 +6,20 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
-	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/fwdproxy/fwdproxy/internal/xdslimit"
 	"github.com/fwdproxy/fwdproxy/pkg/identity"
@@ -98,7 +96,7 @@ type Builder struct {
 type typeState struct {
 	items   []types.Resource
 	digests []digest
-	refs    []map[resource.Type]map[string]bool // listeners and clusters: what each references
+	refs    [][]string // listeners and clusters: the routes or endpoints each references
 	// versions and named are the snapshot's maps, shared with the cache: never modified, a
 	// change clones them.
 	versions map[string]string
@@ -235,23 +233,17 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	var newHosts map[*route.VirtualHost]digest
 	clusterSums := map[string]*[32]byte{} // changes to b.clusterSums: nil for a cluster gone
 	reversion := map[string]bool{}        // endpoints whose cluster changed
+	// allSums are the clusters' sums by EDS name when all clusters are digested anew (a full
+	// build): then every endpoint is versioned again, and allSums is the next b.clusterSums.
+	var allSums map[string][32]byte
 	limit := b.maxMessageBytes()
 	changed := map[string][]string{}
-	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
-		items := byType[typ]
-		c := diff(b.last[typ], items)
-		changes[typ] = c
-		hosts, err := b.digest(typ, c)
-		if err != nil {
-			return nil, err
-		}
-		if hosts != nil {
-			newHosts = hosts
-		}
+	// A type's maps are filled on one core while the next type is digested on every core.
+	finish := func(typ resource.Type, items []types.Resource, c *change) error {
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
 		var cand []string // names whose version may differ from the last build's
 		known := !c.full
-		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0) {
+		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0 && allSums == nil) {
 			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
 		} else if c.full {
 			st.versions = make(map[string]string, len(items))
@@ -271,17 +263,24 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				}
 			}
 		}
+		if typ == resource.ClusterType && c.full {
+			allSums = make(map[string][32]byte, len(items))
+		}
 		update := func(i int) {
 			r, d := items[i], c.digests[i]
 			name := cache.GetResourceName(r)
-			cand = append(cand, name)
+			if known {
+				cand = append(cand, name)
+			}
 			if j := c.prevAt[i]; j >= 0 {
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 			}
 			st.size += responseBytes(typ, d.size, name)
 			st.versions[name] = d.version
 			st.named[name] = types.ResourceWithTTL{Resource: r}
-			if cl, ok := r.(*clusterv3.Cluster); ok {
+			if cl, ok := r.(*clusterv3.Cluster); ok && allSums != nil {
+				allSums[edsName(cl)] = d.sum
+			} else if ok {
 				if j := c.prevAt[i]; j >= 0 {
 					if old := edsName(c.prev.items[j].(*clusterv3.Cluster)); old != edsName(cl) {
 						clusterSums[old], reversion[old] = nil, true
@@ -295,27 +294,35 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		for _, i := range c.todo {
 			update(i)
 		}
-		if typ == resource.EndpointType && (c.full || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
+		if typ == resource.EndpointType && (c.full || allSums != nil || len(c.todo) > 0 || len(c.gone) > 0 || len(reversion) > 0) {
 			// An updated EDS cluster warms until Envoy gets its endpoints again, and delta
 			// xDS sends only resources whose version changed: unchanged endpoints would
 			// leave the cluster warming until initial_fetch_timeout (15 s). So endpoints
 			// are versioned with their cluster, and a cluster change resends them.
 			version := func(i int) {
-				e := items[i].(*endpoint.ClusterLoadAssignment)
+				name := items[i].(*endpoint.ClusterLoadAssignment).GetClusterName()
 				d := c.digests[i]
-				st.versions[e.GetClusterName()] = d.version
-				sum, ok := clusterSums[e.GetClusterName()]
-				if !ok {
-					if s, found := b.clusterSums[e.GetClusterName()]; found {
+				var sum *[32]byte
+				if allSums != nil {
+					if s, found := allSums[name]; found {
 						sum = &s
 					}
+				} else if s, ok := clusterSums[name]; ok {
+					sum = s
+				} else if s, found := b.clusterSums[name]; found {
+					sum = &s
 				}
-				if sum != nil {
-					v := sha256.Sum256(append(d.sum[:], sum[:]...))
-					st.versions[e.GetClusterName()] = hex.EncodeToString(v[:8])
+				if sum == nil {
+					st.versions[name] = d.version
+					return
 				}
+				var both [64]byte
+				copy(both[:32], d.sum[:])
+				copy(both[32:], sum[:])
+				v := sha256.Sum256(both[:])
+				st.versions[name] = hex.EncodeToString(v[:8])
 			}
-			if c.full || len(reversion) > len(items)/4 {
+			if c.full || allSums != nil || len(reversion) > len(items)/4 {
 				for i := range items {
 					version(i)
 				}
@@ -336,7 +343,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		// never be served (it would drop the stream and retry forever), so refuse it here,
 		// where the last good snapshot keeps serving.
 		if st.size > limit {
-			return nil, fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
+			return fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
 				TypeName(typ), st.size, len(items), TypeName(typ), limit)
 		}
 		typeHash := sha256.New()
@@ -365,6 +372,37 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			}
 			changed[typ] = names
 		}
+		return nil
+	}
+	var pending chan error
+	wait := func() error {
+		if pending == nil {
+			return nil
+		}
+		err := <-pending
+		pending = nil
+		return err
+	}
+	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
+		items := byType[typ]
+		c := diff(b.last[typ], items)
+		changes[typ] = c
+		hosts, err := b.digest(typ, c, res.packed)
+		if werr := wait(); werr != nil { // the earlier type's error first
+			return nil, werr
+		}
+		if err != nil {
+			return nil, err
+		}
+		if hosts != nil {
+			newHosts = hosts
+		}
+		done := make(chan error, 1)
+		pending = done
+		go func() { done <- finish(typ, items, c) }()
+	}
+	if err := wait(); err != nil {
+		return nil, err
 	}
 	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16], base: b.lastSnap, changed: changed}
 	secretVersions := map[string]string{}
@@ -378,11 +416,22 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	}
 	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
 	snap.VersionMap[resource.SecretType] = secretVersions
+	// The sums validated this build, when they replace the ones remembered: gathered on one core
+	// while the references are checked on the other.
+	var validated map[[32]byte]struct{}
+	gathered := make(chan struct{})
+	go func() {
+		defer close(gathered)
+		if b.forgetValidated(changes) {
+			validated = allSumsOf(next)
+		}
+	}()
 	counts, err := b.consistent(snap, changes, next)
+	<-gathered
 	if err != nil {
 		return nil, fmt.Errorf("inconsistent snapshot: %w", err)
 	}
-	b.commit(next, changes, newHosts, clusterSums, counts)
+	b.commit(next, changes, newHosts, clusterSums, allSums, validated, counts)
 	b.lastSnap = snap
 	return out, nil
 }
@@ -397,21 +446,9 @@ func indexByName(items []types.Resource, name string) (int, bool) {
 // commit makes a successful build the one the next compares with. What it keeps is proportional
 // to the catalog: the current resources, their digests and references.
 func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource.Type]*change, hosts map[*route.VirtualHost]digest,
-	clusterSums map[string]*[32]byte, counts map[resource.Type]map[string]int) {
-	full := false
-	for _, c := range changes {
-		full = full || c.full
-	}
-	if b.validated == nil || len(b.validated) > 4*(1024+len(b.clusterSums)) {
-		full = true // forget the sums of what is no longer served
-	}
-	if full {
-		b.validated = map[[32]byte]struct{}{}
-		for _, st := range next {
-			for _, d := range st.digests {
-				b.validated[d.sum] = struct{}{}
-			}
-		}
+	clusterSums map[string]*[32]byte, allSums map[string][32]byte, validated map[[32]byte]struct{}, counts map[resource.Type]map[string]int) {
+	if validated != nil {
+		b.validated = validated
 	} else {
 		for typ, c := range changes {
 			for _, i := range c.todo {
@@ -419,7 +456,9 @@ func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource
 			}
 		}
 	}
-	if c := changes[resource.ClusterType]; c.full || b.clusterSums == nil {
+	if allSums != nil {
+		b.clusterSums = allSums
+	} else if c := changes[resource.ClusterType]; c.full || b.clusterSums == nil {
 		b.clusterSums = map[string][32]byte{}
 		for i, r := range next[resource.ClusterType].items {
 			b.clusterSums[edsName(r.(*clusterv3.Cluster))] = next[resource.ClusterType].digests[i].sum
@@ -440,6 +479,33 @@ func (b *Builder) commit(next map[resource.Type]*typeState, changes map[resource
 	b.last = next
 }
 
+// forgetValidated says whether the sums validated before are replaced by this build's, rather
+// than this build's added to them: after a full build, or when they have grown well past what
+// is served.
+func (b *Builder) forgetValidated(changes map[resource.Type]*change) bool {
+	for _, c := range changes {
+		if c.full {
+			return true
+		}
+	}
+	return b.validated == nil || len(b.validated) > 4*(1024+len(b.clusterSums))
+}
+
+// allSumsOf are the sums of every resource in next.
+func allSumsOf(next map[resource.Type]*typeState) map[[32]byte]struct{} {
+	n := 0
+	for _, st := range next {
+		n += len(st.digests)
+	}
+	sums := make(map[[32]byte]struct{}, n)
+	for _, st := range next {
+		for _, d := range st.digests {
+			sums[d.sum] = struct{}{}
+		}
+	}
+	return sums
+}
+
 // consistent is the cache's Snapshot.Consistent (every route and endpoint resource is referenced
 // by a listener or cluster, and every reference resolves), checked for what changed: the last
 // build was consistent. Each resource's references are found by the cache's own
@@ -453,15 +519,21 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 	for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType} {
 		c, st, target := changes[typ], next[typ], refOf[typ]
 		full := c.full || b.refCount == nil
-		delta := map[string]int{} // on the last build's counts; all of them for a full build
-		touched[target] = map[string]bool{}
-		add := func(rr map[resource.Type]map[string]bool, n int) {
-			for name := range rr[target] {
+		var delta map[string]int // on the last build's counts; all of them for a full build
+		if c.full {
+			delta = make(map[string]int, len(st.items)) // and touched are its names
+		} else {
+			delta, touched[target] = map[string]int{}, map[string]bool{}
+		}
+		add := func(rr []string, n int) {
+			for _, name := range rr {
 				delta[name] += n
-				touched[target][name] = true
+				if !c.full {
+					touched[target][name] = true
+				}
 			}
 		}
-		st.refs = make([]map[resource.Type]map[string]bool, len(st.items))
+		st.refs = make([][]string, len(st.items))
 		for i, r := range st.items {
 			if c.same[i] {
 				st.refs[i] = c.prev.refs[c.prevAt[i]]
@@ -469,7 +541,7 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 					continue
 				}
 			} else {
-				st.refs[i] = cache.GetResourceReferences(map[string]types.ResourceWithTTL{cache.GetResourceName(r): {Resource: r}})
+				st.refs[i] = references(r, target)
 				if j := c.prevAt[i]; !c.full && j >= 0 {
 					add(c.prev.refs[j], -1)
 				}
@@ -499,9 +571,18 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 			}
 		}
 	}
+	refBy := map[resource.Type]resource.Type{resource.RouteType: resource.ListenerType, resource.EndpointType: resource.ClusterType}
 	for _, typ := range []resource.Type{resource.RouteType, resource.EndpointType} {
 		have := snap.Resources[cache.GetResponseType(typ)].Items
 		c := changes[typ]
+		// Referenced names: touched ones, or all of them when the referencing type was built anew.
+		if changes[refBy[typ]].full {
+			for name, n := range counts[typ] {
+				if _, ok := have[name]; !ok && n > 0 {
+					return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
+				}
+			}
+		}
 		for name := range touched[typ] {
 			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
 				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
@@ -543,6 +624,32 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 	return counts, nil
 }
 
+// references are the names of the routes a listener references, or of the endpoints a cluster
+// does, as the cache's GetResourceReferences finds them. A cluster references endpoints when it
+// is of type EDS; a listener references routes only through an HTTP connection manager, which
+// the cache decodes from each filter: a listener with none (every TCP port's) is not given to it.
+func references(r types.Resource, target resource.Type) []string {
+	switch r := r.(type) {
+	case *clusterv3.Cluster:
+		if _, ok := r.GetClusterDiscoveryType().(*clusterv3.Cluster_Type); ok && r.GetType() == clusterv3.Cluster_EDS {
+			return []string{edsName(r)}
+		}
+		return nil
+	case *listener.Listener:
+		if !hasHCM(r.GetDefaultFilterChain()) && !slices.ContainsFunc(r.GetFilterChains(), hasHCM) {
+			return nil
+		}
+	}
+	refs := cache.GetResourceReferences(map[string]types.ResourceWithTTL{cache.GetResourceName(r): {Resource: r}})
+	return slices.Sorted(maps.Keys(refs[target]))
+}
+
+func hasHCM(fc *listener.FilterChain) bool {
+	return slices.ContainsFunc(fc.GetFilters(), func(f *listener.Filter) bool {
+		return f.GetTypedConfig().MessageIs((*hcm.HttpConnectionManager)(nil))
+	})
+}
+
 // edsName is the name of the endpoints an EDS cluster takes.
 func edsName(c *clusterv3.Cluster) string {
 	if n := c.GetEdsClusterConfig().GetServiceName(); n != "" {
@@ -558,9 +665,10 @@ type digest struct {
 }
 
 // digest marshals, hashes and (unless validated before) validates the new and changed items, on
-// every core: these are independent, and at 10,000 services they are most of a build. For route
-// configurations it returns the virtual hosts of this build (nil for other types).
-func (b *Builder) digest(typ resource.Type, c *change) (map[*route.VirtualHost]digest, error) {
+// every core: these are independent, and at 10,000 services they are most of a build. The Anys
+// in packed are validated already (see packer). For route configurations it returns the virtual
+// hosts of this build (nil for other types).
+func (b *Builder) digest(typ resource.Type, c *change, packed packedSets) (map[*route.VirtualHost]digest, error) {
 	items, out, todo := c.items, c.digests, c.todo
 	errs := make([]error, len(items))
 	var hostDigests [][]digest // per item, for route configurations
@@ -568,20 +676,21 @@ func (b *Builder) digest(typ resource.Type, c *change) (map[*route.VirtualHost]d
 		hostDigests = make([][]digest, len(items))
 	}
 	parallelWorkers(len(todo), func(w, workers int) {
-		marshal := proto.MarshalOptions{Deterministic: true}
-		var v deepValidator
+		// One buffer per worker: each resource's bytes are needed only to hash and validate it.
+		m := marshaler{opts: proto.MarshalOptions{Deterministic: true}}
+		v := deepValidator{trusted: packed}
 		for j := w; j < len(todo); j += workers {
 			i := todo[j]
 			r := items[i]
 			if rc, ok := r.(*route.RouteConfiguration); ok {
-				d, hosts, err := b.digestRoutes(rc, marshal, &v)
+				d, hosts, err := b.digestRoutes(rc, &m, &v)
 				out[i], hostDigests[i] = d, hosts
 				if err != nil {
 					errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
 				}
 				continue
 			}
-			raw, err := marshal.Marshal(r)
+			raw, err := m.marshal(r)
 			if err != nil {
 				errs[i] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 				continue
@@ -590,7 +699,7 @@ func (b *Builder) digest(typ resource.Type, c *change) (map[*route.VirtualHost]d
 			if _, ok := b.validated[out[i].sum]; ok {
 				continue
 			}
-			if err := v.validate(r); err != nil {
+			if err := v.validate(r, raw); err != nil {
 				errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 			}
 		}
@@ -619,6 +728,18 @@ func (b *Builder) digest(typ resource.Type, c *change) (map[*route.VirtualHost]d
 	return hosts, nil
 }
 
+// marshaler marshals into one buffer, reused: what it returns is valid until the next call.
+type marshaler struct {
+	opts proto.MarshalOptions
+	buf  []byte
+}
+
+func (m *marshaler) marshal(r proto.Message) ([]byte, error) {
+	var err error
+	m.buf, err = m.opts.MarshalAppend(m.buf[:0], r)
+	return m.buf, err
+}
+
 func newDigest(sum [32]byte, size int) digest {
 	return digest{sum: sum, size: size, version: hex.EncodeToString(sum[:8])}
 }
@@ -628,14 +749,14 @@ func newDigest(sum [32]byte, size int) digest {
 // each host's sum: as deterministic as hashing the whole, without marshaling every service's
 // host for a change to one. Its configuration's own rules on virtual_hosts are per item, so
 // validating the rest and each host is the same check as validating the whole.
-func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.MarshalOptions, v *deepValidator) (digest, []digest, error) {
+func (b *Builder) digestRoutes(rc *route.RouteConfiguration, m *marshaler, v *deepValidator) (digest, []digest, error) {
 	// rc is this build's own (not digested before, so not served yet): its list of hosts can be
 	// set aside while the rest is marshaled and validated.
 	hosts := rc.VirtualHosts
 	rc.VirtualHosts = nil
-	raw, err := marshal.Marshal(rc)
+	raw, err := m.marshal(rc)
 	if err == nil {
-		err = v.validate(rc)
+		err = v.validate(rc, raw)
 	}
 	rc.VirtualHosts = hosts
 	if err != nil {
@@ -645,17 +766,37 @@ func (b *Builder) digestRoutes(rc *route.RouteConfiguration, marshal proto.Marsh
 	h.Write(raw)
 	size := len(raw)
 	ds := b.hostDigests(rc)
-	for i, vh := range hosts {
-		if ds[i].version == "" { // new: marshal and validate it
-			raw, err := marshal.Marshal(vh)
-			if err != nil {
-				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
+	var todo []int         // new hosts: marshaled and validated on every core (one configuration holds
+	for i := range hosts { // every service's host on its port)
+		if ds[i].version == "" {
+			todo = append(todo, i)
+		}
+	}
+	errs := make([]error, len(todo))
+	parallelWorkers(len(todo), func(w, workers int) {
+		wm, wv := m, v
+		if w > 0 {
+			wm, wv = &marshaler{opts: m.opts}, &deepValidator{trusted: v.trusted}
+		}
+		for j := w; j < len(todo); j += workers {
+			i := todo[j]
+			raw, err := wm.marshal(hosts[i])
+			if err == nil {
+				err = wv.validate(hosts[i], raw)
 			}
-			if err := v.validate(vh); err != nil {
-				return digest{}, nil, fmt.Errorf("virtual_hosts[%d] (%s): %w", i, vh.GetName(), err)
+			if err != nil {
+				errs[j] = fmt.Errorf("virtual_hosts[%d] (%s): %w", i, hosts[i].GetName(), err)
+				continue
 			}
 			ds[i] = newDigest(sha256.Sum256(raw), len(raw))
 		}
+	})
+	for _, err := range errs { // the first in host order
+		if err != nil {
+			return digest{}, nil, err
+		}
+	}
+	for i := range hosts {
 		h.Write(ds[i].sum[:])
 		size += protowire.SizeTag(2) + protowire.SizeBytes(ds[i].size)
 	}
@@ -671,166 +812,4 @@ func (b *Builder) hostDigests(rc *route.RouteConfiguration) []digest {
 		ds[i] = b.vhosts[vh]
 	}
 	return ds
-}
-
-// ValidateDeep runs the generated ValidateAll on m and on every typed config packed in a
-// google.protobuf.Any inside it, which ValidateAll alone does not look into.
-//
-// ValidateAll already checks every nested message, so it runs once per root (m and each unpacked
-// Any); the walk between roots only enters fields whose type can reach an Any.
-func ValidateDeep(m proto.Message) error {
-	return new(deepValidator).validate(m)
-}
-
-// deepValidator is ValidateDeep with a memory of the Anys it found valid: resources share
-// messages (see commonParts), and a shared Any is decoded and validated once. Not safe for
-// concurrent use.
-type deepValidator struct {
-	valid map[*anypb.Any]struct{}
-}
-
-func (v *deepValidator) validate(m proto.Message) error {
-	if va, ok := m.(interface{ ValidateAll() error }); ok {
-		if err := va.ValidateAll(); err != nil {
-			return err
-		}
-	}
-	if err := v.walk(m.ProtoReflect()); err != nil {
-		return err.(*pathError).flatten()
-	}
-	return nil
-}
-
-// pathError is an error inside an Any with the field path to it, gathered as the walk returns
-// (the path is formatted only for an error, not for every field walked).
-type pathError struct {
-	segs []string // innermost first; "[i]" for list items and map entries
-	err  error
-}
-
-func (e *pathError) Error() string { return e.flatten().Error() }
-
-func (e *pathError) in(seg string) error {
-	e.segs = append(e.segs, seg)
-	return e
-}
-
-func (e *pathError) flatten() error {
-	var b strings.Builder
-	for i := len(e.segs) - 1; i >= 0; i-- {
-		if s := e.segs[i]; b.Len() > 0 && s[0] != '[' {
-			b.WriteByte('.')
-		}
-		b.WriteString(e.segs[i])
-	}
-	return fmt.Errorf("%s: %w", b.String(), e.err)
-}
-
-func (v *deepValidator) walk(m protoreflect.Message) error {
-	for _, fd := range anyFields(m.Descriptor()) {
-		if !m.Has(fd) {
-			continue
-		}
-		val := m.Get(fd)
-		var err error
-		switch {
-		case fd.IsList():
-			l := val.List()
-			for i := 0; i < l.Len() && err == nil; i++ {
-				if err = v.anyOrWalk(l.Get(i).Message()); err != nil {
-					err = err.(*pathError).in("[" + strconv.Itoa(i) + "]")
-				}
-			}
-		case fd.IsMap():
-			val.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				if err = v.anyOrWalk(mv.Message()); err != nil {
-					err = err.(*pathError).in(fmt.Sprintf("[%v]", k.Interface()))
-				}
-				return err == nil
-			})
-		default:
-			err = v.anyOrWalk(val.Message())
-		}
-		if err != nil {
-			return err.(*pathError).in(string(fd.Name()))
-		}
-	}
-	return nil
-}
-
-func (v *deepValidator) anyOrWalk(m protoreflect.Message) error {
-	a, ok := m.Interface().(*anypb.Any)
-	if !ok {
-		return v.walk(m)
-	}
-	if _, ok := v.valid[a]; ok {
-		return nil
-	}
-	inner, err := a.UnmarshalNew()
-	if err != nil {
-		return &pathError{err: fmt.Errorf("cannot decode %s: %v", a.GetTypeUrl(), err)}
-	}
-	if err := v.validate(inner); err != nil {
-		return &pathError{err: err}
-	}
-	if v.valid == nil {
-		v.valid = map[*anypb.Any]struct{}{}
-	}
-	v.valid[a] = struct{}{}
-	return nil
-}
-
-var anyName = (&anypb.Any{}).ProtoReflect().Descriptor().FullName()
-
-// anyFieldsCache holds, per message type, its fields through which a google.protobuf.Any can be
-// reached at any depth: the only fields ValidateDeep has to enter.
-var anyFieldsCache sync.Map // protoreflect.FullName -> []protoreflect.FieldDescriptor
-
-func anyFields(md protoreflect.MessageDescriptor) []protoreflect.FieldDescriptor {
-	if v, ok := anyFieldsCache.Load(md.FullName()); ok {
-		return v.([]protoreflect.FieldDescriptor)
-	}
-	var out []protoreflect.FieldDescriptor
-	fields := md.Fields()
-	for i := 0; i < fields.Len(); i++ {
-		fd := fields.Get(i)
-		vd := fd
-		if fd.IsMap() {
-			vd = fd.MapValue()
-		}
-		if vd.Message() != nil && reachesAny(vd.Message()) {
-			out = append(out, fd)
-		}
-	}
-	anyFieldsCache.Store(md.FullName(), out)
-	return out
-}
-
-// reachesAny says whether a google.protobuf.Any can occur in a message of type md, searching the
-// type graph (types can be recursive, e.g. matchers).
-func reachesAny(md protoreflect.MessageDescriptor) bool {
-	seen := map[protoreflect.FullName]bool{}
-	queue := []protoreflect.MessageDescriptor{md}
-	for len(queue) > 0 {
-		d := queue[0]
-		queue = queue[1:]
-		if d.FullName() == anyName {
-			return true
-		}
-		if seen[d.FullName()] {
-			continue
-		}
-		seen[d.FullName()] = true
-		fields := d.Fields()
-		for i := 0; i < fields.Len(); i++ {
-			fd := fields.Get(i)
-			if fd.IsMap() {
-				fd = fd.MapValue()
-			}
-			if fd.Message() != nil {
-				queue = append(queue, fd.Message())
-			}
-		}
-	}
-	return false
 }

@@ -16,11 +16,11 @@ const TranscoderFilter = "envoy.filters.http.grpc_json_transcoder"
 // It is disabled there and has no services (so Envoy builds no transcoder for it); each virtual
 // host that transcodes enables it with its own descriptor set (transcoderPerRoute), since one
 // port serves many services, most of them not transcoded.
-func transcoderHTTPFilter() *hcm.HttpFilter {
+func transcoderHTTPFilter(pk *packer) *hcm.HttpFilter {
 	return &hcm.HttpFilter{
 		Name:       TranscoderFilter,
 		Disabled:   true,
-		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&transcoder.GrpcJsonTranscoder{DescriptorSet: &transcoder.GrpcJsonTranscoder_ProtoDescriptorBin{}})},
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: pk.pack(&transcoder.GrpcJsonTranscoder{DescriptorSet: &transcoder.GrpcJsonTranscoder_ProtoDescriptorBin{}})},
 	}
 }
 
@@ -53,13 +53,13 @@ func TranscoderConfig(t *catalog.Transcoding) *transcoder.GrpcJsonTranscoder {
 
 // transcodeVirtualHost enables the transcoder on a grpc port's virtual host of a service that
 // transcodes.
-func transcodeVirtualHost(v *route.VirtualHost, svc *catalog.Service, p catalog.Port) bool {
+func transcodeVirtualHost(v *route.VirtualHost, svc *catalog.Service, p catalog.Port, pk *packer) bool {
 	if svc.Transcoding == nil || p.Protocol != catalog.GRPC {
 		return false
 	}
 	if v.TypedPerFilterConfig == nil {
 		v.TypedPerFilterConfig = map[string]*anypb.Any{}
 	}
-	v.TypedPerFilterConfig[TranscoderFilter] = mustAny(TranscoderConfig(svc.Transcoding))
+	v.TypedPerFilterConfig[TranscoderFilter] = pk.pack(TranscoderConfig(svc.Transcoding))
 	return true
 }

@@ -132,6 +132,9 @@ type Resources struct {
 	// Skipped are the services left out, sorted by host (see skipped.go); the resources serve
 	// every other service. Not an xDS resource: no part of the snapshot or its version.
 	Skipped []SkippedService
+	// packed are the Anys this translation packed from typed messages it validated (see
+	// packer): the Builder does not decode them to validate them again.
+	packed packedSets
 }
 
 // ListenerName is the plain listener for a port, Istio style: ADDRESS_PORT.
@@ -232,17 +235,32 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		}
 		todo = append(todo, i)
 	}
-	common := newCommonParts(opts)
-	parallel(len(todo), func(j int) {
-		i := todo[j]
-		outs[i] = translateService(&services[i], opts, gateways, common)
-		if old := t.services[services[i].Host]; old != nil {
-			outs[i].keepEqual(old)
+	common := newCommonParts(opts, gateways)
+	var packers []*packer // one per worker
+	var mu sync.Mutex
+	parallelWorkers(len(todo), func(w, workers int) {
+		pk := newPacker(packedSets{common.packed})
+		mu.Lock()
+		packers = append(packers, pk)
+		mu.Unlock()
+		for j := w; j < len(todo); j += workers {
+			i := todo[j]
+			outs[i] = translateService(&services[i], opts, gateways, common, pk)
+			if old := t.services[services[i].Host]; old != nil {
+				outs[i].keepEqual(old)
+			}
 		}
 	})
+	packed := packedSets{common.packed}
+	for _, pk := range packers {
+		packed = append(packed, pk.packed())
+	}
 	if patched := t.patch(services, invalid, outs, todo); patched != nil {
+		patched.packed = packed
 		return patched, nil
 	}
+	serial := newPacker(packed)
+	res.packed = append(packed, serial.packed())
 	defer func() {
 		t.hosts, t.invalid, t.index = t.hosts[:0], invalid, nil
 		for i := range services {
@@ -284,20 +302,33 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	for _, hp := range httpPorts {
 		slices.SortFunc(hp.hosts, func(a, b *route.VirtualHost) int { return strings.Compare(a.Name, b.Name) })
 		res.Routes = append(res.Routes, routeConfiguration(hp.port, hp.hosts, peerHeaders))
-		l := httpListener(hp.port, hp.rbac, hp.transcode, opts)
-		limitConnections(l, opts.Limits)
+		l := httpListener(hp.port, hp.rbac, hp.transcode, opts, serial)
+		limitConnections(l, opts.Limits, serial)
 		res.Listeners = append(res.Listeners, l)
 	}
 	for _, l := range tcpPorts {
 		res.Listeners = append(res.Listeners, l)
 	}
 	translateInbound(opts.Reverse, opts, res)
-	slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
-	res.sortSkipped()
+	concurrently(func() {
+		slices.SortFunc(res.Listeners, func(a, b *listener.Listener) int { return strings.Compare(a.Name, b.Name) })
+		slices.SortFunc(res.Routes, func(a, b *route.RouteConfiguration) int { return strings.Compare(a.Name, b.Name) })
+		res.sortSkipped()
+	}, func() {
+		slices.SortFunc(res.Clusters, func(a, b *cluster.Cluster) int { return strings.Compare(a.Name, b.Name) })
+	}, func() {
+		slices.SortFunc(res.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int { return strings.Compare(a.ClusterName, b.ClusterName) })
+	})
 	return res, nil
+}
+
+// concurrently runs each of fs in a goroutine of its own and waits for them all.
+func concurrently(fs ...func()) {
+	var wg sync.WaitGroup
+	for _, f := range fs {
+		wg.Go(f)
+	}
+	wg.Wait()
 }
 
 func routeConfiguration(port uint32, hosts []*route.VirtualHost, peerHeaders []*core.HeaderValueOption) *route.RouteConfiguration {
@@ -487,15 +518,6 @@ func indexResources(res *Resources) *resourceIndex {
 	return ix
 }
 
-// parallel runs f(0..n-1) on every core; f must be safe to run concurrently.
-func parallel(n int, f func(int)) {
-	parallelWorkers(n, func(w, workers int) {
-		for i := w; i < n; i += workers {
-			f(i)
-		}
-	})
-}
-
 // parallelWorkers runs f(w, workers) for w in 0..workers-1 at once, workers being up to one per
 // core, fewer for small n (under 64 items a goroutine is not worth starting).
 func parallelWorkers(n int, f func(w, workers int)) {
@@ -517,9 +539,15 @@ func parallelWorkers(n int, f func(w, workers int)) {
 
 // translateService builds one service's clusters, endpoints, TCP listeners and virtual hosts.
 // It depends on the service and the options alone, which is what lets a Translator reuse it.
-func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway, common *commonParts) *translated {
+func translateService(svc *catalog.Service, opts Options, gateways map[string]Gateway, common *commonParts, pk *packer) *translated {
 	out := &translated{svc: svc.Clone()}
-	eps, err := serviceEndpoints(svc, opts.Gateways, gateways)
+	lbEndpoints, err := common.allEndpoints, common.noGateway
+	if len(svc.Gateways) > 0 {
+		var eps []*endpoint.LbEndpoint
+		if eps, err = serviceEndpoints(svc, opts.Gateways, gateways); err == nil {
+			lbEndpoints = byPriority(eps, gateways)
+		}
+	}
 	if err != nil {
 		out.noGateway = err
 		return out
@@ -533,27 +561,27 @@ func translateService(svc *catalog.Service, opts Options, gateways map[string]Ga
 		}
 		for _, subset := range subsets {
 			name := ClusterName(p.Number, subset, svc.Host)
-			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, common))
+			out.clusters = append(out.clusters, buildCluster(name, svc, p, subset, common, pk))
 			out.endpoints = append(out.endpoints, &endpoint.ClusterLoadAssignment{
 				ClusterName: name,
-				Endpoints:   byPriority(eps, gateways),
+				Endpoints:   lbEndpoints,
 			})
 		}
 		if !p.Protocol.IsHTTP() {
 			if out.tcp == nil {
 				out.tcp = map[uint32]*listener.Listener{}
 			}
-			l := tcpListener(svc, p, opts, common)
-			limitConnections(l, opts.Limits)
+			l := tcpListener(svc, p, opts, common, pk)
+			limitConnections(l, opts.Limits, pk)
 			out.tcp[p.Number] = l
 			continue
 		}
 		if out.vhosts == nil {
 			out.vhosts, out.transcode = map[uint32][]*route.VirtualHost{}, map[uint32]bool{}
 		}
-		vhs := virtualHosts(svc, p, common)
+		vhs := virtualHosts(svc, p, common, pk)
 		for _, v := range vhs {
-			out.transcode[p.Number] = transcodeVirtualHost(v, svc, p) || out.transcode[p.Number]
+			out.transcode[p.Number] = transcodeVirtualHost(v, svc, p, pk) || out.transcode[p.Number]
 		}
 		out.vhosts[p.Number] = vhs
 	}
@@ -645,14 +673,20 @@ type commonParts struct {
 	noTimeout       *durationpb.Duration
 	retry           *route.RetryPolicy
 	prefixAll       *route.RouteMatch
+	packed          packedSet // the Anys above, packed valid
+	// allEndpoints reach a service through every gateway (a service that names none): the
+	// endpoints of most clusters. noGateway is why there are none.
+	allEndpoints []*endpoint.LocalityLbEndpoints
+	noGateway    error
 }
 
-func newCommonParts(opts Options) *commonParts {
+func newCommonParts(opts Options, gateways map[string]Gateway) *commonParts {
 	ads := ADSConfigSource()
+	pk := newPacker(nil)
 	explicit := func(c *upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig) *anypb.Any {
-		return mustAny(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: c}})
+		return pk.pack(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: c}})
 	}
-	return &commonParts{
+	common := &commonParts{
 		ads:            ads,
 		tlsParams:      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
 		certSDS:        []*tlsv3.SdsSecretConfig{{Name: SecretCertificate, SdsConfig: ads}},
@@ -679,14 +713,22 @@ func newCommonParts(opts Options) *commonParts {
 		http2: explicit(&upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
 			ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
 		}),
-		accessLogs: accessLogs(opts.AccessLog),
+		accessLogs: accessLogs(opts.AccessLog, pk),
 		noTimeout:  durationpb.New(0),
-		retry:      connectRetry(),
+		retry:      connectRetry(pk),
 		prefixAll:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+		packed:     pk.packed(),
 	}
+	eps, err := serviceEndpoints(&catalog.Service{}, opts.Gateways, gateways)
+	if err != nil {
+		common.noGateway = err
+	} else {
+		common.allEndpoints = byPriority(eps, gateways)
+	}
+	return common
 }
 
-func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, common *commonParts) *cluster.Cluster {
+func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset string, common *commonParts, pk *packer) *cluster.Cluster {
 	sans := make([]*tlsv3.SubjectAltNameMatcher, 0, len(svc.Identities))
 	for _, id := range svc.Identities {
 		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
@@ -719,7 +761,7 @@ func buildCluster(name string, svc *catalog.Service, p catalog.Port, subset stri
 		OutlierDetection:     common.outlier,
 		TransportSocket: &core.TransportSocket{
 			Name:       wellknown.TransportSocketTLS,
-			ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)},
+			ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: pk.pack(tlsCtx)},
 		},
 	}
 	if p.Protocol.IsHTTP() {
@@ -760,21 +802,21 @@ func allowClients(cidrs []string) *rbacconfig.RBAC {
 	}
 }
 
-func accessLogs(enabled bool) []*accesslog.AccessLog {
+func accessLogs(enabled bool, pk *packer) []*accesslog.AccessLog {
 	if !enabled {
 		return nil
 	}
 	return []*accesslog.AccessLog{{
 		Name:       "envoy.access_loggers.stdout",
-		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(&streamlog.StdoutAccessLog{})},
+		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: pk.pack(&streamlog.StdoutAccessLog{})},
 	}}
 }
 
-func tcpListener(svc *catalog.Service, p catalog.Port, opts Options, common *commonParts) *listener.Listener {
+func tcpListener(svc *catalog.Service, p catalog.Port, opts Options, common *commonParts, pk *packer) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, p.Number)
 	chain := &listener.FilterChain{Filters: []*listener.Filter{{
 		Name: wellknown.TCPProxy,
-		ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(&tcpproxy.TcpProxy{
+		ConfigType: &listener.Filter_TypedConfig{TypedConfig: pk.pack(&tcpproxy.TcpProxy{
 			StatPrefix:       StatPrefix(p.Number),
 			ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: ClusterName(p.Number, "", svc.Host)},
 			// A gateway that refuses the connection is not the end: try another (the built-in
@@ -824,7 +866,7 @@ func noInternalAddresses() *hcm.HttpConnectionManager_InternalAddressConfig {
 	}}
 }
 
-func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Listener {
+func httpListener(port uint32, rbac, transcode bool, opts Options, pk *packer) *listener.Listener {
 	name := ListenerName(opts.ListenAddress, port)
 	var httpFilters []*hcm.HttpFilter
 	if rbac {
@@ -832,18 +874,18 @@ func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Lis
 		// overrides it (RBACPerRoute), since one port serves services with different policies.
 		httpFilters = append(httpFilters, &hcm.HttpFilter{
 			Name:       HTTPRBACFilter,
-			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttp.RBAC{})},
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: pk.pack(&rbachttp.RBAC{})},
 		})
 	}
 	if transcode {
 		// After RBAC: a refused client is refused before its JSON is read.
-		httpFilters = append(httpFilters, transcoderHTTPFilter())
+		httpFilters = append(httpFilters, transcoderHTTPFilter(pk))
 	}
 	httpFilters = append(httpFilters, &hcm.HttpFilter{
 		Name: wellknown.Router,
 		// No x-envoy-* headers toward the mesh or back to the VM (upstream service time,
 		// expected timeout): fwdproxy is a transparent hop, and the built-in data plane adds none.
-		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: mustAny(&router.Router{SuppressEnvoyHeaders: true})},
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: pk.pack(&router.Router{SuppressEnvoyHeaders: true})},
 	})
 	manager := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
@@ -868,7 +910,7 @@ func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Lis
 		// goes on, or the sidecar would append its entry for fwdproxy after one the VM wrote.
 		ForwardClientCertDetails:  hcm.HttpConnectionManager_SANITIZE,
 		PreserveExternalRequestId: false,
-		AccessLog:                 accessLogs(opts.AccessLog),
+		AccessLog:                 accessLogs(opts.AccessLog, pk),
 	}
 	requestLimits(manager, opts.Limits)
 	return &listener.Listener{
@@ -876,7 +918,7 @@ func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Lis
 		Address: socketAddress(opts.ListenAddress, port),
 		FilterChains: []*listener.FilterChain{{Filters: []*listener.Filter{{
 			Name:       wellknown.HTTPConnectionManager,
-			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(manager)},
+			ConfigType: &listener.Filter_TypedConfig{TypedConfig: pk.pack(manager)},
 		}}}},
 	}
 }
@@ -884,13 +926,13 @@ func httpListener(port uint32, rbac, transcode bool, opts Options) *listener.Lis
 // connectRetry retries a request whose connection to a gateway failed, once, on another gateway:
 // nothing reached the service, so it is safe for any method. Nothing else is retried (Istio's
 // default also retries 503s; fwdproxy leaves that to the client, which sees the service's answer).
-func connectRetry() *route.RetryPolicy {
+func connectRetry(pk *packer) *route.RetryPolicy {
 	return &route.RetryPolicy{
 		RetryOn:    "connect-failure",
 		NumRetries: wrapperspb.UInt32(1),
 		RetryHostPredicate: []*route.RetryPolicy_RetryHostPredicate{{
 			Name:       "envoy.retry_host_predicates.previous_hosts",
-			ConfigType: &route.RetryPolicy_RetryHostPredicate_TypedConfig{TypedConfig: mustAny(&previoushosts.PreviousHostsPredicate{})},
+			ConfigType: &route.RetryPolicy_RetryHostPredicate_TypedConfig{TypedConfig: pk.pack(&previoushosts.PreviousHostsPredicate{})},
 		}},
 		HostSelectionRetryMaxAttempts: 5,
 	}
@@ -898,7 +940,7 @@ func connectRetry() *route.RetryPolicy {
 
 // virtualHosts returns the service's virtual host on port p (FQDN, FQDN:port, aliases) and one per
 // subset (its hosts), each routing everything to its cluster.
-func virtualHosts(svc *catalog.Service, p catalog.Port, common *commonParts) []*route.VirtualHost {
+func virtualHosts(svc *catalog.Service, p catalog.Port, common *commonParts, pk *packer) []*route.VirtualHost {
 	vh := func(name, subset string, hosts []string) *route.VirtualHost {
 		var domains []string
 		for _, h := range hosts {
@@ -920,7 +962,7 @@ func virtualHosts(svc *catalog.Service, p catalog.Port, common *commonParts) []*
 		}
 		if len(svc.AllowedClients) > 0 {
 			v.TypedPerFilterConfig = map[string]*anypb.Any{
-				HTTPRBACFilter: mustAny(&rbachttp.RBACPerRoute{Rbac: &rbachttp.RBAC{Rules: allowClients(svc.AllowedClients)}}),
+				HTTPRBACFilter: pk.pack(&rbachttp.RBACPerRoute{Rbac: &rbachttp.RBAC{Rules: allowClients(svc.AllowedClients)}}),
 			}
 		}
 		return v
