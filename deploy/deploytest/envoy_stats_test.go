@@ -509,6 +509,33 @@ func TestEnvoyMetricsAreReal(t *testing.T) {
 			t.Errorf("no envoy_cluster_membership_healthy{envoy_cluster_name=%q} = 1", c)
 		}
 	}
+	// The bootstrap's stats matcher keeps a cluster's statistics an operator reads and drops the
+	// rest (bytes, buffers, pools...), except the xDS cluster's; everything outside cluster.* stays.
+	series := func(name, c string) int {
+		n := 0
+		for _, s := range m[name] {
+			if s["envoy_cluster_name"] == c {
+				n++
+			}
+		}
+		return n
+	}
+	reviews := cluster(reviewsHost, e.httpPort)
+	if series("envoy_cluster_upstream_cx_total", reviews) != 1 || series("envoy_cluster_upstream_rq_xx", reviews) == 0 {
+		t.Errorf("the stats matcher drops %s's upstream_cx_total or upstream_rq_xx", reviews)
+	}
+	if n := series("envoy_cluster_upstream_cx_rx_bytes_total", reviews); n != 0 {
+		t.Errorf("the stats matcher keeps %s's upstream_cx_rx_bytes_total", reviews)
+	}
+	if series("envoy_cluster_upstream_cx_rx_bytes_total", controlplane.XDSClusterName) != 1 {
+		t.Errorf("the stats matcher drops the xDS cluster's upstream_cx_rx_bytes_total")
+	}
+	for _, name := range []string{"envoy_cluster_manager_cds_update_success", "envoy_listener_manager_lds_update_success", "envoy_server_uptime"} {
+		if !m.has(name) {
+			t.Errorf("the stats matcher drops %s", name)
+		}
+	}
+
 	// Envoy flushes its statistics only when asked for them (the bootstrap's stats_flush_on_admin):
 	// a scrape starts the merge of the workers' histograms, which the next scrape shows. So the
 	// histograms must move within a few scrapes, or the dashboards' latencies never would.
