@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
+	"github.com/fwdproxy/fwdproxy/pkg/discovery"
 )
 
 // largeCatalog is n services with two ports each: a shared HTTP port routed by Host and a TCP port
@@ -125,7 +126,11 @@ func TestLargeCatalogTranslates(t *testing.T) {
 // BenchmarkRebuildOneChange10kServices measures the daemon's steady state: one service changes in
 // a 10,000-service catalog and the snapshot is rebuilt (unchanged resources are not re-validated).
 func BenchmarkRebuildOneChange10kServices(b *testing.B) {
-	cat := largeCatalog(10000)
+	// As the daemon does it: an operator entry overrides one of 10,000 discovered services with
+	// a new identity each time; the sources are merged (discovery.Merger), translated and built.
+	discovered := largeCatalog(10000)
+	var merger discovery.Merger
+	cat, _ := merger.Merge(catalog.Options{}, nil, discovered)
 	opts := benchOptions()
 	var translator Translator
 	var builder Builder
@@ -137,7 +142,9 @@ func BenchmarkRebuildOneChange10kServices(b *testing.B) {
 	b.ResetTimer()
 	cpu0 := cpuTime()
 	for i := 0; i < b.N; i++ {
-		cat.Services[i%len(cat.Services)].Identities[0] = fmt.Sprintf("spiffe://cluster.local/ns/x/sa/changed-%d", i)
+		over := discovered.Services[0].Clone()
+		over.Identities = []string{fmt.Sprintf("spiffe://cluster.local/ns/x/sa/changed-%d", i)}
+		cat, _ := merger.Merge(catalog.Options{}, &catalog.Catalog{Services: []catalog.Service{over}}, discovered)
 		res, err := translator.Translate(cat, opts)
 		if err != nil {
 			b.Fatal(err)

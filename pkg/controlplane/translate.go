@@ -229,7 +229,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	var todo []int
 	for i := range services {
 		svc := &services[i]
-		if out := t.services[svc.Host]; out != nil && reflect.DeepEqual(&out.svc, svc) {
+		if out := t.services[svc.Host]; out != nil && out.svc.Equal(svc) {
 			outs[i] = out
 			continue
 		}

@@ -108,5 +108,9 @@ func Merge(opts catalog.Options, cats ...*catalog.Catalog) (*catalog.Catalog, []
 		out.Services = kept
 	}
 	out.Normalize()
+	// Checked after Normalize, on what translation will see. The check costs one more pass
+	// over the catalog here, where the whole merge is done anyway; a Merger's patch of one
+	// changed entry carries it over without that pass.
+	out.Checked = len(out.Problems(opts)) == 0
 	return out, conflicts
 }

@@ -188,7 +188,7 @@ func TestKubernetesBookinfo(t *testing.T) {
 	http := func(n uint32, name string) catalog.Port {
 		return catalog.Port{Number: n, Protocol: catalog.HTTP, Name: name}
 	}
-	want := &catalog.Catalog{Services: []catalog.Service{
+	want := &catalog.Catalog{Checked: true, Services: []catalog.Service{
 		{Host: "checkout.bookinfo.svc.cluster.local",
 			Ports:      []catalog.Port{{Number: 7070, Protocol: catalog.GRPC, Name: "api"}, {Number: 8081, Protocol: catalog.HTTP2, Name: "metrics"}},
 			Identities: []string{"spiffe://cluster.local/ns/bookinfo/sa/default"}, Gateways: gw},

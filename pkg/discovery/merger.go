@@ -262,7 +262,8 @@ func (st *mergeState) patch(opts catalog.Options, cats []*catalog.Catalog) (*cat
 		}
 	}
 	slices.SortFunc(fresh.Services, func(a, b catalog.Service) int { return strings.Compare(a.Host, b.Host) })
-	out := &catalog.Catalog{Services: make([]catalog.Service, 0, len(st.out.Services)+len(fresh.Services))}
+	// What the patch returns is what Merge would (TestMergerMatchesMerge), Checked included.
+	out := &catalog.Catalog{Services: make([]catalog.Service, 0, len(st.out.Services)+len(fresh.Services)), Checked: st.out.Checked}
 	add := fresh.Services
 	for _, s := range st.out.Services {
 		if gone[s.Host] {

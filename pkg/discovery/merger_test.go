@@ -80,7 +80,10 @@ func TestMergerMatchesMerge(t *testing.T) {
 		want, wantConflicts := Merge(opts, cats...)
 		got, gotConflicts := m.Merge(opts, cats...)
 		if !reflect.DeepEqual(got, want) {
-			t.Fatalf("step %d: Merger\n%+v\nMerge\n%+v", step, got.Services, want.Services)
+			t.Fatalf("step %d: Merger (checked %v)\n%+v\nMerge (checked %v)\n%+v", step, got.Checked, got.Services, want.Checked, want.Services)
+		}
+		if want.Checked != (len(want.Problems(opts)) == 0) || want.Checked && len(want.Problems(catalog.Options{})) > 0 {
+			t.Fatalf("step %d: Merge's result checked %v, with problems %v", step, want.Checked, want.Problems(opts))
 		}
 		if fmt.Sprint(gotConflicts) != fmt.Sprint(wantConflicts) {
 			t.Fatalf("step %d: Merger's conflicts\n%v\nMerge's\n%v", step, gotConflicts, wantConflicts)
