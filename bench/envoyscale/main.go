@@ -49,6 +49,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -61,6 +62,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/internal/procstat"
@@ -85,7 +88,8 @@ var (
 	timeout     = flag.Duration("timeout", 5*time.Minute, "limit for each step")
 	xdsProtocol = flag.String("xds-protocol", "delta", "how Envoy subscribes: delta or sotw (the daemon's envoy.xdsProtocol)")
 	changes     = flag.Int("changes", 20, "one-service changes at full scale after the steps, each timed from the snapshot served to Envoy's ACK")
-	scrapeEvery = flag.Duration("scrape-every", 0, "during the one-service changes, scrape Envoy's /stats/prometheus?usedonly this often, as Prometheus does (0: no scrapes)")
+	scrapeEvery = flag.Duration("scrape-every", 0, "during the one-service changes, scrape Envoy's /stats/prometheus this often, as Prometheus does (0: no scrapes)")
+	scrapeJob   = flag.String("scrape-config", "deploy/observability/prometheus/prometheus.yml", "Prometheus config whose fwdproxy-envoy job's params (usedonly, filter) the scrapes use (empty: usedonly alone)")
 	keep        = flag.Bool("keep", false, "keep the work directory (config, catalogs, daemon and Envoy logs)")
 )
 
@@ -118,7 +122,41 @@ type step struct {
 	statsQuery, settleFor float64 // informational: one admin /stats query, warming after the ACK
 }
 
+// scrapeQuery is the query of every scrape: the fwdproxy-envoy job's params (-scrape-config),
+// which scrapeDesc names.
+var scrapeQuery, scrapeDesc = "usedonly", "usedonly"
+
+// readScrapeJob sets scrapeQuery from the fwdproxy-envoy job of the Prometheus config at path.
+func readScrapeJob(path string) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("-scrape-config: %w (run from the repository's root, or pass -scrape-config '' for usedonly alone)", err)
+	}
+	var cfg struct {
+		ScrapeConfigs []struct {
+			JobName string              `yaml:"job_name"`
+			Params  map[string][]string `yaml:"params"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		return fmt.Errorf("-scrape-config %s: %w", path, err)
+	}
+	for _, sc := range cfg.ScrapeConfigs {
+		if sc.JobName == "fwdproxy-envoy" {
+			scrapeQuery = url.Values(sc.Params).Encode()
+			scrapeDesc = "the fwdproxy-envoy job's params in " + path
+			return nil
+		}
+	}
+	return fmt.Errorf("-scrape-config %s: no fwdproxy-envoy job", path)
+}
+
 func run(ctx context.Context) error {
+	if *scrapeJob != "" {
+		if err := readScrapeJob(*scrapeJob); err != nil {
+			return err
+		}
+	}
 	if *services < 2 || *tcpBase != 0 && (*tcpBase < 1024 || *tcpBase+*services+1 > 65535) {
 		return fmt.Errorf("-services %d with -tcp-base %d: need 2 or more services and ports within 1024..65535", *services, *tcpBase)
 	}
@@ -190,7 +228,7 @@ func run(ctx context.Context) error {
 	for _, sc := range scrapes {
 		sec, mb, lines = append(sec, sc.seconds), append(mb, sc.bytes/1e6), append(lines, sc.lines)
 	}
-	fmt.Fprintf(stdout, "One scrape of Envoy's /stats/prometheus?usedonly (what deploy/observability scrapes every 15s) at %d services: %.1f s, %.0f MB, %.0f lines.\n",
+	fmt.Fprintf(stdout, "One scrape of Envoy's /stats/prometheus (%s, as deploy/observability scrapes every 15s) at %d services: %.1f s, %.0f MB, %.0f lines.\n", scrapeDesc,
 		*services+1, median(sec), median(mb), median(lines))
 	return nil
 }
@@ -408,7 +446,7 @@ envoy: {binary: %q, adminAddress: 127.0.0.1:%d, bootstrapPath: %q, drainTime: 1s
 	if sc, err = m.scrape(); err != nil {
 		return
 	}
-	fmt.Fprintf(stderr, "  one /stats/prometheus?usedonly scrape: %.1fs, %.0f MB, %.0f lines\n", sc.seconds, sc.bytes/1e6, sc.lines)
+	fmt.Fprintf(stderr, "  one /stats/prometheus scrape (%s): %.1fs, %.0f MB, %.0f lines\n", scrapeDesc, sc.seconds, sc.bytes/1e6, sc.lines)
 	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil {
 		return nil, "", scrape{}, nil, err
 	}
@@ -544,7 +582,7 @@ func (m *measurer) scrape() (scrape, error) {
 	ctx, cancel := context.WithTimeout(m.ctx, *timeout)
 	defer cancel()
 	t0 := time.Now()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.admin+"/stats/prometheus?usedonly", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.admin+"/stats/prometheus?"+scrapeQuery, nil)
 	if err != nil {
 		return scrape{}, err
 	}

@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -628,4 +631,49 @@ func TestEnvoyMetricsAreReal(t *testing.T) {
 	if usedOnly.value("envoy_http_downstream_rq_total", map[string]string{"envoy_http_conn_manager_prefix": controlplane.StatPrefix(uint32(e.httpPort))}) != 6 {
 		t.Error("usedonly leaves out the requests made")
 	}
+
+	// The scrape exactly as the job makes it (usedonly and Envoy's filter) has every series the
+	// keep list keeps from the usedonly view (the same labels; the scrapes move some values), and
+	// little else.
+	q := url.Values{}
+	for k, vs := range params {
+		for _, v := range vs {
+			q.Add(k, v)
+		}
+	}
+	resp, err = http.Get("http://" + e.statsAddr + "/stats/prometheus?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	scraped, err := parseExposition(string(body))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /stats/prometheus with the job's params %v: %d, %v", q, resp.StatusCode, err)
+	}
+	kept := 0
+	for n, series := range usedOnly {
+		if !keep.MatchString(n) {
+			continue
+		}
+		kept++
+		if got, want := seriesLabels(scraped[n]), seriesLabels(series); !slices.Equal(got, want) {
+			t.Errorf("the job's filter changes %s's series: %v, without it %v", n, got, want)
+		}
+	}
+	if kept == 0 || len(scraped) > kept+len(scraped)/2 {
+		t.Errorf("the job's scrape has %d metrics, of which the keep list keeps %d: the filter lets through what is dropped anyway", len(scraped), kept)
+	}
+}
+
+// seriesLabels are the series' label sets without their values, sorted.
+func seriesLabels(series []map[string]string) []string {
+	var out []string
+	for _, s := range series {
+		l := maps.Clone(s)
+		delete(l, "__value__")
+		out = append(out, fmt.Sprint(l))
+	}
+	slices.Sort(out)
+	return out
 }
