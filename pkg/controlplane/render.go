@@ -197,7 +197,8 @@ const MaxDownstreamConnections = 500000
 //     the admin API), not every 5 s.
 //   - A cluster's traffic statistics are created when it first carries traffic.
 //   - Of a cluster's statistics Envoy keeps those an operator reads per service (clusterStats):
-//     connections, requests by status, latency, membership, ejections, TLS and health checks.
+//     connections, requests by status, latency, membership, ejections, TLS handshakes and
+//     their failures, and health checks.
 //     Every statistic outside "cluster.", and all of the xDS cluster's, are kept.
 func leanStats(b *bootstrap.Bootstrap) {
 	b.StatsFlush = &bootstrap.Bootstrap_StatsFlushOnAdmin{StatsFlushOnAdmin: true}
@@ -224,7 +225,9 @@ var clusterStats = []string{
 	`upstream_rq_(total|active|pending_active|pending_overflow|time|timeout|per_try_timeout|retry|retry_success|[1-5]xx|[1-5][0-9][0-9])`,
 	`membership_(healthy|degraded|total|change)`,
 	`outlier_detection\.ejections_(active|enforced_total|total)`,
-	`ssl\..*`,
+	// TLS: handshakes and the ways they fail; not OCSP stapling, certificate hashes or each
+	// certificate's expiry (the daemon exports the identity's).
+	`ssl\.(handshake|session_reused|connection_error|no_certificate|fail_verify_(san|error|no_cert))`,
 	`health_check\..*`,
 }
 
