@@ -469,7 +469,9 @@ peers:
 				return nil, err
 			}
 		}
-		fmt.Fprintf(o.progress, "  change %d/%d (%s, written on %s): last ACK after %.3fs\n", k+1, o.changes, hostName(svc), writer.name, res.fleet[k])
+		last := slices.Index(acks, res.fleet[k])
+		fmt.Fprintf(o.progress, "  change %d/%d (%s, written on %s): last ACK after %.3fs, on %s (served after %.3fs)\n",
+			k+1, o.changes, hostName(svc), writer.name, res.fleet[k], insts[last].name, served[last])
 	}
 	elapsed := time.Since(changesStart).Seconds()
 	cpu := sub(cpuAll(insts), cpu0)

@@ -54,3 +54,46 @@ func TestLocalChangeGoesStraightToEveryMember(t *testing.T) {
 		return true
 	})
 }
+
+// TestChangeAfterABurstGoesStraightToEveryMember: a burst (a first discovery) leaves the writer's
+// broadcast queue long for minutes; an operator's change written after it still reaches every
+// member from the writer in one hop, not behind the burst's gossip.
+func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
+	const size = 3
+	var fleet []*testPeer
+	var addrs []string
+	for i := range size {
+		p := startPeer(t, fmt.Sprintf("peer-%02d", i), peerOpts{tune: noGossip, seeds: addrs})
+		fleet = append(fleet, p)
+		addrs = append(addrs, p.tr.Addr())
+	}
+	meshtest.Eventually(t, 20*time.Second, "all peers know each other", func() bool {
+		for _, p := range fleet {
+			if p.ml.NumMembers() != size {
+				return false
+			}
+		}
+		return true
+	})
+	burst := &catalog.Catalog{}
+	for i := range 4 * maxDirectEntries {
+		burst.Services = append(burst.Services, svc(fmt.Sprintf("svc-%03d.ns.svc.cluster.local", i), 8080))
+	}
+	fleet[0].SetDiscovered("file", burst)
+	if q := fleet[0].queue.NumQueued(); q <= maxDirectEntries {
+		t.Fatalf("the burst left %d broadcasts queued; the test needs more than %d", q, maxDirectEntries)
+	}
+	host := "after-burst.ns.svc.cluster.local"
+	if _, err := fleet[0].Apply([]catalog.Service{svc(host, 7070)}); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := fleet[0].Store().Get(OperatorKey(host))
+	meshtest.Eventually(t, 10*time.Second, "every peer holds the change", func() bool {
+		for _, p := range fleet {
+			if e, ok := p.Store().Get(OperatorKey(host)); !ok || string(e.Value) != string(want.Value) {
+				return false
+			}
+		}
+		return true
+	})
+}

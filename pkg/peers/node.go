@@ -129,9 +129,9 @@ const lostRetention = time.Hour
 // maxQueued bounds the broadcast queue.
 const maxQueued = 4096
 
-// maxDirectQueued: local changes are also sent straight to every member while the broadcast
-// queue holds no more than this.
-const maxDirectQueued = 64
+// maxDirectEntries: a local write of at most this many entries is also sent straight to every
+// member; a larger one (a burst) is left to gossip and push/pull.
+const maxDirectEntries = 64
 
 // Member is what a peer knows about one member of the fleet.
 type Member struct {

@@ -8,7 +8,7 @@ import (
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
 
-// put writes locally and sends the change.
+// put writes one entry locally and sends it.
 func (n *Node) put(key string, value []byte) (bool, error) {
 	e, changed, err := n.store.Put(key, value)
 	if err != nil || !changed {
@@ -18,34 +18,32 @@ func (n *Node) put(key string, value []byte) (bool, error) {
 	return true, nil
 }
 
-func (n *Node) del(key string) bool {
-	e, ok := n.store.Delete(key)
-	if ok {
-		n.send([]Entry{e}, true)
-	}
-	return ok
-}
-
-// send spreads changed entries: small ones as gossip broadcasts (each peer that learns something
-// new passes it on), large ones by a reliable send to every member from the writer only.
+// send spreads one write's changed entries: small ones as gossip broadcasts (each peer that learns
+// something new passes it on), large ones by a reliable send to every member from the writer only.
 func (n *Node) send(entries []Entry, local bool) {
+	if len(entries) == 0 {
+		return
+	}
+	// A local write of a few entries (an operator's change, a watch event) also goes straight to
+	// every member, one packet per entry: it then reaches the fleet in one hop instead of several
+	// gossip rounds (200ms each on a LAN). The broadcast still carries it to a member whose packet
+	// was lost. A burst (a first discovery) is left to gossip and push/pull. The write's size
+	// decides, not the queue's: after a burst the queue stays long for minutes, and a change
+	// waiting behind it took seconds to reach the fleet.
+	sendDirect := local && len(entries) <= maxDirectEntries
 	var big []Entry
 	var direct [][]byte
 	for _, e := range entries {
 		msg := encodeMessage(msgDelta, []Entry{e})
 		if len(msg) <= n.maxCast {
 			n.queue.QueueBroadcast(&broadcast{key: e.Key, msg: msg})
-			if local && n.queue.NumQueued() <= maxDirectQueued {
+			if sendDirect {
 				direct = append(direct, msg)
 			}
 			continue
 		}
 		big = append(big, e)
 	}
-	// A local change also goes straight to every member, one packet each: it then reaches the
-	// fleet in one hop instead of several gossip rounds (200ms each on a LAN). The broadcast
-	// above still carries it to a member whose packet was lost. A burst (a first discovery)
-	// is left to gossip and push/pull.
 	if len(direct) > 0 {
 		for _, m := range n.memberList() {
 			if m.Name == n.cfg.Name {
@@ -97,30 +95,34 @@ func (n *Node) Apply(services []catalog.Service) (changed int, err error) {
 	if err := all.Validate(n.cfg.CatalogOptions); err != nil {
 		return 0, fmt.Errorf("operator entries would conflict: %w", err)
 	}
+	var written []Entry
+	defer func() { n.send(written, true) }() // what was written is sent, even after an error
 	for _, s := range next.Services {
 		v, err := json.Marshal(s)
 		if err != nil {
-			return changed, err
+			return len(written), err
 		}
-		ok, err := n.put(OperatorKey(s.Host), v)
+		e, ok, err := n.store.Put(OperatorKey(s.Host), v)
 		if err != nil {
-			return changed, err
+			return len(written), err
 		}
 		if ok {
-			changed++
+			written = append(written, e)
 		}
 	}
-	return changed, nil
+	return len(written), nil
 }
 
 // Delete removes operator entries by host; it returns the hosts that existed.
 func (n *Node) Delete(hosts []string) []string {
 	var gone []string
+	var written []Entry
 	for _, h := range hosts {
-		if n.del(OperatorKey(h)) {
-			gone = append(gone, h)
+		if e, ok := n.store.Delete(OperatorKey(h)); ok {
+			gone, written = append(gone, h), append(written, e)
 		}
 	}
+	n.send(written, true)
 	return gone
 }
 
@@ -140,21 +142,32 @@ func (n *Node) SetDiscovered(source string, c *catalog.Catalog) {
 	for _, e := range n.store.Live(prefix) {
 		stale[e.Key] = true
 	}
+	var written []Entry
 	for _, s := range c.Services {
 		key := DiscoveredKey(source, s.Host)
 		delete(stale, key)
 		v, err := json.Marshal(s)
+		var e Entry
+		var ok bool
 		if err == nil {
-			_, err = n.put(key, v)
+			e, ok, err = n.store.Put(key, v)
 		}
 		if err != nil {
 			n.log.Error("discovered service not shared with the fleet", "source", source, "host", s.Host, "error", err)
 		}
+		if ok {
+			written = append(written, e)
+		}
 	}
 	for k := range stale {
-		n.del(k)
+		if e, ok := n.store.Delete(k); ok {
+			written = append(written, e)
+		}
 	}
-	if _, err := n.put(readyKey(source), emptyObject); err != nil {
+	if e, ok, err := n.store.Put(readyKey(source), emptyObject); err != nil {
 		n.log.Error("cannot mark source reported", "source", source, "error", err)
+	} else if ok {
+		written = append(written, e)
 	}
+	n.send(written, true)
 }
