@@ -76,16 +76,16 @@ func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
 	return (*Node)(d).queue.GetBroadcasts(overhead, limit)
 }
 
-// LocalState is the whole store for push/pull and join. The message is encoded again only after
-// the store changed: at 10,000 entries it is megabytes of JSON, and every member exchanges it
-// with another every push/pull interval.
+// LocalState is the whole store for push/pull and join. The message is made again only after the
+// store changed, from the entries' kept encodings: at 10,000 entries it is megabytes of JSON, and
+// every member exchanges it with another every push/pull interval.
 func (d *delegate) LocalState(join bool) []byte {
 	n := (*Node)(d)
 	gen := n.store.Generation("") // read before the entries: a change in between re-encodes next time
 	n.stateMu.Lock()
 	msg := n.state
 	if msg == nil || n.stateGen != gen {
-		msg = encodeMessage(msgState, n.store.All())
+		msg = n.store.State()
 		n.state, n.stateGen = msg, gen
 	}
 	n.stateMu.Unlock()

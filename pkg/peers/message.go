@@ -55,6 +55,17 @@ func encodeMessage(typ byte, entries []Entry) []byte {
 	return buf.Bytes()
 }
 
+// encodeEntry is one entry as encodeMessage writes it inside a message's list.
+func encodeEntry(e *Entry) []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(e); err != nil {
+		panic(err) // entries are plain data; encoding cannot fail
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+}
+
 // DecodeMessage parses a message no larger than limit and checks the shape of every entry.
 func DecodeMessage(b []byte, limit int) (typ byte, entries []Entry, err error) {
 	if len(b) > limit {

@@ -118,9 +118,12 @@ type Store struct {
 	entries  map[string]*Entry
 	// sum is the XOR of the live entries' hashes (entryHash) and live their number: the digest
 	// follows each write in O(1) instead of hashing the whole store again.
-	sum       [sha256.Size]byte
-	live      int
-	gens      map[string]uint64 // watched prefix -> changes to its keys (Generation)
+	sum  [sha256.Size]byte
+	live int
+	gens map[string]uint64 // watched prefix -> changes to its keys (Generation)
+	// wire holds each entry's encoding in a state message, made once per write: a push/pull
+	// after one change then joins 10,000 encodings instead of encoding them all again.
+	wire      map[string][]byte
 	changedCh chan struct{}
 }
 
@@ -152,7 +155,7 @@ func NewStore(node string, validate Validator, o StoreOptions) *Store {
 	return &Store{
 		node: node, clock: &Clock{now: o.Now}, validate: validate, ttl: o.TombstoneTTL,
 		maxSkew: o.MaxClockSkew, now: o.Now, entries: map[string]*Entry{}, gens: map[string]uint64{},
-		changedCh: make(chan struct{}),
+		wire: map[string][]byte{}, changedCh: make(chan struct{}),
 	}
 }
 
@@ -190,8 +193,10 @@ func (s *Store) setLocked(key string, e *Entry) {
 	}
 	if e == nil {
 		delete(s.entries, key)
+		delete(s.wire, key)
 	} else {
 		s.entries[key] = e
+		s.wire[key] = encodeEntry(e)
 		if !e.Deleted {
 			s.toggleLocked(e)
 			s.live++
@@ -322,6 +327,7 @@ func (s *Store) GC() int {
 	for k, e := range s.entries {
 		if e.Deleted && e.Time.Wall < expired {
 			delete(s.entries, k)
+			delete(s.wire, k)
 			n++
 			for p := range s.gens {
 				if strings.HasPrefix(k, p) {
@@ -343,6 +349,30 @@ func (s *Store) All() []Entry {
 	s.mu.RUnlock()
 	slices.SortFunc(out, func(a, b Entry) int { return strings.Compare(a.Key, b.Key) })
 	return out
+}
+
+// State is the push/pull state message: every entry, tombstones included, sorted by key, the
+// same bytes as encodeMessage(msgState, s.All()), joined from the encodings kept per entry.
+func (s *Store) State() []byte {
+	s.mu.RLock()
+	keys := make([]string, 0, len(s.wire))
+	size := 0
+	for k, w := range s.wire {
+		keys = append(keys, k)
+		size += len(w) + 1
+	}
+	slices.Sort(keys)
+	buf := make([]byte, 0, size+16)
+	buf = append(buf, wireVersion, msgState)
+	buf = append(buf, `{"e":[`...)
+	for i, k := range keys {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, s.wire[k]...)
+	}
+	s.mu.RUnlock()
+	return append(buf, "]}\n"...)
 }
 
 // Live returns the live entries whose key starts with prefix, sorted by key.

@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -396,5 +397,50 @@ func TestStateIsEncodedOncePerChangeAndAHeldStateNotDecoded(t *testing.T) {
 	d.MergeRemoteState(encodeMessage(msgState, other.All()), false)
 	if _, ok := p.store.Get(OperatorKey(peerHost)); !ok {
 		t.Fatal("a peer's newer state was not merged")
+	}
+}
+
+// TestStateIsTheEncodingOfEveryEntry: the state joined from the kept encodings is byte for byte
+// the message encodeMessage makes of the whole store, through writes, merges, deletes and GC;
+// peers compare states by their bytes, so a difference would have converged peers decode again.
+func TestStateIsTheEncodingOfEveryEntry(t *testing.T) {
+	now := time.Now()
+	clock := func() time.Time { return now }
+	// No validator: values as they come, with what JSON escapes, keeps or compacts.
+	s := NewStore("a", nil, StoreOptions{TombstoneTTL: time.Hour, Now: clock})
+	check := func(step string) {
+		t.Helper()
+		if got, want := s.State(), encodeMessage(msgState, s.All()); !bytes.Equal(got, want) {
+			t.Fatalf("%s: state\n%q\nwant\n%q", step, got, want)
+		}
+	}
+	check("empty store")
+	for k, v := range map[string]string{
+		"operator/html":    `{"x":"<a&b>"}`,
+		"operator/unicode": `{"u":"ünï \u2028"}`,
+		"operator/spaces":  `{ "y" : [1, 2] , "q": "\"" }`,
+		"operator/ünï":     `1`,
+	} {
+		if _, _, err := s.Put(k, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check("after writes")
+	other := NewStore("b", nil, StoreOptions{TombstoneTTL: time.Hour, Now: clock})
+	e, _, err := other.Put("operator/merged", []byte(`{"m":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Merge([]Entry{e})
+	check("after a merge")
+	s.Delete("operator/merged")
+	check("after a delete")
+	now = now.Add(2 * time.Hour)
+	if s.GC() != 1 {
+		t.Fatal("the tombstone was not collected")
+	}
+	check("after GC")
+	if _, entries, err := DecodeMessage(s.State(), MaxStateBytes); err != nil || len(entries) != 4 {
+		t.Fatalf("state decodes to %d entries, %v", len(entries), err)
 	}
 }
