@@ -49,6 +49,8 @@ type Daemon struct {
 	bundle   *identity.Bundle
 	gateways []controlplane.Gateway
 	lastErr  error
+	// conflicts are the last rebuild's catalog conflicts, logged when they appeared.
+	conflicts map[string]bool
 	// skipped are the services the latest translation left out (skipped.go).
 	skipped []controlplane.SkippedService
 	// services is every translated service's state, by host, for fwdproxy status (skipped.go).
@@ -222,11 +224,24 @@ func TranslateOptions(cfg *config.Config, gws []controlplane.Gateway) controlpla
 	return opts
 }
 
+// logConflicts logs a conflict when it appears, not at every rebuild while it lasts: an operator
+// entry overriding a discovered service would otherwise log again with every change to the
+// catalog. Called by the rebuild loop only.
+func (d *Daemon) logConflicts(conflicts []error) {
+	now := make(map[string]bool, len(conflicts))
+	for _, c := range conflicts {
+		msg := c.Error()
+		if !d.conflicts[msg] && !now[msg] {
+			d.log.Warn("catalog conflict", "error", c)
+		}
+		now[msg] = true
+	}
+	d.conflicts = now
+}
+
 func (d *Daemon) rebuild(ctx context.Context) error {
 	cat, opts, bundle, conflicts := d.Inputs()
-	for _, c := range conflicts {
-		d.log.Warn("catalog conflict", "error", c)
-	}
+	d.logConflicts(conflicts)
 	d.metrics.catalogServices.Set(float64(len(cat.Services)))
 	ports := 0
 	for _, s := range cat.Services {
