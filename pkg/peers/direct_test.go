@@ -1,6 +1,7 @@
 package peers
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -96,4 +97,63 @@ func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// TestOnlyABurstIsExchangedWithEveryMember: a queue overflowing with relays or with the single
+// changes that follow a burst is pruned; only this peer's own burst is also pushed and pulled
+// with every member at once (and reaches them without gossip).
+func TestOnlyABurstIsExchangedWithEveryMember(t *testing.T) {
+	a := startPeer(t, "peer-00", peerOpts{tune: noGossip})
+	b := startPeer(t, "peer-01", peerOpts{tune: noGossip, seeds: []string{a.tr.Addr()}})
+	meshtest.Eventually(t, 20*time.Second, "the peers know each other", func() bool {
+		return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2
+	})
+	ctx := context.Background()
+	sinceLast := func() { a.mu.Lock(); a.lastExchange = time.Time{}; a.mu.Unlock() }
+
+	// Relays of a peer's writes overflow the queue: pruned, not exchanged.
+	var relayed []Entry
+	other := NewStore("peer-02", nil, StoreOptions{})
+	for i := range maxQueued + 100 {
+		e, _, err := other.Put(fmt.Sprintf("relayed/%05d", i), []byte(`{}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		relayed = append(relayed, e)
+	}
+	a.send(relayed, false)
+	sinceLast()
+	a.boundQueue(ctx)
+	if q := a.queue.NumQueued(); q > maxQueued {
+		t.Fatalf("queue left at %d, over %d", q, maxQueued)
+	}
+	if n := a.exchanges.Load(); n != 0 {
+		t.Fatalf("relays caused %d state exchanges", n)
+	}
+
+	// This peer's own burst: exchanged at once, so the other member holds all of it.
+	burst := &catalog.Catalog{}
+	for i := range maxQueued + 100 {
+		burst.Services = append(burst.Services, svc(fmt.Sprintf("svc-%05d.ns.svc.cluster.local", i), 8080))
+	}
+	a.SetDiscovered("file", burst)
+	sinceLast()
+	a.boundQueue(ctx)
+	if n := a.exchanges.Load(); n != 1 {
+		t.Fatalf("the burst caused %d state exchanges, want 1", n)
+	}
+	meshtest.Eventually(t, 20*time.Second, "the other member holds the burst", func() bool {
+		return len(b.Store().Live(discoveredPrefix("file"))) == len(burst.Services)
+	})
+
+	// A change after the burst goes direct; the full queue it joins is only pruned.
+	host := "after-burst.ns.svc.cluster.local"
+	if _, err := a.Apply([]catalog.Service{svc(host, 7070)}); err != nil {
+		t.Fatal(err)
+	}
+	sinceLast()
+	a.boundQueue(ctx)
+	if n := a.exchanges.Load(); n != 1 {
+		t.Fatalf("a single change after the burst caused another state exchange (%d in all)", n)
+	}
 }

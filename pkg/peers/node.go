@@ -112,6 +112,10 @@ type Node struct {
 	owned       map[string]*catalog.Catalog
 	ownedGW     map[string]Gateway
 	foreignDisc atomic.Bool
+	// burst: this peer wrote more entries at once than go direct since its last state exchange;
+	// exchanges counts the exchanges started (boundQueue).
+	burst     atomic.Bool
+	exchanges atomic.Int64
 	// joinTried is set after the first attempt to join the seeds: until then a peer does not
 	// lead, so a starting instance does not briefly run discovery alone.
 	joinTried atomic.Bool
@@ -309,12 +313,7 @@ func (n *Node) loop(ctx context.Context) {
 			case <-time.After(10 * time.Millisecond):
 			}
 		case <-tick.C:
-			// A burst larger than this (a first discovery of thousands of services) is left to
-			// push/pull rather than queued for gossip indefinitely.
-			if n.queue.NumQueued() > maxQueued {
-				n.queue.Prune(maxQueued)
-				n.exchangeState(ctx)
-			}
+			n.boundQueue(ctx)
 		case <-gc.C:
 			if k := n.store.GC(); k > 0 {
 				n.log.Debug("forgot expired deletes", "count", k)
@@ -323,15 +322,32 @@ func (n *Node) loop(ctx context.Context) {
 	}
 }
 
+// boundQueue keeps the broadcast queue within maxQueued. A burst of this peer's own writes
+// larger than that (a first discovery of thousands of services) is left to push/pull rather
+// than queued for gossip indefinitely, and exchanged with every member at once. A queue kept
+// full by relays and by the single changes that follow a burst is only pruned: exchanging the
+// whole store with every member for each of those cost the leader of 32 instances half a second
+// of CPU per change, and each member a state to decode.
+func (n *Node) boundQueue(ctx context.Context) {
+	if n.queue.NumQueued() <= maxQueued {
+		return
+	}
+	n.queue.Prune(maxQueued)
+	if n.burst.Load() && n.exchangeState(ctx) {
+		n.burst.Store(false)
+	}
+}
+
 // exchangeState pushes and pulls the whole store with every member now (memberlist's Join does
 // exactly that exchange), once per interval at most: after a burst too large for broadcasts,
-// the members get it at once instead of at their next periodic push/pull (30s on a LAN).
-func (n *Node) exchangeState(ctx context.Context) {
+// the members get it at once instead of at their next periodic push/pull (30s on a LAN). It
+// reports whether it started.
+func (n *Node) exchangeState(ctx context.Context) bool {
 	now := time.Now()
 	n.mu.Lock()
 	if now.Sub(n.lastExchange) < 5*time.Second {
 		n.mu.Unlock()
-		return
+		return false
 	}
 	n.lastExchange = now
 	n.mu.Unlock()
@@ -342,8 +358,9 @@ func (n *Node) exchangeState(ctx context.Context) {
 		}
 	}
 	if len(addrs) == 0 {
-		return
+		return true // no one to tell
 	}
+	n.exchanges.Add(1)
 	go func() {
 		if ctx.Err() != nil {
 			return
@@ -352,6 +369,7 @@ func (n *Node) exchangeState(ctx context.Context) {
 			n.log.Debug("state exchange after a large change incomplete; periodic push/pull will finish it", "reached", k, "error", err)
 		}
 	}()
+	return true
 }
 
 // refresh advertises the current digest and recomputes leadership.

@@ -31,6 +31,9 @@ func (n *Node) send(entries []Entry, local bool) {
 	// decides, not the queue's: after a burst the queue stays long for minutes, and a change
 	// waiting behind it took seconds to reach the fleet.
 	sendDirect := local && len(entries) <= maxDirectEntries
+	if local && !sendDirect {
+		n.burst.Store(true)
+	}
 	var big []Entry
 	var direct [][]byte
 	for _, e := range entries {
