@@ -670,7 +670,7 @@ type digest struct {
 // hosts of this build (nil for other types).
 func (b *Builder) digest(typ resource.Type, c *change, packed packedSets) (map[*route.VirtualHost]digest, error) {
 	items, out, todo := c.items, c.digests, c.todo
-	errs := make([]error, len(items))
+	errs := make([]error, len(todo)) // by position in todo, which is in resource order
 	var hostDigests [][]digest // per item, for route configurations
 	if typ == resource.RouteType {
 		hostDigests = make([][]digest, len(items))
@@ -686,13 +686,13 @@ func (b *Builder) digest(typ resource.Type, c *change, packed packedSets) (map[*
 				d, hosts, err := b.digestRoutes(rc, &m, &v)
 				out[i], hostDigests[i] = d, hosts
 				if err != nil {
-					errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
+					errs[j] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), rc.GetName(), err)
 				}
 				continue
 			}
 			raw, err := m.marshal(r)
 			if err != nil {
-				errs[i] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
+				errs[j] = fmt.Errorf("%s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 				continue
 			}
 			out[i] = newDigest(sha256.Sum256(raw), len(raw))
@@ -700,7 +700,7 @@ func (b *Builder) digest(typ resource.Type, c *change, packed packedSets) (map[*
 				continue
 			}
 			if err := v.validate(r, raw); err != nil {
-				errs[i] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
+				errs[j] = fmt.Errorf("invalid %s %q: %w", TypeName(typ), cache.GetResourceName(r), err)
 			}
 		}
 	})
