@@ -402,7 +402,7 @@ func (s Service) Clone() Service {
 // every change. A field added to Service must be compared here (TestServiceEqualIsDeepEqual).
 func (s *Service) Equal(o *Service) bool {
 	return s.Host == o.Host && sameStrings(s.Aliases, o.Aliases) &&
-		(s.Ports == nil) == (o.Ports == nil) && (shared(s.Ports, o.Ports) || slices.Equal(s.Ports, o.Ports)) &&
+		(s.Ports == nil) == (o.Ports == nil) && slices.Equal(s.Ports, o.Ports) &&
 		sameStrings(s.Identities, o.Identities) &&
 		(s.Subsets == nil) == (o.Subsets == nil) && slices.EqualFunc(s.Subsets, o.Subsets, func(a, b Subset) bool {
 		return a.Name == b.Name && sameStrings(a.Hosts, b.Hosts)
@@ -412,14 +412,7 @@ func (s *Service) Equal(o *Service) bool {
 }
 
 // sameStrings is reflect.DeepEqual on two string slices: nil and empty differ.
-func sameStrings(a, b []string) bool {
-	return (a == nil) == (b == nil) && (shared(a, b) || slices.Equal(a, b))
-}
-
-// shared: a and b are one slice (one backing array, one length), so equal without comparing
-// elements. A catalog patched by discovery.Merger shares its unchanged services' slices with the
-// last one, so this answers most of a change's 10,000 comparisons.
-func shared[T any](a, b []T) bool { return len(a) == len(b) && len(a) > 0 && &a[0] == &b[0] }
+func sameStrings(a, b []string) bool { return (a == nil) == (b == nil) && slices.Equal(a, b) }
 
 // Lookup returns the service with host (after normalization), or nil.
 func (c *Catalog) Lookup(host string) *Service {
