@@ -16,8 +16,11 @@ import (
 	"time"
 )
 
-// proxyInfo travels with a proxied request from the listener to the upstream and back.
+// proxyInfo travels with a proxied request from the listener to the upstream and back: it is
+// the request's context from ServeHTTP on (Value answers proxyKey with it), one allocation and
+// one link of the context chain fewer per request than a context.WithValue.
 type proxyInfo struct {
+	context.Context
 	listener string
 	cluster  *cluster
 	cfg      *httpConfig
@@ -32,6 +35,13 @@ type proxyInfo struct {
 }
 
 type proxyKey struct{}
+
+func (i *proxyInfo) Value(key any) any {
+	if key == (proxyKey{}) {
+		return i
+	}
+	return i.Context.Value(key)
+}
 
 // ServeHTTP routes a request by Host, applies RBAC and proxies it to the route's cluster.
 func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -151,12 +161,13 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		info.body = &downstreamBody{ReadCloser: r.Body}
 		r.Body = info.body
 	}
-	ctx := context.WithValue(r.Context(), proxyKey{}, info)
+	info.Context = r.Context()
 	if re.timeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, re.timeout, errRouteTimeout)
+		info.Context, cancel = context.WithTimeoutCause(info.Context, re.timeout, errRouteTimeout)
 		defer cancel()
 	}
+	var ctx context.Context = info
 	if tc := transcoderFor(hc, vh, re); tc != nil && l.dp.serveTranscoded(rec, r.WithContext(ctx), tc, info) {
 		return
 	}
@@ -197,7 +208,7 @@ func (dp *DataPlane) newReverseProxy() *httputil.ReverseProxy {
 			pr.Out.Host = pr.In.Host
 			// Rewrite starts without these; the request's own, settled in ServeHTTP, go upstream.
 			for _, k := range goStripped {
-				if v := pr.In.Header.Values(k); len(v) > 0 {
+				if v := pr.In.Header[k]; len(v) > 0 { // canonical names
 					pr.Out.Header[k] = v
 				}
 			}
