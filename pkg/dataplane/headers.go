@@ -102,8 +102,9 @@ func (h *requestHeaders) isInternal(a netip.Addr) bool {
 var goStripped = []string{hdrXFF, hdrXFP, "X-Forwarded-Host", "Forwarded"}
 
 // sanitize turns out, the headers of a request from peer, into those Envoy sends upstream
-// (hop-by-hop headers aside). internalOnly are the route configuration's internal_only_headers.
-func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly []string) {
+// (hop-by-hop headers aside). peerStr is peer as text (formatted once per connection);
+// internalOnly are the route configuration's internal_only_headers.
+func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, peerStr string, internalOnly []string) {
 	// Envoy joins repeated headers with a comma, without a space.
 	xff := strings.Join(out.Values(hdrXFF), ",")
 	// The address internal/external is decided on, and whether it can be trusted: the peer when
@@ -114,7 +115,7 @@ func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly
 			if xff != "" {
 				xff += ","
 			}
-			xff += peer.String()
+			xff += peerStr
 		}
 	} else {
 		remote, trusted = netip.Addr{}, false

@@ -95,12 +95,16 @@ func (l *listenerRT) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Like Envoy's connection manager, settle what the client may tell the service before
 	// routing, so the access log and every reply see the same request (headers.go).
-	peer, _ := r.Context().Value(peerKey{}).(netip.Addr)
+	var peer netip.Addr
+	peerStr := ""
+	if cp, ok := r.Context().Value(peerKey{}).(*connPeer); ok {
+		peer, peerStr = cp.addr, cp.str
+	}
 	var internalOnly []string
 	if table != nil {
 		internalOnly = table.internalOnly
 	}
-	hc.headers.sanitize(r.Header, peer, internalOnly)
+	hc.headers.sanitize(r.Header, peer, peerStr, internalOnly)
 	pid := peerID{addr: peer}
 	if ic != nil {
 		pid = ic.peer
