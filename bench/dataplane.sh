@@ -30,8 +30,11 @@
 # Tunables: DURATION=10s CONNS=32 THREADS=2 TCP_WORKERS=16; FWDPROXY=path to benchmark a built
 # binary instead of building ./cmd/fwdproxy; FWDPROXY_ENVOY=path of another envoy binary;
 # BUILTIN_B_ENV="NAME=value ...": a second builtin daemon run with that environment, measured as
-# path builtin-b in the same run (an A/B, e.g. BUILTIN_B_ENV="GOGC=400 GOMAXPROCS=1").
+# path builtin-b in the same run (an A/B, e.g. BUILTIN_B_ENV="GOGC=400 GOMAXPROCS=1");
+# FWDPROXY_B=path of another built binary run as builtin-b (an A/B of two builds, e.g. the
+# main branch's against a change; BUILTIN_B_ENV applies to it too when both are set).
 BUILTIN_B_ENV=${BUILTIN_B_ENV:-}
+FWDPROXY_B=${FWDPROXY_B:-}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,9 +77,10 @@ pids+=("$builtin_pid")
 "$fwdproxy" run --config "$work/mesh/config-envoy.yaml" --log-format text --log-level warn >"$work/fwdproxy-envoy.log" 2>&1 &
 envoy_daemon_pid=$!
 pids+=("$envoy_daemon_pid")
-if [ -n "$BUILTIN_B_ENV" ]; then
+ab=${BUILTIN_B_ENV}${FWDPROXY_B}
+if [ -n "$ab" ]; then
   # shellcheck disable=SC2086 # NAME=value words
-  env $BUILTIN_B_ENV "$fwdproxy" run --config "$work/mesh/config-b.yaml" --log-format text --log-level warn >"$work/fwdproxy-b.log" 2>&1 &
+  env $BUILTIN_B_ENV "${FWDPROXY_B:-$fwdproxy}" run --config "$work/mesh/config-b.yaml" --log-format text --log-level warn >"$work/fwdproxy-b.log" 2>&1 &
   b_pid=$!
   pids+=("$b_pid")
 fi
@@ -89,8 +93,8 @@ for _ in $(seq 300); do
   if ready "$FWDPROXY_HTTP" 2>/dev/null && ready "$ENVOY_HTTP" 2>/dev/null && ready "$HAPROXY_HTTP" 2>/dev/null; then break; fi
   sleep 0.1
 done
-[ -z "$BUILTIN_B_ENV" ] || for _ in $(seq 300); do ready "$B_HTTP" 2>/dev/null && break; sleep 0.1; done
-for target in "$FWDPROXY_HTTP" "$ENVOY_HTTP" "$HAPROXY_HTTP" "$DIRECT_HTTP" ${BUILTIN_B_ENV:+"$B_HTTP"}; do
+[ -z "$ab" ] || for _ in $(seq 300); do ready "$B_HTTP" 2>/dev/null && break; sleep 0.1; done
+for target in "$FWDPROXY_HTTP" "$ENVOY_HTTP" "$HAPROXY_HTTP" "$DIRECT_HTTP" ${ab:+"$B_HTTP"}; do
   ready "$target" || { echo "not answering on $target"; tail -20 "$work/fwdproxy.log" "$work/fwdproxy-envoy.log" "$work/haproxy.log"; exit 1; } >&2
 done
 
@@ -158,7 +162,7 @@ tcp_run() { # path addr
 declare -A HTTP_ADDR=([direct]=$DIRECT_HTTP [haproxy]=$HAPROXY_HTTP [envoy]=$ENVOY_HTTP [builtin]=$FWDPROXY_HTTP)
 declare -A TCP_ADDR=([direct]=$DIRECT_TCP [haproxy]=$HAPROXY_TCP [envoy]=$ENVOY_TCP [builtin]=$FWDPROXY_TCP)
 paths=(direct haproxy envoy builtin)
-if [ -n "$BUILTIN_B_ENV" ]; then
+if [ -n "$ab" ]; then
   PID[builtin-b]=$b_pid HTTP_ADDR[builtin-b]=$B_HTTP TCP_ADDR[builtin-b]=$B_TCP
   paths+=(builtin-b)
 fi
@@ -177,4 +181,5 @@ echo
 echo "CPU: the proxy process only (haproxy; envoy; the builtin daemon, control plane included)."
 echo "Kernel share of that CPU during the HTTP runs (stime/(utime+stime)): $(for p in "${paths[@]}"; do [ "${KERNEL[http-$p]:--}" = - ] || printf '%s %s%%; ' "$p" "${KERNEL[http-$p]}"; done)"
 [ -z "$BUILTIN_B_ENV" ] || echo "builtin-b: a second builtin daemon run with $BUILTIN_B_ENV."
+[ -z "$FWDPROXY_B" ] || echo "builtin-b: a second builtin daemon run from $FWDPROXY_B."
 echo "The Envoy daemon (control plane only) used $(per10k 0 "$envoy_daemon_ticks" "$envoy_requests") CPU s per 10k requests+connections during the Envoy runs."

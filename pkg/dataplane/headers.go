@@ -102,8 +102,9 @@ func (h *requestHeaders) isInternal(a netip.Addr) bool {
 var goStripped = []string{hdrXFF, hdrXFP, "X-Forwarded-Host", "Forwarded"}
 
 // sanitize turns out, the headers of a request from peer, into those Envoy sends upstream
-// (hop-by-hop headers aside). internalOnly are the route configuration's internal_only_headers.
-func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly []string) {
+// (hop-by-hop headers aside). peerStr is peer as text (formatted once per connection);
+// internalOnly are the route configuration's internal_only_headers.
+func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, peerStr string, internalOnly []string) {
 	// Envoy joins repeated headers with a comma, without a space.
 	xff := strings.Join(out.Values(hdrXFF), ",")
 	// The address internal/external is decided on, and whether it can be trusted: the peer when
@@ -114,7 +115,7 @@ func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly
 			if xff != "" {
 				xff += ","
 			}
-			xff += peer.String()
+			xff += peerStr
 		}
 	} else {
 		remote, trusted = netip.Addr{}, false
@@ -124,48 +125,74 @@ func (h *requestHeaders) sanitize(out http.Header, peer netip.Addr, internalOnly
 		}
 	}
 	if xff != "" {
-		out.Set(hdrXFF, xff)
+		out[hdrXFF] = []string{xff}
 	}
 	// With use_remote_address the scheme is the downstream connection's (always plain text here),
 	// whatever the client claimed; otherwise it is set only when the client sent none.
-	if h.useRemoteAddress || out.Get(hdrXFP) == "" {
-		out.Set(hdrXFP, "http")
+	if v := out[hdrXFP]; h.useRemoteAddress || len(v) == 0 || v[0] == "" {
+		out[hdrXFP] = []string{"http"}
 	}
 
 	internal := trusted && remote.IsValid() && h.isInternal(remote)
 	edge := !internal && h.useRemoteAddress
-	// Every name here is canonical: delete directly.
-	delete(out, hdrEnvoyInternal)
-	for _, k := range routerConsumed {
-		delete(out, k)
-	}
-	if internal {
-		out.Set(hdrEnvoyInternal, "true")
-	} else {
-		for _, k := range externalCleaned {
+	// One pass over the request's few headers rather than a lookup of every name that may go
+	// (every name here is canonical, as the request's are).
+	keepXFCC := h.xfcc == hcm.HttpConnectionManager_ALWAYS_FORWARD_ONLY
+	for k := range out {
+		switch cleanedClass[k] {
+		case cleanAlways:
 			delete(out, k)
-		}
-		if edge {
-			for _, k := range edgeCleaned {
+		case cleanExternal:
+			if !internal {
+				delete(out, k)
+			}
+		case cleanEdge:
+			if edge {
+				delete(out, k)
+			}
+		case cleanXFCC:
+			// Without TLS downstream there is no client certificate to forward: every mode but
+			// ALWAYS_FORWARD_ONLY removes what the client sent (SANITIZE is the default).
+			if !keepXFCC {
 				delete(out, k)
 			}
 		}
+	}
+	if internal {
+		out[hdrEnvoyInternal] = []string{"true"}
+	} else {
 		for _, k := range internalOnly {
 			delete(out, k)
 		}
 	}
 	if edge && remote.IsValid() {
-		out.Set(hdrExternalAddress, remote.String())
+		out[hdrExternalAddress] = []string{remote.String()}
 	}
-	// Without TLS downstream there is no client certificate to forward: every mode but
-	// ALWAYS_FORWARD_ONLY removes what the client sent (SANITIZE is the default).
-	if h.xfcc != hcm.HttpConnectionManager_ALWAYS_FORWARD_ONLY {
-		delete(out, hdrXFCC)
-	}
-	if h.generateID && (len(out.Values(hdrRequestID)) == 0 || edge && !h.preserveID) {
-		out.Set(hdrRequestID, requestID())
+	if h.generateID && (len(out[hdrRequestID]) == 0 || edge && !h.preserveID) {
+		out[hdrRequestID] = []string{requestID()}
 	}
 }
+
+// What sanitize removes from a request: always (X-Envoy-Internal and the router's own), when
+// it is not internal, when it is an edge request (besides the external ones), and the client's
+// X-Forwarded-Client-Cert.
+const (
+	cleanNone uint8 = iota
+	cleanAlways
+	cleanExternal
+	cleanEdge
+	cleanXFCC
+)
+
+var cleanedClass = func() map[string]uint8 {
+	m := map[string]uint8{hdrEnvoyInternal: cleanAlways, hdrXFCC: cleanXFCC}
+	for class, list := range map[uint8][]string{cleanAlways: routerConsumed, cleanExternal: externalCleaned, cleanEdge: edgeCleaned} {
+		for _, k := range list {
+			m[k] = class
+		}
+	}
+	return m
+}()
 
 var nameUUIDRequestID = fullName(&uuidrid.UuidRequestIdConfig{})
 

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"regexp"
@@ -347,5 +348,25 @@ func TestSanitizedNamesAreCanonical(t *testing.T) {
 				t.Errorf("%q is not canonical (%q)", k, c)
 			}
 		}
+	}
+}
+
+// sanitize's one-pass table holds every name of the lists in its own class: a name in two lists
+// would be cleaned by the rule of whichever list came last.
+func TestSanitizeTableMatchesTheLists(t *testing.T) {
+	want := map[string]uint8{hdrEnvoyInternal: cleanAlways, hdrXFCC: cleanXFCC}
+	for _, l := range []struct {
+		class uint8
+		names []string
+	}{{cleanAlways, routerConsumed}, {cleanExternal, externalCleaned}, {cleanEdge, edgeCleaned}} {
+		for _, k := range l.names {
+			if c, dup := want[k]; dup {
+				t.Errorf("%q is in two lists (classes %d and %d)", k, c, l.class)
+			}
+			want[k] = l.class
+		}
+	}
+	if !maps.Equal(cleanedClass, want) {
+		t.Errorf("cleanedClass = %v, want %v", cleanedClass, want)
 	}
 }

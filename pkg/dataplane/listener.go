@@ -109,7 +109,8 @@ func (l *listenerRT) newServing(p serverParams) *httpServing {
 			if tc, ok := c.(*trackedConn); ok && tc.inbound != nil {
 				ctx = context.WithValue(ctx, inboundKey{}, tc.inbound)
 			}
-			return context.WithValue(ctx, peerKey{}, peerAddr(c))
+			a := peerAddr(c)
+			return context.WithValue(ctx, peerKey{}, &connPeer{addr: a, str: a.String()})
 		},
 	}
 	go func() { _ = srv.Serve(ln) }()
@@ -160,6 +161,13 @@ func (l *listenerRT) handHTTP(tc *trackedConn) {
 }
 
 type peerKey struct{}
+
+// connPeer is a downstream connection's peer address, and as text for X-Forwarded-For, so
+// that a request does not format it again.
+type connPeer struct {
+	addr netip.Addr
+	str  string
+}
 
 func peerAddr(c net.Conn) netip.Addr {
 	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
