@@ -671,7 +671,7 @@ type digest struct {
 func (b *Builder) digest(typ resource.Type, c *change, packed packedSets) (map[*route.VirtualHost]digest, error) {
 	items, out, todo := c.items, c.digests, c.todo
 	errs := make([]error, len(todo)) // by position in todo, which is in resource order
-	var hostDigests [][]digest // per item, for route configurations
+	var hostDigests [][]digest       // per item, for route configurations
 	if typ == resource.RouteType {
 		hostDigests = make([][]digest, len(items))
 	}
