@@ -55,6 +55,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -149,13 +150,20 @@ func runInstance(path string) int {
 }
 
 // profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile), and a
-// heap profile (heap.pprof beside it) at SIGUSR2.
+// heap profile (heap.pprof beside it) at SIGUSR2. At SIGWINCH it collects garbage, returns the
+// free memory to the system and then creates the file freed beside path: the instance's RSS is
+// then what it holds (the parent's "RSS after GC").
 func profileOnSignal(path string) {
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
+	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
 	var f *os.File
 	for s := range sig {
 		switch {
+		case s == syscall.SIGWINCH:
+			debug.FreeOSMemory()
+			if err := os.WriteFile(filepath.Join(filepath.Dir(path), "freed"), nil, 0o644); err != nil {
+				fmt.Fprintln(os.Stderr, "freed:", err)
+			}
 		case s == syscall.SIGUSR1 && f == nil:
 			var err error
 			if f, err = os.Create(path); err == nil {
@@ -178,6 +186,25 @@ func profileOnSignal(path string) {
 	}
 }
 
+// rssAfterGC has the instance collect garbage and return free memory, and reads its RSS then.
+func rssAfterGC(in *instance, timeout time.Duration) (float64, error) {
+	marker := filepath.Join(in.dir, "freed")
+	_ = os.Remove(marker)
+	if err := in.cmd.Process.Signal(syscall.SIGWINCH); err != nil {
+		return 0, err
+	}
+	for deadline := time.Now().Add(timeout); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(marker); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("%s: no collection within %s", in.name, timeout)
+		}
+	}
+	rss, _, err := procstat.MemMiB(in.cmd.Process.Pid)
+	return rss, err
+}
+
 // result is what run measured (the smoke test checks it).
 type result struct {
 	fleet    []float64   // per change: apply -> the last instance's ACK, seconds
@@ -185,6 +212,7 @@ type result struct {
 	served   [][]float64 // per change, per instance: apply -> snapshot served
 	cpu      []float64   // per instance: CPU seconds per change
 	rss, hwm []float64   // per instance, MiB
+	rssGC    []float64   // per instance, MiB, after a collection that returned free memory
 	delta    int         // the change's gossip delta message, bytes
 	state    float64     // mean push/pull state message, bytes
 	lost     int64       // xDS streams lost
@@ -486,6 +514,13 @@ peers:
 		}
 		res.rss, res.hwm = append(res.rss, rss), append(res.hwm, hwm)
 	}
+	for _, in := range insts {
+		rss, err := rssAfterGC(in, o.timeout)
+		if err != nil {
+			return nil, err
+		}
+		res.rssGC = append(res.rssGC, rss)
+	}
 	var stSum, stCount float64
 	for _, in := range insts {
 		s, c, err := histogram(ctx, in.metricsAddr, "fwdproxy_gossip_state_bytes")
@@ -535,6 +570,7 @@ func report(o options, r *result, rxPerChange float64) {
 	row("served -> that instance's ACK (xDS push; the server records served after handing the snapshot to its streams, so it can be below 0)", push, " s", 1)
 	row("instance CPU per change (less idle)", r.cpu, " s", 1)
 	row("instance RSS after the changes", r.rss, " MiB", 1)
+	row("instance RSS after the changes and a GC returning free memory (what it holds)", r.rssGC, " MiB", 1)
 	row("instance peak RSS", r.hwm, " MiB", 1)
 	fmt.Fprintf(w, "\nGossip: the change's delta message %d bytes (one entry, the store's wire format, before memberlist's framing and encryption; "+
 		"sent as a broadcast when it fits a packet); push/pull state message %.0f bytes on average (the whole store, exchanged on join and every push/pull interval). "+

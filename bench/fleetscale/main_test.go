@@ -46,8 +46,8 @@ func TestSmallFleet(t *testing.T) {
 		t.Fatalf("delta %d bytes, state %.0f bytes, %d xDS streams lost", res.delta, res.state, res.lost)
 	}
 	for i, r := range res.rss {
-		if r <= 0 || res.hwm[i] < r {
-			t.Fatalf("instance %d: RSS %.0f MiB, peak %.0f MiB", i, r, res.hwm[i])
+		if r <= 0 || res.hwm[i] < r || res.rssGC[i] <= 0 || res.rssGC[i] > res.hwm[i] {
+			t.Fatalf("instance %d: RSS %.0f MiB, after GC %.0f MiB, peak %.0f MiB", i, r, res.rssGC[i], res.hwm[i])
 		}
 	}
 	if !strings.Contains(out.String(), "| apply -> every instance's data plane ACKed (per change) |") {
