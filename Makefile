@@ -93,7 +93,8 @@ bench-envoy:
 # Fleet-wide propagation: 32 instances (processes on loopback, gossip, each its own pipeline and
 # xDS server, its data plane an ACKing delta ADS client), 10,000 services, 100 operator changes
 # applied on one instance each: apply -> every data plane ACKed, p50/p99/max. Bounded by -timeout
-# (the start, and each change). Needs about 5 GiB of memory.
+# (the start, and each change). Needs about 11 GiB of memory (each instance runs with
+# GOMEMLIMIT=300MiB, -instance-memlimit).
 FLEETSCALE_FLAGS ?=
 bench-fleet:
 	$(GO) run ./bench/fleetscale $(FLEETSCALE_FLAGS)
