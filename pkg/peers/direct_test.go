@@ -76,6 +76,10 @@ func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
 		}
 		return true
 	})
+	// No state exchange either: what reaches the others is what the writer sends directly.
+	fleet[0].mu.Lock()
+	fleet[0].lastExchange = time.Now().Add(time.Hour)
+	fleet[0].mu.Unlock()
 	burst := &catalog.Catalog{}
 	for i := range 4 * maxDirectEntries {
 		burst.Services = append(burst.Services, svc(fmt.Sprintf("svc-%03d.ns.svc.cluster.local", i), 8080))
@@ -100,8 +104,9 @@ func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
 }
 
 // TestOnlyABurstIsExchangedWithEveryMember: a queue overflowing with relays or with the single
-// changes that follow a burst is pruned; only this peer's own burst is also pushed and pulled
-// with every member at once (and reaches them without gossip).
+// changes that follow a burst is pruned; only this peer's own burst (a write larger than what
+// goes direct) is also pushed and pulled with every member at once, and so reaches them without
+// gossip rounds.
 func TestOnlyABurstIsExchangedWithEveryMember(t *testing.T) {
 	a := startPeer(t, "peer-00", peerOpts{tune: noGossip})
 	b := startPeer(t, "peer-01", peerOpts{tune: noGossip, seeds: []string{a.tr.Addr()}})
@@ -110,6 +115,31 @@ func TestOnlyABurstIsExchangedWithEveryMember(t *testing.T) {
 	})
 	ctx := context.Background()
 	sinceLast := func() { a.mu.Lock(); a.lastExchange = time.Time{}; a.mu.Unlock() }
+
+	exchanges := int64(0)
+	burst := func(size int) {
+		t.Helper()
+		c := &catalog.Catalog{}
+		for i := range size {
+			c.Services = append(c.Services, svc(fmt.Sprintf("svc-%05d.ns.svc.cluster.local", i), 8080))
+		}
+		src := fmt.Sprintf("file-%d", size)
+		a.SetDiscovered(src, c)
+		sinceLast()
+		a.boundQueue(ctx)
+		if exchanges++; a.exchanges.Load() != exchanges {
+			t.Fatalf("a burst of %d entries: %d state exchanges in all, want %d", size, a.exchanges.Load(), exchanges)
+		}
+		// Only the first maxDirectEntries went direct, and there are no gossip rounds.
+		meshtest.Eventually(t, 20*time.Second, "the other member holds the burst", func() bool {
+			return len(b.Store().Live(discoveredPrefix(src))) == size
+		})
+	}
+	// This peer's own burst, small enough for the queue: exchanged at once.
+	burst(maxDirectEntries + 10)
+	if q := a.queue.NumQueued(); q > maxQueued {
+		t.Fatalf("the test needs the queue within its bound here; it holds %d", q)
+	}
 
 	// Relays of a peer's writes overflow the queue: pruned, not exchanged.
 	var relayed []Entry
@@ -127,33 +157,21 @@ func TestOnlyABurstIsExchangedWithEveryMember(t *testing.T) {
 	if q := a.queue.NumQueued(); q > maxQueued {
 		t.Fatalf("queue left at %d, over %d", q, maxQueued)
 	}
-	if n := a.exchanges.Load(); n != 0 {
-		t.Fatalf("relays caused %d state exchanges", n)
+	if n := a.exchanges.Load(); n != exchanges {
+		t.Fatalf("relays caused %d more state exchanges", n-exchanges)
 	}
 
-	// This peer's own burst: exchanged at once, so the other member holds all of it.
-	burst := &catalog.Catalog{}
-	for i := range maxQueued + 100 {
-		burst.Services = append(burst.Services, svc(fmt.Sprintf("svc-%05d.ns.svc.cluster.local", i), 8080))
-	}
-	a.SetDiscovered("file", burst)
-	sinceLast()
-	a.boundQueue(ctx)
-	if n := a.exchanges.Load(); n != 1 {
-		t.Fatalf("the burst caused %d state exchanges, want 1", n)
-	}
-	meshtest.Eventually(t, 20*time.Second, "the other member holds the burst", func() bool {
-		return len(b.Store().Live(discoveredPrefix("file"))) == len(burst.Services)
-	})
+	// A burst that overflows the queue: exchanged too.
+	burst(maxQueued + 100)
 
-	// A change after the burst goes direct; the full queue it joins is only pruned.
+	// A change after the bursts goes direct; the full queue it joins is only pruned.
 	host := "after-burst.ns.svc.cluster.local"
 	if _, err := a.Apply([]catalog.Service{svc(host, 7070)}); err != nil {
 		t.Fatal(err)
 	}
 	sinceLast()
 	a.boundQueue(ctx)
-	if n := a.exchanges.Load(); n != 1 {
-		t.Fatalf("a single change after the burst caused another state exchange (%d in all)", n)
+	if n := a.exchanges.Load(); n != exchanges {
+		t.Fatalf("a single change after the bursts caused another state exchange (%d in all)", n)
 	}
 }

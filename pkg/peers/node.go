@@ -112,7 +112,8 @@ type Node struct {
 	owned       map[string]*catalog.Catalog
 	ownedGW     map[string]Gateway
 	foreignDisc atomic.Bool
-	// burst: this peer wrote more entries at once than go direct since its last state exchange;
+	// burst: this peer wrote more entries at once than go direct since its last state exchange
+	// started;
 	// exchanges counts the exchanges started (boundQueue).
 	burst     atomic.Bool
 	exchanges atomic.Int64
@@ -133,8 +134,8 @@ const lostRetention = time.Hour
 // maxQueued bounds the broadcast queue.
 const maxQueued = 4096
 
-// maxDirectEntries: a local write of at most this many entries is also sent straight to every
-// member; a larger one (a burst) is left to gossip and push/pull.
+// maxDirectEntries: this many entries of a local write are also sent straight to every member;
+// the rest of a larger write (a burst) is left to gossip and a state exchange.
 const maxDirectEntries = 64
 
 // Member is what a peer knows about one member of the fleet.
@@ -322,17 +323,16 @@ func (n *Node) loop(ctx context.Context) {
 	}
 }
 
-// boundQueue keeps the broadcast queue within maxQueued. A burst of this peer's own writes
-// larger than that (a first discovery of thousands of services) is left to push/pull rather
-// than queued for gossip indefinitely, and exchanged with every member at once. A queue kept
-// full by relays and by the single changes that follow a burst is only pruned: exchanging the
-// whole store with every member for each of those cost the leader of 32 instances half a second
-// of CPU per change, and each member a state to decode.
+// boundQueue keeps the broadcast queue within maxQueued, and after a burst of this peer's own
+// writes (more entries at once than go direct: a first discovery of thousands of services)
+// exchanges the whole store with every member at once, rather than leave the rest of the burst
+// to gossip rounds. A queue kept full by relays, or by the single changes that follow a burst,
+// is only pruned: an exchange with every member for each of those cost the leader of 32
+// instances half a second of CPU per change, and each member a state to decode.
 func (n *Node) boundQueue(ctx context.Context) {
-	if n.queue.NumQueued() <= maxQueued {
-		return
+	if n.queue.NumQueued() > maxQueued {
+		n.queue.Prune(maxQueued)
 	}
-	n.queue.Prune(maxQueued)
 	if n.burst.Load() && n.exchangeState(ctx) {
 		n.burst.Store(false)
 	}

@@ -24,14 +24,14 @@ func (n *Node) send(entries []Entry, local bool) {
 	if len(entries) == 0 {
 		return
 	}
-	// A local write of a few entries (an operator's change, a watch event) also goes straight to
-	// every member, one packet per entry: it then reaches the fleet in one hop instead of several
-	// gossip rounds (200ms each on a LAN). The broadcast still carries it to a member whose packet
-	// was lost. A burst (a first discovery) is left to gossip and push/pull. The write's size
-	// decides, not the queue's: after a burst the queue stays long for minutes, and a change
-	// waiting behind it took seconds to reach the fleet.
-	sendDirect := local && len(entries) <= maxDirectEntries
-	if local && !sendDirect {
+	// A local write also goes straight to every member, one packet per entry, up to
+	// maxDirectEntries of it: an operator's change or a watch event then reaches the fleet in one
+	// hop instead of several gossip rounds (200ms each on a LAN); the broadcast still carries it
+	// to a member whose packet was lost. The rest of a larger write (a burst: a first discovery)
+	// is left to gossip and to a state exchange with every member (boundQueue). Each write gets
+	// its own allowance, whatever the queue holds: after a burst the queue stays long for
+	// minutes, and a change that waited behind it took seconds to reach the fleet.
+	if local && len(entries) > maxDirectEntries {
 		n.burst.Store(true)
 	}
 	var big []Entry
@@ -40,7 +40,7 @@ func (n *Node) send(entries []Entry, local bool) {
 		msg := encodeMessage(msgDelta, []Entry{e})
 		if len(msg) <= n.maxCast {
 			n.queue.QueueBroadcast(&broadcast{key: e.Key, msg: msg})
-			if sendDirect {
+			if local && len(direct) < maxDirectEntries {
 				direct = append(direct, msg)
 			}
 			continue
