@@ -48,6 +48,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"net/http"
 	"os"
@@ -149,8 +150,8 @@ func runInstance(path string) int {
 	return 0
 }
 
-// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile), and a
-// heap profile (heap.pprof beside it) at SIGUSR2. At SIGWINCH it collects garbage, returns the
+// profileOnSignal writes a CPU profile to path between SIGUSR1 and SIGUSR2 (-profile), and heap
+// profiles beside it at SIGUSR1 (heap-before.pprof) and SIGUSR2 (heap.pprof). At SIGWINCH it collects garbage, returns the
 // free memory to the system and then creates the file freed beside path: the instance's RSS is
 // then what it holds (the parent's "RSS after GC").
 func profileOnSignal(path string) {
@@ -165,6 +166,13 @@ func profileOnSignal(path string) {
 				fmt.Fprintln(os.Stderr, "freed:", err)
 			}
 		case s == syscall.SIGUSR1 && f == nil:
+			// The heap before the changes too: pprof -base gives what they allocated. (A heap
+			// profile is as of the last collection: collect first.)
+			runtime.GC()
+			if h, err := os.Create(filepath.Join(filepath.Dir(path), "heap-before.pprof")); err == nil {
+				_ = pprof.Lookup("heap").WriteTo(h, 0)
+				h.Close()
+			}
 			var err error
 			if f, err = os.Create(path); err == nil {
 				err = pprof.StartCPUProfile(f)
@@ -207,15 +215,16 @@ func rssAfterGC(in *instance, timeout time.Duration) (float64, error) {
 
 // result is what run measured (the smoke test checks it).
 type result struct {
-	fleet    []float64   // per change: apply -> the last instance's ACK, seconds
-	perInst  [][]float64 // per change, per instance: apply -> ACK
-	served   [][]float64 // per change, per instance: apply -> snapshot served
-	cpu      []float64   // per instance: CPU seconds per change
-	rss, hwm []float64   // per instance, MiB
-	rssGC    []float64   // per instance, MiB, after a collection that returned free memory
-	delta    int         // the change's gossip delta message, bytes
-	state    float64     // mean push/pull state message, bytes
-	lost     int64       // xDS streams lost
+	fleet    []float64          // per change: apply -> the last instance's ACK, seconds
+	perInst  [][]float64        // per change, per instance: apply -> ACK
+	served   [][]float64        // per change, per instance: apply -> snapshot served
+	cpu      []float64          // per instance: CPU seconds per change
+	rss, hwm []float64          // per instance, MiB
+	rssGC    []float64          // per instance, MiB, after a collection that returned free memory
+	sent     map[string]float64 // xDS resources sent per change and instance, by type
+	delta    int                // the change's gossip delta message, bytes
+	state    float64            // mean push/pull state message, bytes
+	lost     int64              // xDS streams lost
 }
 
 // instance is one running fleet member and its stand-in data plane.
@@ -441,8 +450,12 @@ peers:
 	if o.profile >= 0 && o.profile < len(insts) {
 		p := insts[o.profile]
 		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
-		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"), "(heap after them: heap.pprof)")
+		defer fmt.Fprintln(o.progress, "CPU profile of the changes on", p.name+":", filepath.Join(p.dir, "cpu.pprof"), "(heap after them: heap.pprof; what they allocated: go tool pprof -sample_index=alloc_space -base heap-before.pprof heap.pprof)")
 		defer func() { _ = p.cmd.Process.Signal(syscall.SIGUSR2); time.Sleep(time.Second) }()
+	}
+	sent0, err := sentAll(ctx, insts)
+	if err != nil {
+		return nil, err
 	}
 	cpu0 := cpuAll(insts)
 	changesStart := time.Now()
@@ -514,6 +527,14 @@ peers:
 		}
 		res.rss, res.hwm = append(res.rss, rss), append(res.hwm, hwm)
 	}
+	sent, err := sentAll(ctx, insts)
+	if err != nil {
+		return nil, err
+	}
+	res.sent = map[string]float64{}
+	for typ, n := range sent {
+		res.sent[typ] = (n - sent0[typ]) / float64(len(insts)*o.changes)
+	}
 	for _, in := range insts {
 		rss, err := rssAfterGC(in, o.timeout)
 		if err != nil {
@@ -576,6 +597,11 @@ func report(o options, r *result, rxPerChange float64) {
 		"sent as a broadcast when it fits a packet); push/pull state message %.0f bytes on average (the whole store, exchanged on join and every push/pull interval). "+
 		"xDS bytes to each data plane per change (delta responses, mean): %.0f. xDS streams lost during the changes: %d.\n",
 		r.delta, r.state, rxPerChange, r.lost)
+	var sent []string
+	for _, typ := range slices.Sorted(maps.Keys(r.sent)) {
+		sent = append(sent, fmt.Sprintf("%s %.1f", typ, r.sent[typ]))
+	}
+	fmt.Fprintf(w, "xDS resources each instance sent per change (fwdproxy_xds_resources_sent_total, by type): %s.\n", strings.Join(sent, ", "))
 	var cpuSum float64
 	for _, c := range r.cpu {
 		cpuSum += c
@@ -823,6 +849,43 @@ func gauge(ctx context.Context, addr, name string) (float64, error) {
 		return 0, fmt.Errorf("metric %s: %d lines", name, len(lines))
 	}
 	return strconv.ParseFloat(strings.Fields(lines[0])[1], 64)
+}
+
+// sentAll sums every instance's fwdproxy_xds_resources_sent_total by type.
+func sentAll(ctx context.Context, insts []*instance) (map[string]float64, error) {
+	all := map[string]float64{}
+	for _, in := range insts {
+		c, err := counters(ctx, in.metricsAddr, "fwdproxy_xds_resources_sent_total", "type")
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", in.name, err)
+		}
+		for typ, n := range c {
+			all[typ] += n
+		}
+	}
+	return all, nil
+}
+
+// counters sums a counter's series by the value of one label.
+func counters(ctx context.Context, addr, name, label string) (map[string]float64, error) {
+	lines, err := metricLines(ctx, addr, name+"{")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, l := range lines {
+		f := strings.Fields(l)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric %s: %q: %w", name, l, err)
+		}
+		key := ""
+		if _, rest, ok := strings.Cut(f[0], label+`="`); ok {
+			key, _, _ = strings.Cut(rest, `"`)
+		}
+		out[key] += v
+	}
+	return out, nil
 }
 
 func histogram(ctx context.Context, addr, name string) (sum, count float64, err error) {

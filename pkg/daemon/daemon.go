@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/fwdproxy/fwdproxy/pkg/admin"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 	"github.com/fwdproxy/fwdproxy/pkg/config"
 	"github.com/fwdproxy/fwdproxy/pkg/controlplane"
@@ -53,8 +52,9 @@ type Daemon struct {
 	conflicts map[string]bool
 	// skipped are the services the latest translation left out (skipped.go).
 	skipped []controlplane.SkippedService
-	// services is every translated service's state, by host, for fwdproxy status (skipped.go).
-	services []admin.ServiceState
+	// translated is the catalog the latest translation was of: fwdproxy status lists its
+	// services' states (skipped.go).
+	translated *catalog.Catalog
 	// kube holds the gateways discovered in Kubernetes (kubernetes.go); nil without any.
 	kube *gateways.Discovered
 

@@ -30,26 +30,10 @@ func newSkippedGauge(reg prometheus.Registerer) *prometheus.GaugeVec {
 // recordSkipped reports the services the latest translation of cat left out; the others are
 // served.
 func (d *Daemon) recordSkipped(cat *catalog.Catalog, skipped []controlplane.SkippedService) {
-	left := map[string]controlplane.SkippedService{}
-	for _, s := range skipped {
-		left[s.Host] = s
-	}
-	states := make([]admin.ServiceState, 0, len(cat.Services))
-	for _, sv := range cat.Services {
-		st := admin.ServiceState{Host: sv.Host, State: admin.StateServed}
-		for _, p := range sv.Ports {
-			st.Ports = append(st.Ports, p.Number)
-		}
-		if s, ok := left[sv.Host]; ok {
-			st.State, st.Reason, st.Detail = admin.StateSkipped, s.Reason, s.Detail
-		}
-		states = append(states, st)
-	}
-	slices.SortFunc(states, func(a, b admin.ServiceState) int { return strings.Compare(a.Host, b.Host) })
 	d.mu.Lock()
 	prev := d.skipped
 	d.skipped = slices.Clone(skipped)
-	d.services = states
+	d.translated = cat // never modified: a change is a new catalog
 	d.mu.Unlock()
 	was := map[string]controlplane.SkippedService{}
 	for _, s := range prev {
@@ -73,11 +57,32 @@ func (d *Daemon) recordSkipped(cat *catalog.Catalog, skipped []controlplane.Skip
 	}
 }
 
-// servicesStatus is every service's state for the admin API.
+// servicesStatus is every service's state for the admin API, made when asked for rather than at
+// every rebuild (10,000 entries, for a command an operator runs now and then).
 func (d *Daemon) servicesStatus() []admin.ServiceState {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return slices.Clone(d.services)
+	cat, skipped := d.translated, d.skipped
+	d.mu.Unlock()
+	if cat == nil {
+		return nil
+	}
+	left := map[string]controlplane.SkippedService{}
+	for _, s := range skipped {
+		left[s.Host] = s
+	}
+	states := make([]admin.ServiceState, 0, len(cat.Services))
+	for _, sv := range cat.Services {
+		st := admin.ServiceState{Host: sv.Host, State: admin.StateServed}
+		for _, p := range sv.Ports {
+			st.Ports = append(st.Ports, p.Number)
+		}
+		if s, ok := left[sv.Host]; ok {
+			st.State, st.Reason, st.Detail = admin.StateSkipped, s.Reason, s.Detail
+		}
+		states = append(states, st)
+	}
+	slices.SortFunc(states, func(a, b admin.ServiceState) int { return strings.Compare(a.Host, b.Host) })
+	return states
 }
 
 // skippedStatus is the skipped list for the admin API.
