@@ -45,6 +45,10 @@ func TestSmallFleet(t *testing.T) {
 	if res.delta < 100 || res.state <= float64(res.delta) || res.lost != 0 {
 		t.Fatalf("delta %d bytes, state %.0f bytes, %d xDS streams lost", res.delta, res.state, res.lost)
 	}
+	// Each change gives one service (two ports, so two clusters) a new identity.
+	if res.sent["cluster"] < 2 {
+		t.Fatalf("clusters sent per change and instance: %v, want at least 2 (%v)", res.sent["cluster"], res.sent)
+	}
 	for i, r := range res.rss {
 		if r <= 0 || res.hwm[i] < r || res.rssGC[i] <= 0 || res.rssGC[i] > res.hwm[i] {
 			t.Fatalf("instance %d: RSS %.0f MiB, after GC %.0f MiB, peak %.0f MiB", i, r, res.rssGC[i], res.hwm[i])
