@@ -175,3 +175,28 @@ func TestOnlyABurstIsExchangedWithEveryMember(t *testing.T) {
 		t.Fatalf("a single change after the bursts caused another state exchange (%d in all)", n)
 	}
 }
+
+// TestCompressingAndPlainPeersInteroperate: an instance of a release that compressed its gossip
+// and one that does not exchange state on join, and each one's change reaches the other, both
+// by its direct send and by push/pull.
+func TestCompressingAndPlainPeersInteroperate(t *testing.T) {
+	compressing := func(c *memberlist.Config) { noGossip(c); c.EnableCompression = true }
+	a := startPeer(t, "peer-00", peerOpts{tune: compressing})
+	if _, err := a.Apply([]catalog.Service{svc("before-join.ns.svc.cluster.local", 7070)}); err != nil {
+		t.Fatal(err)
+	}
+	b := startPeer(t, "peer-01", peerOpts{tune: noGossip, seeds: []string{a.tr.Addr()}})
+	holds := func(p *testPeer, host string) bool { _, ok := p.Store().Get(OperatorKey(host)); return ok }
+	meshtest.Eventually(t, 20*time.Second, "the plain peer holds the compressing one's state after joining", func() bool {
+		return a.ml.NumMembers() == 2 && b.ml.NumMembers() == 2 && holds(b, "before-join.ns.svc.cluster.local")
+	})
+	for _, w := range []struct {
+		from, to *testPeer
+		host     string
+	}{{a, b, "from-compressing.ns.svc.cluster.local"}, {b, a, "from-plain.ns.svc.cluster.local"}} {
+		if _, err := w.from.Apply([]catalog.Service{svc(w.host, 7071)}); err != nil {
+			t.Fatal(err)
+		}
+		meshtest.Eventually(t, 10*time.Second, w.host+" arrives", func() bool { return holds(w.to, w.host) })
+	}
+}
