@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -101,7 +102,8 @@ type typeState struct {
 	// change clones them.
 	versions map[string]string
 	named    map[string]types.ResourceWithTTL
-	size     int // bytes of the response carrying all of them
+	size     int    // bytes of the response carrying all of them
+	version  string // the type's version in the snapshot
 }
 
 func (b *Builder) maxMessageBytes() int {
@@ -135,11 +137,17 @@ type change struct {
 	todo    []int    // indices in items to digest: new or changed
 	gone    []int    // indices in prev.items whose name is no longer there
 	full    bool     // no usable last build: every map is built anew
+	// unchanged: the very objects of the last build, in order. same, prevAt and digests are
+	// then shared, read-only slices: nothing of the type is allocated again.
+	unchanged bool
 }
 
 // diff compares items with the last build's by name (both sorted, as Resources are) and object.
 // Unsorted or repeated names, or a change to most resources, give a full rebuild.
 func diff(prev *typeState, items []types.Resource) *change {
+	if prev != nil && len(items) > 0 && slices.Equal(items, prev.items) {
+		return &change{prev: prev, items: items, digests: prev.digests, same: allTrue(len(items)), prevAt: inOrder(len(items)), unchanged: true}
+	}
 	c := &change{prev: prev, items: items, digests: make([]digest, len(items)), same: make([]bool, len(items)), prevAt: make([]int, len(items))}
 	full := func() *change {
 		c.full, c.todo, c.gone = true, c.todo[:0], nil
@@ -192,6 +200,38 @@ func diff(prev *typeState, items []types.Resource) *change {
 		return full()
 	}
 	return c
+}
+
+// allTrue and inOrder are read-only slices shared by the unchanged types of every build: all
+// true, and 0, 1, 2, ... (each item at its own index in the last build).
+var (
+	sharedMu      sync.Mutex
+	sharedTrue    []bool
+	sharedInOrder []int
+)
+
+func allTrue(n int) []bool {
+	sharedMu.Lock()
+	defer sharedMu.Unlock()
+	if len(sharedTrue) < n {
+		sharedTrue = make([]bool, n+n/4)
+		for i := range sharedTrue {
+			sharedTrue[i] = true
+		}
+	}
+	return sharedTrue[:n:n]
+}
+
+func inOrder(n int) []int {
+	sharedMu.Lock()
+	defer sharedMu.Unlock()
+	if len(sharedInOrder) < n {
+		sharedInOrder = make([]int, n+n/4)
+		for i := range sharedInOrder {
+			sharedInOrder[i] = i
+		}
+	}
+	return sharedInOrder[:n:n]
 }
 
 // Build is NewSnapshot with the builder's memory of its last build. The resources in res are
@@ -346,18 +386,22 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			return fmt.Errorf("the %s response would be over %d bytes (%d %ss), past the %d-byte limit of one xDS message; split the catalog across fleets",
 				TypeName(typ), st.size, len(items), TypeName(typ), limit)
 		}
-		typeHash := sha256.New()
-		for i := range c.digests {
-			typeHash.Write(c.digests[i].sum[:])
+		v := c.prev.versionIfUnchanged(c, typ)
+		if v == "" {
+			typeHash := sha256.New()
+			for i := range c.digests {
+				typeHash.Write(c.digests[i].sum[:])
+			}
+			if typ == resource.EndpointType {
+				// The same for state of the world: a changed cluster changes the endpoints'
+				// version, so the cache answers the endpoints request Envoy makes for the
+				// warming cluster at once (an unchanged version would leave it waiting for the
+				// 15 s initial_fetch_timeout).
+				typeHash.Write([]byte(snap.Resources[types.Cluster].Version))
+			}
+			v = hex.EncodeToString(typeHash.Sum(nil))[:16]
 		}
-		if typ == resource.EndpointType {
-			// The same for state of the world: a changed cluster changes the endpoints'
-			// version, so the cache answers the endpoints request Envoy makes for the warming
-			// cluster at once (an unchanged version would leave it waiting for the 15 s
-			// initial_fetch_timeout).
-			typeHash.Write([]byte(snap.Resources[types.Cluster].Version))
-		}
-		v := hex.EncodeToString(typeHash.Sum(nil))[:16]
+		st.version = v
 		configHash.Write([]byte(typ + "=" + v + ";"))
 		snap.Resources[cache.GetResponseType(typ)] = cache.Resources{Version: v, Items: st.named}
 		snap.VersionMap[typ] = st.versions
@@ -532,6 +576,11 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 					touched[target][name] = true
 				}
 			}
+		}
+		if c.unchanged && !full {
+			st.refs = c.prev.refs // the same objects reference the same names
+			counts[target] = b.refCount[target]
+			continue
 		}
 		st.refs = make([][]string, len(st.items))
 		for i, r := range st.items {
@@ -816,4 +865,13 @@ func (b *Builder) hostDigests(rc *route.RouteConfiguration) []digest {
 		ds[i] = b.vhosts[vh]
 	}
 	return ds
+}
+
+// versionIfUnchanged is the type's last version when the type is unchanged (the endpoints'
+// follows the clusters' too, so it is always hashed again), or "".
+func (st *typeState) versionIfUnchanged(c *change, typ resource.Type) string {
+	if st == nil || !c.unchanged || typ == resource.EndpointType {
+		return ""
+	}
+	return st.version
 }
