@@ -112,9 +112,8 @@ type Node struct {
 	owned       map[string]*catalog.Catalog
 	ownedGW     map[string]Gateway
 	foreignDisc atomic.Bool
-	// burst: this peer wrote more entries at once than go direct since its last state exchange
-	// started;
-	// exchanges counts the exchanges started (boundQueue).
+	// burst: since its last state exchange started, this peer wrote more entries at once than
+	// go direct. exchanges counts the exchanges started (boundQueue).
 	burst     atomic.Bool
 	exchanges atomic.Int64
 	// joinTried is set after the first attempt to join the seeds: until then a peer does not
