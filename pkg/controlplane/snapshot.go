@@ -146,7 +146,8 @@ type change struct {
 // Unsorted or repeated names, or a change to most resources, give a full rebuild.
 func diff(prev *typeState, items []types.Resource) *change {
 	if prev != nil && len(items) > 0 && slices.Equal(items, prev.items) {
-		return &change{prev: prev, items: items, digests: prev.digests, same: allTrue(len(items)), prevAt: inOrder(len(items)), unchanged: true}
+		same, prevAt := unchangedSlices(len(items))
+		return &change{prev: prev, items: items, digests: prev.digests, same: same, prevAt: prevAt, unchanged: true}
 	}
 	c := &change{prev: prev, items: items, digests: make([]digest, len(items)), same: make([]bool, len(items)), prevAt: make([]int, len(items))}
 	full := func() *change {
@@ -202,37 +203,27 @@ func diff(prev *typeState, items []types.Resource) *change {
 	return c
 }
 
-// allTrue and inOrder are read-only slices shared by the unchanged types of every build: all
-// true, and 0, 1, 2, ... (each item at its own index in the last build).
+// unchangedSlices are a change's same and prevAt for an unchanged type of n items: all true,
+// and 0, 1, 2, ... (each item at its own index in the last build). Read-only, and shared by the
+// unchanged types of every build.
+func unchangedSlices(n int) (same []bool, prevAt []int) {
+	sharedMu.Lock()
+	defer sharedMu.Unlock()
+	if len(sharedTrue) < n {
+		m := n + n/4
+		sharedTrue, sharedInOrder = make([]bool, m), make([]int, m)
+		for i := range m {
+			sharedTrue[i], sharedInOrder[i] = true, i
+		}
+	}
+	return sharedTrue[:n:n], sharedInOrder[:n:n]
+}
+
 var (
 	sharedMu      sync.Mutex
 	sharedTrue    []bool
 	sharedInOrder []int
 )
-
-func allTrue(n int) []bool {
-	sharedMu.Lock()
-	defer sharedMu.Unlock()
-	if len(sharedTrue) < n {
-		sharedTrue = make([]bool, n+n/4)
-		for i := range sharedTrue {
-			sharedTrue[i] = true
-		}
-	}
-	return sharedTrue[:n:n]
-}
-
-func inOrder(n int) []int {
-	sharedMu.Lock()
-	defer sharedMu.Unlock()
-	if len(sharedInOrder) < n {
-		sharedInOrder = make([]int, n+n/4)
-		for i := range sharedInOrder {
-			sharedInOrder[i] = i
-		}
-	}
-	return sharedInOrder[:n:n]
-}
 
 // Build is NewSnapshot with the builder's memory of its last build. The resources in res are
 // served from then on and must not be modified: a change is a new object (as Translator makes).

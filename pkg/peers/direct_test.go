@@ -24,11 +24,17 @@ func noGossip(c *memberlist.Config) {
 // TestLocalChangeGoesStraightToEveryMember: an operator's change reaches every member from the
 // writer itself, not only by gossip rounds.
 func TestLocalChangeGoesStraightToEveryMember(t *testing.T) {
-	const size = 4
+	fleet := quietFleet(t, 4)
+	applyEverywhere(t, fleet, fleet[2], "direct.ns.svc.cluster.local")
+}
+
+// quietFleet starts size peers without gossip rounds that all know each other: joining every
+// earlier peer exchanges state with each, so all know all without gossip.
+func quietFleet(t *testing.T, size int) []*testPeer {
+	t.Helper()
 	var fleet []*testPeer
 	var addrs []string
 	for i := range size {
-		// Joining every earlier peer exchanges state with each, so all know all without gossip.
 		p := startPeer(t, fmt.Sprintf("peer-%02d", i), peerOpts{tune: noGossip, seeds: addrs})
 		fleet = append(fleet, p)
 		addrs = append(addrs, p.tr.Addr())
@@ -41,11 +47,17 @@ func TestLocalChangeGoesStraightToEveryMember(t *testing.T) {
 		}
 		return true
 	})
-	host := "direct.ns.svc.cluster.local"
-	if _, err := fleet[2].Apply([]catalog.Service{svc(host, 7070)}); err != nil {
+	return fleet
+}
+
+// applyEverywhere applies an operator entry for host on writer and waits until every peer of
+// fleet holds it.
+func applyEverywhere(t *testing.T, fleet []*testPeer, writer *testPeer, host string) {
+	t.Helper()
+	if _, err := writer.Apply([]catalog.Service{svc(host, 7070)}); err != nil {
 		t.Fatal(err)
 	}
-	want, _ := fleet[2].Store().Get(OperatorKey(host))
+	want, _ := writer.Store().Get(OperatorKey(host))
 	meshtest.Eventually(t, 10*time.Second, "every peer holds the change", func() bool {
 		for _, p := range fleet {
 			if e, ok := p.Store().Get(OperatorKey(host)); !ok || string(e.Value) != string(want.Value) {
@@ -60,22 +72,7 @@ func TestLocalChangeGoesStraightToEveryMember(t *testing.T) {
 // broadcast queue long for minutes; an operator's change written after it still reaches every
 // member from the writer in one hop, not behind the burst's gossip.
 func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
-	const size = 3
-	var fleet []*testPeer
-	var addrs []string
-	for i := range size {
-		p := startPeer(t, fmt.Sprintf("peer-%02d", i), peerOpts{tune: noGossip, seeds: addrs})
-		fleet = append(fleet, p)
-		addrs = append(addrs, p.tr.Addr())
-	}
-	meshtest.Eventually(t, 20*time.Second, "all peers know each other", func() bool {
-		for _, p := range fleet {
-			if p.ml.NumMembers() != size {
-				return false
-			}
-		}
-		return true
-	})
+	fleet := quietFleet(t, 3)
 	// No state exchange either: what reaches the others is what the writer sends directly.
 	fleet[0].mu.Lock()
 	fleet[0].lastExchange = time.Now().Add(time.Hour)
@@ -88,19 +85,7 @@ func TestChangeAfterABurstGoesStraightToEveryMember(t *testing.T) {
 	if q := fleet[0].queue.NumQueued(); q <= maxDirectEntries {
 		t.Fatalf("the burst left %d broadcasts queued; the test needs more than %d", q, maxDirectEntries)
 	}
-	host := "after-burst.ns.svc.cluster.local"
-	if _, err := fleet[0].Apply([]catalog.Service{svc(host, 7070)}); err != nil {
-		t.Fatal(err)
-	}
-	want, _ := fleet[0].Store().Get(OperatorKey(host))
-	meshtest.Eventually(t, 10*time.Second, "every peer holds the change", func() bool {
-		for _, p := range fleet {
-			if e, ok := p.Store().Get(OperatorKey(host)); !ok || string(e.Value) != string(want.Value) {
-				return false
-			}
-		}
-		return true
-	})
+	applyEverywhere(t, fleet, fleet[0], "after-burst.ns.svc.cluster.local")
 }
 
 // TestOnlyABurstIsExchangedWithEveryMember: a queue overflowing with relays or with the single
