@@ -5,6 +5,7 @@ import (
 	transcoder "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
 )
@@ -33,7 +34,12 @@ func transcoderHTTPFilter(pk *packer) *hcm.HttpFilter {
 //     decoded as a form or a browser encodes them;
 //   - no request_validation_options: a request that matches no rule (a native gRPC call
 //     included) goes to the service untouched;
-//   - a server-streaming answer is one JSON array (stream_newline_delimited false).
+//   - a server-streaming answer is one JSON array (stream_newline_delimited false);
+//   - max_request_body_size and max_response_body_size MaxTranscodedBytes: without them Envoy's
+//     limit is the connection's buffer limit (1 MiB), on the request bytes the transcoder holds
+//     unparsed, which a body over 1 MiB exceeds or not by how the socket reads happen to fall
+//     (under load Envoy answered the same 3 MiB request 200 in one run and 413 in the next), and
+//     on an answer, which the transcoder holds whole.
 func TranscoderConfig(t *catalog.Transcoding) *transcoder.GrpcJsonTranscoder {
 	return &transcoder.GrpcJsonTranscoder{
 		DescriptorSet: &transcoder.GrpcJsonTranscoder_ProtoDescriptorBin{ProtoDescriptorBin: t.Descriptor},
@@ -48,8 +54,15 @@ func TranscoderConfig(t *catalog.Transcoding) *transcoder.GrpcJsonTranscoder {
 		IgnoreUnknownQueryParameters: true,
 		UrlUnescapeSpec:              transcoder.GrpcJsonTranscoder_ALL_CHARACTERS,
 		QueryParamUnescapePlus:       true,
+		MaxRequestBodySize:           wrapperspb.UInt32(MaxTranscodedBytes),
+		MaxResponseBodySize:          wrapperspb.UInt32(MaxTranscodedBytes),
 	}
 }
+
+// MaxTranscodedBytes bounds a transcoded exchange: a JSON request body (the built-in data plane
+// refuses a larger one with 413; Envoy never holds more of one unparsed) and an answer (500 from
+// both past it).
+const MaxTranscodedBytes = 16 << 20
 
 // transcodeVirtualHost enables the transcoder on a grpc port's virtual host of a service that
 // transcodes.

@@ -11,6 +11,7 @@ import (
 	transcoder "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -112,6 +113,7 @@ func TestTranscodingPerVirtualHost(t *testing.T) {
 			PrintOptions:  &transcoder.GrpcJsonTranscoder_PrintOptions{PreserveProtoFieldNames: true, AlwaysPrintPrimitiveFields: true},
 			AutoMapping:   true, ConvertGrpcStatus: true, IgnoreUnknownQueryParameters: true,
 			UrlUnescapeSpec: transcoder.GrpcJsonTranscoder_ALL_CHARACTERS, QueryParamUnescapePlus: true,
+			MaxRequestBodySize: wrapperspb.UInt32(16 << 20), MaxResponseBodySize: wrapperspb.UInt32(16 << 20),
 		}
 		if !proto.Equal(&tc, want) {
 			t.Errorf("%s: transcoder config differs from the catalog's", vh.Name)

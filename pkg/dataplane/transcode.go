@@ -35,7 +35,9 @@ type httpTranscoder struct {
 
 // transcoderConfig is one descriptor set with its services and print options.
 type transcoderConfig struct {
-	codec *transcode.Codec
+	codec      *transcode.Codec
+	maxBody    int // request body bytes
+	maxMessage int // response message bytes
 }
 
 // Parsing a descriptor set costs milliseconds; every route update would repeat it for each
@@ -71,7 +73,6 @@ func parseTranscoder(t *transcoderpb.GrpcJsonTranscoder, field string) (*transco
 	check(t.GetMatchUnregisteredCustomVerb(), "match_unregistered_custom_verb")
 	check(t.GetRequestValidationOptions() != nil, "request_validation_options")
 	check(t.GetCaseInsensitiveEnumParsing(), "case_insensitive_enum_parsing")
-	check(t.GetMaxRequestBodySize() != nil || t.GetMaxResponseBodySize() != nil, "max_request_body_size and max_response_body_size")
 	check(t.GetCaptureUnknownQueryParameters(), "capture_unknown_query_parameters")
 	check(po.GetAddWhitespace() || po.GetStreamNewlineDelimited() || po.GetStreamSseStyleDelimited(), "print_options add_whitespace and stream delimiters")
 	if len(unsupported) > 0 {
@@ -96,6 +97,7 @@ func parseTranscoder(t *transcoderpb.GrpcJsonTranscoder, field string) (*transco
 		EmitDefaults:    po.GetAlwaysPrintPrimitiveFields(),
 		EnumsAsInts:     po.GetAlwaysPrintEnumsAsInts(),
 	})}
+	c.maxBody, c.maxMessage = transcodeLimits(t)
 	if transcoderCache.m == nil || len(transcoderCache.m) >= transcoderCacheMax {
 		transcoderCache.m = map[[32]byte]*transcoderConfig{}
 	}
@@ -120,13 +122,32 @@ func transcoderFor(hc *httpConfig, vh *virtualHost, re *routeEntry) *transcoderC
 	return f.config
 }
 
-// maxTranscodedBody bounds a JSON request body; maxTranscodedMessage a response message, as
-// Envoy's transcoder buffer limit does (per_connection_buffer_limit_bytes, 1 MiB by default):
-// past it Envoy answers 500 with errResponseTooLarge's text.
+// maxTranscodedBody bounds a JSON request body when the config sets no max_request_body_size;
+// maxTranscodedMessage is Envoy's buffer limit (per_connection_buffer_limit_bytes, 1 MiB by
+// default), which bounds an answer when the config sets neither size: past it Envoy answers
+// 500 with errResponseTooLarge's text. The control plane sets both sizes
+// (controlplane.MaxTranscodedBytes).
 const (
 	maxTranscodedBody    = 16 << 20
 	maxTranscodedMessage = 1 << 20
 )
+
+// transcodeLimits are a config's request body and response message limits, as Envoy's
+// transcoder applies them: it raises the stream's buffer limit to either size set, and a
+// direction without its own size has that limit. (Envoy's request limit is on the bytes it holds
+// unparsed, which a body in small reads never reaches: without a request size, the built-in data
+// plane takes up to maxTranscodedBody.)
+func transcodeLimits(t *transcoderpb.GrpcJsonTranscoder) (body, message int) {
+	stream := max(maxTranscodedMessage, int(t.GetMaxRequestBodySize().GetValue()), int(t.GetMaxResponseBodySize().GetValue()))
+	body, message = maxTranscodedBody, stream
+	if m := t.GetMaxRequestBodySize(); m != nil {
+		body = int(m.GetValue())
+	}
+	if m := t.GetMaxResponseBodySize(); m != nil {
+		message = int(m.GetValue())
+	}
+	return body, message
+}
 
 //lint:ignore ST1005 Envoy's exact response text: it is sent as the body
 var errResponseTooLarge = errors.New("Response not transcoded because the transcoder's internal buffer size exceeds the configured limit.")
@@ -147,12 +168,12 @@ func (dp *DataPlane) serveTranscoded(w http.ResponseWriter, r *http.Request, tc 
 	var body []byte
 	if r.Body != nil && r.Body != http.NoBody {
 		var err error
-		body, err = io.ReadAll(io.LimitReader(r.Body, maxTranscodedBody+1))
+		body, err = io.ReadAll(io.LimitReader(r.Body, int64(tc.maxBody)+1))
 		if err != nil {
 			dp.proxyError(w, r, &downstreamError{err: err})
 			return true
 		}
-		if len(body) > maxTranscodedBody {
+		if len(body) > tc.maxBody {
 			info.flags = "DPE"
 			localReply(w, http.StatusRequestEntityTooLarge, "Payload Too Large")
 			return true
@@ -275,7 +296,7 @@ func statusReply(w http.ResponseWriter, tc *transcoderConfig, code int, msg stri
 // Envoy buffers it, with grpc-status: 0 on success (the trailer Envoy folds into the headers).
 func (dp *DataPlane) transcodeUnary(w http.ResponseWriter, resp *http.Response, tc *transcoderConfig, b *transcode.Binding, info *proxyInfo) {
 	copyHeaders(w.Header(), resp.Header, info)
-	data, rerr := readFrame(resp.Body, maxTranscodedMessage)
+	data, rerr := readFrame(resp.Body, tc.maxMessage)
 	if rerr == nil {
 		_, rerr = io.Copy(io.Discard, resp.Body) // to the trailers
 	}
@@ -320,7 +341,7 @@ func (dp *DataPlane) transcodeStream(w http.ResponseWriter, resp *http.Response,
 	flusher, _ := w.(http.Flusher)
 	started := false
 	for {
-		data, err := readFrame(resp.Body, maxTranscodedMessage)
+		data, err := readFrame(resp.Body, tc.maxMessage)
 		if err != nil {
 			code, msg, details, ok := grpcStatus(resp)
 			if !started {

@@ -8,6 +8,7 @@ import (
 
 	transcoderpb "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/grpc_json_transcoder/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -58,6 +59,26 @@ func TestParseTranscoder(t *testing.T) {
 		mutate(c)
 		if _, err := parseTranscoder(c, "f"); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v", want, err)
+		}
+	}
+	// The limits are the config's, as Envoy applies them.
+	if tc.maxBody != controlplane.MaxTranscodedBytes || tc.maxMessage != controlplane.MaxTranscodedBytes {
+		t.Errorf("limits %d and %d, want the control plane's %d", tc.maxBody, tc.maxMessage, controlplane.MaxTranscodedBytes)
+	}
+	for _, l := range []struct {
+		req, resp     *wrapperspb.UInt32Value
+		body, message int
+	}{
+		{nil, nil, maxTranscodedBody, 1 << 20},                             // Envoy's buffer limit
+		{wrapperspb.UInt32(1024), nil, 1024, 1 << 20},                      // under the buffer limit: no raise
+		{wrapperspb.UInt32(4 << 20), nil, 4 << 20, 4 << 20},                // the stream's limit raised
+		{nil, wrapperspb.UInt32(2 << 20), maxTranscodedBody, 2 << 20},      // the response's own
+		{wrapperspb.UInt32(8 << 20), wrapperspb.UInt32(512), 8 << 20, 512}, // each its own
+	} {
+		c := proto.Clone(base).(*transcoderpb.GrpcJsonTranscoder)
+		c.MaxRequestBodySize, c.MaxResponseBodySize = l.req, l.resp
+		if tc, err := parseTranscoder(c, "f"); err != nil || tc.maxBody != l.body || tc.maxMessage != l.message {
+			t.Errorf("max_request_body_size %v, max_response_body_size %v: %v %v; want %d and %d", l.req, l.resp, tc, err, l.body, l.message)
 		}
 	}
 }

@@ -231,6 +231,9 @@ func (e *reverseEnv) getHTTPFrom(leaf *meshtest.Leaf, ca *meshtest.CA, path stri
 
 // tcpCall opens a connection to the VM TCP service as leaf's workload, reads the VM's greeting,
 // sends msg and reads it echoed. It returns the backend's name.
+// errNoGreeting: the session through the fleet was set up, but the VM's greeting never came.
+var errNoGreeting = errors.New("greeting")
+
 func (e *reverseEnv) tcpCall(leaf *meshtest.Leaf, msg string) (string, error) {
 	conf := e.meshTLS(leaf, e.ca, meshtest.Target{Host: vmTCPHost, Port: vmTCPPort}, meshtest.TCP)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -244,7 +247,7 @@ func (e *reverseEnv) tcpCall(leaf *meshtest.Leaf, msg string) (string, error) {
 	br := bufio.NewReader(c)
 	name, err := meshtest.ReadVMGreeting(br)
 	if err != nil {
-		return "", fmt.Errorf("greeting: %w", err)
+		return "", fmt.Errorf("%w: %w", errNoGreeting, err)
 	}
 	if _, err := io.WriteString(c, msg+"\n"); err != nil {
 		return name, err
@@ -568,9 +571,11 @@ func (e *reverseEnv) startLoad() *load {
 	return runLoad(frontend, frontend, frontend, func() error {
 		start := time.Now().UnixNano()
 		name, err := e.tcpCall(e.frontend, "load-"+strconv.FormatInt(n.Add(1), 10))
-		if k := e.killed.Load(); err != nil && name == "tcp-0" && k != 0 && start < k {
+		if k := e.killed.Load(); err != nil && (name == "tcp-0" || errors.Is(err, errNoGreeting)) && k != 0 && start < k {
 			// A session already open on the VM that was killed dies with it; nothing can save
-			// it. Every session opened after the kill must reach the remaining VM.
+			// it. Every session opened after the kill must reach the remaining VM. (One cut
+			// before the VM's greeting arrived has no name: through the fleet to a VM, and
+			// started before the kill, only the killed VM explains it.)
 			e.cut.Add(1)
 			return nil
 		}
