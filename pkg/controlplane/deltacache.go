@@ -3,9 +3,9 @@ package controlplane
 import (
 	"cmp"
 	"maps"
-	"reflect"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -33,7 +33,7 @@ import (
 // State of the world keeps the SnapshotCache (Server.cache), which sends whole types anyway.
 type deltaCache struct {
 	mu      sync.Mutex
-	snap    *cache.Snapshot
+	snap    *Served
 	seq     int64
 	log     []deltaChange // oldest first, at most deltaLogLength
 	watches map[int64]*deltaWatch
@@ -71,29 +71,22 @@ var deltaTypes = []string{resource.ListenerType, resource.RouteType, resource.Cl
 
 // set serves snap from now on and answers the open watches it changes; each watch looks at the
 // changed names only. Those are the Builder's (changed, against base) when base is the snapshot
-// served until now; otherwise the version maps are compared, once per set (a type the Builder
-// left unchanged shares its map and is skipped).
-func (d *deltaCache) set(snap, base *cache.Snapshot, changed map[string][]string) error {
-	if err := snap.ConstructVersionMap(); err != nil {
-		return err
-	}
+// served until now; otherwise the served types are compared, once per set (a type the Builder
+// left unchanged is the same object and is skipped).
+func (d *deltaCache) set(snap, base *Served, changed map[string][]string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	ch := deltaChange{names: map[string][]string{}, full: map[string]bool{}}
 	for _, typ := range deltaTypes {
-		var prev map[string]string
-		if d.snap != nil {
-			prev = d.snap.VersionMap[typ]
-		}
-		next := snap.VersionMap[typ]
-		if sameMap(prev, next) {
+		prev, next := d.snap.typ(typ), snap.typ(typ)
+		if prev == next || prev.len() == 0 && next.len() == 0 {
 			continue
 		}
 		names, known := changed[typ]
 		if !known || base == nil || base != d.snap {
 			names = changedNames(prev, next)
 		}
-		if 4*len(names) > len(next)+len(prev) {
+		if 4*len(names) > next.len()+prev.len() {
 			ch.full[typ] = true
 		} else if len(names) > 0 {
 			ch.names[typ] = names
@@ -121,31 +114,36 @@ func (d *deltaCache) set(snap, base *cache.Snapshot, changed map[string][]string
 	return nil
 }
 
-// changedNames lists the names new, changed or gone from prev to next.
-func changedNames(prev, next map[string]string) []string {
+// changedNames lists the names new, changed or gone from prev to next (either may be nil).
+func changedNames(prev, next *servedType) []string {
 	var names []string
-	for name, v := range next {
-		if pv, ok := prev[name]; !ok || pv != v {
-			names = append(names, name)
-		}
-	}
-	for name := range prev {
-		if _, ok := next[name]; !ok {
-			names = append(names, name)
+	i, j := 0, 0
+	for i < next.len() || j < prev.len() {
+		switch {
+		case i == next.len():
+			names = append(names, cache.GetResourceName(prev.items[j]))
+			j++
+		case j == prev.len():
+			names = append(names, cache.GetResourceName(next.items[i]))
+			i++
+		default:
+			a, b := cache.GetResourceName(next.items[i]), cache.GetResourceName(prev.items[j])
+			switch strings.Compare(a, b) {
+			case -1:
+				names = append(names, a)
+				i++
+			case 1:
+				names = append(names, b)
+				j++
+			default:
+				if next.vers[i] != prev.vers[j] {
+					names = append(names, a)
+				}
+				i, j = i+1, j+1
+			}
 		}
 	}
 	return names
-}
-
-// sameMap says whether a and b are the same map object (the Builder's unchanged type).
-func sameMap(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	if len(a) == 0 {
-		return true
-	}
-	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
 
 // CreateDeltaWatch answers at once if the stream lacks something, else opens a watch.
@@ -173,8 +171,7 @@ func (d *deltaCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscri
 // response per type and a watch sends at most once.
 func (d *deltaCache) respond(req *cache.DeltaRequest, sub cache.Subscription, ch chan cache.DeltaResponse) bool {
 	typ := req.GetTypeUrl()
-	items := d.snap.Resources[cache.GetResponseType(typ)].Items
-	versions := d.snap.VersionMap[typ]
+	served := d.snap.typ(typ)
 	returned := sub.ReturnedResources()
 	wildcard := sub.IsWildcard()
 	subscribed := sub.SubscribedResources()
@@ -191,8 +188,8 @@ func (d *deltaCache) respond(req *cache.DeltaRequest, sub cache.Subscription, ch
 	if full {
 		names = names[:0]
 		if wildcard {
-			for name := range items {
-				names = append(names, name)
+			for _, r := range served.itemsOrNil() {
+				names = append(names, cache.GetResourceName(r))
 			}
 		}
 		for name := range subscribed {
@@ -219,15 +216,19 @@ func (d *deltaCache) respond(req *cache.DeltaRequest, sub cache.Subscription, ch
 			delete(returned, name) // no longer subscribed: forget it, as the SnapshotCache does
 			continue
 		}
-		r, ok := items[name]
+		r, rv, ok := served.lookup(name)
+		var version string
+		if ok {
+			version = rv.String()
+		}
 		switch {
-		case ok && (!known || have != versions[name]):
-			b, err := cache.MarshalResource(r.Resource)
+		case ok && (!known || have != version):
+			b, err := cache.MarshalResource(r)
 			if err != nil {
 				continue // validated resources marshal; should one not, it is not marked sent
 			}
-			send = append(send, &discovery.Resource{Name: name, Version: versions[name], Resource: &anypb.Any{TypeUrl: typ, Value: b}})
-			returned[name] = versions[name]
+			send = append(send, &discovery.Resource{Name: name, Version: version, Resource: &anypb.Any{TypeUrl: typ, Value: b}})
+			returned[name] = version
 		case !ok && known:
 			removed = append(removed, name)
 			delete(returned, name)

@@ -127,7 +127,7 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 	s := startServer(t)
 	cat := largeCatalog(50)
 	build := serveCatalog(t, s, cat)
-	versions := func(snap *Snapshot, typ string) map[string]string { return maps.Clone(snap.Cache.VersionMap[typ]) }
+	versions := func(snap *Snapshot, typ string) map[string]string { return maps.Clone(snap.Cache.GetVersionMap(typ)) }
 	sent := func() float64 {
 		return testutil.ToFloat64(s.metrics.resources.WithLabelValues("cluster")) + testutil.ToFloat64(s.metrics.resources.WithLabelValues("endpoint"))
 	}
@@ -135,12 +135,12 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 	first := build()
 	c := dialDelta(t, s.addr)
 	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType})
-	if got := c.recv(resource.ClusterType)[resource.ClusterType].updated; len(got) != len(first.Cache.VersionMap[resource.ClusterType]) {
-		t.Fatalf("first response: %d clusters, want all %d", len(got), len(first.Cache.VersionMap[resource.ClusterType]))
+	if got := c.recv(resource.ClusterType)[resource.ClusterType].updated; len(got) != len(first.Cache.GetVersionMap(resource.ClusterType)) {
+		t.Fatalf("first response: %d clusters, want all %d", len(got), len(first.Cache.GetVersionMap(resource.ClusterType)))
 	}
-	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: slices.Sorted(maps.Keys(first.Cache.VersionMap[resource.EndpointType]))})
-	if got := c.recv(resource.EndpointType)[resource.EndpointType].updated; len(got) != len(first.Cache.VersionMap[resource.EndpointType]) {
-		t.Fatalf("first response: %d endpoints, want all %d", len(got), len(first.Cache.VersionMap[resource.EndpointType]))
+	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: slices.Sorted(maps.Keys(first.Cache.GetVersionMap(resource.EndpointType)))})
+	if got := c.recv(resource.EndpointType)[resource.EndpointType].updated; len(got) != len(first.Cache.GetVersionMap(resource.EndpointType)) {
+		t.Fatalf("first response: %d endpoints, want all %d", len(got), len(first.Cache.GetVersionMap(resource.EndpointType)))
 	}
 
 	// One service changes: only its clusters and their endpoints are sent.
@@ -201,10 +201,10 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 	for _, typ := range []string{resource.ClusterType, resource.EndpointType} {
 		req := &discovery.DeltaDiscoveryRequest{TypeUrl: typ, InitialResourceVersions: versions(first, typ)}
 		if typ == resource.EndpointType {
-			req.ResourceNamesSubscribe = slices.Sorted(maps.Keys(third.Cache.VersionMap[typ]))
+			req.ResourceNamesSubscribe = slices.Sorted(maps.Keys(third.Cache.GetVersionMap(typ)))
 			// It also held the removed service's endpoints (subscribed until its cluster went).
-			req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, slices.DeleteFunc(slices.Sorted(maps.Keys(first.Cache.VersionMap[typ])), func(n string) bool {
-				_, ok := third.Cache.VersionMap[typ][n]
+			req.ResourceNamesSubscribe = append(req.ResourceNamesSubscribe, slices.DeleteFunc(slices.Sorted(maps.Keys(first.Cache.GetVersionMap(typ))), func(n string) bool {
+				_, ok := third.Cache.GetVersionMap(typ)[n]
 				return ok
 			})...)
 		}
@@ -253,10 +253,10 @@ func TestDeltaFullDiffWhenBehindTheLog(t *testing.T) {
 	}
 	c.ack(r)
 	updated := c.recv(resource.ClusterType)[resource.ClusterType].updated
-	if want, _ := diffVersions(second.Cache.VersionMap[resource.ClusterType], last.Cache.VersionMap[resource.ClusterType]); len(want) == 0 || !slices.Equal(updated, want) {
+	if want, _ := diffVersions(second.Cache.GetVersionMap(resource.ClusterType), last.Cache.GetVersionMap(resource.ClusterType)); len(want) == 0 || !slices.Equal(updated, want) {
 		t.Fatalf("clusters: sent %v, want %v", updated, want)
 	}
-	if !maps.Equal(c.held[resource.ClusterType], last.Cache.VersionMap[resource.ClusterType]) {
+	if !maps.Equal(c.held[resource.ClusterType], last.Cache.GetVersionMap(resource.ClusterType)) {
 		t.Fatal("clusters held differ from the snapshot's")
 	}
 }
@@ -269,7 +269,7 @@ func TestDeltaExplicitSubscriptions(t *testing.T) {
 	cat := largeCatalog(5)
 	build := serveCatalog(t, s, cat)
 	first := build()
-	names := slices.Sorted(maps.Keys(first.Cache.VersionMap[resource.EndpointType]))
+	names := slices.Sorted(maps.Keys(first.Cache.GetVersionMap(resource.EndpointType)))
 	of := func(host string) string {
 		for _, n := range names {
 			if strings.HasSuffix(n, "|"+host) {

@@ -46,7 +46,7 @@ func inlineBytes(b []byte) *core.DataSource {
 
 // Snapshot is a validated, versioned set of resources ready to serve.
 type Snapshot struct {
-	Cache *cache.Snapshot
+	Cache *Served
 	// ConfigVersion is the hash of listeners, routes, clusters and endpoints: identical on every
 	// peer that has the same catalog and gateways. Secrets are versioned apart because each node
 	// may hold its own key (e.g. issued on the node), and their version hashes only the public
@@ -57,7 +57,7 @@ type Snapshot struct {
 	// the names whose version differs from base's (new, changed or gone); a type absent from
 	// changed is not known this way (a full build). The delta cache uses them when base is the
 	// snapshot it served last, so that a change costs it what changed.
-	base    *cache.Snapshot
+	base    *Served
 	changed map[string][]string
 }
 
@@ -87,7 +87,7 @@ type Builder struct {
 	// refCount counts, per route or endpoint name, the listeners or clusters referencing it.
 	refCount map[resource.Type]map[string]int
 	// lastSnap is the last good build's snapshot (Snapshot.base of the next).
-	lastSnap *cache.Snapshot
+	lastSnap *Served
 	// MaxMessageBytes is the largest xDS message a data plane takes; a snapshot with a response
 	// larger than that is refused. Zero means xdslimit.MaxMessageBytes.
 	MaxMessageBytes int
@@ -98,12 +98,12 @@ type typeState struct {
 	items   []types.Resource
 	digests []digest
 	refs    [][]string // listeners and clusters: the routes or endpoints each references
-	// versions and named are the snapshot's maps, shared with the cache: never modified, a
-	// change clones them.
-	versions map[string]string
-	named    map[string]types.ResourceWithTTL
-	size     int    // bytes of the response carrying all of them
-	version  string // the type's version in the snapshot
+	// served is the type as served: items with their delta versions, shared with the
+	// snapshot (never modified; an unchanged type shares the last build's).
+	served  *servedType
+	vers    []resourceVersion // served.vers, filled while the type is finished
+	size    int               // bytes of the response carrying all of them
+	version string            // the type's version in the snapshot
 }
 
 func (b *Builder) maxMessageBytes() int {
@@ -257,7 +257,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			return nil, fmt.Errorf("invalid secret %q: %w", cache.GetResourceName(s), err)
 		}
 	}
-	snap := &cache.Snapshot{VersionMap: map[string]map[string]string{}}
+	snap := &Served{byType: map[string]*servedType{}}
 	configHash := sha256.New()
 	next := map[resource.Type]*typeState{}
 	changes := map[resource.Type]*change{}
@@ -272,21 +272,25 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	// A type's maps are filled on one core while the next type is digested on every core.
 	finish := func(typ resource.Type, items []types.Resource, c *change) error {
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
-		var cand []string // names whose version may differ from the last build's
+		var cand []int // indices in items whose version may differ from the last build's
+		var gone []string
 		known := !c.full
 		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0 && allSums == nil) {
-			st.versions, st.named, st.size = c.prev.versions, c.prev.named, c.prev.size // as they were
-		} else if c.full {
-			st.versions = make(map[string]string, len(items))
-			st.named = make(map[string]types.ResourceWithTTL, len(items))
+			st.vers, st.size = c.prev.vers, c.prev.size // as they were
 		} else {
-			st.versions, st.named, st.size = maps.Clone(c.prev.versions), maps.Clone(c.prev.named), c.prev.size
+			st.vers = make([]resourceVersion, len(items))
+			if !c.full {
+				st.size = c.prev.size
+				for i, j := range c.prevAt {
+					if c.same[i] {
+						st.vers[i] = c.prev.vers[j]
+					}
+				}
+			}
 			for _, j := range c.gone {
 				r := c.prev.items[j]
 				name := cache.GetResourceName(r)
-				cand = append(cand, name)
-				delete(st.versions, name)
-				delete(st.named, name)
+				gone = append(gone, name)
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 				if cl, ok := r.(*clusterv3.Cluster); ok {
 					clusterSums[edsName(cl)] = nil
@@ -301,14 +305,13 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			r, d := items[i], c.digests[i]
 			name := cache.GetResourceName(r)
 			if known {
-				cand = append(cand, name)
+				cand = append(cand, i)
 			}
 			if j := c.prevAt[i]; j >= 0 {
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 			}
 			st.size += responseBytes(typ, d.size, name)
-			st.versions[name] = d.version()
-			st.named[name] = types.ResourceWithTTL{Resource: r}
+			st.vers[i] = versionOf(d.sum)
 			if cl, ok := r.(*clusterv3.Cluster); ok && allSums != nil {
 				allSums[edsName(cl)] = d.sum
 			} else if ok {
@@ -344,14 +347,13 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 					sum = &s
 				}
 				if sum == nil {
-					st.versions[name] = d.version()
+					st.vers[i] = versionOf(d.sum)
 					return
 				}
 				var both [64]byte
 				copy(both[:32], d.sum[:])
 				copy(both[32:], sum[:])
-				v := sha256.Sum256(both[:])
-				st.versions[name] = hex.EncodeToString(v[:8])
+				st.vers[i] = versionOf(sha256.Sum256(both[:]))
 			}
 			if c.full || allSums != nil || len(reversion) > len(items)/4 {
 				for i := range items {
@@ -365,7 +367,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				for name := range reversion {
 					if i, ok := indexByName(items, name); ok && c.same[i] {
 						version(i)
-						cand = append(cand, name)
+						cand = append(cand, i)
 					}
 				}
 			}
@@ -388,21 +390,24 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				// version, so the cache answers the endpoints request Envoy makes for the
 				// warming cluster at once (an unchanged version would leave it waiting for the
 				// 15 s initial_fetch_timeout).
-				typeHash.Write([]byte(snap.Resources[types.Cluster].Version))
+				typeHash.Write([]byte(snap.byType[resource.ClusterType].version))
 			}
 			v = hex.EncodeToString(typeHash.Sum(nil))[:16]
 		}
 		st.version = v
 		configHash.Write([]byte(typ + "=" + v + ";"))
-		snap.Resources[cache.GetResponseType(typ)] = cache.Resources{Version: v, Items: st.named}
-		snap.VersionMap[typ] = st.versions
+		if c.unchanged && v == c.prev.version && len(st.vers) > 0 && &st.vers[0] == &c.prev.vers[0] {
+			st.served = c.prev.served // the very same type: the delta cache skips it
+		} else {
+			st.served = &servedType{version: v, items: items, vers: st.vers}
+		}
+		snap.byType[typ] = st.served
 		next[typ] = st
 		if known {
-			var names []string
-			for _, name := range cand {
-				v, ok := st.versions[name]
-				if pv, pok := c.prev.versions[name]; ok != pok || v != pv {
-					names = append(names, name)
+			names := gone
+			for _, i := range cand {
+				if j := c.prevAt[i]; j < 0 || st.vers[i] != c.prev.vers[j] {
+					names = append(names, cache.GetResourceName(items[i]))
 				}
 			}
 			changed[typ] = names
@@ -421,6 +426,16 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	for _, typ := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
 		items := byType[typ]
 		c := diff(b.last[typ], items)
+		if c.full && !sortedByName(items) {
+			// Served types are looked up by name in sorted order (see Served).
+			sorted, twice := sortByName(items)
+			if twice != "" {
+				return nil, fmt.Errorf("two %ss are named %q: each %s needs a name of its own", TypeName(typ), twice, TypeName(typ))
+			}
+			items = sorted
+			c = diff(nil, items)
+			c.prev = b.last[typ]
+		}
 		changes[typ] = c
 		hosts, err := b.digest(typ, c, res.packed)
 		if werr := wait(); werr != nil { // the earlier type's error first
@@ -440,17 +455,18 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		return nil, err
 	}
 	out := &Snapshot{Cache: snap, ConfigVersion: hex.EncodeToString(configHash.Sum(nil))[:16], base: b.lastSnap, changed: changed}
-	secretVersions := map[string]string{}
+	secretsServed := &servedType{}
 	if bundle != nil {
 		sum := sha256.Sum256(append(append([]byte{}, bundle.CertChainPEM...), bundle.RootsPEM...))
 		out.SecretsVersion = hex.EncodeToString(sum[:])[:16]
-		for _, s := range secrets {
+		secretsServed.version = out.SecretsVersion
+		secretsServed.items, _ = sortByName(secrets) // two, named apart
+		for range secretsServed.items {
 			// Per-secret delta versions hash the public parts only, like SecretsVersion.
-			secretVersions[cache.GetResourceName(s)] = out.SecretsVersion
+			secretsServed.vers = append(secretsServed.vers, versionOf(sum))
 		}
 	}
-	snap.Resources[types.Secret] = cache.NewResources(out.SecretsVersion, secrets)
-	snap.VersionMap[resource.SecretType] = secretVersions
+	snap.byType[resource.SecretType] = secretsServed
 	// The sums validated this build, when they replace the ones remembered: gathered on one core
 	// while the references are checked on the other.
 	var validated map[[32]byte]struct{}
@@ -547,7 +563,7 @@ func allSumsOf(next map[resource.Type]*typeState) map[[32]byte]struct{} {
 // GetResourceReferences, once per resource object: finding a listener's routes means decoding its
 // filters, which at 10,000 listeners is a large part of a full build. It fills the listeners' and
 // clusters' refs and returns the reference counts of this build.
-func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*change, next map[resource.Type]*typeState) (map[resource.Type]map[string]int, error) {
+func (b *Builder) consistent(snap *Served, changes map[resource.Type]*change, next map[resource.Type]*typeState) (map[resource.Type]map[string]int, error) {
 	refOf := map[resource.Type]resource.Type{resource.ListenerType: resource.RouteType, resource.ClusterType: resource.EndpointType}
 	counts := map[resource.Type]map[string]int{}
 	touched := map[resource.Type]map[string]bool{}
@@ -613,33 +629,37 @@ func (b *Builder) consistent(snap *cache.Snapshot, changes map[resource.Type]*ch
 	}
 	refBy := map[resource.Type]resource.Type{resource.RouteType: resource.ListenerType, resource.EndpointType: resource.ClusterType}
 	for _, typ := range []resource.Type{resource.RouteType, resource.EndpointType} {
-		have := snap.Resources[cache.GetResponseType(typ)].Items
+		served := snap.typ(typ)
+		has := func(name string) bool {
+			_, _, ok := served.lookup(name)
+			return ok
+		}
 		c := changes[typ]
 		// Referenced names: touched ones, or all of them when the referencing type was built anew.
 		if changes[refBy[typ]].full {
 			for name, n := range counts[typ] {
-				if _, ok := have[name]; !ok && n > 0 {
+				if n > 0 && !has(name) {
 					return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
 				}
 			}
 		}
 		for name := range touched[typ] {
-			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
+			if counts[typ][name] > 0 && !has(name) {
 				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
 			}
 		}
 		check := func(name string) error {
-			if _, ok := have[name]; ok && counts[typ][name] == 0 {
+			if has(name) && counts[typ][name] == 0 {
 				return fmt.Errorf("%s %q is in the snapshot but nothing references it", TypeName(typ), name)
 			}
-			if _, ok := have[name]; !ok && counts[typ][name] > 0 {
+			if counts[typ][name] > 0 && !has(name) {
 				return fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
 			}
 			return nil
 		}
 		if c.full || changes[resource.ListenerType].full && typ == resource.RouteType || changes[resource.ClusterType].full && typ == resource.EndpointType {
-			for name := range have {
-				if err := check(name); err != nil {
+			for _, r := range served.items {
+				if err := check(cache.GetResourceName(r)); err != nil {
 					return nil, err
 				}
 			}

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fwdproxy/fwdproxy/pkg/catalog"
@@ -75,18 +75,17 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		if snap.ConfigVersion != fresh.ConfigVersion {
 			t.Fatalf("change %d: incremental build version %s, fresh %s", i, snap.ConfigVersion, fresh.ConfigVersion)
 		}
-		if len(fresh.Cache.VersionMap) == 0 {
+		if len(fresh.Cache.GetVersionMap(resource.ClusterType)) == 0 {
 			t.Fatalf("change %d: a fresh build has no delta versions to compare", i)
 		}
-		for typ, m := range fresh.Cache.VersionMap {
-			if fmt.Sprint(m) != fmt.Sprint(snap.Cache.VersionMap[typ]) {
+		for _, typ := range deltaTypes {
+			if m := fresh.Cache.GetVersionMap(typ); fmt.Sprint(m) != fmt.Sprint(snap.Cache.GetVersionMap(typ)) {
 				t.Fatalf("change %d: %s delta versions differ from a fresh build", i, typ)
 			}
-			rt := cache.GetResponseType(typ)
-			if a, b := slices.Sorted(maps.Keys(snap.Cache.Resources[rt].Items)), slices.Sorted(maps.Keys(fresh.Cache.Resources[rt].Items)); !slices.Equal(a, b) {
+			if a, b := slices.Sorted(maps.Keys(snap.Cache.GetResources(typ))), slices.Sorted(maps.Keys(fresh.Cache.GetResources(typ))); !slices.Equal(a, b) {
 				t.Fatalf("change %d: %s resources %v, fresh build %v", i, typ, a, b)
 			}
-			if snap.Cache.Resources[rt].Version != fresh.Cache.Resources[rt].Version {
+			if snap.Cache.GetVersion(typ) != fresh.Cache.GetVersion(typ) {
 				t.Fatalf("change %d: %s version differs from a fresh build", i, typ)
 			}
 		}

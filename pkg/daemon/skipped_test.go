@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/fwdproxy/fwdproxy/internal/meshtest"
@@ -77,8 +78,8 @@ listen: {address: 127.0.0.1}
 	}
 	served := func() []string {
 		var hosts []string
-		for _, r := range d.XDS.Current().Cache.Resources {
-			for name := range r.Items {
+		for _, typ := range []string{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType} {
+			for name := range d.XDS.Current().Cache.GetResources(typ) {
 				if h, ok := strings.CutPrefix(name, "outbound|"); ok {
 					hosts = append(hosts, h[strings.LastIndexByte(h, '|')+1:])
 				}

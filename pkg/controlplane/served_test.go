@@ -1,0 +1,110 @@
+package controlplane
+
+import (
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+)
+
+// Resources given in any order are served the same as sorted ones, and looked up by name; a
+// name given twice is refused with the type and the name.
+func TestServedSortsResourcesAndRefusesANameTwice(t *testing.T) {
+	res, err := Translate(largeCatalog(20), benchOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sorted, err := NewSnapshot(res, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shuffled := *res
+	shuffled.Clusters = slices.Clone(res.Clusters)
+	slices.Reverse(shuffled.Clusters)
+	got, err := NewSnapshot(&shuffled, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ConfigVersion != sorted.ConfigVersion {
+		t.Fatalf("clusters in reverse order: version %s, sorted %s", got.ConfigVersion, sorted.ConfigVersion)
+	}
+	versions := got.Cache.GetVersionMap(resource.ClusterType)
+	if !maps.Equal(versions, sorted.Cache.GetVersionMap(resource.ClusterType)) || len(versions) != len(res.Clusters) {
+		t.Fatalf("clusters in reverse order: delta versions differ from the sorted build's")
+	}
+	served := got.Cache.typ(resource.ClusterType)
+	for _, c := range res.Clusters {
+		r, v, ok := served.lookup(c.GetName())
+		if !ok || r != c || v.String() != versions[c.GetName()] {
+			t.Fatalf("lookup(%s) = %v, %s, %v; want the cluster at version %s", c.GetName(), r != nil, v, ok, versions[c.GetName()])
+		}
+	}
+	if _, _, ok := served.lookup("outbound|1||nowhere"); ok {
+		t.Fatal("lookup found a cluster that is not served")
+	}
+	if !slices.IsSortedFunc(served.items, func(a, b types.Resource) int {
+		return strings.Compare(cache.GetResourceName(a), cache.GetResourceName(b))
+	}) {
+		t.Fatal("served clusters are not sorted by name")
+	}
+
+	twice := *res
+	twice.Clusters = append(slices.Clone(res.Clusters), &clusterv3.Cluster{Name: res.Clusters[3].GetName()})
+	if _, err := NewSnapshot(&twice, nil); err == nil || !strings.Contains(err.Error(), "two clusters are named") || !strings.Contains(err.Error(), res.Clusters[3].GetName()) {
+		t.Fatalf("a cluster name given twice: %v; want it refused by name", err)
+	}
+}
+
+// A rebuild shares each unchanged type with the last build (the delta cache skips it by
+// identity), and the served maps agree with what is looked up.
+func TestServedSharesUnchangedTypes(t *testing.T) {
+	_, _, _, bundle := identityFiles(t, t.TempDir())
+	cat := largeCatalog(30)
+	opts := benchOptions()
+	var tr Translator
+	var b Builder
+	res, _ := tr.Translate(cat, opts)
+	first, err := b.Build(res, bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat.Services[4].Identities[0] = "spiffe://cluster.local/ns/x/sa/four" // its clusters change
+	res, _ = tr.Translate(cat, opts)
+	second, err := b.Build(res, bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{resource.ListenerType, resource.RouteType} {
+		if first.Cache.typ(typ) != second.Cache.typ(typ) {
+			t.Errorf("%s: unchanged, but not shared with the last build", typ)
+		}
+	}
+	for _, typ := range []string{resource.ClusterType, resource.EndpointType} {
+		if first.Cache.typ(typ) == second.Cache.typ(typ) {
+			t.Errorf("%s: changed, but shared with the last build", typ)
+		}
+		if first.Cache.GetVersion(typ) == second.Cache.GetVersion(typ) {
+			t.Errorf("%s: changed, but its version did not", typ)
+		}
+	}
+	if got := changedNames(first.Cache.typ(resource.ClusterType), second.Cache.typ(resource.ClusterType)); len(got) != 2 || !strings.HasSuffix(got[0], cat.Services[4].Host) {
+		t.Errorf("changed clusters %v, want the two of %s", got, cat.Services[4].Host)
+	}
+	secrets := second.Cache.GetResources(resource.SecretType)
+	if len(secrets) != 2 || secrets[SecretCertificate] == nil || secrets[SecretRoots] == nil {
+		t.Fatalf("secrets served %v, want %s and %s", slices.Sorted(maps.Keys(secrets)), SecretCertificate, SecretRoots)
+	}
+	for name, v := range second.Cache.GetVersionMap(resource.SecretType) {
+		if v != second.SecretsVersion {
+			t.Errorf("secret %s at version %s, want the secrets' version %s", name, v, second.SecretsVersion)
+		}
+	}
+	if (&Served{}).GetVersion(resource.ClusterType) != "" || (&Served{}).GetResources(resource.ClusterType) != nil {
+		t.Error("an empty snapshot serves something")
+	}
+}
