@@ -229,22 +229,10 @@ var (
 // served from then on and must not be modified: a change is a new object (as Translator makes).
 func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 	byType := map[resource.Type][]types.Resource{
-		resource.ListenerType: make([]types.Resource, len(res.Listeners)),
-		resource.RouteType:    make([]types.Resource, len(res.Routes)),
-		resource.ClusterType:  make([]types.Resource, len(res.Clusters)),
-		resource.EndpointType: make([]types.Resource, len(res.Endpoints)),
-	}
-	for i, r := range res.Listeners {
-		byType[resource.ListenerType][i] = r
-	}
-	for i, r := range res.Routes {
-		byType[resource.RouteType][i] = r
-	}
-	for i, r := range res.Clusters {
-		byType[resource.ClusterType][i] = r
-	}
-	for i, r := range res.Endpoints {
-		byType[resource.EndpointType][i] = r
+		resource.ListenerType: asResources(res.Listeners),
+		resource.RouteType:    asResources(res.Routes),
+		resource.ClusterType:  asResources(res.Clusters),
+		resource.EndpointType: asResources(res.Endpoints),
 	}
 	var secrets []types.Resource
 	if bundle != nil {
@@ -381,10 +369,19 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 		}
 		v := c.prev.versionIfUnchanged(c, typ)
 		if v == "" {
+			// The resources' versions in name order: 8 bytes each (a quarter of their sums) to
+			// hash for every changed type.
 			typeHash := sha256.New()
-			for i := range c.digests {
-				typeHash.Write(c.digests[i].sum[:])
+			var chunk [4096]byte
+			n := 0
+			for _, rv := range st.vers {
+				if n == len(chunk) {
+					typeHash.Write(chunk[:])
+					n = 0
+				}
+				n += copy(chunk[n:], rv[:])
 			}
+			typeHash.Write(chunk[:n])
 			if typ == resource.EndpointType {
 				// The same for state of the world: a changed cluster changes the endpoints'
 				// version, so the cache answers the endpoints request Envoy makes for the
@@ -485,6 +482,14 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	b.commit(next, changes, newHosts, clusterSums, allSums, validated, counts)
 	b.lastSnap = snap
 	return out, nil
+}
+
+func asResources[T types.Resource](items []T) []types.Resource {
+	out := make([]types.Resource, len(items))
+	for i, r := range items {
+		out[i] = r
+	}
+	return out
 }
 
 // indexByName finds the resource named name in items, sorted by name.
