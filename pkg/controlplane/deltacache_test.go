@@ -145,7 +145,7 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 
 	// One service changes: only its clusters and their endpoints are sent.
 	host := cat.Services[7].Host
-	cat.Services[7].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed"
+	cat.Services[7].Identities = []string{"spiffe://cluster.local/ns/x/sa/changed"}
 	before := sent()
 	second := build()
 	got := c.recv(resource.ClusterType, resource.EndpointType)
@@ -218,7 +218,7 @@ func TestDeltaSendsOnlyWhatChanged(t *testing.T) {
 	}
 
 	// No change, no response: the next one a stream sees is the next change's.
-	cat.Services[3].Identities[0] = "spiffe://cluster.local/ns/x/sa/again"
+	cat.Services[3].Identities = []string{"spiffe://cluster.local/ns/x/sa/again"}
 	fourth := build()
 	updated := c.recv(resource.ClusterType, resource.EndpointType)[resource.ClusterType].updated
 	if want, _ := diffVersions(versions(third, resource.ClusterType), versions(fourth, resource.ClusterType)); !slices.Equal(updated, want) {
@@ -237,12 +237,12 @@ func TestDeltaFullDiffWhenBehindTheLog(t *testing.T) {
 	c := dialDelta(t, s.addr)
 	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType})
 	c.recv(resource.ClusterType)
-	cat.Services[2].Identities[0] = "spiffe://cluster.local/ns/x/sa/first"
+	cat.Services[2].Identities = []string{"spiffe://cluster.local/ns/x/sa/first"}
 	second := build()
 	r, _ := c.recvRaw() // not ACKed yet: the stream has no watch while the next changes land
 	var last *Snapshot
 	for i := 0; i < deltaLogLength+2; i++ {
-		cat.Services[3].Identities[0] = "spiffe://cluster.local/ns/x/sa/v" + strconv.Itoa(i)
+		cat.Services[3].Identities = []string{"spiffe://cluster.local/ns/x/sa/v" + strconv.Itoa(i)}
 		last = build()
 	}
 	s.delta.mu.Lock()
@@ -301,9 +301,9 @@ func TestDeltaExplicitSubscriptions(t *testing.T) {
 		return false
 	})
 	// Service 2 (b, unsubscribed) changes, then service 1 (a): the next response is a's alone.
-	cat.Services[2].Identities[0] = "spiffe://cluster.local/ns/x/sa/b"
+	cat.Services[2].Identities = []string{"spiffe://cluster.local/ns/x/sa/b"}
 	build()
-	cat.Services[1].Identities[0] = "spiffe://cluster.local/ns/x/sa/a"
+	cat.Services[1].Identities = []string{"spiffe://cluster.local/ns/x/sa/a"}
 	build()
 	if d := c.recv(resource.EndpointType)[resource.EndpointType]; !slices.Equal(d.updated, []string{a}) || len(d.removed) != 0 {
 		t.Fatalf("after changes to %s and %s: sent %v, removed %v; want sent [%s]", b, a, d.updated, d.removed, a)

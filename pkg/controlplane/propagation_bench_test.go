@@ -31,7 +31,7 @@ func BenchmarkPropagation100Clients(b *testing.B) {
 	opts := benchOptions()
 	var builder Builder
 	build := func(i int) *Snapshot {
-		cat.Services[0].Identities[0] = fmt.Sprintf("spiffe://cluster.local/ns/x/sa/v%d", i)
+		cat.Services[0].Identities = []string{fmt.Sprintf("spiffe://cluster.local/ns/x/sa/v%d", i)}
 		res, err := Translate(cat, opts)
 		if err != nil {
 			b.Fatal(err)

@@ -73,7 +73,7 @@ func TestServedSharesUnchangedTypes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cat.Services[4].Identities[0] = "spiffe://cluster.local/ns/x/sa/four" // its clusters change
+	cat.Services[4].Identities = []string{"spiffe://cluster.local/ns/x/sa/four"} // its clusters change
 	res, _ = tr.Translate(cat, opts)
 	second, err := b.Build(res, bundle)
 	if err != nil {

@@ -262,6 +262,7 @@ func TestVersionIsContentHash(t *testing.T) {
 	if s1.ConfigVersion != s2.ConfigVersion || len(s1.ConfigVersion) != 16 {
 		t.Fatalf("versions %q and %q", s1.ConfigVersion, s2.ConfigVersion)
 	}
+	cat.Services[0].Ports = slices.Clone(cat.Services[0].Ports)
 	cat.Services[0].Ports[0].Number = 9999
 	res3, err := Translate(cat, opts)
 	if err != nil {

@@ -30,8 +30,11 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		t.Fatal(err)
 	}
 	changes := []func(){
-		func() { cat.Services[3].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed" },
-		func() { cat.Services[7].Ports[1].Number = 40000 },
+		func() { cat.Services[3].Identities = []string{"spiffe://cluster.local/ns/x/sa/changed"} },
+		func() {
+			cat.Services[7].Ports = slices.Clone(cat.Services[7].Ports)
+			cat.Services[7].Ports[1].Number = 40000
+		},
 		func() { cat.Services = append(cat.Services[:10], cat.Services[11:]...) },
 		func() { cat.Services = append(cat.Services, largeCatalog(60).Services[55]) }, // added last
 		func() { cat.Services = append([]catalog.Service{largeCatalog(60).Services[0]}, cat.Services[1:]...) },
@@ -39,7 +42,7 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		func() { cat.Services[21].AllowedClients = []string{"10.1.0.0/16"} },
 		func() {},                           // nothing
 		func() { opts.ConnectTimeout *= 2 }, // every service
-		func() { cat.Services[5].Identities[0] = "spiffe://cluster.local/ns/x/sa/changed-again" },
+		func() { cat.Services[5].Identities = []string{"spiffe://cluster.local/ns/x/sa/changed-again"} },
 	}
 	for i, change := range changes {
 		change()
@@ -96,9 +99,19 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 	if again.Clusters[0] != prev.Clusters[0] || again.Listeners[0] != prev.Listeners[0] {
 		t.Fatal("unchanged service translated anew")
 	}
+	// The same services in lists of their own (a source's new catalog, not a merge that shares
+	// them) are compared by content: still the same objects.
+	copied := &catalog.Catalog{Services: make([]catalog.Service, len(cat.Services))}
+	for i := range cat.Services {
+		copied.Services[i] = cat.Services[i].Clone()
+	}
+	if fromCopy, _ := tr.Translate(copied, opts); !slices.Equal(fromCopy.Clusters, prev.Clusters) || !slices.Equal(fromCopy.Listeners, prev.Listeners) {
+		t.Fatal("the same services in new lists translated anew")
+	}
+	prev, _ = tr.Translate(cat, opts)
 	// A change to a service's identity gives new clusters; its endpoints, listener and virtual
 	// host (in the shared route configuration) stay the same objects.
-	cat.Services[9].Identities[0] = "spiffe://cluster.local/ns/x/sa/nine"
+	cat.Services[9].Identities = []string{"spiffe://cluster.local/ns/x/sa/nine"}
 	changed, err := tr.Translate(cat, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -112,6 +125,7 @@ func TestTranslatorMatchesTranslate(t *testing.T) {
 		t.Fatal("an identity change made new endpoints, listeners or route configurations")
 	}
 	// A rebuild still validates what changed, inside the shared route configuration too.
+	cat.Services[0].Ports = slices.Clone(cat.Services[0].Ports)
 	cat.Services[0].Ports[0].Number = 9090 // the route configuration of a port of its own
 	res, err := tr.Translate(cat, opts)
 	if err != nil {
