@@ -100,6 +100,7 @@ type options struct {
 	profile                      int // instance to profile during the changes, -1 for none
 	memLimit                     string
 	minFreeMiB                   int
+	settleCores                  float64
 	keep                         bool
 	out, progress                io.Writer
 }
@@ -117,6 +118,7 @@ func main() {
 	flag.IntVar(&o.startBatch, "start-batch", 4, "instances started at once after the leader (bounds the memory of concurrent first builds)")
 	flag.IntVar(&o.profile, "profile", -1, "instance whose CPU profile of the changes is written to its work directory (cpu.pprof; implies -keep)")
 	flag.StringVar(&o.memLimit, "instance-memlimit", "300MiB", "GOMEMLIMIT of each instance, so that 32 instances at 10,000 services fit a shared machine (empty: none, as in production, where each instance has its own memory)")
+	flag.Float64Var(&o.settleCores, "settle-cores", 0.2, "before the first change, wait (up to -timeout) until the instances together use less than this many cores over 3 s: the changes measure a settled fleet, not the start's collections and joins (0: no wait)")
 	flag.IntVar(&o.minFreeMiB, "min-free", 1536, "stop when the machine's available memory (MemAvailable) falls below this many MiB")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (configs, catalog, instance logs)")
 	flag.Parse()
@@ -225,6 +227,8 @@ type result struct {
 	delta    int                // the change's gossip delta message, bytes
 	state    float64            // mean push/pull state message, bytes
 	lost     int64              // xDS streams lost
+	settled  float64            // seconds from convergence until the fleet settled
+	idle     float64            // cores the settled fleet used, all instances together
 }
 
 // instance is one running fleet member and its stand-in data plane.
@@ -440,13 +444,31 @@ peers:
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// Then until it settled: after its start, each instance still collects the garbage of its
+	// first build and joins' push/pull exchanges run. A change in production meets a fleet that
+	// has been up for a while. The last 3 s window is the instances' idle CPU.
 	lost0 := lostStreams(insts)
-	idleCPU0, idleAt := cpuAll(insts), time.Now()
-	time.Sleep(3 * time.Second)
-	idleCPU := sub(cpuAll(insts), idleCPU0)
-	idleSecs := time.Since(idleAt).Seconds()
+	settleStart := time.Now()
+	var settled, idle float64
+	var idleCPU []float64
+	var idleSecs float64
+	for {
+		idleCPU0, idleAt := cpuAll(insts), time.Now()
+		time.Sleep(3 * time.Second)
+		idleCPU = sub(cpuAll(insts), idleCPU0)
+		idleSecs = time.Since(idleAt).Seconds()
+		cores := sum(idleCPU) / idleSecs
+		if o.settleCores <= 0 || cores < o.settleCores {
+			settled, idle = time.Since(settleStart).Seconds(), cores
+			fmt.Fprintf(o.progress, "  fleet settled after %.0fs: the instances use %.3f cores together\n", time.Since(settleStart).Seconds(), cores)
+			break
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("fleet not settled after %s: the instances still use %.2f cores together (-settle-cores %g)", o.timeout, cores, o.settleCores)
+		}
+	}
 
-	res := &result{}
+	res := &result{settled: settled, idle: idle}
 	if o.profile >= 0 && o.profile < len(insts) {
 		p := insts[o.profile]
 		_ = p.cmd.Process.Signal(syscall.SIGUSR1)
@@ -610,6 +632,8 @@ func report(o options, r *result, rxPerChange float64) {
 		"All %d instances share this machine's %d cores, so each change costs %d rebuilds on them: %.2f s of CPU per change in all, "+
 		"at least %.2f s of wall time on %d cores before any other load, where instances with cores of their own each spend their own %.3f s (median) in parallel.\n",
 		o.instances, runtime.NumCPU(), o.instances, cpuSum, cpuSum/float64(runtime.NumCPU()), runtime.NumCPU(), quantile(r.cpu, 0.5))
+	fmt.Fprintf(w, "The changes started once the fleet had converged and settled (%.0f s after converging, at %.3f cores for all instances together; -settle-cores %g).\n",
+		r.settled, r.idle, o.settleCores)
 }
 
 // deltaSize is the gossip delta message carrying the operator entry: the entry as the store
@@ -920,4 +944,12 @@ func tail(path string, n int) string {
 	b, _ := os.ReadFile(path)
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+func sum(xs []float64) float64 {
+	var t float64
+	for _, x := range xs {
+		t += x
+	}
+	return t
 }

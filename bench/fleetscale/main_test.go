@@ -23,9 +23,12 @@ func TestSmallFleet(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var out strings.Builder
-	res, err := run(ctx, options{instances: 3, services: 20, changes: 3, timing: "local", timeout: time.Minute, startBatch: 2, profile: -1, minFreeMiB: 512, out: &out, progress: io.Discard})
+	res, err := run(ctx, options{instances: 3, services: 20, changes: 3, timing: "local", timeout: time.Minute, startBatch: 2, profile: -1, minFreeMiB: 512, settleCores: 1, out: &out, progress: io.Discard})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if res.idle <= 0 || res.idle >= 1 {
+		t.Fatalf("settled at %.3f cores, want a measured rate under -settle-cores 1", res.idle)
 	}
 	if len(res.fleet) != 3 || len(res.perInst) != 3 {
 		t.Fatalf("measured %d changes (%d with per-instance times), want 3", len(res.fleet), len(res.perInst))

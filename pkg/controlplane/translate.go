@@ -180,13 +180,6 @@ type Translator struct {
 	invalid []SkippedService
 	// outs are the translations of hosts, in their order (set with hosts; nil after options change).
 	outs []*translated
-	// index is where each resource is in last, by name (built when first needed).
-	index *resourceIndex
-}
-
-type resourceIndex struct {
-	listeners, routes, clusters, endpoints map[string]int
-	vhosts                                 map[string]map[string]int // by route configuration
 }
 
 // translated is one service's share of the resources.
@@ -210,7 +203,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 		return nil, err
 	}
 	if t.services == nil || !reflect.DeepEqual(t.opts, opts) {
-		t.opts, t.services, t.last, t.index, t.outs = opts, map[string]*translated{}, nil, nil, nil
+		t.opts, t.services, t.last, t.outs = opts, map[string]*translated{}, nil, nil
 	}
 	res := &Resources{}
 	services := placeable(cat, res)
@@ -272,7 +265,7 @@ func (t *Translator) Translate(cat *catalog.Catalog, opts Options) (*Resources, 
 	serial := newPacker(packed)
 	res.packed = append(packed, serial.packed())
 	defer func() {
-		t.hosts, t.invalid, t.index, t.outs = t.hosts[:0], invalid, nil, outs
+		t.hosts, t.invalid, t.outs = t.hosts[:0], invalid, outs
 		for i := range services {
 			t.hosts = append(t.hosts, services[i].Host)
 		}
@@ -419,34 +412,30 @@ func (t *Translator) patch(services []catalog.Service, invalid []SkippedService,
 			}
 		}
 	}
-	if t.index == nil {
-		t.index = indexResources(t.last)
-	}
-	last, ix := t.last, t.index             // last's lists are the translator's own (callers get copies)
+	last := t.last                          // sorted by name, as Translate returns them; its lists are the translator's own
 	var puts []func()                       // the changes to last, made once all are known to fit
 	hosts := map[int][]*route.VirtualHost{} // route configurations with a changed virtual host
 	missing := false                        // a name not in the last result: not for patching
-	at := func(m map[string]int, name string) int {
-		i, ok := m[name]
+	at := func(i int, ok bool) int {
 		missing = missing || !ok
 		return i
 	}
 	for _, i := range changed {
 		svc, out := &services[i], outs[i]
 		for _, c := range out.clusters {
-			k := at(ix.clusters, c.Name)
+			k := at(byName(last.Clusters, c.Name, (*cluster.Cluster).GetName))
 			puts = append(puts, func() { last.Clusters[k] = c })
 		}
 		for _, e := range out.endpoints {
-			k := at(ix.endpoints, e.ClusterName)
+			k := at(byName(last.Endpoints, e.ClusterName, (*endpoint.ClusterLoadAssignment).GetClusterName))
 			puts = append(puts, func() { last.Endpoints[k] = e })
 		}
 		for _, l := range out.tcp {
-			k := at(ix.listeners, l.Name)
+			k := at(byName(last.Listeners, l.Name, (*listener.Listener).GetName))
 			puts = append(puts, func() { last.Listeners[k] = l })
 		}
 		for port, vhs := range out.vhosts {
-			r := at(ix.routes, RouteName(port))
+			r := at(byName(last.Routes, RouteName(port), (*route.RouteConfiguration).GetName))
 			old := t.services[svc.Host].vhosts[port]
 			for k, vh := range vhs {
 				if vh == old[k] || missing {
@@ -455,7 +444,9 @@ func (t *Translator) patch(services []catalog.Service, invalid []SkippedService,
 				if hosts[r] == nil {
 					hosts[r] = slices.Clone(last.Routes[r].VirtualHosts)
 				}
-				hosts[r][at(ix.vhosts[RouteName(port)], vh.Name)] = vh
+				if k := at(byName(last.Routes[r].VirtualHosts, vh.Name, (*route.VirtualHost).GetName)); !missing {
+					hosts[r][k] = vh
+				}
 			}
 		}
 		if missing {
@@ -509,29 +500,10 @@ func sameShape(old, out *translated) bool {
 	return true
 }
 
-func indexResources(res *Resources) *resourceIndex {
-	ix := &resourceIndex{
-		listeners: make(map[string]int, len(res.Listeners)), routes: make(map[string]int, len(res.Routes)),
-		clusters: make(map[string]int, len(res.Clusters)), endpoints: make(map[string]int, len(res.Endpoints)),
-		vhosts: make(map[string]map[string]int, len(res.Routes)),
-	}
-	for i, l := range res.Listeners {
-		ix.listeners[l.Name] = i
-	}
-	for i, r := range res.Routes {
-		ix.routes[r.Name] = i
-		ix.vhosts[r.Name] = make(map[string]int, len(r.VirtualHosts))
-		for k, vh := range r.VirtualHosts {
-			ix.vhosts[r.Name][vh.Name] = k
-		}
-	}
-	for i, c := range res.Clusters {
-		ix.clusters[c.Name] = i
-	}
-	for i, e := range res.Endpoints {
-		ix.endpoints[e.ClusterName] = i
-	}
-	return ix
+// byName finds name in items, sorted by name: a patch's positions in the last result, without
+// an index of every resource to build after each whole translation.
+func byName[T any](items []T, name string, nameOf func(T) string) (int, bool) {
+	return slices.BinarySearchFunc(items, name, func(x T, n string) int { return strings.Compare(nameOf(x), n) })
 }
 
 // parallelWorkers runs f(w, workers) for w in 0..workers-1 at once, workers being up to one per
