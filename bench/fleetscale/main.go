@@ -19,6 +19,10 @@
 //     carrying the change. It applies nothing: Envoy's own time to apply a one-service change is
 //     bench/envoyscale's figure.
 //
+// The changes start once the fleet has converged (every member advertises the same store digest)
+// and settled (-settle-cores: the instances' CPU over 3 s falls below it), so that they measure
+// a fleet that has been up for a while rather than the start's collections and joins.
+//
 // Each change is an operator entry that overrides one discovered service with a new identity
 // (its two clusters change), applied over the admin socket of a different instance each time.
 // Changes run one after the other: the next starts once every instance ACKed the previous one.
