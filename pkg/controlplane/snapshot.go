@@ -730,9 +730,6 @@ type digest struct {
 	size int // marshaled bytes
 }
 
-// version is the resource's delta xDS version: the sum's first 8 bytes in hex.
-func (d digest) version() string { return hex.EncodeToString(d.sum[:8]) }
-
 // digest marshals, hashes and (unless validated before) validates the new and changed items, on
 // every core: these are independent, and at 10,000 services they are most of a build. The Anys
 // in packed are validated already (see packer). For route configurations it returns the virtual
