@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -106,5 +107,58 @@ func TestServedSharesUnchangedTypes(t *testing.T) {
 	}
 	if (&Served{}).GetVersion(resource.ClusterType) != "" || (&Served{}).GetResources(resource.ClusterType) != nil {
 		t.Error("an empty snapshot serves something")
+	}
+}
+
+// A Builder that built before takes resources in any order, or with a name twice, as a first
+// build does: the same versions as a fresh build of them sorted, or the same refusal. Its
+// comparison with the last build is what finds them out of order.
+func TestServedRebuildOfShuffledResources(t *testing.T) {
+	res, err := Translate(largeCatalog(40), benchOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := NewSnapshot(res, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for round := range 50 {
+		var b Builder
+		if _, err := b.Build(res, nil); err != nil {
+			t.Fatal(err)
+		}
+		shuffled := *res
+		shuffled.Clusters = slices.Clone(res.Clusters)
+		shuffled.Endpoints = slices.Clone(res.Endpoints)
+		// A few swaps, near or far, so that most of the list stays in its last order.
+		for range 1 + rng.IntN(3) {
+			i, j := rng.IntN(len(shuffled.Clusters)), rng.IntN(len(shuffled.Clusters))
+			shuffled.Clusters[i], shuffled.Clusters[j] = shuffled.Clusters[j], shuffled.Clusters[i]
+		}
+		twice := round%5 == 0
+		if twice {
+			k := rng.IntN(len(shuffled.Endpoints) - 1)
+			shuffled.Endpoints[k+1] = shuffled.Endpoints[k]
+		}
+		got, err := b.Build(&shuffled, nil)
+		if twice {
+			if err == nil || !strings.Contains(err.Error(), "two endpoints are named") {
+				t.Fatalf("round %d: an endpoint given twice: %v; want it refused", round, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if got.ConfigVersion != want.ConfigVersion {
+			t.Fatalf("round %d: version %s after a shuffle, %s sorted", round, got.ConfigVersion, want.ConfigVersion)
+		}
+		served := got.Cache.typ(resource.ClusterType)
+		for _, c := range res.Clusters {
+			if r, _, ok := served.lookup(c.GetName()); !ok || r != c {
+				t.Fatalf("round %d: cluster %s not found after a shuffle", round, c.GetName())
+			}
+		}
 	}
 }
