@@ -69,7 +69,7 @@ func NewSnapshot(res *Resources, bundle *identity.Bundle) (*Snapshot, error) {
 
 // Builder builds snapshots and remembers its last build, so that a rebuild after a small catalog
 // change costs what changed: a resource passed again (a Translator hands back the same object for
-// an unchanged service) is neither marshaled nor validated again, and the snapshot's maps, its
+// an unchanged service) is neither marshaled nor validated again, and the snapshot's versions, its
 // size limit and its references are updated for the changed resources only. Safe for one
 // goroutine.
 type Builder struct {
@@ -136,7 +136,7 @@ type change struct {
 	prevAt  []int    // the last build's index of items[i]'s name, or -1
 	todo    []int    // indices in items to digest: new or changed
 	gone    []int    // indices in prev.items whose name is no longer there
-	full    bool     // no usable last build: every map is built anew
+	full    bool     // no usable last build: everything is derived anew
 	// unchanged: the very objects of the last build, in order. same, prevAt and digests are
 	// then shared, read-only slices: nothing of the type is allocated again.
 	unchanged bool
@@ -257,7 +257,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	var allSums map[string][32]byte
 	limit := b.maxMessageBytes()
 	changed := map[string][]string{}
-	// A type's maps are filled on one core while the next type is digested on every core.
+	// A type's versions are filled on one core while the next type is digested on every core.
 	finish := func(typ resource.Type, items []types.Resource, c *change) error {
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
 		var cand []int // indices in items whose version may differ from the last build's
