@@ -464,11 +464,11 @@ peers:
 		cores := sum(idleCPU) / idleSecs
 		if o.settleCores <= 0 || cores < o.settleCores {
 			settled, idle = time.Since(settleStart).Seconds(), cores
-			fmt.Fprintf(o.progress, "  fleet settled after %.0fs: the instances use %.3f cores together\n", time.Since(settleStart).Seconds(), cores)
+			fmt.Fprintf(o.progress, "  fleet settled after %.0fs: the instances use %.3f cores together\n", settled, idle)
 			break
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("fleet not settled after %s: the instances still use %.2f cores together (-settle-cores %g)", o.timeout, cores, o.settleCores)
+			return nil, fmt.Errorf("fleet not settled in time (-timeout %s): the instances still use %.2f cores together (-settle-cores %g)", o.timeout, cores, o.settleCores)
 		}
 	}
 
