@@ -162,3 +162,22 @@ func TestServedRebuildOfShuffledResources(t *testing.T) {
 		}
 	}
 }
+
+// A first build checks every reference: an endpoint no cluster takes, or a cluster whose
+// endpoints are missing, is refused by name.
+func TestFirstBuildChecksEveryReference(t *testing.T) {
+	res, err := Translate(largeCatalog(30), benchOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	noCluster := *res
+	noCluster.Clusters = slices.Delete(slices.Clone(res.Clusters), 7, 8)
+	if _, err := NewSnapshot(&noCluster, nil); err == nil || !strings.Contains(err.Error(), "nothing references it") || !strings.Contains(err.Error(), res.Clusters[7].GetName()) {
+		t.Fatalf("endpoints without their cluster: %v; want them refused by name", err)
+	}
+	noEndpoints := *res
+	noEndpoints.Endpoints = slices.Delete(slices.Clone(res.Endpoints), 11, 12)
+	if _, err := NewSnapshot(&noEndpoints, nil); err == nil || !strings.Contains(err.Error(), "referenced but not in the snapshot") || !strings.Contains(err.Error(), res.Endpoints[11].GetClusterName()) {
+		t.Fatalf("a cluster without its endpoints: %v; want it refused by name", err)
+	}
+}

@@ -640,14 +640,13 @@ func (b *Builder) consistent(snap *Served, changes map[resource.Type]*change, ne
 			return ok
 		}
 		c := changes[typ]
-		// Referenced names: touched ones, or all of them when the referencing type was built anew.
-		if changes[refBy[typ]].full {
-			for name, n := range counts[typ] {
-				if n > 0 && !has(name) {
-					return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
-				}
+		if c.full || changes[refBy[typ]].full {
+			if err := referencedExactly(typ, served, counts[typ]); err != nil {
+				return nil, err
 			}
+			continue
 		}
+		// Referenced names that may be new: the touched ones (the last build was consistent).
 		for name := range touched[typ] {
 			if counts[typ][name] > 0 && !has(name) {
 				return nil, fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
@@ -661,14 +660,6 @@ func (b *Builder) consistent(snap *Served, changes map[resource.Type]*change, ne
 				return fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
 			}
 			return nil
-		}
-		if c.full || changes[resource.ListenerType].full && typ == resource.RouteType || changes[resource.ClusterType].full && typ == resource.EndpointType {
-			for _, r := range served.items {
-				if err := check(cache.GetResourceName(r)); err != nil {
-					return nil, err
-				}
-			}
-			continue
 		}
 		for name := range touched[typ] {
 			if err := check(name); err != nil {
@@ -687,6 +678,32 @@ func (b *Builder) consistent(snap *Served, changes map[resource.Type]*change, ne
 		}
 	}
 	return counts, nil
+}
+
+// referencedExactly checks a whole type against its reference counts: every served resource is
+// referenced, and every referenced name is served. Served names are unique, so the second holds
+// when as many names are referenced as served ones are: no search for each of 20,000 names.
+func referencedExactly(typ resource.Type, served *servedType, counts map[string]int) error {
+	for _, r := range served.items {
+		if name := cache.GetResourceName(r); counts[name] == 0 {
+			return fmt.Errorf("%s %q is in the snapshot but nothing references it", TypeName(typ), name)
+		}
+	}
+	referenced := 0
+	for _, n := range counts {
+		if n > 0 {
+			referenced++
+		}
+	}
+	if referenced == len(served.items) {
+		return nil
+	}
+	for _, name := range slices.Sorted(maps.Keys(counts)) { // the first missing, by name
+		if _, _, ok := served.lookup(name); !ok && counts[name] > 0 {
+			return fmt.Errorf("%s %q is referenced but not in the snapshot", TypeName(typ), name)
+		}
+	}
+	return nil
 }
 
 // references are the names of the routes a listener references, or of the endpoints a cluster
