@@ -229,11 +229,11 @@ func (e *reverseEnv) getHTTPFrom(leaf *meshtest.Leaf, ca *meshtest.CA, path stri
 	return resp.StatusCode, r, nil
 }
 
-// tcpCall opens a connection to the VM TCP service as leaf's workload, reads the VM's greeting,
-// sends msg and reads it echoed. It returns the backend's name.
 // errNoGreeting: the session through the fleet was set up, but the VM's greeting never came.
 var errNoGreeting = errors.New("greeting")
 
+// tcpCall opens a connection to the VM TCP service as leaf's workload, reads the VM's greeting,
+// sends msg and reads it echoed. It returns the backend's name.
 func (e *reverseEnv) tcpCall(leaf *meshtest.Leaf, msg string) (string, error) {
 	conf := e.meshTLS(leaf, e.ca, meshtest.Target{Host: vmTCPHost, Port: vmTCPPort}, meshtest.TCP)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
