@@ -132,11 +132,8 @@ func sortedByName(items []types.Resource) bool {
 	return true
 }
 
-// sortByName is items sorted by name (a copy when they are not), or the first name found twice.
+// sortByName is a sorted copy of items, or the first name found twice in them.
 func sortByName(items []types.Resource) ([]types.Resource, string) {
-	if sortedByName(items) {
-		return items, ""
-	}
 	items = slices.Clone(items)
 	slices.SortStableFunc(items, func(a, b types.Resource) int {
 		return strings.Compare(cache.GetResourceName(a), cache.GetResourceName(b))

@@ -494,9 +494,7 @@ func asResources[T types.Resource](items []T) []types.Resource {
 
 // indexByName finds the resource named name in items, sorted by name.
 func indexByName(items []types.Resource, name string) (int, bool) {
-	return slices.BinarySearchFunc(items, name, func(r types.Resource, n string) int {
-		return strings.Compare(cache.GetResourceName(r), n)
-	})
+	return byName(items, name, cache.GetResourceName)
 }
 
 // commit makes a successful build the one the next compares with. What it keeps is proportional
