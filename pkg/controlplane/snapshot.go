@@ -98,12 +98,10 @@ type typeState struct {
 	items   []types.Resource
 	digests []digest
 	refs    [][]string // listeners and clusters: the routes or endpoints each references
-	// served is the type as served: items with their delta versions, shared with the
-	// snapshot (never modified; an unchanged type shares the last build's).
-	served  *servedType
-	vers    []resourceVersion // served.vers, filled while the type is finished
-	size    int               // bytes of the response carrying all of them
-	version string            // the type's version in the snapshot
+	// served is the type as served: items with their delta versions and the type's version,
+	// shared with the snapshot (never modified; an unchanged type shares the last build's).
+	served *servedType
+	size   int // bytes of the response carrying all of them
 }
 
 func (b *Builder) maxMessageBytes() int {
@@ -260,18 +258,19 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 	// A type's versions are filled on one core while the next type is digested on every core.
 	finish := func(typ resource.Type, items []types.Resource, c *change) error {
 		st := &typeState{items: items, digests: c.digests, size: perResponseOverhead}
-		var cand []int // indices in items whose version may differ from the last build's
+		var vers []resourceVersion // items' delta versions
+		var cand []int             // indices in items whose version may differ from the last build's
 		var gone []string
 		known := !c.full
 		if !c.full && len(c.todo) == 0 && len(c.gone) == 0 && (typ != resource.EndpointType || len(reversion) == 0 && allSums == nil) {
-			st.vers, st.size = c.prev.vers, c.prev.size // as they were
+			vers, st.size = c.prev.served.vers, c.prev.size // as they were
 		} else {
-			st.vers = make([]resourceVersion, len(items))
+			vers = make([]resourceVersion, len(items))
 			if !c.full {
 				st.size = c.prev.size
 				for i, j := range c.prevAt {
 					if c.same[i] {
-						st.vers[i] = c.prev.vers[j]
+						vers[i] = c.prev.served.vers[j]
 					}
 				}
 			}
@@ -299,7 +298,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 				st.size -= responseBytes(typ, c.prev.digests[j].size, name)
 			}
 			st.size += responseBytes(typ, d.size, name)
-			st.vers[i] = versionOf(d.sum)
+			vers[i] = versionOf(d.sum)
 			if cl, ok := r.(*clusterv3.Cluster); ok && allSums != nil {
 				allSums[edsName(cl)] = d.sum
 			} else if ok {
@@ -335,13 +334,13 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 					sum = &s
 				}
 				if sum == nil {
-					st.vers[i] = versionOf(d.sum)
+					vers[i] = versionOf(d.sum)
 					return
 				}
 				var both [64]byte
 				copy(both[:32], d.sum[:])
 				copy(both[32:], sum[:])
-				st.vers[i] = versionOf(sha256.Sum256(both[:]))
+				vers[i] = versionOf(sha256.Sum256(both[:]))
 			}
 			if c.full || allSums != nil || len(reversion) > len(items)/4 {
 				for i := range items {
@@ -374,7 +373,7 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			typeHash := sha256.New()
 			var chunk [4096]byte
 			n := 0
-			for _, rv := range st.vers {
+			for _, rv := range vers {
 				if n == len(chunk) {
 					typeHash.Write(chunk[:])
 					n = 0
@@ -391,19 +390,18 @@ func (b *Builder) Build(res *Resources, bundle *identity.Bundle) (*Snapshot, err
 			}
 			v = hex.EncodeToString(typeHash.Sum(nil))[:16]
 		}
-		st.version = v
 		configHash.Write([]byte(typ + "=" + v + ";"))
-		if c.unchanged && v == c.prev.version && len(st.vers) > 0 && &st.vers[0] == &c.prev.vers[0] {
+		if c.unchanged && v == c.prev.served.version && len(vers) > 0 && &vers[0] == &c.prev.served.vers[0] {
 			st.served = c.prev.served // the very same type: the delta cache skips it
 		} else {
-			st.served = &servedType{version: v, items: items, vers: st.vers}
+			st.served = &servedType{version: v, items: items, vers: vers}
 		}
 		snap.byType[typ] = st.served
 		next[typ] = st
 		if known {
 			names := gone
 			for _, i := range cand {
-				if j := c.prevAt[i]; j < 0 || st.vers[i] != c.prev.vers[j] {
+				if j := c.prevAt[i]; j < 0 || vers[i] != c.prev.served.vers[j] {
 					names = append(names, cache.GetResourceName(items[i]))
 				}
 			}
@@ -901,5 +899,5 @@ func (st *typeState) versionIfUnchanged(c *change, typ resource.Type) string {
 	if st == nil || !c.unchanged || typ == resource.EndpointType {
 		return ""
 	}
-	return st.version
+	return st.served.version
 }
