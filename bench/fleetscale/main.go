@@ -628,10 +628,7 @@ func report(o options, r *result, rxPerChange float64) {
 		sent = append(sent, fmt.Sprintf("%s %.1f", typ, r.sent[typ]))
 	}
 	fmt.Fprintf(w, "xDS resources each instance sent per change (fwdproxy_xds_resources_sent_total, by type): %s.\n", strings.Join(sent, ", "))
-	var cpuSum float64
-	for _, c := range r.cpu {
-		cpuSum += c
-	}
+	cpuSum := sum(r.cpu)
 	fmt.Fprintf(w, "Simulated: each data plane is a delta ADS client (wildcard CDS and LDS) that ACKs every response; it applies nothing. "+
 		"All %d instances share this machine's %d cores, so each change costs %d rebuilds on them: %.2f s of CPU per change in all, "+
 		"at least %.2f s of wall time on %d cores before any other load, where instances with cores of their own each spend their own %.3f s (median) in parallel.\n",
