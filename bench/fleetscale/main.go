@@ -200,23 +200,23 @@ func profileOnSignal(path string) {
 	}
 }
 
-// rssAfterGC has the instance collect garbage and return free memory, and reads its RSS then.
-func rssAfterGC(in *instance, timeout time.Duration) (float64, error) {
+// rssAfterGC has the instance collect garbage and return free memory, and reads its RSS and
+// peak RSS then.
+func rssAfterGC(in *instance, timeout time.Duration) (rss, hwm float64, err error) {
 	marker := filepath.Join(in.dir, "freed")
 	_ = os.Remove(marker)
 	if err := in.cmd.Process.Signal(syscall.SIGWINCH); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	for deadline := time.Now().Add(timeout); ; time.Sleep(20 * time.Millisecond) {
 		if _, err := os.Stat(marker); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("%s: no collection within %s", in.name, timeout)
+			return 0, 0, fmt.Errorf("%s: no collection within %s", in.name, timeout)
 		}
 	}
-	rss, _, err := procstat.MemMiB(in.cmd.Process.Pid)
-	return rss, err
+	return procstat.MemMiB(in.cmd.Process.Pid)
 }
 
 // result is what run measured (the smoke test checks it).
@@ -561,12 +561,15 @@ peers:
 	for typ, n := range sent {
 		res.sent[typ] = (n - sent0[typ]) / float64(len(insts)*o.changes)
 	}
-	for _, in := range insts {
-		rss, err := rssAfterGC(in, o.timeout)
+	for i, in := range insts {
+		rss, hwm, err := rssAfterGC(in, o.timeout)
 		if err != nil {
 			return nil, err
 		}
 		res.rssGC = append(res.rssGC, rss)
+		// The peak read with it too: the RSS may have grown since the first reading (the
+		// scrapes), and a release does not always leave the kernel's high-water mark above it.
+		res.hwm[i] = max(res.hwm[i], hwm)
 	}
 	var stSum, stCount float64
 	for _, in := range insts {
